@@ -1,0 +1,204 @@
+"""The ViT adapter interface: everything model-specific sits behind it.
+
+The detector, the export and the runtime only speak to a `ViTAdapter`; one subclass per model
+family maps the family's modules onto these few operations.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from edgeshort.errors import InputError
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: resize to `size`, scale to [0, 1], normalise."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise InputError(
+                f"expected interpolation in {INTERPOLATIONS}, got {self.interpolation!r}; pick one of those"
+            )
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        return cls(
+            size=tuple(data["size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=data["interpolation"],
+        )
+
+
+class ViTAdapter(ABC):
+    """One Vision Transformer seen as: embed -> encoder blocks (with a keep mask) -> head.
+
+    Subclasses set `model`, `family`, `num_prefix`, `grid`, `num_heads`, `preprocessing` and
+    implement the abstract methods. `keep` is a (B, P+N) bool tensor; excluded tokens are
+    masked out of attention as keys in every block, which equals dropping them.
+    """
+
+    family: str = "unknown"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.eval()
+
+    # -- model structure ------------------------------------------------------------------
+    num_prefix: int
+    grid: tuple[int, int]
+    num_heads: int
+    preprocessing: Preprocessing
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.preprocessing.size
+
+    @property
+    def num_classes(self) -> int:
+        return self.head_linear().out_features
+
+    @property
+    def embed_dim(self) -> int:
+        return self.head_linear().in_features
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_weights()[0].shape[0] // self.num_heads
+
+    # -- the interface --------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, P+N, D), the first encoder block's input."""
+
+    @abstractmethod
+    def encode(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens -> output of the last encoder block (before the final norm)."""
+
+    @abstractmethod
+    def pre_logits(self, encoded: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Last block output -> the vector the classification head consumes (B, D)."""
+
+    @abstractmethod
+    def head_linear(self) -> nn.Linear:
+        """The final classification layer (what DFR retrains)."""
+
+    @abstractmethod
+    def key_weights(self, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(W_K (D_k, D), b_K or None, num_heads) of the attention in block `layer`."""
+
+    # -- derived operations -----------------------------------------------------------------
+    def forward_tokens(
+        self, tokens: torch.Tensor, keep: torch.Tensor | None = None, head: nn.Linear | None = None
+    ) -> torch.Tensor:
+        """Tokens (+ keep mask) -> logits, with `head` in place of the model's own when given."""
+        features = self.head_features(tokens, keep)
+        return (head or self.head_linear())(features)
+
+    def head_features(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pre_logits(self.encode(tokens, self._check_keep(tokens, keep)), keep)
+
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean of the last block's patch-token outputs: the seed's clustering feature."""
+        return self.encode(self.embed(images))[:, self.num_prefix :].mean(dim=1)
+
+    def keys(self, tokens: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """The seed's patch keys: `tokens[:, P:] @ W_K^T`, split per head, mean over heads -> (B, N, d_head).
+
+        As in the seed, the key projection of block `layer` is applied to the embedding tokens
+        and its bias is left out: the bias shifts every key by the same vector, so the
+        distances the detector uses do not change.
+        """
+        w_k, _, heads = self.key_weights(layer)
+        patches = tokens[:, self.num_prefix :]
+        k = patches @ w_k.T
+        return k.reshape(k.shape[0], k.shape[1], heads, -1).mean(dim=2)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise a clear error unless `images` is (B, C, H, W) at the model's input size."""
+        expected = self.image_size
+        if images.ndim != 4 or tuple(images.shape[-2:]) != tuple(expected):
+            raise InputError(
+                f"expected images of shape (B, 3, {expected[0]}, {expected[1]}) for this {self.family} model, "
+                f"got {tuple(images.shape)}; resize them to {expected[0]}x{expected[1]} "
+                "(edgeshort's datasets do this from the adapter's preprocessing)"
+            )
+
+    def _check_keep(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
+        if keep is None:
+            return None
+        if keep.shape != tokens.shape[:2] or keep.dtype != torch.bool:
+            raise InputError(
+                f"expected a bool keep mask of shape {tuple(tokens.shape[:2])}, got "
+                f"{keep.dtype} {tuple(keep.shape)}; pass one entry per token (prefix tokens included)"
+            )
+        if not bool(keep[:, : self.num_prefix].all()):
+            raise InputError("expected every prefix (class/register) token to be kept; mask only patch tokens")
+        return keep
+
+    def describe(self) -> dict:
+        """What export writes into a bundle manifest about this model."""
+        return {
+            "family": self.family,
+            "grid": list(self.grid),
+            "num_prefix": self.num_prefix,
+            "num_heads": self.num_heads,
+            "embed_dim": self.embed_dim,
+            "num_classes": self.num_classes,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+
+def grid_from_sizes(image_size: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, int]:
+    """Token grid of a ViT derived from image and patch size (never assumed)."""
+    return (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
+
+
+def grid_from_token_count(num_patches: int) -> tuple[int, int]:
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise InputError(
+            f"expected a square patch grid, got {num_patches} patch tokens; pass the grid explicitly"
+        )
+    return (side, side)
+
+
+def attention_with_keep(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None
+) -> torch.Tensor:
+    """Scaled dot-product attention over (B, H, T, d) with excluded tokens masked out as keys."""
+    mask = None if keep is None else keep[:, None, None, :].to(torch.bool)
+    return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, t, d = x.shape
+    return x.reshape(b, t, num_heads, d // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)

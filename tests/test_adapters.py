@@ -1,0 +1,201 @@
+"""Every adapter family: embed/forward_tokens reproduce the model, keep == dropping, seed keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeshort.errors import InputError, UnsupportedModelError
+from edgeshort.models import load_adapter, load_model_file, save_checkpoint
+from edgeshort.models.tiny import TinyViT
+
+IMAGE = 32
+
+
+def _tiny(**kw):
+    return TinyViT(image_size=IMAGE, patch_size=8, dim=32, depth=2, num_heads=2, num_classes=3, **kw)
+
+
+def _torchvision():
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(
+        image_size=IMAGE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=3
+    )
+
+
+def _timm(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=IMAGE, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, **kw)
+
+
+def _timm_distilled():
+    from timm.models.deit import VisionTransformerDistilled
+
+    return VisionTransformerDistilled(img_size=IMAGE, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+
+def _transformers():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=3,
+    )
+    return ViTForImageClassification(cfg)
+
+
+def _embed_hook_module(model):
+    """The module whose output is the first block's input, found independently of the adapters."""
+    name = type(model).__module__
+    if isinstance(model, TinyViT):
+        return None
+    if name.startswith("torchvision"):
+        return model.encoder.dropout
+    if name.startswith("timm"):
+        return model.norm_pre
+    return model.vit.embeddings
+
+
+BUILDERS = {
+    "tiny": _tiny,
+    "tiny-registers": lambda: _tiny(num_register_tokens=2),
+    "torchvision": _torchvision,
+    "timm": _timm,
+    "timm-registers": lambda: _timm(reg_tokens=4),
+    "timm-avgpool": lambda: _timm(global_pool="avg", class_token=False, fc_norm=True),
+    "timm-distilled": _timm_distilled,
+    "transformers": _transformers,
+}
+
+
+@pytest.fixture(params=list(BUILDERS), scope="module")
+def model(request):
+    torch.manual_seed(0)
+    model = BUILDERS[request.param]().eval()
+    with torch.no_grad():  # some families zero-init heads or tokens; random values test more
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@torch.no_grad()
+def test_forward_tokens_reproduces_model(model, images):
+    adapter = load_adapter(model)
+    tokens = adapter.embed(images)
+    assert tokens.shape == (3, adapter.num_tokens, adapter.embed_dim if adapter.family != "timm" or not adapter.distilled else 32)
+    assert (tokens.shape[1] - adapter.num_prefix) == adapter.grid[0] * adapter.grid[1] == 16
+    diff = (adapter.forward_tokens(tokens) - _logits(model, images)).abs().max().item()
+    assert diff <= 1e-5
+
+
+@torch.no_grad()
+def test_keep_mask_equals_dropping_tokens(model, images):
+    adapter = load_adapter(model)
+    tokens = adapter.embed(images)
+    dropped = torch.tensor([3, 4, 9, 15]) + adapter.num_prefix
+    keep = torch.ones(tokens.shape[:2], dtype=torch.bool)
+    keep[:, dropped] = False
+    masked = adapter.forward_tokens(tokens, keep)
+    physically_dropped = adapter.forward_tokens(tokens[:, keep[0]])
+    assert (masked - physically_dropped).abs().max().item() <= 1e-5
+    assert (masked - adapter.forward_tokens(tokens)).abs().max().item() > 1e-4  # the mask does something
+
+
+@torch.no_grad()
+def test_keys_follow_seed_formula(model, images):
+    adapter = load_adapter(model)
+    hook_module = _embed_hook_module(model)
+    captured = {}
+    if hook_module is None:
+        captured["tokens"] = model.embed(images)
+    else:
+        handle = hook_module.register_forward_hook(lambda m, i, o: captured.__setitem__("tokens", o))
+        try:
+            model(images)
+        finally:
+            handle.remove()
+    tokens = captured["tokens"]
+    w_k, _, heads = adapter.key_weights()
+    patches = tokens[:, adapter.num_prefix :]
+    expected = (patches @ w_k.T).reshape(3, patches.shape[1], heads, -1).mean(dim=2)
+    keys = adapter.keys(adapter.embed(images))
+    assert keys.shape == (3, 16, w_k.shape[0] // heads)
+    torch.testing.assert_close(keys, expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_pooled_features_are_mean_of_last_block_patch_tokens(images):
+    model = _tiny(num_register_tokens=1).eval()
+    adapter = load_adapter(model)
+    out = {}
+    handle = model.blocks[-1].register_forward_hook(lambda m, i, o: out.__setitem__("h", o))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(adapter.pooled_features(images), out["h"][:, 2:].mean(1))
+
+
+def test_unsupported_model_is_named():
+    with pytest.raises(UnsupportedModelError, match="no adapter for a torch.nn.modules.linear.Linear"):
+        load_adapter(torch.nn.Linear(3, 3))
+    with pytest.raises(UnsupportedModelError, match="expected a torch nn.Module"):
+        load_adapter(42)
+
+
+def test_wrong_image_size_is_a_clear_error():
+    adapter = load_adapter(_tiny())
+    with pytest.raises(InputError, match=r"expected images of shape \(B, 3, 32, 32\).*got \(1, 3, 40, 40\)"):
+        adapter.embed(torch.zeros(1, 3, 40, 40))
+
+
+def test_keep_mask_must_keep_prefix_tokens(images):
+    adapter = load_adapter(_tiny())
+    tokens = adapter.embed(images)
+    keep = torch.ones(tokens.shape[:2], dtype=torch.bool)
+    keep[:, 0] = False
+    with pytest.raises(InputError, match="prefix"):
+        adapter.forward_tokens(tokens, keep)
+
+
+def test_loading_from_files(tmp_path, images):
+    tiny = _tiny().eval()
+    save_checkpoint(tiny, tmp_path / "tiny.pt")
+    loaded = load_adapter(tmp_path / "tiny.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images), tiny(images))
+
+    tv = _torchvision().eval()
+    torch.save(tv, tmp_path / "whole.pt")
+    assert load_adapter(str(tmp_path / "whole.pt")).family == "torchvision"
+
+    from torchvision.models import vit_b_16
+
+    big = vit_b_16(weights=None, num_classes=2)
+    torch.save(big.state_dict(), tmp_path / "sd.pt")
+    model = load_model_file(tmp_path / "sd.pt", arch="torchvision:vit_b_16")
+    assert load_adapter(model).grid == (14, 14)
+    with pytest.raises(UnsupportedModelError, match="pass the architecture"):
+        load_model_file(tmp_path / "sd.pt")
+
+    (tmp_path / "junk.pt").write_bytes(b"not a model at all")
+    with pytest.raises(UnsupportedModelError, match="is not a torch model file"):
+        load_model_file(tmp_path / "junk.pt")
+    torch.save({"epoch": 3}, tmp_path / "dict.pt")
+    with pytest.raises(UnsupportedModelError, match="not a model"):
+        load_model_file(tmp_path / "dict.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model_file(tmp_path / "missing.pt")
