@@ -8,43 +8,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from edgeshort.errors import InputError
-
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image becomes the model's input: resize to `size`, scale to [0, 1], normalise."""
-
-    size: tuple[int, int]
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in INTERPOLATIONS:
-            raise InputError(
-                f"expected interpolation in {INTERPOLATIONS}, got {self.interpolation!r}; pick one of those"
-            )
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(
-            size=tuple(data["size"]),
-            mean=tuple(data["mean"]),
-            std=tuple(data["std"]),
-            interpolation=data["interpolation"],
-        )
-
+from edgeshort.runtime.preprocess import Preprocessing
 
 class ViTAdapter(ABC):
     """One Vision Transformer seen as: embed -> encoder blocks (with a keep mask) -> head.

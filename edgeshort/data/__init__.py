@@ -1,0 +1,29 @@
+"""Datasets: synthetic shortcut data, ImageFolder trees and the seed's folder layout."""
+
+from edgeshort.data.dataset import (
+    ArrayDataset,
+    as_dataset,
+    ImageDataset,
+    ImageFolder,
+    concat,
+    load_images,
+    load_seed_layout,
+    write_seed_layout,
+)
+from edgeshort.data.synthetic import CLASS_NAMES, SplitSpec, SyntheticConfig, generate, generate_split
+
+__all__ = [
+    "ArrayDataset",
+    "as_dataset",
+    "CLASS_NAMES",
+    "ImageDataset",
+    "ImageFolder",
+    "SplitSpec",
+    "SyntheticConfig",
+    "concat",
+    "generate",
+    "generate_split",
+    "load_images",
+    "load_seed_layout",
+    "write_seed_layout",
+]

@@ -1,0 +1,238 @@
+"""Labelled image sets: in memory (synthetic data) or on disk (ImageFolder trees)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgeshort.errors import InputError
+from edgeshort.runtime.preprocess import Preprocessing, as_pil, load_image, preprocess_image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class ImageDataset:
+    """Images with class labels; group labels and artefact pixel masks when known.
+
+    `groups[i]` is 1 when image i carries the artefact (used only for evaluation), and
+    `masks[i]` is its (H, W) artefact pixel mask at the image's own resolution.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence,
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        groups: Sequence[int] | None = None,
+        masks: np.ndarray | None = None,
+        name: str = "dataset",
+    ) -> None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(sources) != len(labels):
+            raise InputError(
+                f"expected one label per image, got {len(sources)} images and {len(labels)} labels; "
+                "pass labels of the same length"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise InputError(
+                f"expected labels in [0, {len(class_names) - 1}] for classes {list(class_names)}, "
+                f"got values from {labels.min()} to {labels.max()}"
+            )
+        if groups is not None and len(groups) != len(labels):
+            raise InputError(f"expected {len(labels)} group labels, got {len(groups)}")
+        if masks is not None and len(masks) != len(labels):
+            raise InputError(f"expected {len(labels)} artefact masks, got {len(masks)}")
+        self.sources = sources
+        self.labels = labels
+        self.class_names = tuple(class_names)
+        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        self.masks = masks
+        self.name = name
+
+    @classmethod
+    def from_arrays(cls, images: np.ndarray, labels, class_names, groups=None, masks=None, name="dataset"):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise InputError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        return cls(images, labels, class_names, groups, masks, name)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def image(self, index: int) -> Image.Image:
+        """Image `index` as an RGB PIL image."""
+        return as_pil(self.sources[index], source=f"{self.name}[{index}]")
+
+    def array(self, index: int) -> np.ndarray:
+        return np.asarray(self.image(index))
+
+    def batches(self, prep: Preprocessing, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(indices, float32 (B, 3, H, W)) batches preprocessed for a model."""
+        for start in range(0, len(self), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(self)))
+            yield idx, np.stack([preprocess_image(self.image(int(i)), prep) for i in idx])
+
+    def patch_masks(self, size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray | None:
+        """(N, gh, gw) bool: patch tokens touched by the artefact once the image is resized to `size`."""
+        if self.masks is None:
+            return None
+        out = np.zeros((len(self), *grid), bool)
+        h, w = size
+        for i, mask in enumerate(self.masks):
+            if mask.shape != (h, w):
+                mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+            out[i] = mask.reshape(grid[0], h // grid[0], grid[1], w // grid[1]).any(axis=(1, 3))
+        return out
+
+    def subset(self, indices) -> ImageDataset:
+        indices = np.asarray(indices, dtype=np.int64)
+        sources = self.sources[indices] if isinstance(self.sources, np.ndarray) else [self.sources[i] for i in indices]
+        return ImageDataset(
+            sources,
+            self.labels[indices],
+            self.class_names,
+            None if self.groups is None else self.groups[indices],
+            None if self.masks is None else self.masks[indices],
+            name=self.name,
+        )
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        return f"ImageDataset({self.name!r}, {len(self)} images, classes={dict(zip(self.class_names, counts.tolist()))})"
+
+
+def _class_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise InputError(f"expected an image folder at {str(root)!r}, but it does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise InputError(f"expected one sub-folder per class in {str(root)!r}, found none")
+    return folders
+
+
+class ImageFolder(ImageDataset):
+    """An ImageFolder-style tree (`root/<class>/<image>`), classes in sorted order as torchvision's.
+
+    `class_names` may be given to fix the label order across several folders.
+    """
+
+    def __init__(self, root: str | Path, class_names: Sequence[str] | None = None, group: int | None = None):
+        root = Path(root)
+        folders = _class_folders(root)
+        names = list(class_names) if class_names is not None else [p.name for p in folders]
+        paths, labels = [], []
+        for folder in folders:
+            if folder.name not in names:
+                raise InputError(f"folder {str(folder)!r} is not one of the classes {names}")
+            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files
+            labels += [names.index(folder.name)] * len(files)
+        if not paths:
+            raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(root)!r}")
+        groups = None if group is None else [group] * len(paths)
+        super().__init__(paths, labels, names, groups, None, name=root.name)
+
+
+def concat(datasets: Sequence[ImageDataset], name: str | None = None) -> ImageDataset:
+    """Concatenate datasets with the same classes."""
+    first = datasets[0]
+    if any(d.class_names != first.class_names for d in datasets):
+        raise InputError(f"expected the same classes in every dataset, got {[d.class_names for d in datasets]}")
+    sources = [s for d in datasets for s in (d.sources if not isinstance(d.sources, np.ndarray) else list(d.sources))]
+    groups = None if any(d.groups is None for d in datasets) else np.concatenate([d.groups for d in datasets])
+    masks = None if any(d.masks is None for d in datasets) else np.concatenate([d.masks for d in datasets])
+    return ImageDataset(
+        sources, np.concatenate([d.labels for d in datasets]), first.class_names, groups, masks,
+        name=name or first.name,
+    )
+
+
+def load_seed_layout(root: str | Path, split: str) -> ImageDataset:
+    """`root/{split}_wo_patches/<class>/…` (group 0) + `root/{split}_w_patches/<class>/…` (group 1)."""
+    root = Path(root)
+    without, with_ = root / f"{split}_wo_patches", root / f"{split}_w_patches"
+    names = sorted({p.name for folder in (without, with_) for p in _class_folders(folder)})
+    return concat([ImageFolder(without, names, group=0), ImageFolder(with_, names, group=1)], name=split)
+
+
+def write_seed_layout(datasets: dict[str, ImageDataset], root: str | Path) -> Path:
+    """Write splits as the seed's folders: `{split}_w_patches/` and `{split}_wo_patches/`, one sub-folder per class."""
+    root = Path(root)
+    for split, data in datasets.items():
+        if data.groups is None:
+            raise InputError(f"split {split!r} has no group labels; the seed layout needs them")
+        for i in range(len(data)):
+            folder = root / f"{split}_{'w' if data.groups[i] else 'wo'}_patches" / data.class_names[data.labels[i]]
+            folder.mkdir(parents=True, exist_ok=True)
+            data.image(i).save(folder / f"{i:05d}.png")
+    return root
+
+
+def load_images(path: str | Path) -> ImageDataset:
+    """An ImageFolder tree, or the seed layout when `path` is `ROOT/SPLIT` with `SPLIT_w(o)_patches` beside it."""
+    path = Path(path)
+    if not path.exists() and (path.parent / f"{path.name}_wo_patches").is_dir():
+        return load_seed_layout(path.parent, path.name)
+    return ImageFolder(path)
+
+
+
+
+class ArrayDataset(ImageDataset):
+    """Images already preprocessed for a model: float (N, 3, H, W) arrays or tensors, used as given."""
+
+    def __init__(self, images, labels, class_names=None, groups=None, masks=None, name="arrays"):
+        array = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+        if array.ndim != 4 or array.shape[1] not in (1, 3) or not np.issubdtype(array.dtype, np.floating):
+            raise InputError(
+                f"expected preprocessed float images of shape (N, 3, H, W), got {array.dtype} {array.shape}; "
+                "pass an ImageDataset for raw images"
+            )
+        labels = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels, np.int64)
+        if class_names is None:
+            class_names = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
+        super().__init__(array.astype(np.float32), labels, class_names, groups, masks, name)
+
+    def image(self, index: int) -> Image.Image:
+        # For pictures only: undo nothing, just stretch the array to 0..255.
+        x = self.sources[index].transpose(1, 2, 0)
+        x = (x - x.min()) / (np.ptp(x) or 1.0)
+        return Image.fromarray((x * 255).astype(np.uint8).squeeze())
+
+    def batches(self, prep: Preprocessing, batch_size: int = 64):
+        for start in range(0, len(self), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(self)))
+            yield idx, self.sources[idx]
+
+    def subset(self, indices) -> ArrayDataset:
+        indices = np.asarray(indices, dtype=np.int64)
+        return ArrayDataset(
+            self.sources[indices], self.labels[indices], self.class_names,
+            None if self.groups is None else self.groups[indices],
+            None if self.masks is None else self.masks[indices], self.name,
+        )
+
+
+def as_dataset(data, class_names=None) -> ImageDataset:
+    """An ImageDataset, a folder path, or an (images, labels) pair of preprocessed arrays."""
+    if isinstance(data, ImageDataset):
+        return data
+    if isinstance(data, (str, Path)):
+        return load_images(data)
+    if isinstance(data, tuple) and len(data) in (2, 3):
+        images, labels = data[0], data[1]
+        if len(images) != len(labels):
+            raise InputError(
+                f"expected one label per image, got {len(images)} images and {len(labels)} labels; "
+                "pass labels of the same length"
+            )
+        return ArrayDataset(images, labels, class_names, data[2] if len(data) == 3 else None)
+    raise InputError(
+        f"expected an ImageDataset, an image folder path or an (images, labels) tuple, got {type(data).__name__}"
+    )

@@ -1,0 +1,358 @@
+"""`ShortcutDetector`: the seed notebook's method on any ViT, batched, as one fit/evaluate API."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeshort.data import ImageDataset, as_dataset
+from edgeshort.detect.config import DetectorConfig
+from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg
+from edgeshort.detect.extract import Features, extract, progress_bar
+from edgeshort.detect.keymaps import (
+    Clustering,
+    KeyKNN,
+    cluster_features,
+    key_distance_maps,
+    knn_training_keys,
+    mean_keys_outside,
+    nearest_to_centroids,
+)
+from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
+from edgeshort.errors import InputError, NotFittedError
+from edgeshort.evaluation import format_table, group_accuracy
+from edgeshort.models import ViTAdapter, load_adapter
+from edgeshort.runtime.masking import dilate, keep_mask
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_KINDS = ("original", "ablated", "dfr")
+
+
+@dataclass
+class Predictions:
+    """Everything the guarded model says about a set of images."""
+
+    logits: np.ndarray  # (N, C) plain model
+    ablated_logits: np.ndarray  # (N, C) flagged tokens excluded (where a shortcut is present)
+    dfr_logits: np.ndarray | None  # (N, C) ablated + retrained head
+    raw_flags: np.ndarray  # (N, gh, gw) KNN flags
+    flags: np.ndarray  # (N, gh, gw) dilated flags
+    present: np.ndarray  # (N,) shortcut present (>= min_patches raw flags)
+    saliency: np.ndarray  # (N, gh, gw) key distance to the clean mean, scaled to [0, 1]
+
+    def labels(self, kind: str) -> np.ndarray:
+        logits = {"original": self.logits, "ablated": self.ablated_logits, "dfr": self.dfr_logits}[kind]
+        if logits is None:
+            raise InputError(f"no {kind!r} predictions: the run has no DFR head")
+        return logits.argmax(1)
+
+
+@dataclass
+class DetectionResult:
+    """A fitted detector: the shortcut cluster, the key-KNN guard and the DFR head."""
+
+    config: DetectorConfig
+    adapter: ViTAdapter
+    class_names: tuple[str, ...]
+    scores: list[ClusterScore]
+    shortcut_cluster: int
+    clustering: Clustering
+    selected: list[np.ndarray]
+    heatmaps: list[np.ndarray]  # per cluster (num_selected, N_patches), normalised jointly to [0, 1]
+    knn: KeyKNN
+    clean_keys: np.ndarray  # (N_patches, d) mean key of the non-shortcut clusters
+    saliency_scale: float
+    dfr_head: LinearHead | None
+    val_labels: np.ndarray
+    val_groups: np.ndarray | None
+    val_present: np.ndarray
+    metrics: dict = field(default_factory=dict)
+    run_dir: Path | None = None
+
+    # -- the guard ------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.adapter.grid
+
+    def guard_keys(self, keys: np.ndarray):
+        """Keys (B, N, d) -> raw flags, dilated flags (B, gh, gw), shortcut present (B,), saliency."""
+        b = keys.shape[0]
+        raw = self.knn.flags(keys).reshape(b, *self.grid)
+        flags = dilate(raw, self.config.dilation_radius)
+        present = raw.reshape(b, -1).sum(1) >= self.config.min_patches
+        saliency = np.clip(key_distance_maps(keys, self.clean_keys) / self.saliency_scale, 0, 1)
+        return raw, flags, present, saliency.reshape(b, *self.grid).astype(np.float32)
+
+    def predict(self, data, batch_size: int | None = None, progress: bool | None = None) -> Predictions:
+        """Plain, ablated and ablated+DFR predictions, flags and saliency for a dataset."""
+        import torch
+
+        dataset = as_dataset(data, self.class_names)
+        batch_size = batch_size or self.config.batch_size
+        progress = self.config.progress if progress is None else progress
+        adapter = self.adapter
+        head = adapter.head_linear()
+        dfr = None if self.dfr_head is None else self.dfr_head.to_torch()
+        out: dict[str, list] = {k: [] for k in ("logits", "ablated", "dfr", "raw", "flags", "present", "saliency")}
+        total = (len(dataset) + batch_size - 1) // batch_size
+        with torch.inference_mode():
+            for _, images in progress_bar(dataset.batches(adapter.preprocessing, batch_size), progress,
+                                          f"predicting {dataset.name}", total):
+                tokens = adapter.embed(torch.from_numpy(images))
+                raw, flags, present, saliency = self.guard_keys(adapter.keys(tokens, self.config.key_layer).numpy())
+                keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))
+                plain = adapter.head_features(tokens)
+                masked = adapter.head_features(tokens, keep)
+                out["logits"].append(head(plain).numpy())
+                out["ablated"].append(head(masked).numpy())
+                if dfr is not None:
+                    out["dfr"].append(dfr(masked).numpy())
+                for key, value in (("raw", raw), ("flags", flags), ("present", present), ("saliency", saliency)):
+                    out[key].append(value)
+        cat = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
+        return Predictions(cat["logits"], cat["ablated"], cat["dfr"], cat["raw"], cat["flags"], cat["present"],
+                           cat["saliency"])
+
+    # -- evaluation -----------------------------------------------------------------------
+    def evaluate(self, test, out: str | Path | None = None, print_table: bool = False) -> dict:
+        """Per-group accuracy (original / ablated / ablated+DFR) and patch precision/recall on a test set."""
+        test = as_dataset(test, self.class_names)
+        start = time.perf_counter()
+        preds = self.predict(test)
+        metrics = dict(self.metrics)
+        metrics["test_size"] = len(test)
+        metrics["test_shortcut_present_rate"] = float(preds.present.mean())
+        if test.groups is not None:
+            tables = {
+                kind: group_accuracy(preds.labels(kind), test.labels, test.groups, self.class_names)
+                for kind in PREDICTION_KINDS
+                if kind != "dfr" or preds.dfr_logits is not None
+            }
+            metrics["group_accuracy"] = tables
+            for kind, key in (("original", "original"), ("ablated", "ablated"), ("dfr", "dfr")):
+                metrics[f"aga_{key}"] = tables[kind]["average"] if kind in tables else None
+                metrics[f"wga_{key}"] = tables[kind]["worst"] if kind in tables else None
+            metrics["results_table"] = format_table(tables)
+            if print_table:
+                print(metrics["results_table"])
+        truth = test.patch_masks(self.adapter.image_size, self.grid)
+        if truth is not None:
+            tp = int((preds.flags & truth).sum())
+            metrics["patch_precision"] = tp / max(int(preds.flags.sum()), 1) if preds.flags.any() else None
+            metrics["patch_recall"] = tp / int(truth.sum()) if truth.any() else None
+        metrics.setdefault("seconds", {})["evaluate"] = round(time.perf_counter() - start, 3)
+        self.metrics = metrics
+        target = Path(out) if out is not None else self.run_dir
+        if target is not None:
+            self._write_metrics(target, metrics)
+            np.savez_compressed(
+                target / "test_predictions.npz", logits=preds.logits, ablated_logits=preds.ablated_logits,
+                dfr_logits=preds.dfr_logits if preds.dfr_logits is not None else np.zeros(0),
+                raw_flags=preds.raw_flags, flags=preds.flags, present=preds.present, saliency=preds.saliency,
+                labels=test.labels, groups=test.groups if test.groups is not None else np.zeros(0),
+            )
+        return metrics
+
+    def _write_metrics(self, run_dir: Path, metrics: dict) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+        tables = metrics.get("group_accuracy")
+        if tables:
+            with open(run_dir / "results.csv", "w", newline="") as fh:
+                writer = csv.writer(fh)
+                kinds = list(tables)
+                writer.writerow(["class", "group", "n", *[f"accuracy_{k}" for k in kinds]])
+                for i, cell in enumerate(tables[kinds[0]]["cells"]):
+                    writer.writerow([cell["class"], cell["group"], cell["n"],
+                                     *[_fmt(tables[k]["cells"][i]["accuracy"]) for k in kinds]])
+                writer.writerow(["average", "", "", *[_fmt(tables[k]["average"]) for k in kinds]])
+                writer.writerow(["worst group", "", "", *[_fmt(tables[k]["worst"]) for k in kinds]])
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, run_dir: str | Path) -> Path:
+        from edgeshort.detect import run_io
+
+        self.run_dir = run_io.save_result(self, Path(run_dir))
+        self._write_metrics(self.run_dir, self.metrics)
+        return self.run_dir
+
+    def summary(self) -> str:
+        lines = [f"shortcut cluster: {self.shortcut_cluster} (margin {self.metrics.get('score_margin', 0):.3f})"]
+        for s in self.scores:
+            lines.append(
+                f"  cluster {s.cluster}: size {s.size}, homogeneity {s.homogeneity:.3f}, "
+                f"majority {self.class_names[s.majority_class]}, score {s.score:.4f}"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(value):
+    return "" if value is None else f"{value:.4f}"
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class ShortcutDetector:
+    """Find the shortcut cluster, train the key-KNN guard and the DFR head on a validation set.
+
+    >>> result = ShortcutDetector(DetectorConfig()).fit(model, val_dataset, run_dir="run/")
+    >>> result.evaluate(test_dataset)
+    """
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+
+    @staticmethod
+    def load(run_dir: str | Path, model=None) -> DetectionResult:
+        from edgeshort.detect import run_io
+
+        return run_io.load_result(Path(run_dir), model)
+
+    def fit(self, model, val, run_dir: str | Path | None = None, class_names=None) -> DetectionResult:
+        cfg = self.config
+        adapter = load_adapter(model)
+        if class_names is None and isinstance(val, tuple):
+            class_names = [str(c) for c in range(adapter.num_classes)]
+        dataset = as_dataset(val, class_names)
+        _check_dataset(dataset, adapter, cfg)
+        run_dir = Path(run_dir) if run_dir is not None else None
+        seconds: dict[str, float] = {}
+
+        t = time.perf_counter()
+        cache = run_dir / "features_val.npz" if run_dir is not None else None
+        feats: Features = extract(adapter, dataset, cfg.batch_size, cfg.key_layer, cfg.progress, cache)
+        seconds["extract"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        clustering = cluster_features(feats.pooled, cfg.n_clusters, cfg.pca_components, cfg.seed)
+        probs = softmax(feats.logits.astype(np.float64))
+        scores = score_clusters(probs, dataset.labels, clustering.assignments, dataset.num_classes, cfg.lambdas)
+        ranked = sorted(scores, key=lambda s: s.score, reverse=True)
+        shortcut = ranked[0].cluster
+        seconds["cluster"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        selected = nearest_to_centroids(clustering.distances, clustering.assignments, cfg.num_selected)
+        raw_maps = [
+            key_distance_maps(feats.keys[idx], mean_keys_outside(feats.keys, clustering.assignments, c))
+            for c, idx in enumerate(selected)
+        ]
+        # The seed normalises all heatmaps together, so clusters stay comparable.
+        stacked = np.concatenate([m.reshape(-1) for m in raw_maps])
+        lo, hi = float(stacked.min()), float(stacked.max())
+        heatmaps = [((m - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32) for m in raw_maps]
+        seconds["heatmaps"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        x, y = knn_training_keys(
+            feats.keys, selected, raw_maps, shortcut, cfg.knn_sample_count(adapter.num_patches)
+        )
+        knn = KeyKNN(x, y, cfg.knn_k)
+        clean_keys = feats.keys[clustering.assignments != shortcut].mean(0).astype(np.float32)
+        clean_distances = key_distance_maps(feats.keys, clean_keys)
+        saliency_scale = float(np.percentile(clean_distances, 99.9)) or 1.0
+        raw = knn.flags(feats.keys).reshape(len(dataset), *adapter.grid)
+        present = raw.reshape(len(dataset), -1).sum(1) >= cfg.min_patches
+        seconds["knn"] = time.perf_counter() - t
+
+        result = DetectionResult(
+            config=cfg, adapter=adapter, class_names=dataset.class_names, scores=scores,
+            shortcut_cluster=shortcut, clustering=clustering, selected=selected, heatmaps=heatmaps, knn=knn,
+            clean_keys=clean_keys, saliency_scale=saliency_scale, dfr_head=None, val_labels=dataset.labels,
+            val_groups=dataset.groups, val_present=present, run_dir=run_dir,
+        )
+
+        t = time.perf_counter()
+        if cfg.dfr != "none":
+            features = _masked_head_features(result, dataset)
+            if cfg.dfr == "logreg":
+                result.dfr_head = fit_dfr_logreg(
+                    features, dataset.labels, present, dataset.num_classes, cfg.dfr_subsamples, cfg.seed
+                )
+            else:
+                result.dfr_head = fit_dfr_adam(
+                    features, dataset.labels, present, dataset.num_classes, adapter.head_linear(), seed=cfg.seed
+                )
+        seconds["dfr"] = time.perf_counter() - t
+
+        members = clustering.assignments == shortcut
+        result.metrics = {
+            "shortcut_cluster": int(shortcut),
+            "cluster_scores": [s.to_dict() for s in scores],
+            "score_margin": float(ranked[0].score - ranked[1].score),
+            "shortcut_cluster_group_purity": (
+                float(dataset.groups[members].mean()) if dataset.groups is not None else None
+            ),
+            "val_shortcut_present_rate": float(present.mean()),
+            "knn_reference_size": int(len(x)),
+            "patch_precision": None, "patch_recall": None,
+            "aga_original": None, "wga_original": None, "aga_ablated": None, "wga_ablated": None,
+            "aga_dfr": None, "wga_dfr": None,
+            "dfr": None if result.dfr_head is None else result.dfr_head.info,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "val_size": len(dataset),
+            "model_family": adapter.family,
+        }
+        if run_dir is not None:
+            t = time.perf_counter()
+            result.save(run_dir)
+            from edgeshort.detect import run_io
+
+            run_io.write_pictures(result, dataset, run_dir)
+            result.metrics["seconds"]["pictures"] = round(time.perf_counter() - t, 3)
+            result._write_metrics(run_dir, result.metrics)
+        logger.info("shortcut cluster %d; scores %s", shortcut, [round(s.score, 4) for s in scores])
+        return result
+
+
+def _masked_head_features(result: DetectionResult, dataset: ImageDataset) -> np.ndarray:
+    """Head features of the validation images with flagged tokens excluded where a shortcut is present."""
+    import torch
+
+    adapter, cfg = result.adapter, result.config
+    out = []
+    with torch.inference_mode():
+        for idx, images in dataset.batches(adapter.preprocessing, cfg.batch_size):
+            tokens = adapter.embed(torch.from_numpy(images))
+            _, flags, present, _ = result.guard_keys(adapter.keys(tokens, cfg.key_layer).numpy())
+            keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))
+            out.append(adapter.head_features(tokens, keep).numpy())
+    return np.concatenate(out)
+
+
+def _check_dataset(dataset: ImageDataset, adapter: ViTAdapter, cfg: DetectorConfig) -> None:
+    classes = np.unique(dataset.labels)
+    if len(classes) < 2:
+        raise InputError(
+            f"expected labels of at least two classes, got only class {classes.tolist()}; "
+            "the cluster score compares classes, so pass a validation set with every class"
+        )
+    if dataset.num_classes != adapter.num_classes:
+        raise InputError(
+            f"expected {adapter.num_classes} classes (the model's head), got {dataset.num_classes} "
+            f"class names {list(dataset.class_names)}; pass the classes the model was trained on"
+        )
+    if len(dataset) < cfg.n_clusters:
+        raise InputError(
+            f"expected at least n_clusters={cfg.n_clusters} samples, got {len(dataset)}; "
+            "add images or lower n_clusters"
+        )
+
+
+def require_fitted(result) -> DetectionResult:
+    if not isinstance(result, DetectionResult):
+        raise NotFittedError("expected a fitted DetectionResult; call ShortcutDetector().fit(...) first")
+    return result

@@ -1,0 +1,160 @@
+"""Deep feature reweighting: retrain only the last layer on group-balanced, masked features.
+
+Groups are (shortcut present by the KNN flags) x (class), found without group labels. The
+default follows Kirichenko et al.: L1-regularised logistic regression on standardised
+features, the strength C chosen by worst-group accuracy on one half of the held-out set
+(trained on the other half), then weights averaged over several balanced subsamples of the
+whole set. `adam` is the seed notebook's variant (a linear layer trained with Adam).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeshort.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+
+
+@dataclass
+class LinearHead:
+    """A classification layer as arrays: logits = features @ weight.T + bias."""
+
+    weight: np.ndarray  # (C, D)
+    bias: np.ndarray  # (C,)
+    info: dict
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        return features @ self.weight.T + self.bias
+
+    def to_torch(self):
+        import torch
+
+        layer = torch.nn.Linear(self.weight.shape[1], self.weight.shape[0])
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(self.weight))
+            layer.bias.copy_(torch.from_numpy(self.bias))
+        return layer.eval()
+
+
+def dfr_groups(labels: np.ndarray, present: np.ndarray, num_classes: int) -> np.ndarray:
+    """Group id = class * 2 + shortcut present."""
+    return labels * 2 + present.astype(np.int64)
+
+
+def balanced_indices(groups: np.ndarray, rng: np.random.Generator, usable: list[int]) -> np.ndarray:
+    """A subsample with the same number of samples from each usable group (the smallest's size)."""
+    size = min(int((groups == g).sum()) for g in usable)
+    return np.concatenate([rng.choice(np.flatnonzero(groups == g), size, replace=False) for g in usable])
+
+
+def _fit_logreg(x, y, c, seed):
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    # scikit-learn 1.8 spells the L1 penalty `l1_ratio=1` and deprecates `penalty`.
+    modern = tuple(int(v) for v in sklearn.__version__.split(".")[:2]) >= (1, 8)
+    l1 = {"l1_ratio": 1.0} if modern else {"penalty": "l1"}
+    solver = "liblinear" if len(np.unique(y)) == 2 else "saga"
+    return LogisticRegression(C=c, solver=solver, max_iter=2000, random_state=seed, **l1).fit(x, y)
+
+
+def _as_multiclass(coef: np.ndarray, intercept: np.ndarray, num_classes: int):
+    """scikit-learn's binary model has one row; as a C-logit head, split it symmetrically."""
+    if coef.shape[0] == 1 and num_classes == 2:
+        return np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    return coef, intercept
+
+
+def _worst_group_accuracy(pred, labels, groups, usable):
+    return min(float((pred[groups == g] == labels[groups == g]).mean()) for g in usable)
+
+
+def usable_groups(labels: np.ndarray, present: np.ndarray, num_classes: int, min_size: int = 2) -> list[int]:
+    groups = dfr_groups(labels, present, num_classes)
+    usable = [g for g in range(2 * num_classes) if (groups == g).sum() >= min_size]
+    classes = {g // 2 for g in usable}
+    if len(classes) < num_classes:
+        raise InputError(
+            f"DFR needs samples of every class, got classes {sorted(classes)} of {num_classes}; "
+            "use a validation set with all classes"
+        )
+    return usable
+
+
+def fit_dfr_logreg(
+    features: np.ndarray, labels: np.ndarray, present: np.ndarray, num_classes: int,
+    subsamples: int = 10, seed: int = 0,
+) -> LinearHead:
+    groups = dfr_groups(labels, present, num_classes)
+    usable = usable_groups(labels, present, num_classes)
+    if len(usable) < 2 * num_classes:
+        logger.warning(
+            "DFR: only groups %s of %d have samples; balancing over those", usable, 2 * num_classes
+        )
+    rng = np.random.default_rng(seed)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x = (features - mean) / std
+    # Choose C by worst-group accuracy: train on a balanced half, judge on the other half.
+    order = rng.permutation(len(x))
+    half_a, half_b = order[: len(x) // 2], order[len(x) // 2 :]
+    best_c, best_wga = C_GRID[0], -1.0
+    usable_a = [g for g in usable if (groups[half_a] == g).sum() >= 1]
+    usable_b = [g for g in usable if (groups[half_b] == g).sum() >= 1]
+    if len({g // 2 for g in usable_a}) == num_classes and usable_b:
+        for c in C_GRID:
+            idx = half_a[balanced_indices(groups[half_a], rng, usable_a)]
+            model = _fit_logreg(x[idx], labels[idx], c, seed)
+            wga = _worst_group_accuracy(model.predict(x[half_b]), labels[half_b], groups[half_b], usable_b)
+            if wga > best_wga:
+                best_c, best_wga = c, wga
+    coefs, intercepts = [], []
+    for _ in range(subsamples):
+        idx = balanced_indices(groups, rng, usable)
+        model = _fit_logreg(x[idx], labels[idx], best_c, seed)
+        coef, intercept = _as_multiclass(model.coef_, model.intercept_, num_classes)
+        coefs.append(coef)
+        intercepts.append(intercept)
+    coef, intercept = np.mean(coefs, 0), np.mean(intercepts, 0)
+    # Fold the standardisation into the layer, so the head consumes raw features.
+    weight = coef / std
+    bias = intercept - (coef * (mean / std)).sum(1)
+    return LinearHead(
+        weight.astype(np.float32), bias.astype(np.float32),
+        {"method": "logreg", "C": best_c, "selection_wga": best_wga, "groups": usable,
+         "group_size": int(min((groups == g).sum() for g in usable)), "subsamples": subsamples},
+    )
+
+
+def fit_dfr_adam(
+    features: np.ndarray, labels: np.ndarray, present: np.ndarray, num_classes: int,
+    initial, epochs: int = 5, lr: float = 1e-3, seed: int = 0,
+) -> LinearHead:
+    """The seed's variant: start from the model's head, train it with Adam on a balanced subset."""
+    import torch
+    from torch.nn import functional as F
+
+    groups = dfr_groups(labels, present, num_classes)
+    usable = usable_groups(labels, present, num_classes)
+    rng = np.random.default_rng(seed)
+    idx = balanced_indices(groups, rng, usable)
+    head = torch.nn.Linear(initial.in_features, initial.out_features)
+    head.load_state_dict(initial.state_dict())
+    optimiser = torch.optim.Adam(head.parameters(), lr=lr)
+    x, y = torch.from_numpy(features[idx]).float(), torch.from_numpy(labels[idx])
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=gen).split(16):
+            loss = F.cross_entropy(head(x[batch]), y[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return LinearHead(
+        head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy(),
+        {"method": "adam", "epochs": epochs, "lr": lr, "groups": usable, "group_size": int(len(idx) // len(usable))},
+    )

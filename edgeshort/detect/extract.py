@@ -1,0 +1,94 @@
+"""Batched extraction of what the detector needs from a model on a dataset, cached to `.npz`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeshort.data import ImageDataset
+from edgeshort.models import ViTAdapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Features:
+    pooled: np.ndarray  # (N, D) mean of the last block's patch tokens
+    keys: np.ndarray  # (N, gh*gw, d_head) seed keys
+    logits: np.ndarray  # (N, C)
+
+    def save(self, path: Path, fingerprint: str) -> None:
+        np.savez_compressed(path, pooled=self.pooled, keys=self.keys, logits=self.logits, fingerprint=fingerprint)
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str | None = None) -> Features | None:
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            if fingerprint is not None and str(data["fingerprint"]) != fingerprint:
+                return None
+            return cls(data["pooled"], data["keys"], data["logits"])
+
+
+def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None):
+    """tqdm when installed and enabled, else the plain iterable."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def fingerprint(adapter: ViTAdapter, dataset: ImageDataset, key_layer: int) -> str:
+    """Hash of the model's weights, the dataset's images and labels, and the key layer."""
+    h = hashlib.sha256()
+    for tensor in adapter.model.state_dict().values():
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h.update(dataset.labels.tobytes())
+    h.update(str(key_layer).encode())
+    if isinstance(dataset.sources, np.ndarray):
+        h.update(dataset.sources.tobytes())
+    else:
+        h.update("\n".join(map(str, dataset.sources)).encode())
+    return h.hexdigest()
+
+
+def extract(
+    adapter: ViTAdapter,
+    dataset: ImageDataset,
+    batch_size: int = 64,
+    key_layer: int = -1,
+    progress: bool = True,
+    cache: Path | None = None,
+) -> Features:
+    """Pooled features, seed keys and logits for every image, one batched forward per batch."""
+    import torch
+
+    stamp = fingerprint(adapter, dataset, key_layer) if cache is not None else None
+    if cache is not None:
+        cached = Features.load(cache, stamp)
+        if cached is not None:
+            logger.info("reusing cached features from %s", cache)
+            return cached
+    pooled, keys, logits = [], [], []
+    batches = dataset.batches(adapter.preprocessing, batch_size)
+    total = (len(dataset) + batch_size - 1) // batch_size
+    with torch.inference_mode():
+        for _, images in progress_bar(batches, progress, f"extracting {dataset.name}", total):
+            x = torch.from_numpy(images)
+            tokens = adapter.embed(x)
+            encoded = adapter.encode(tokens)
+            pooled.append(encoded[:, adapter.num_prefix :].mean(1).numpy())
+            keys.append(adapter.keys(tokens, key_layer).numpy())
+            logits.append(adapter.head_linear()(adapter.pre_logits(encoded)).numpy())
+    features = Features(np.concatenate(pooled), np.concatenate(keys), np.concatenate(logits))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        features.save(cache, stamp)
+    return features

@@ -1,0 +1,119 @@
+"""Clustering of pooled features and the seed's key-distance heatmaps and KNN training keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeshort.errors import InputError
+
+
+@dataclass
+class Clustering:
+    assignments: np.ndarray  # (N,) cluster id
+    projection: np.ndarray  # (N, pca_components) PCA of the min-max normalised features
+    distances: np.ndarray  # (N, k) distance of each sample to each centroid
+    feature_min: float
+    feature_max: float
+    pca_components: np.ndarray
+    pca_mean: np.ndarray
+    centroids: np.ndarray
+
+
+def cluster_features(pooled: np.ndarray, n_clusters: int, n_components: int, seed: int) -> Clustering:
+    """Min-max normalise (globally, as the seed), PCA, k-means."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    n, d = pooled.shape
+    if n < n_clusters:
+        raise InputError(
+            f"expected at least n_clusters={n_clusters} samples, got {n}; add images or lower n_clusters"
+        )
+    lo, hi = float(pooled.min()), float(pooled.max())
+    normalised = (pooled - lo) / (hi - lo if hi > lo else 1.0)
+    components = min(n_components, n, d)
+    pca = PCA(n_components=components, random_state=seed)
+    projection = pca.fit_transform(normalised)
+    kmeans = KMeans(n_clusters=n_clusters, random_state=seed, n_init=10)
+    assignments = kmeans.fit_predict(projection)
+    if len(np.unique(assignments)) < n_clusters:
+        raise InputError(
+            f"k-means found fewer than {n_clusters} distinct clusters in {n} samples; lower n_clusters"
+        )
+    return Clustering(
+        assignments=assignments.astype(np.int64),
+        projection=projection.astype(np.float32),
+        distances=kmeans.transform(projection).astype(np.float32),
+        feature_min=lo,
+        feature_max=hi,
+        pca_components=pca.components_.astype(np.float32),
+        pca_mean=pca.mean_.astype(np.float32),
+        centroids=kmeans.cluster_centers_.astype(np.float32),
+    )
+
+
+def nearest_to_centroids(distances: np.ndarray, assignments: np.ndarray, count: int) -> list[np.ndarray]:
+    """For each cluster, up to `count` of its own samples nearest its centroid."""
+    out = []
+    for c in range(distances.shape[1]):
+        members = np.flatnonzero(assignments == c)
+        out.append(members[np.argsort(distances[members, c], kind="stable")[:count]])
+    return out
+
+
+def mean_keys_outside(keys: np.ndarray, assignments: np.ndarray, cluster: int) -> np.ndarray:
+    """(N_patches, d) mean key at each position over the samples of every *other* cluster."""
+    return keys[assignments != cluster].mean(axis=0)
+
+
+def key_distance_maps(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(M, N_patches) Euclidean distance of each patch key to the reference key at the same position."""
+    return np.linalg.norm(keys - reference[None], axis=-1)
+
+
+def knn_training_keys(
+    keys: np.ndarray,
+    selected: list[np.ndarray],
+    maps: list[np.ndarray],
+    shortcut_cluster: int,
+    count: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's KNN training set: positives are the `count` patch keys of the shortcut cluster's
+    selected samples most distant from the clean mean; negatives the `count` least distant of the
+    other clusters' selected samples."""
+    d = keys.shape[-1]
+    pos_keys = keys[selected[shortcut_cluster]].reshape(-1, d)
+    pos_dist = maps[shortcut_cluster].reshape(-1)
+    neg_keys = np.concatenate([keys[s].reshape(-1, d) for c, s in enumerate(selected) if c != shortcut_cluster])
+    neg_dist = np.concatenate([m.reshape(-1) for c, m in enumerate(maps) if c != shortcut_cluster])
+    count = min(count, len(pos_dist), len(neg_dist))
+    positives = pos_keys[np.argsort(pos_dist, kind="stable")[-count:]]
+    negatives = neg_keys[np.argsort(neg_dist, kind="stable")[:count]]
+    x = np.concatenate([negatives, positives]).astype(np.float32)
+    y = np.concatenate([np.zeros(count), np.ones(count)]).astype(np.int64)
+    return x, y
+
+
+class KeyKNN:
+    """k-nearest-neighbour vote over reference keys (label 1 = shortcut patch).
+
+    scikit-learn's KNeighborsClassifier does the offline work; the reference keys, labels and k
+    are all it needs, so they are what the run folder and the bundle store (no pickles).
+    """
+
+    def __init__(self, reference: np.ndarray, labels: np.ndarray, k: int) -> None:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        if k > len(reference):
+            raise InputError(f"expected knn_k <= {len(reference)} reference keys, got {k}; lower knn_k")
+        self.reference = np.asarray(reference, np.float32)
+        self.labels = np.asarray(labels, np.int64)
+        self.k = int(k)
+        self.classifier = KNeighborsClassifier(n_neighbors=self.k).fit(self.reference, self.labels)
+
+    def flags(self, keys: np.ndarray) -> np.ndarray:
+        """(B, N_patches, d) keys -> (B, N_patches) bool raw flags."""
+        b, n, d = keys.shape
+        return self.classifier.predict(keys.reshape(-1, d).astype(np.float32)).reshape(b, n).astype(bool)

@@ -1,0 +1,1 @@
+"""Pictures of a run: heatmap overlays, patch grids, flag overlays, and the HTML report."""

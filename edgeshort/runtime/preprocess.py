@@ -1,0 +1,141 @@
+"""Image preprocessing in numpy + Pillow, matching torchvision's Resize/ToTensor/Normalize.
+
+Shared by the offline stage and the runtime so both feed the model identical arrays. Resizing
+goes through Pillow exactly as torchvision does for PIL images, so the two agree to float
+rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from edgeshort.errors import ImageLoadError, InputError
+
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: resize to `size` (H, W), scale to [0, 1], normalise."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise InputError(
+                f"expected interpolation in {sorted(INTERPOLATIONS)}, got {self.interpolation!r}; "
+                "pick one of those"
+            )
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        return cls(
+            size=tuple(data["size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            interpolation=data["interpolation"],
+        )
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image file as RGB, refusing missing, corrupt and oversized (decompression bomb) files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"image file {str(path)!r} does not exist; check the path")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageLoadError(
+                    f"image {str(path)!r} has {width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"{max_pixels:,}; downscale it first or raise max_pixels if you trust the file"
+                )
+            img.load()
+            return to_rgb(img, source=str(path))
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # Pillow raises several unrelated types for broken files
+        raise ImageLoadError(
+            f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc}); is it a valid PNG/JPEG file?"
+        ) from exc
+
+
+def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
+    """Grayscale, palette and RGBA images become RGB (alpha composited on black, as Pillow's convert)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "F", "1"):
+        return img.convert("RGB")
+    raise ImageLoadError(f"{source} has mode {img.mode!r}; expected an RGB, RGBA or grayscale image")
+
+
+def array_to_image(array: np.ndarray, source: str = "array") -> Image.Image:
+    """An HxW, HxWx1, HxWx3 or HxWx4 uint8 array -> RGB PIL image."""
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"expected a numpy array, got {type(array).__name__}")
+    if array.dtype != np.uint8:
+        raise InputError(
+            f"{source}: expected a uint8 HxWxC image array, got dtype {array.dtype}; convert with "
+            "(x * 255).clip(0, 255).astype(np.uint8), or pass a preprocessed float32 (C, H, W) array"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise InputError(
+            f"{source}: expected an image array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+            f"got {array.shape}; channels go last"
+        )
+    if min(array.shape[:2]) < 1:
+        raise InputError(f"{source}: expected a non-empty image, got shape {array.shape}")
+    return Image.fromarray(np.ascontiguousarray(array[:, :, :3] if array.shape[2] == 4 else array), mode="RGB")
+
+
+def preprocess_image(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """One RGB PIL image -> normalised float32 (3, H, W)."""
+    h, w = prep.size
+    if img.size != (w, h):
+        img = img.resize((w, h), INTERPOLATIONS[prep.interpolation])
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x = (x - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def as_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image") -> Image.Image:
+    """A path, PIL image or uint8 array -> RGB PIL image, with a clear error otherwise."""
+    if isinstance(item, (str, Path)):
+        return load_image(item, max_pixels)
+    if isinstance(item, Image.Image):
+        if item.width * item.height > max_pixels:
+            raise ImageLoadError(f"{source} has {item.width * item.height:,} pixels, over the limit of {max_pixels:,}")
+        return to_rgb(item, source)
+    if isinstance(item, np.ndarray):
+        return array_to_image(item, source)
+    raise InputError(
+        f"{source}: expected a file path, a PIL image or a numpy array, got {type(item).__name__}"
+    )
+
+
+def preprocess_batch(items: list[Any], prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Paths / PIL images / uint8 arrays -> float32 (B, 3, H, W)."""
+    out = np.empty((len(items), 3, *prep.size), dtype=np.float32)
+    for i, item in enumerate(items):
+        out[i] = preprocess_image(as_pil(item, max_pixels, source=f"image {i}"), prep)
+    return out

@@ -1,0 +1,94 @@
+"""Synthetic shortcut data: deterministic, masks exact, splits as configured; folders round-trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeshort.data import SplitSpec, SyntheticConfig, generate, generate_split, load_images, write_seed_layout
+from edgeshort.data.synthetic import render_image
+from edgeshort.errors import InputError
+
+SMALL = SyntheticConfig().with_sizes(60, 40, 40)
+
+
+@pytest.mark.parametrize("artefact", ["patch", "ruler"])
+def test_same_seed_same_arrays_other_seed_differs(artefact):
+    cfg = SyntheticConfig(artefact=artefact).with_sizes(20, 10, 10)
+    a, b = generate_split(cfg, "val"), generate_split(cfg, "val")
+    assert np.array_equal(a.sources, b.sources) and np.array_equal(a.masks, b.masks)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.groups, b.groups)
+    other = generate_split(SyntheticConfig(artefact=artefact, seed=1).with_sizes(20, 10, 10), "val")
+    assert not np.array_equal(a.sources, other.sources)
+
+
+@pytest.mark.parametrize("artefact", ["patch", "ruler"])
+def test_mask_covers_exactly_the_drawn_artefact(artefact):
+    cfg = SyntheticConfig(artefact=artefact)
+    for index in range(12):
+        label = index % 2
+        with_art, mask = render_image(cfg, "test", index, label, True)
+        without, empty = render_image(cfg, "test", index, label, False)
+        assert not empty.any()
+        changed = (with_art != without).any(axis=-1)
+        assert mask.sum() > 20
+        assert not (changed & ~mask).any(), "pixels outside the mask were changed"
+        assert changed[mask].mean() > 0.99, "mask claims pixels the artefact did not change"
+
+
+def test_split_correlations_follow_the_config():
+    cfg = SyntheticConfig(train=SplitSpec(2000, (0.9, 0.0)), val=SplitSpec(10, (0.5, 0.1)), test=SplitSpec(400, (0.5, 0.5)))
+    data = generate(cfg.with_sizes(2000, 10, 400))
+    train, test = data["train"], data["test"]
+    benign = train.labels == 0
+    assert abs(train.groups[benign].mean() - 0.9) < 0.03
+    assert train.groups[~benign].sum() == 0
+    cells = np.bincount(test.labels * 2 + test.groups, minlength=4)
+    assert cells.tolist() == [100, 100, 100, 100]
+    assert (test.masks.any(axis=(1, 2)) == test.groups.astype(bool)).all()
+
+
+def test_patch_masks_follow_the_grid():
+    data = generate_split(SMALL, "test")
+    grid = data.patch_masks((64, 64), (8, 8))
+    assert grid.shape == (40, 8, 8)
+    i = int(np.flatnonzero(data.groups)[0])
+    ys, xs = np.nonzero(data.masks[i])
+    expected = np.zeros((8, 8), bool)
+    expected[ys // 8, xs // 8] = True
+    assert np.array_equal(grid[i], expected)
+    assert not grid[data.groups == 0].any()
+
+
+def test_seed_layout_round_trip(tmp_path):
+    data = generate(SyntheticConfig().with_sizes(4, 12, 8))
+    write_seed_layout({"val": data["val"], "test": data["test"]}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test_w_patches", "test_wo_patches", "val_w_patches", "val_wo_patches"]
+    assert sorted(p.name for p in (tmp_path / "test_w_patches").iterdir()) == ["benign", "malignant"]
+    loaded = load_images(tmp_path / "test")
+    assert len(loaded) == 8 and loaded.class_names == ("benign", "malignant")
+    order = np.lexsort((data["test"].labels, data["test"].groups))
+    assert sorted(zip(loaded.groups.tolist(), loaded.labels.tolist())) == sorted(
+        zip(data["test"].groups[order].tolist(), data["test"].labels[order].tolist())
+    )
+    # PNG is lossless: every written image comes back bit-identical.
+    originals = {data["test"].array(i).tobytes() for i in range(8)}
+    assert {loaded.array(i).tobytes() for i in range(8)} == originals
+    folder = load_images(tmp_path / "val_w_patches")
+    assert folder.groups is None and len(folder) == int(data["val"].groups.sum())
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(InputError, match="expected artefact in"):
+        SyntheticConfig(artefact="sticker")
+    with pytest.raises(InputError, match="does not exist"):
+        load_images(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="one sub-folder per class"):
+        load_images(tmp_path / "empty")
+    from edgeshort.data import ImageDataset
+
+    with pytest.raises(InputError, match="one label per image"):
+        ImageDataset.from_arrays(np.zeros((3, 8, 8, 3), np.uint8), [0, 1], ["a", "b"])
+    with pytest.raises(InputError, match=r"expected labels in \[0, 1\]"):
+        ImageDataset.from_arrays(np.zeros((2, 8, 8, 3), np.uint8), [0, 2], ["a", "b"])
