@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeshort.data import SplitSpec, SyntheticConfig, generate, generate_split, load_images, write_seed_layout
+from edgeshort.data import (
+    SplitSpec,
+    SyntheticConfig,
+    generate,
+    generate_split,
+    load_images,
+    write_seed_layout,
+)
 from edgeshort.data.synthetic import render_image
 from edgeshort.errors import InputError
 

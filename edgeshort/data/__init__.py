@@ -2,9 +2,9 @@
 
 from edgeshort.data.dataset import (
     ArrayDataset,
-    as_dataset,
     ImageDataset,
     ImageFolder,
+    as_dataset,
     concat,
     load_images,
     load_seed_layout,

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from edgeshort.errors import InputError
-from edgeshort.runtime.preprocess import Preprocessing, as_pil, load_image, preprocess_image
+from edgeshort.runtime.preprocess import Preprocessing, as_pil, preprocess_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 

@@ -15,7 +15,8 @@ class DetectorConfig:
     pca_components: int = 3
     lambdas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     num_selected: int = 20  # samples nearest each centroid used for heatmaps and the KNN
-    knn_samples: int | None = None  # positives (and negatives); None: 200 at the seed's 20 x 196 patches, scaled
+    knn_samples: int | None = None  # positives; None: the seed's 200 at 20 x 196 patches, scaled to this grid
+    knn_negatives: int | None = None  # negatives; None: as many as positives (the seed)
     knn_k: int = 5
     dilation_radius: int = 1
     min_patches: int = 2  # the seed's "more than one flagged patch" rule for "shortcut present"
@@ -33,6 +34,7 @@ class DetectorConfig:
             (len(self.lambdas) == 3, f"three lambdas, got {self.lambdas}"),
             (self.num_selected >= 1, f"num_selected >= 1, got {self.num_selected}"),
             (self.knn_samples is None or self.knn_samples >= 1, f"knn_samples >= 1, got {self.knn_samples}"),
+            (self.knn_negatives is None or self.knn_negatives >= 1, f"knn_negatives >= 1, got {self.knn_negatives}"),
             (self.knn_k >= 1, f"knn_k >= 1, got {self.knn_k}"),
             (self.dilation_radius >= 0, f"dilation_radius >= 0, got {self.dilation_radius}"),
             (self.min_patches >= 1, f"min_patches >= 1, got {self.min_patches}"),
@@ -47,6 +49,9 @@ class DetectorConfig:
         if self.knn_samples is not None:
             return self.knn_samples
         return max(self.knn_k, round(200 * self.num_selected * num_patches / (20 * 196)))
+
+    def knn_negative_count(self, num_patches: int) -> int:
+        return self.knn_negatives if self.knn_negatives is not None else self.knn_sample_count(num_patches)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -258,7 +258,8 @@ class ShortcutDetector:
 
         t = time.perf_counter()
         x, y = knn_training_keys(
-            feats.keys, selected, raw_maps, shortcut, cfg.knn_sample_count(adapter.num_patches)
+            feats.keys, selected, raw_maps, shortcut, cfg.knn_sample_count(adapter.num_patches),
+            cfg.knn_negative_count(adapter.num_patches),
         )
         knn = KeyKNN(x, y, cfg.knn_k)
         clean_keys = feats.keys[clustering.assignments != shortcut].mean(0).astype(np.float32)
@@ -325,7 +326,7 @@ def _masked_head_features(result: DetectionResult, dataset: ImageDataset) -> np.
     adapter, cfg = result.adapter, result.config
     out = []
     with torch.inference_mode():
-        for idx, images in dataset.batches(adapter.preprocessing, cfg.batch_size):
+        for _, images in dataset.batches(adapter.preprocessing, cfg.batch_size):
             tokens = adapter.embed(torch.from_numpy(images))
             _, flags, present, _ = result.guard_keys(adapter.keys(tokens, cfg.key_layer).numpy())
             keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))

@@ -79,6 +79,7 @@ def knn_training_keys(
     maps: list[np.ndarray],
     shortcut_cluster: int,
     count: int,
+    negative_count: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The seed's KNN training set: positives are the `count` patch keys of the shortcut cluster's
     selected samples most distant from the clean mean; negatives the `count` least distant of the
@@ -88,11 +89,12 @@ def knn_training_keys(
     pos_dist = maps[shortcut_cluster].reshape(-1)
     neg_keys = np.concatenate([keys[s].reshape(-1, d) for c, s in enumerate(selected) if c != shortcut_cluster])
     neg_dist = np.concatenate([m.reshape(-1) for c, m in enumerate(maps) if c != shortcut_cluster])
-    count = min(count, len(pos_dist), len(neg_dist))
+    count = min(count, len(pos_dist))
+    negative_count = min(count if negative_count is None else negative_count, len(neg_dist))
     positives = pos_keys[np.argsort(pos_dist, kind="stable")[-count:]]
-    negatives = neg_keys[np.argsort(neg_dist, kind="stable")[:count]]
+    negatives = neg_keys[np.argsort(neg_dist, kind="stable")[:negative_count]]
     x = np.concatenate([negatives, positives]).astype(np.float32)
-    y = np.concatenate([np.zeros(count), np.ones(count)]).astype(np.int64)
+    y = np.concatenate([np.zeros(negative_count), np.ones(count)]).astype(np.int64)
     return x, y
 
 

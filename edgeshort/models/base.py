@@ -15,6 +15,7 @@ from torch import nn
 from edgeshort.errors import InputError
 from edgeshort.runtime.preprocess import Preprocessing
 
+
 class ViTAdapter(ABC):
     """One Vision Transformer seen as: embed -> encoder blocks (with a keep mask) -> head.
 

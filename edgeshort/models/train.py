@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshort.data import ImageDataset, SyntheticConfig, generate
+from edgeshort.data.synthetic import GENERATOR_VERSION
 from edgeshort.models.tiny import TinyViTConfig
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ def default_cache_dir() -> Path:
 
 def cache_key(train: TrainConfig, data: SyntheticConfig) -> str:
     payload = json.dumps(
-        {"train": train.to_dict(), "data": data.to_dict(), "version": TRAINING_VERSION}, sort_keys=True
+        {"train": train.to_dict(), "data": data.to_dict(), "version": TRAINING_VERSION,
+         "generator": GENERATOR_VERSION},
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

@@ -1,0 +1,76 @@
+"""`edgeshort detect`: find the shortcut a ViT learned on a labelled validation set."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from edgeshort.detect.config import DetectorConfig
+
+
+def add_arguments(parser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model file: a saved module, an edgeshort checkpoint, or a state dict (+ --arch)")
+    src.add_argument("--demo", nargs="?", const="patch", choices=("patch", "ruler"),
+                     help="use the built-in synthetic data and tiny ViT (artefact kind, default patch)")
+    parser.add_argument("--arch", help="architecture of a state-dict file, e.g. torchvision:vit_b_16 or timm:NAME")
+    parser.add_argument("--data", help="validation images: an ImageFolder tree, or ROOT/val for the seed layout")
+    parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
+    parser.add_argument("-o", "--out", required=True, help="run folder to write")
+    parser.add_argument("--config", help="JSON file of detector settings (see DetectorConfig)")
+    for f in fields(DetectorConfig):
+        if f.name in ("progress", "lambdas"):
+            continue
+        kind = str if f.name == "dfr" else int
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"default {f.default!r}")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def config_from_args(args, base: DetectorConfig | None = None) -> DetectorConfig:
+    data = (base or DetectorConfig()).to_dict()
+    if args.config:
+        data.update(json.loads(Path(args.config).read_text()))
+    for f in fields(DetectorConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    data["progress"] = not args.quiet
+    return DetectorConfig.from_dict(data)
+
+
+def run(args) -> int:
+    from edgeshort.data import load_images
+    from edgeshort.detect import ShortcutDetector
+    from edgeshort.errors import InputError
+    from edgeshort.models import load_model_file
+
+    if args.demo:
+        from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
+
+        datasets = demo_datasets(args.demo)
+        model = demo_model(args.demo, datasets, progress=not args.quiet)
+        val, test = datasets["val"], datasets["test"]
+        config = config_from_args(args, DEMO_DETECTOR)
+    else:
+        if not args.data:
+            raise InputError("expected --data VAL with --model; pass the validation image folder")
+        model = load_model_file(args.model, arch=args.arch)
+        val = load_images(args.data)
+        test = load_images(args.eval_data) if args.eval_data else None
+        config = config_from_args(args)
+    result = ShortcutDetector(config).fit(model, val, run_dir=args.out)
+    print(result.summary())
+    if test is not None:
+        result.evaluate(test, print_table=True)
+    _print_headline(result.metrics)
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def _print_headline(metrics: dict) -> None:
+    keys = ("shortcut_cluster_group_purity", "patch_precision", "patch_recall", "wga_original", "wga_ablated",
+            "wga_dfr")
+    shown = [f"{k}={metrics[k]:.3f}" for k in keys if metrics.get(k) is not None]
+    if shown:
+        print("  ".join(shown))
