@@ -12,6 +12,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "demo": ("edgeshort.commands.demo", "run the whole chain on the built-in synthetic data and tiny ViT"),
     "detect": ("edgeshort.commands.detect", "find the shortcut a ViT learned on a labelled validation set"),
+    "export": ("edgeshort.commands.export", "export a detection run to an ONNX + OpenVINO bundle"),
     "spray": ("edgeshort.spray.cli", "SpRAy: cluster explanation heatmaps and flag Clever Hans clusters"),
     "env": ("edgeshort.commands.env", "print versions, backends and devices (for bug reports)"),
 }

@@ -29,6 +29,7 @@ class ImageDataset:
         groups: Sequence[int] | None = None,
         masks: np.ndarray | None = None,
         name: str = "dataset",
+        source: str | None = None,
     ) -> None:
         labels = np.asarray(labels, dtype=np.int64)
         if len(sources) != len(labels):
@@ -51,12 +52,15 @@ class ImageDataset:
         self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
         self.masks = masks
         self.name = name
+        # How to load this set again (see `dataset_from_source`), recorded in run folders.
+        self.source = source
 
     @classmethod
-    def from_arrays(cls, images: np.ndarray, labels, class_names, groups=None, masks=None, name="dataset"):
+    def from_arrays(cls, images: np.ndarray, labels, class_names, groups=None, masks=None, name="dataset",
+                    source=None):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise InputError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
-        return cls(images, labels, class_names, groups, masks, name)
+        return cls(images, labels, class_names, groups, masks, name, source)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -136,7 +140,7 @@ class ImageFolder(ImageDataset):
         if not paths:
             raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(root)!r}")
         groups = None if group is None else [group] * len(paths)
-        super().__init__(paths, labels, names, groups, None, name=root.name)
+        super().__init__(paths, labels, names, groups, None, name=root.name, source=f"folder:{root}")
 
 
 def concat(datasets: Sequence[ImageDataset], name: str | None = None) -> ImageDataset:
@@ -158,7 +162,9 @@ def load_seed_layout(root: str | Path, split: str) -> ImageDataset:
     root = Path(root)
     without, with_ = root / f"{split}_wo_patches", root / f"{split}_w_patches"
     names = sorted({p.name for folder in (without, with_) for p in _class_folders(folder)})
-    return concat([ImageFolder(without, names, group=0), ImageFolder(with_, names, group=1)], name=split)
+    merged = concat([ImageFolder(without, names, group=0), ImageFolder(with_, names, group=1)], name=split)
+    merged.source = f"seed:{split}:{root}"
+    return merged
 
 
 def write_seed_layout(datasets: dict[str, ImageDataset], root: str | Path) -> Path:
@@ -172,6 +178,27 @@ def write_seed_layout(datasets: dict[str, ImageDataset], root: str | Path) -> Pa
             folder.mkdir(parents=True, exist_ok=True)
             data.image(i).save(folder / f"{i:05d}.png")
     return root
+
+
+def dataset_from_source(source: str) -> ImageDataset:
+    """Load a dataset again from its recorded `source` string."""
+    kind, _, rest = source.partition(":")
+    if kind == "folder":
+        return ImageFolder(rest)
+    if kind == "seed":
+        split, _, root = rest.partition(":")
+        return load_seed_layout(root, split)
+    if kind == "synthetic":
+        import json
+
+        from edgeshort.data.synthetic import SplitSpec, SyntheticConfig, generate_split
+
+        split, _, config = rest.partition(":")
+        data = json.loads(config)
+        for key in ("train", "val", "test"):
+            data[key] = SplitSpec(data[key]["size"], tuple(data[key]["artefact_rate"]))
+        return generate_split(SyntheticConfig(**data), split)
+    raise InputError(f"unknown dataset source {source!r}; pass the images explicitly")
 
 
 def load_images(path: str | Path) -> ImageDataset:

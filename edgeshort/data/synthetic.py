@@ -9,6 +9,7 @@ its class, its group (artefact present) and the pixel mask of exactly the drawn 
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -203,7 +204,8 @@ def generate_split(config: SyntheticConfig, split: str) -> ImageDataset:
     for i in range(n):
         images[i], masks[i] = render_image(config, split, i, int(labels[i]), bool(groups[i]))
     return ImageDataset.from_arrays(
-        images, labels, class_names=CLASS_NAMES, groups=groups, masks=masks, name=f"{config.artefact}-{split}"
+        images, labels, class_names=CLASS_NAMES, groups=groups, masks=masks, name=f"{config.artefact}-{split}",
+        source=f"synthetic:{split}:{json.dumps(config.to_dict())}",
     )
 
 

@@ -75,6 +75,7 @@ class DetectionResult:
     val_present: np.ndarray
     metrics: dict = field(default_factory=dict)
     run_dir: Path | None = None
+    data_source: str | None = None  # how to reload the validation images (export calibrates on them)
 
     # -- the guard ------------------------------------------------------------------------
     @property
@@ -273,7 +274,7 @@ class ShortcutDetector:
             config=cfg, adapter=adapter, class_names=dataset.class_names, scores=scores,
             shortcut_cluster=shortcut, clustering=clustering, selected=selected, heatmaps=heatmaps, knn=knn,
             clean_keys=clean_keys, saliency_scale=saliency_scale, dfr_head=None, val_labels=dataset.labels,
-            val_groups=dataset.groups, val_present=present, run_dir=run_dir,
+            val_groups=dataset.groups, val_present=present, run_dir=run_dir, data_source=dataset.source,
         )
 
         t = time.perf_counter()

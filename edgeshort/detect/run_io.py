@@ -43,6 +43,7 @@ def save_result(result, run_dir: Path) -> Path:
         "saliency_scale": result.saliency_scale,
         "clustering": {"feature_min": c.feature_min, "feature_max": c.feature_max},
         "dfr": None if result.dfr_head is None else result.dfr_head.info,
+        "data_source": result.data_source,
     }
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     (run_dir / "config.json").write_text(json.dumps(result.config.to_dict(), indent=2))
@@ -102,6 +103,7 @@ def load_result(run_dir: Path, model=None):
         clustering=clustering, selected=selected, heatmaps=heatmaps, knn=knn, clean_keys=clean_keys,
         saliency_scale=float(meta["saliency_scale"]), dfr_head=dfr_head, val_labels=labels,
         val_groups=groups if groups.size else None, val_present=present, metrics=metrics, run_dir=run_dir,
+        data_source=meta.get("data_source"),
     )
 
 

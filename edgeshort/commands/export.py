@@ -1,0 +1,37 @@
+"""`edgeshort export RUN -o BUNDLE`: ONNX + OpenVINO IR graphs, manifest and parity check."""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run", help="run folder written by `edgeshort detect`")
+    parser.add_argument("-o", "--out", required=True, help="bundle folder to write")
+    parser.add_argument("--formats", default="onnx,openvino", help="comma list of onnx,openvino (default both)")
+    parser.add_argument("--weights", default="f32", choices=("f32", "fp16"), help="OpenVINO IR weight precision")
+    parser.add_argument("--int8", action="store_true", help="also write an INT8 guarded graph (nncf)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| vs torch (default 1e-4)")
+    parser.add_argument("--data", help="calibration images (default: the run's validation images)")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run(args) -> int:
+    import json
+
+    from edgeshort.data import load_images
+    from edgeshort.export import ExportOptions, export_bundle
+
+    options = ExportOptions(
+        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
+        int8=args.int8, tolerance=args.tolerance, progress=not args.quiet,
+    )
+    calibration = load_images(args.data) if args.data else None
+    bundle = export_bundle(args.run, args.out, options, calibration, overwrite=args.force)
+    parity = bundle.manifest["parity"]
+    print(f"bundle: {bundle.root}")
+    for backend, graphs in parity["backends"].items():
+        worst = max((v for g in graphs.values() for k, v in g.items() if "logits" in k), default=0.0)
+        print(f"  parity {backend:<12} max |logit diff| {worst:.2e} (tolerance {parity['tolerance']:g})")
+    sizes = {name: entry["bytes"] for name, entry in bundle.manifest["files"].items()}
+    print("  files: " + json.dumps(sizes))
+    return 0

@@ -1,0 +1,311 @@
+"""Export a detection run to a verified bundle: ONNX + OpenVINO IR graphs, manifest, parity report.
+
+Graphs go through `torch.onnx.export(dynamo=True)` traced with batch 2 and a declared dynamic
+batch axis (a batch-1 example silently fixes the batch at 1). OpenVINO IR is converted from the
+ONNX file (converting the torch module directly fails on torchvision's ViT) and saved with f32
+weights unless FP16 is asked for. Parity is measured with the runtime's own backends, so what
+was checked is exactly what will run; a bundle whose parity exceeds tolerance is not written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeshort._optional import require
+from edgeshort._version import __version__
+from edgeshort.errors import BundleError, InputError, ParityError
+from edgeshort.export.graphs import graph_specs
+from edgeshort.runtime.backends import open_session
+from edgeshort.runtime.bundle import GRAPHS, load_bundle, write_manifest
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "openvino")
+OPSET = 20
+# IR 10 (opset <= 21) is read by every onnxruntime since 1.18; onnx's own default may be newer.
+IR_VERSION = 10
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    formats: tuple[str, ...] = FORMATS
+    weights: str = "f32"  # OpenVINO IR weights: "f32" or "fp16"
+    int8: bool = False
+    tolerance: float = DEFAULT_TOLERANCE
+    calibration_size: int = 32
+    skl2onnx_check: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown or not self.formats or "onnx" not in self.formats:
+            raise InputError(f"expected formats from {FORMATS} including 'onnx', got {self.formats}")
+        if self.weights not in ("f32", "fp16"):
+            raise InputError(f"expected weights 'f32' or 'fp16', got {self.weights!r}")
+        if self.int8 and "openvino" not in self.formats:
+            raise InputError("INT8 quantisation writes OpenVINO IR; add 'openvino' to the formats")
+
+
+def _export_onnx(name, module, example, input_names, output_names, dynamic, path: Path) -> None:
+    import torch
+
+    onnx = require("onnx", "offline")
+    require("onnxscript", "offline")
+    dims = {}
+    shapes = {}
+    for arg in input_names:
+        axes = dynamic.get(arg, {})
+        shapes[arg] = {axis: dims.setdefault(label, torch.export.Dim(label, min=1)) for axis, label in axes.items()}
+    module.eval()
+    with torch.no_grad():
+        torch.onnx.export(
+            module, example, str(path), input_names=input_names, output_names=output_names,
+            dynamic_shapes=shapes, dynamo=True, opset_version=OPSET, external_data=False, verbose=False,
+        )
+    model = onnx.load(str(path))
+    model.ir_version = IR_VERSION
+    onnx.save(model, str(path))
+    logger.info("exported %s to %s", name, path.name)
+
+
+def _to_openvino(onnx_path: Path, xml_path: Path, fp16: bool) -> None:
+    ov = require("openvino", "openvino")
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=fp16)
+
+
+def _skl2onnx_knn(result, path: Path, opset: int = 15) -> None:
+    """scikit-learn's KNN through skl2onnx: a cross-check artefact, not the runtime path."""
+    skl2onnx = require("skl2onnx", "offline")
+    from skl2onnx.common.data_types import FloatTensorType
+
+    d = result.knn.reference.shape[1]
+    onx = skl2onnx.convert_sklearn(
+        result.knn.classifier, initial_types=[("keys", FloatTensorType([None, d]))],
+        target_opset={"": opset, "ai.onnx.ml": 3}, options={id(result.knn.classifier): {"zipmap": False}},
+    )
+    onx.ir_version = min(onx.ir_version, IR_VERSION)
+    path.write_bytes(onx.SerializeToString())
+
+
+def _calibration_images(result, dataset, size: int) -> np.ndarray:
+    from edgeshort.data import as_dataset
+
+    dataset = as_dataset(dataset, result.class_names)
+    idx = np.linspace(0, len(dataset) - 1, min(size, len(dataset))).round().astype(int)
+    # Keep both flagged and clean images in the batch so the parity covers the masked path.
+    return np.stack([x for _, batch in dataset.subset(idx).batches(result.adapter.preprocessing, 64) for x in batch])
+
+
+def _torch_reference(result, images: np.ndarray) -> dict[str, np.ndarray]:
+    import torch
+
+    adapter = result.adapter
+    with torch.inference_mode():
+        x = torch.from_numpy(images)
+        tokens = adapter.embed(x)
+        keys = adapter.keys(tokens, result.config.key_layer).numpy()
+        raw, flags, present, saliency = result.guard_keys(keys)
+        from edgeshort.runtime.masking import keep_mask
+
+        keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))
+        features = adapter.head_features(tokens, keep)
+        ref = {
+            "tokens": tokens.numpy(), "keep": keep.numpy(), "logits": adapter.forward_tokens(tokens).numpy(),
+            "ablated_logits": adapter.head_linear()(features).numpy(), "flags": flags, "raw_flags": raw,
+            "present": present, "saliency": saliency, "keys": keys,
+        }
+        if result.dfr_head is not None:
+            ref["dfr_logits"] = result.dfr_head.to_torch()(features).numpy()
+    return ref
+
+
+def _compare(graph: str, outputs: dict, ref: dict) -> dict:
+    """Max |difference| (or mismatch count, for flags) of each output against torch."""
+    report: dict = {}
+    for name, value in outputs.items():
+        # encoder_head is fed the guard's keep mask, so its "logits" are the ablated ones.
+        expected = ref["ablated_logits" if (graph == "encoder_head" and name == "logits") else name]
+        if value.dtype == bool or expected.dtype == bool:
+            report[f"{name}_mismatches"] = int((value.astype(bool) != expected.astype(bool)).sum())
+        else:
+            report[f"{name}_max_abs_diff"] = float(np.abs(value.astype(np.float64) - expected).max())
+    return report
+
+
+def _run_graph(session, graph: str, images: np.ndarray, ref: dict, batch: int) -> dict:
+    """Run a graph over the calibration images in batches of `batch`; concatenate outputs."""
+    outs: dict[str, list] = {}
+    for start in range(0, len(images), batch):
+        sl = slice(start, start + batch)
+        if graph in ("guarded", "plain", "embed"):
+            feed = {"images": images[sl]}
+        elif graph == "guard":
+            feed = {"tokens": ref["tokens"][sl]}
+        else:
+            feed = {"tokens": ref["tokens"][sl], "keep": ref["keep"][sl]}
+        for k, v in session.run(feed).items():
+            outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _parity(root: Path, graphs: dict, formats, result, images, tolerance) -> dict:
+    ref = _torch_reference(result, images)
+    report: dict = {"tolerance": tolerance, "calibration_size": int(len(images)), "backends": {}}
+    failures = []
+    for fmt in formats:
+        backend = "onnxruntime" if fmt == "onnx" else "openvino"
+        per_graph = {}
+        for graph, files in graphs.items():
+            session = open_session(root / files["files"][fmt], backend, precision="f32")
+            figures = {}
+            for batch in (1, 3):
+                outputs = _run_graph(session, graph, images, ref, batch)
+                for key, value in _compare(graph, outputs, ref).items():
+                    figures[key] = max(figures.get(key, 0), value)
+            per_graph[graph] = figures
+            for key, value in figures.items():
+                limit = 0 if key.endswith("_mismatches") else (
+                    tolerance if "logits" in key or key.startswith("tokens") else max(tolerance, 1e-3))
+                if value > limit:
+                    failures.append(f"{backend}/{graph}: {key} = {value:.3g} > {limit:g}")
+        report["backends"][backend] = per_graph
+    report["passed"] = not failures
+    report["failures"] = failures
+    return report
+
+
+def _knn_cross_check(root: Path, result, images: np.ndarray) -> dict:
+    ref = _torch_reference(result, images)
+    session = open_session(root / "knn_skl2onnx.onnx", "onnxruntime")
+    keys = ref["keys"].reshape(-1, ref["keys"].shape[-1]).astype(np.float32)
+    labels = session.run({"keys": keys})["label"].reshape(ref["raw_flags"].shape).astype(bool)
+    guard = open_session(root / "guard.onnx", "onnxruntime").run({"tokens": ref["tokens"]})["raw_flags"]
+    return {"patches": int(labels.size), "mismatches_vs_sklearn": int((labels != ref["raw_flags"]).sum()),
+            "mismatches_vs_guard_graph": int((labels != guard).sum())}
+
+
+def export_bundle(run, out: str | Path, options: ExportOptions | None = None, calibration=None,
+                  overwrite: bool = False):
+    """Write a verified bundle for a detection run (a run folder or a `DetectionResult`)."""
+    from edgeshort.detect import DetectionResult, ShortcutDetector
+
+    options = options or ExportOptions()
+    result = run if isinstance(run, DetectionResult) else ShortcutDetector.load(run)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BundleError(f"{str(out)!r} exists and is not empty; choose a new folder or pass overwrite=True (--force)")
+    if calibration is None:
+        calibration = _resolve_calibration(result)
+    images = _calibration_images(result, calibration, options.calibration_size)
+    seconds: dict[str, float] = {}
+    staging = Path(tempfile.mkdtemp(prefix=".edgeshort-bundle-", dir=out.parent if out.parent.exists() else None))
+    try:
+        specs = graph_specs(result)
+        graphs = {}
+        for name, (module, example, input_names, output_names, dynamic) in specs.items():
+            t = time.perf_counter()
+            files = {"onnx": f"{name}.onnx"}
+            _export_onnx(name, module, example, input_names, output_names, dynamic, staging / files["onnx"])
+            if "openvino" in options.formats:
+                files["openvino"] = f"{name}.xml"
+                _to_openvino(staging / files["onnx"], staging / files["openvino"], options.weights == "fp16")
+            graphs[name] = {"files": files, "inputs": input_names, "outputs": output_names,
+                            "description": GRAPHS[name]}
+            seconds[f"export_{name}"] = round(time.perf_counter() - t, 3)
+            if options.progress:
+                print(f"  exported {name:<13} ({seconds[f'export_{name}']:.1f} s)", flush=True)
+        t = time.perf_counter()
+        parity_formats = ["onnx"] + (["openvino"] if "openvino" in options.formats and options.weights == "f32" else [])
+        parity = _parity(staging, graphs, parity_formats, result, images, options.tolerance)
+        seconds["parity"] = round(time.perf_counter() - t, 3)
+        extra_files = []
+        knn_check = None
+        if options.skl2onnx_check:
+            _skl2onnx_knn(result, staging / "knn_skl2onnx.onnx")
+            knn_check = _knn_cross_check(staging, result, images)
+            extra_files.append("knn_skl2onnx.onnx")
+            if knn_check["mismatches_vs_sklearn"]:
+                parity["failures"].append(f"skl2onnx KNN: {knn_check['mismatches_vs_sklearn']} flags differ")
+        if parity["failures"]:
+            raise ParityError(
+                "the exported graphs do not reproduce the torch model within tolerance; bundle not written:\n  "
+                + "\n  ".join(parity["failures"])
+            )
+        int8 = None
+        if options.int8:
+            from edgeshort.export.quantize import quantize_guarded
+
+            t = time.perf_counter()
+            int8 = quantize_guarded(staging, graphs, result, images)
+            seconds["int8"] = round(time.perf_counter() - t, 3)
+        manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files)
+        write_manifest(staging, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(out)
+
+
+def _versions() -> dict:
+    versions = {"edgeshort": __version__}
+    for name in ("torch", "onnx", "onnxscript", "onnxruntime", "openvino", "skl2onnx", "sklearn", "nncf"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "installed")
+        except ImportError:
+            versions[name] = None
+    return versions
+
+
+def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files) -> dict:
+    cfg = result.config
+    ov_version = _versions()["openvino"]
+    return {
+        "edgeshort_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": result.adapter.describe(),
+        "class_names": list(result.class_names),
+        "guard": {
+            "key_layer": cfg.key_layer, "knn_k": int(result.knn.k), "knn_reference_size": int(len(result.knn.reference)),
+            "dilation_radius": cfg.dilation_radius, "min_patches": cfg.min_patches,
+            "saliency_scale": result.saliency_scale, "has_dfr": result.dfr_head is not None,
+            "shortcut_cluster": int(result.shortcut_cluster),
+        },
+        "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
+        "openvino": ({"version": ov_version, "weights": options.weights, "int8": int8}
+                     if "openvino" in options.formats else None),
+        "precision": "f32",
+        "tools": _versions(),
+        "graphs": graphs,
+        "parity": parity,
+        "knn_cross_check": knn_check,
+        "extra_files": extra_files,
+        "seconds": seconds,
+        "source_run": str(result.run_dir) if result.run_dir else None,
+    }
+
+
+def _resolve_calibration(result):
+    if result.run_dir is not None:
+        meta = json.loads((Path(result.run_dir) / "run.json").read_text())
+        source = meta.get("data_source")
+        if source:
+            from edgeshort.data import dataset_from_source
+
+            return dataset_from_source(source)
+    raise InputError(
+        "the run does not record where its validation images are; pass calibration images "
+        "(CLI: --data VAL) so the export can check parity"
+    )

@@ -1,0 +1,149 @@
+"""Inference backends behind one small interface: ONNX Runtime and OpenVINO.
+
+Settings are explicit: ONNX Runtime always gets its providers list and thread count;
+OpenVINO compiles with a performance hint, an optional cache dir, and f32 inference precision
+unless bf16 is asked for (it otherwise runs bf16 silently on CPUs that have it).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+
+from edgeshort._optional import require
+from edgeshort.errors import BundleError, InputError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "openvino")
+PRECISIONS = ("f32", "bf16")
+
+
+class Session:
+    """A compiled graph: `run({name: array}) -> {name: array}`."""
+
+    backend: str
+    input_names: list[str]
+    output_names: list[str]
+    description: dict
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def _ir_error(exc: Exception, path: Path) -> BundleError | None:
+    match = re.search(r"IR version:? (\d+).*max supported IR version:? (\d+)", str(exc), re.I)
+    if not match:
+        return None
+    return BundleError(
+        f"{path.name} has ONNX IR version {match.group(1)}, newer than the installed runtime reads "
+        f"(max {match.group(2)}); upgrade onnxruntime, or re-export the bundle with a lower IR version"
+    )
+
+
+class OnnxRuntimeSession(Session):
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+        ort = require("onnxruntime", "offline")
+        available = ort.get_available_providers()
+        providers = providers or ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise InputError(
+                f"expected ONNX Runtime providers from {available}, got {missing}; install the onnxruntime "
+                "build that has them (e.g. onnxruntime-gpu for CUDA) or choose from the available ones"
+            )
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:
+            raise (_ir_error(exc, path) or BundleError(f"ONNX Runtime cannot load {path.name}: {exc}")) from exc
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+        self.description = {"backend": self.backend, "providers": self._session.get_providers(),
+                            "threads": threads, "precision": "f32", "version": ort.__version__}
+
+    def run(self, inputs):
+        return dict(zip(self.output_names, self._session.run(self.output_names, inputs)))
+
+
+class OpenVINOSession(Session):
+    backend = "openvino"
+
+    def __init__(
+        self, path: Path, device: str | None = None, threads: int | None = None, precision: str = "f32",
+        hint: str = "LATENCY", cache_dir: str | None = None,
+    ) -> None:
+        ov = require("openvino", "openvino")
+        if precision not in PRECISIONS:
+            raise InputError(f"expected precision in {PRECISIONS}, got {precision!r}")
+        core = ov.Core()
+        device = device or "CPU"
+        if device not in core.available_devices and device != "AUTO":
+            raise InputError(
+                f"expected an OpenVINO device from {core.available_devices}, got {device!r}"
+            )
+        config = {"PERFORMANCE_HINT": hint}
+        if device in ("CPU", "AUTO"):
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache_dir:
+            config["CACHE_DIR"] = str(cache_dir)
+        try:
+            model = core.read_model(str(path))
+            self._compiled = core.compile_model(model, device, config)
+        except Exception as exc:
+            raise BundleError(f"OpenVINO cannot load {path.name}: {exc}") from exc
+        self.input_names = [p.get_any_name() for p in self._compiled.inputs]
+        self.output_names = [p.get_any_name() for p in self._compiled.outputs]
+        self._outputs = list(self._compiled.outputs)
+        self.description = {"backend": self.backend, "device": device, "threads": threads, "precision": precision,
+                            "hint": hint, "version": ov.__version__}
+
+    def run(self, inputs):
+        # One infer request per call keeps the session safe to share between threads.
+        request = self._compiled.create_infer_request()
+        result = request.infer(inputs)
+        return {name: np.asarray(result[port]) for name, port in zip(self.output_names, self._outputs)}
+
+
+def is_intel_cpu() -> bool:
+    name = platform.processor() or ""
+    if not name and Path("/proc/cpuinfo").is_file():
+        text = Path("/proc/cpuinfo").read_text(errors="ignore")
+        name = next((line for line in text.splitlines() if line.startswith("vendor_id")), "")
+    return "intel" in name.lower()
+
+
+def choose_backend(backend: str) -> str:
+    """`auto`: OpenVINO on an Intel CPU when installed, else ONNX Runtime."""
+    if backend not in ("auto", *BACKENDS):
+        raise InputError(f"expected backend in {('auto', *BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if is_intel_cpu():
+        try:
+            import openvino  # noqa: F401
+
+            return "openvino"
+        except ImportError:
+            pass
+    return "onnxruntime"
+
+
+def open_session(path: Path, backend: str, device=None, threads=None, precision="f32", providers=None,
+                 hint="LATENCY", cache_dir=None) -> Session:
+    if backend == "onnxruntime":
+        if precision != "f32":
+            raise InputError(f"ONNX Runtime here runs f32 only, got precision={precision!r}; use the openvino backend")
+        return OnnxRuntimeSession(path, providers, threads)
+    return OpenVINOSession(path, device, threads, precision, hint, cache_dir)

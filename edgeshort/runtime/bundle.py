@@ -1,0 +1,135 @@
+"""The bundle format: a folder of ONNX / OpenVINO IR graphs and a `manifest.json` describing them.
+
+The runtime owns this format (it is the lower, torch-free layer); export writes bundles
+through it. Loading verifies the format version and every file's sha256 before anything runs; the
+backends then turn "IR version too new" into a `BundleError` that names the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeshort.errors import BundleError
+from edgeshort.runtime.preprocess import Preprocessing
+
+BUNDLE_FORMAT = 1
+MANIFEST = "manifest.json"
+# The graphs of a bundle and what they compute; every one is in ONNX and, optionally, OpenVINO IR.
+GRAPHS = {
+    "guarded": "image -> ablated logits (+ DFR logits), flags, raw flags, shortcut present, saliency",
+    "plain": "image -> logits of the unguarded model",
+    "embed": "image -> tokens",
+    "guard": "tokens -> flags, raw flags, shortcut present, keep mask, saliency",
+    "encoder_head": "tokens + keep mask -> logits (+ DFR logits)",
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle folder and its manifest."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.manifest["model"]["preprocessing"])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.manifest["class_names"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.manifest["model"]["grid"])
+
+    @property
+    def num_prefix(self) -> int:
+        return int(self.manifest["model"]["num_prefix"])
+
+    @property
+    def has_dfr(self) -> bool:
+        return bool(self.manifest["guard"].get("has_dfr"))
+
+    def formats(self, graph: str) -> dict[str, str]:
+        return self.manifest["graphs"].get(graph, {}).get("files", {})
+
+    def path(self, graph: str, fmt: str) -> Path:
+        files = self.formats(graph)
+        if fmt not in files:
+            have = ", ".join(f"{g}: {sorted(v.get('files', {}))}" for g, v in self.manifest["graphs"].items())
+            raise BundleError(
+                f"bundle {str(self.root)!r} has no {fmt} file for graph {graph!r} (it has {have}); "
+                f"export it with `edgeshort export RUN -o BUNDLE --formats onnx,openvino`"
+            )
+        return self.root / files[fmt]
+
+    def outputs(self, graph: str) -> list[str]:
+        return list(self.manifest["graphs"][graph]["outputs"])
+
+
+def write_manifest(root: Path, manifest: dict) -> Path:
+    """Hash every listed file and write `manifest.json` (the last file written to a bundle)."""
+    files = {}
+    for graph in manifest["graphs"].values():
+        for name in graph.get("files", {}).values():
+            paths = [root / name]
+            if name.endswith(".xml"):
+                paths.append(root / (name[:-4] + ".bin"))
+            for p in paths:
+                files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    for extra in manifest.get("extra_files", []):
+        p = root / extra
+        files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    manifest = {**manifest, "format": BUNDLE_FORMAT, "files": files}
+    path = root / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+    return path
+
+
+def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
+    """Read and verify a bundle; raise `BundleError` naming the problem and the fix."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"{str(root)!r} is not an edgeshort bundle (no {MANIFEST}); create one with `edgeshort export`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{str(path)!r} is not valid JSON ({exc}); re-export the bundle") from exc
+    version = manifest.get("format")
+    if not isinstance(version, int):
+        raise BundleError(f"{str(path)!r} has no format version; re-export the bundle")
+    if version > BUNDLE_FORMAT:
+        raise BundleError(
+            f"bundle format {version} is newer than this edgeshort reads (format {BUNDLE_FORMAT}); "
+            "upgrade edgeshort: pip install -U edgeshort"
+        )
+    for key in ("model", "class_names", "guard", "graphs", "files"):
+        if key not in manifest:
+            raise BundleError(f"{str(path)!r} lacks {key!r}; re-export the bundle")
+    if verify_hashes:
+        for name, entry in manifest["files"].items():
+            file = root / name
+            if not file.is_file():
+                raise BundleError(f"bundle file {name!r} is missing from {str(root)!r}; re-export or copy it whole")
+            digest = sha256_file(file)
+            if digest != entry["sha256"]:
+                raise BundleError(
+                    f"bundle file {name!r} does not match its manifest hash (sha256 {digest[:12]}… != "
+                    f"{entry['sha256'][:12]}…): it was modified or corrupted; re-export the bundle"
+                )
+    return Bundle(root, manifest)
