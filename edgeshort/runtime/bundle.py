@@ -24,6 +24,7 @@ GRAPHS = {
     "embed": "image -> tokens",
     "guard": "tokens -> flags, raw flags, shortcut present, keep mask, saliency",
     "encoder_head": "tokens + keep mask -> logits (+ DFR logits)",
+    "guarded_int8": "the guarded graph quantised to INT8 (OpenVINO IR only, optional)",
 }
 
 

@@ -1,0 +1,143 @@
+"""The offline detector: finds the planted shortcut, flags its patches, and ablation + DFR fix it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from edgeshort.detect import DetectorConfig, ShortcutDetector
+from edgeshort.errors import InputError
+from edgeshort.models.tiny import TinyViT
+
+REQUIRED_METRICS = (
+    "shortcut_cluster", "cluster_scores", "shortcut_cluster_group_purity", "patch_precision", "patch_recall",
+    "aga_original", "wga_original", "aga_ablated", "wga_ablated", "aga_dfr", "wga_dfr", "seconds",
+)
+
+
+def assert_shortcut_found_and_mitigated(metrics: dict) -> None:
+    assert metrics["shortcut_cluster_group_purity"] >= 0.9
+    assert metrics["patch_precision"] >= 0.6
+    assert metrics["patch_recall"] >= 0.8
+    assert metrics["wga_ablated"] > metrics["wga_original"]
+    assert metrics["wga_dfr"] > metrics["wga_ablated"]
+
+
+def test_demo_shortcut_is_found_flagged_and_mitigated(demo_result):
+    metrics = demo_result.metrics
+    assert_shortcut_found_and_mitigated(metrics)
+    assert metrics["shortcut_cluster"] == demo_result.shortcut_cluster
+    # The shortcut cluster is the top-scoring one, by the reported margin.
+    scores = sorted((s["score"] for s in metrics["cluster_scores"]), reverse=True)
+    assert metrics["score_margin"] == pytest.approx(scores[0] - scores[1])
+
+
+def test_run_folder_holds_everything_and_reloads(demo_result, demo_data):
+    run = demo_result.run_dir
+    for name in ("config.json", "run.json", "clusters.json", "clusters.npz", "knn.npz", "dfr_head.npz",
+                 "metrics.json", "results.csv", "features_val.npz", "model.pt"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "heatmaps").iterdir()) == ["cluster_0", "cluster_1"]
+    assert any((run / "patch_grids" / f"cluster_{demo_result.shortcut_cluster}").glob("*.png"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert all(key in metrics for key in REQUIRED_METRICS)
+    csv_rows = (run / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("class,group,n,accuracy_original,accuracy_ablated,accuracy_dfr")
+    assert len(csv_rows) == 1 + 4 + 2
+
+    reloaded = ShortcutDetector.load(run)
+    subset = demo_data["test"].subset(np.arange(0, 800, 20))
+    a, b = demo_result.predict(subset, progress=False), reloaded.predict(subset, progress=False)
+    assert np.array_equal(a.flags, b.flags) and np.array_equal(a.present, b.present)
+    np.testing.assert_allclose(a.dfr_logits, b.dfr_logits, atol=1e-5)
+
+
+def test_ablation_changes_predictions_only_where_flagged(demo_result, demo_data):
+    preds = demo_result.predict(demo_data["test"].subset(np.arange(200)), progress=False)
+    clean = ~preds.present
+    np.testing.assert_allclose(preds.ablated_logits[clean], preds.logits[clean], atol=1e-4)
+    changed = preds.labels("ablated") != preds.labels("original")
+    assert changed.any() and not changed[clean].any()
+
+
+@pytest.mark.slow
+def test_second_artefact_kind_with_no_parameter_changed(tmp_path):
+    from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
+
+    data = demo_datasets("ruler")
+    model = demo_model("ruler", data, progress=False)
+    result = ShortcutDetector(replace(DEMO_DETECTOR, progress=False)).fit(model, data["val"], run_dir=tmp_path)
+    assert_shortcut_found_and_mitigated(result.evaluate(data["test"]))
+
+
+@pytest.mark.slow
+def test_torchvision_vit_b_16_runs_through_fit(tmp_path):
+    from torchvision.models import vit_b_16
+
+    torch.manual_seed(0)
+    model = vit_b_16(weights=None, num_classes=2).eval()
+    images = torch.randn(8, 3, 224, 224)
+    labels = torch.tensor([0, 1] * 4)
+    config = DetectorConfig(num_selected=3, knn_samples=20, progress=False, batch_size=4)
+    result = ShortcutDetector(config).fit(model, (images, labels), run_dir=tmp_path)
+    assert result.grid == (14, 14)
+    assert result.knn.reference.shape[1] == 64  # 768-dim keys over 12 heads
+    assert result.heatmaps[0].shape[1] == 196
+    preds = result.predict((images, labels), progress=False)
+    assert preds.flags.shape == (8, 14, 14) and preds.logits.shape == (8, 2)
+
+
+def _small_model():
+    torch.manual_seed(0)
+    return TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2).eval()
+
+
+def test_bad_input_is_a_clear_error():
+    model = _small_model()
+    images = torch.randn(6, 3, 32, 32)
+    detector = ShortcutDetector(DetectorConfig(progress=False, num_selected=2, knn_samples=4))
+    with pytest.raises(InputError, match="at least two classes"):
+        detector.fit(model, (images, torch.zeros(6, dtype=torch.long)))
+    with pytest.raises(InputError, match="at least n_clusters=3 samples, got 2"):
+        ShortcutDetector(DetectorConfig(n_clusters=3, progress=False)).fit(model, (images[:2], torch.tensor([0, 1])))
+    with pytest.raises(InputError, match=r"expected images of shape \(B, 3, 32, 32\).*got \(6, 3, 40, 40\)"):
+        detector.fit(model, (torch.randn(6, 3, 40, 40), torch.tensor([0, 1] * 3)))
+    with pytest.raises(InputError, match="one label per image, got 6 images and 5 labels"):
+        detector.fit(model, (images, torch.tensor([0, 1, 0, 1, 0])))
+    with pytest.raises(InputError, match="DetectorConfig: expected n_clusters >= 2"):
+        DetectorConfig(n_clusters=1)
+
+
+def test_naming_assembles_prompts_with_a_fake_client(tmp_path):
+    from edgeshort.detect.naming import CAPTION_PROMPT, name_shortcut
+
+    grids = []
+    for i in range(3):
+        path = tmp_path / f"grid{i}.png"
+        path.write_bytes(f"png-{i}".encode())
+        grids.append(path)
+
+    class FakeClient:
+        def __init__(self):
+            self.calls = []
+
+        def caption(self, image_png, prompt):
+            self.calls.append(("caption", image_png, prompt))
+            return f"a green circle {image_png.decode()}"
+
+        def complete(self, prompt):
+            self.calls.append(("complete", prompt))
+            return "  Coloured patches on benign lesions.  "
+
+    client = FakeClient()
+    named = name_shortcut(client, grids, cluster=1)
+    assert [c[1] for c in client.calls[:3]] == [b"png-0", b"png-1", b"png-2"]
+    assert all(c[2] == CAPTION_PROMPT for c in client.calls[:3])
+    assert "- a green circle png-2" in client.calls[3][1] and "one sentence" in client.calls[3][1]
+    assert named.sentence == "Coloured patches on benign lesions." and named.cluster == 1
+    with pytest.raises(InputError, match="no patch grids"):
+        name_shortcut(client, [], cluster=0)
