@@ -13,7 +13,10 @@ COMMANDS = {
     "demo": ("edgeshort.commands.demo", "run the whole chain on the built-in synthetic data and tiny ViT"),
     "detect": ("edgeshort.commands.detect", "find the shortcut a ViT learned on a labelled validation set"),
     "export": ("edgeshort.commands.export", "export a detection run to an ONNX + OpenVINO bundle"),
+    "predict": ("edgeshort.commands.predict", "guarded predictions from a bundle: JSONL/CSV and overlay PNGs"),
+    "bench": ("edgeshort.commands.bench", "measure latency, throughput, memory and size of a bundle"),
     "spray": ("edgeshort.spray.cli", "SpRAy: cluster explanation heatmaps and flag Clever Hans clusters"),
+    "report": ("edgeshort.commands.report", "HTML report of a detection run: verdict, heatmaps, flags, group accuracy"),
     "env": ("edgeshort.commands.env", "print versions, backends and devices (for bug reports)"),
 }
 

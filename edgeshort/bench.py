@@ -1,0 +1,323 @@
+"""Latency, throughput, cold start, memory and size of a bundle's guarded prediction.
+
+Timings on shared machines are noisy, so every comparison is measured side by side in one run,
+block-interleaved (A B A B …), and reported as medians, p90 and the ratio of medians; nothing
+here passes or fails on absolute seconds.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeshort.runtime.backends import open_session
+from edgeshort.runtime.bundle import Bundle, load_bundle
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.seconds) * 1e3
+
+    @property
+    def p90_ms(self) -> float:
+        return float(np.percentile(self.seconds, 90)) * 1e3
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "n": len(self.seconds), "median_ms": round(self.median_ms, 4),
+                "p90_ms": round(self.p90_ms, 4)}
+
+
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int, block: int, warmup: int = 2) -> dict[str, Timing]:
+    """Time each case in blocks of `block` calls, alternating cases round by round."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    timings = {name: Timing(name) for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                timings[name].seconds.append(time.perf_counter() - start)
+    return timings
+
+
+def _rss_mb() -> float | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if platform.system() != "Darwin" else peak / 2**20
+
+
+def machine_info() -> dict:
+    from edgeshort.commands.env import collect
+
+    info = collect()
+    try:
+        import threadpoolctl
+
+        info["blas"] = threadpoolctl.threadpool_info()
+    except ImportError:
+        pass
+    return info
+
+
+def bundle_size(bundle: Bundle) -> dict:
+    by_graph = {}
+    for graph, entry in bundle.manifest["graphs"].items():
+        for fmt, name in entry["files"].items():
+            paths = [bundle.root / name] + ([bundle.root / (name[:-4] + ".bin")] if name.endswith(".xml") else [])
+            by_graph[f"{graph}.{fmt}"] = sum(p.stat().st_size for p in paths)
+    total = sum(p.stat().st_size for p in bundle.root.iterdir() if p.is_file())
+    return {"total_bytes": total, "by_graph_bytes": by_graph}
+
+
+def available_variants(bundle: Bundle, backends: list[str]) -> list[dict]:
+    """(backend, precision, graph) combinations this bundle and machine can run."""
+    variants = []
+    for backend in backends:
+        if backend == "onnxruntime":
+            variants.append({"backend": "onnxruntime", "precision": "f32", "format": "onnx"})
+            continue
+        try:
+            import openvino as ov
+        except ImportError:
+            logger.warning("openvino is not installed; skipping its rows")
+            continue
+        if not bundle.formats("guarded").get("openvino"):
+            continue
+        variants.append({"backend": "openvino", "precision": "f32", "format": "openvino"})
+        if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            variants.append({"backend": "openvino", "precision": "bf16", "format": "openvino"})
+        if "guarded_int8" in bundle.manifest["graphs"]:
+            variants.append({"backend": "openvino", "precision": "int8", "format": "openvino"})
+    return variants
+
+
+def _session(bundle: Bundle, graph: str, variant: dict, hint: str, threads: int | None):
+    if variant["precision"] == "int8":
+        graph = "guarded_int8" if graph == "guarded" else graph
+    precision = "f32" if variant["precision"] == "int8" else variant["precision"]
+    kwargs = {"hint": hint} if variant["backend"] == "openvino" else {}
+    return open_session(bundle.path(graph, variant["format"]), variant["backend"], precision=precision,
+                        threads=threads, **kwargs)
+
+
+def bench_bundle(
+    bundle_dir: str | Path, backends: list[str] | None = None, batches: tuple[int, ...] = (1, 8),
+    rounds: int = 10, block: int = 5, threads: int | None = None, seed_pipeline: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Every figure for one bundle, as a JSON-able dict."""
+    bundle = load_bundle(bundle_dir)
+    backends = backends or ["onnxruntime", "openvino"]
+    rng = np.random.default_rng(0)
+    results: dict = {"bundle": str(bundle.root), "model": bundle.manifest["model"], "machine": machine_info(),
+                     "settings": {"rounds": rounds, "block": block, "threads": threads, "batches": list(batches)},
+                     "size": bundle_size(bundle), "cases": []}
+    clean, flagged = _pick_images(bundle, rng)
+    for variant in available_variants(bundle, backends):
+        for batch in batches:
+            if progress:
+                print(f"  {variant['backend']} {variant['precision']} batch {batch} ...", flush=True)
+            results["cases"].append(_bench_variant(bundle, variant, batch, clean, flagged, rounds, block, threads))
+            gc.collect()
+    if seed_pipeline:
+        seed = _seed_pipeline_case(bundle, clean, flagged, rounds, block, progress)
+        if seed is not None:
+            results["cases"].append(seed)
+    results["peak_rss_mb"] = _peak_rss_mb()
+    return results
+
+
+def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, threads) -> dict:
+    """Plain vs guarded (and guarded + original on a flagged image) for one backend and batch size."""
+    hint = "LATENCY" if batch == 1 else "THROUGHPUT"
+    images_clean, images_flagged = clean[:batch], flagged[:batch]
+    t0 = time.perf_counter()
+    plain = _session(bundle, "plain", variant, hint, threads)
+    plain.run({"images": images_clean})
+    cold_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    guarded = _session(bundle, "guarded", variant, hint, threads)
+    guarded.run({"images": images_clean})
+    cold_guarded = time.perf_counter() - t0
+
+    def guarded_with_original():
+        # The original prediction costs a second pass only for images with a shortcut.
+        out = guarded.run({"images": images_flagged})
+        if out["present"].any():
+            plain.run({"images": images_flagged[out["present"]]})
+
+    timings = interleaved({
+        "plain": lambda: plain.run({"images": images_clean}),
+        "guarded": lambda: guarded.run({"images": images_clean}),
+        "guarded+original (flagged image)": guarded_with_original,
+    }, rounds, block)
+    base = timings["plain"].median_ms
+    return {
+        **variant, "batch": batch, "hint": hint,
+        "cold_start_s": {"plain": round(cold_plain, 3), "guarded": round(cold_guarded, 3)},
+        "timings": {k: v.to_dict() for k, v in timings.items()},
+        "ratio_vs_plain": {k: round(v.median_ms / base, 4) for k, v in timings.items()},
+        "images_per_s": {k: round(batch / (v.median_ms / 1e3), 2) for k, v in timings.items()},
+        "rss_mb": _rss_mb(),
+    }
+
+
+def _pick_images(bundle: Bundle, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Eight preprocessed images with no shortcut found, and eight with one, from the run's data.
+
+    Falls back to random images (flag state unknown) when the run's images are not reachable.
+    """
+    h, w = bundle.preprocessing.size
+    from edgeshort.data import dataset_from_source
+
+    source_run = bundle.manifest.get("source_run")
+    try:
+        meta = json.loads((Path(source_run) / "run.json").read_text())
+        data = dataset_from_source(meta["data_source"])
+    except (TypeError, OSError, KeyError, ValueError):  # no run folder or no recorded data: random inputs
+        images = rng.standard_normal((8, 3, h, w)).astype(np.float32)
+        return images, images
+    session = open_session(bundle.path("guarded", "onnx"), "onnxruntime")
+    clean, flagged = [], []
+    for _, batch in data.batches(bundle.preprocessing, 64):
+        present = session.run({"images": batch})["present"]
+        clean += list(batch[~present])
+        flagged += list(batch[present])
+        if len(clean) >= 8 and len(flagged) >= 8:
+            break
+    def eight(images: list) -> np.ndarray:
+        return np.stack((images * 8)[:8]) if images else rng.standard_normal((8, 3, h, w)).astype(np.float32)
+
+    return eight(clean), eight(flagged)
+
+
+def _seed_pipeline_case(bundle, clean, flagged, rounds, block, progress) -> dict | None:
+    """What users do today: the seed's per-image torch + scikit-learn pipeline, beside torch batched."""
+    source_run = bundle.manifest.get("source_run")
+    if not source_run or not Path(source_run, "run.json").is_file():
+        logger.warning("the bundle's source run is not reachable; skipping the seed-style row")
+        return None
+    try:
+        import torch
+
+        from edgeshort.detect import ShortcutDetector
+        from edgeshort.runtime.masking import dilate
+    except ImportError:
+        return None
+    if progress:
+        print("  seed-style torch + scikit-learn pipeline ...", flush=True)
+    result = ShortcutDetector.load(source_run)
+    adapter, knn = result.adapter, result.knn.classifier
+    grid, radius = result.grid, result.config.dilation_radius
+    image = torch.from_numpy(flagged[:1])
+
+    def seed_style():
+        # As the notebook: one image, model call for tokens, numpy keys, sklearn KNN, Python dilation,
+        # then the plain and the ablated forward passes.
+        with torch.no_grad():
+            tokens = adapter.embed(image)
+            keys = adapter.keys(tokens).numpy()[0]
+            raw = knn.predict(keys).reshape(grid).astype(bool)
+            keep = torch.ones(tokens.shape[1], dtype=torch.bool)
+            keep[adapter.num_prefix:] = ~torch.from_numpy(dilate(raw, radius).reshape(-1))
+            adapter.forward_tokens(tokens[:, keep])
+            adapter.forward_tokens(adapter.embed(image))
+
+    batch8 = torch.from_numpy(clean[:8])
+
+    def torch_batched():
+        with torch.no_grad():
+            adapter.forward_tokens(adapter.embed(batch8))
+
+    timings = interleaved({"seed-style (per image)": seed_style, "torch eager batch 8": torch_batched},
+                          max(2, rounds // 2), block)
+    return {"backend": "torch", "precision": "f32", "batch": 1,
+            "timings": {k: v.to_dict() for k, v in timings.items()},
+            "images_per_s": {"seed-style (per image)": round(1e3 / timings["seed-style (per image)"].median_ms, 2),
+                             "torch eager batch 8": round(8e3 / timings["torch eager batch 8"].median_ms, 2)}}
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| backend | precision | batch | case | median ms | p90 ms | ratio vs plain | images/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for case in results["cases"]:
+        for name, t in case["timings"].items():
+            ratio = case.get("ratio_vs_plain", {}).get(name, "")
+            lines.append(f"| {case['backend']} | {case['precision']} | {case['batch']} | {name} | "
+                         f"{t['median_ms']:.3f} | {t['p90_ms']:.3f} | {ratio} | {case['images_per_s'][name]} |")
+    cold = [f"{c['backend']} {c['precision']} batch {c['batch']}: plain {c['cold_start_s']['plain']} s, "
+            f"guarded {c['cold_start_s']['guarded']} s" for c in results["cases"] if "cold_start_s" in c]
+    lines += ["", "Cold start (load + compile + first call):", *[f"- {c}" for c in cold]]
+    lines += ["", f"Bundle size: {results['size']['total_bytes'] / 2**20:.1f} MiB; peak RSS "
+              f"{results.get('peak_rss_mb') or 0:.0f} MiB"]
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: Path) -> Path | None:
+    try:
+        from edgeshort._optional import require
+
+        matplotlib = require("matplotlib", "report")
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels, values = [], []
+    for case in results["cases"]:
+        for name, t in case["timings"].items():
+            labels.append(f"{case['backend']} {case['precision']} b{case['batch']}\n{name}")
+            values.append(t["median_ms"] / case["batch"])
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), values, color="#3b7dd8")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("median ms per image (lower is better)")
+    ax.set_title(f"edgeshort bench: {results['model']['family']} ViT, grid {results['model']['grid']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md", "chart": out / "bench.png"}
+    paths["json"].write_text(json.dumps(results, indent=2, default=str))
+    paths["markdown"].write_text(markdown_table(results) + "\n")
+    if chart(results, paths["chart"]) is None:
+        del paths["chart"]
+    return paths
+
+
+def default_threads() -> int | None:
+    return int(os.environ["EDGESHORT_THREADS"]) if os.environ.get("EDGESHORT_THREADS") else None

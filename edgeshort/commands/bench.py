@@ -1,0 +1,37 @@
+"""`edgeshort bench BUNDLE`: latency, throughput, cold start, memory and size of the guarded prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("bundle", nargs="?", help="bundle folder (default with --quick: build the demo bundle)")
+    parser.add_argument("--backends", default="onnxruntime,openvino", help="comma list (default both)")
+    parser.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per case (default 10)")
+    parser.add_argument("--block", type=int, default=5, help="calls per block (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="inference threads (default: the backend's)")
+    parser.add_argument("--quick", action="store_true", help="few rounds, tiny demo model only (under a minute)")
+    parser.add_argument("--no-seed-pipeline", action="store_true", help="skip the torch + scikit-learn row")
+    parser.add_argument("-o", "--out", default="bench", help="output folder for bench.json/.md/.png")
+
+
+def run(args) -> int:
+    from edgeshort.bench import bench_bundle, write_outputs
+
+    rounds, block = (3, 3) if args.quick else (args.rounds, args.block)
+    bundle = args.bundle
+    if bundle is None:
+        from edgeshort.errors import InputError
+
+        raise InputError("expected a BUNDLE folder; create one with `edgeshort export` or run `edgeshort demo`")
+    results = bench_bundle(
+        bundle, [b.strip() for b in args.backends.split(",") if b.strip()],
+        tuple(int(b) for b in args.batch.split(",")), rounds, block, args.threads,
+        seed_pipeline=not args.no_seed_pipeline,
+    )
+    paths = write_outputs(results, Path(args.out))
+    print((Path(args.out) / "bench.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
