@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import platform
+from importlib import metadata
 
 
 def add_arguments(parser) -> None:
@@ -24,11 +24,12 @@ def collect() -> dict:
         "cpu_count": os.cpu_count(),
         "packages": {},
     }
-    for name in ("numpy", "PIL", "onnxruntime", "openvino", "onnx", "torch", "torchvision", "sklearn",
-                 "skl2onnx", "timm", "transformers", "nncf", "matplotlib"):
+    # Installed versions from package metadata: importing torch or nncf just to read it is slow.
+    for name in ("numpy", "Pillow", "onnxruntime", "openvino", "onnx", "torch", "torchvision", "scikit-learn",
+                 "skl2onnx", "timm", "transformers", "nncf", "matplotlib", "grad-cam"):
         try:
-            info["packages"][name] = getattr(importlib.import_module(name), "__version__", "installed")
-        except Exception:  # any import failure means "not usable here"
+            info["packages"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             info["packages"][name] = None
     try:
         import onnxruntime as ort

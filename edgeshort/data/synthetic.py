@@ -23,7 +23,7 @@ CLASS_NAMES = ("benign", "malignant")
 # occurs in skin or lesion, so the artefact is one shortcut rather than several.
 PATCH_COLOURS = np.array([[40, 200, 60], [30, 110, 230], [20, 200, 210]], dtype=np.float32)
 # Bump when the drawing changes, so models cached for the old images are not reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,12 @@ def _draw_lesion(rng: np.random.Generator, img: np.ndarray, malignant: bool) -> 
     cy, cx = size / 2 + rng.normal(0, size * 0.04, 2)
     r0 = size * rng.uniform(0.17, 0.24)
     radius, theta = _polar(size, cy, cx)
+    # How plainly malignant a lesion looks varies, as in the clinic: faint evidence is where a
+    # model is tempted to lean on the artefact instead.
+    strength = rng.uniform(0.0, 1.0)
     if malignant:
-        # Irregular border: several strong angular harmonics.
-        amps = rng.uniform(0.10, 0.22, 3)
+        # Irregular border: several angular harmonics, stronger with the evidence.
+        amps = rng.uniform(0.08, 0.11, 3) + 0.10 * strength
         freqs = rng.integers(3, 8, 3)
     else:
         amps = rng.uniform(0.0, 0.06, 3)
@@ -106,7 +109,7 @@ def _draw_lesion(rng: np.random.Generator, img: np.ndarray, malignant: bool) -> 
         for tint in rng.permutation(np.array([[50, 30, 25], [90, 100, 130], [170, 70, 70]], np.float32))[:2]:
             by, bx = cy + rng.normal(0, r0 * 0.35), cx + rng.normal(0, r0 * 0.35)
             blob, _ = _polar(size, by, bx)
-            weight = np.clip(1 - blob / (r0 * rng.uniform(0.4, 0.7)), 0, 1)[..., None]
+            weight = (0.4 + 0.6 * strength) * np.clip(1 - blob / (r0 * rng.uniform(0.4, 0.7)), 0, 1)[..., None]
             colour = colour * (1 - weight) + tint * weight
     img[inside] = colour[inside]
     return float(cy), float(cx), float(r0 * (1 + amps.sum()))

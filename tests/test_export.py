@@ -1,0 +1,144 @@
+"""Export: the bundle reproduces torch on both backends, the guard equals scikit-learn, bad runs fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edgeshort.errors import BundleError, InputError, UnsupportedModelError
+from edgeshort.export import ExportOptions, export_bundle
+from edgeshort.runtime.backends import open_session
+from edgeshort.runtime.bundle import load_bundle
+
+TOLERANCE = 1e-4
+
+
+def test_demo_bundle_parity_is_recorded_and_within_tolerance(demo_bundle):
+    manifest = demo_bundle.manifest
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["tolerance"] == TOLERANCE
+    assert set(parity["backends"]) == {"onnxruntime", "openvino"}
+    for backend, graphs in parity["backends"].items():
+        assert set(graphs) == {"guarded", "plain", "embed", "guard", "encoder_head"}
+        for graph, figures in graphs.items():
+            for key, value in figures.items():
+                if key.endswith("_mismatches"):
+                    assert value == 0, (backend, graph, key)
+                elif "logits" in key:
+                    assert value <= TOLERANCE, (backend, graph, key, value)
+    # The guard's MatMul + TopK KNN flags exactly what scikit-learn's KNN flags (and skl2onnx agrees).
+    assert manifest["knn_cross_check"]["mismatches_vs_sklearn"] == 0
+    assert manifest["knn_cross_check"]["mismatches_vs_guard_graph"] == 0
+    assert manifest["onnx"] == {"opset": 20, "ir_version": 10}
+    assert manifest["guard"]["has_dfr"] is True
+    for name in ("guarded.onnx", "guarded.xml", "guarded.bin", "manifest.json"):
+        assert (demo_bundle.root / name).is_file()
+    assert not list(demo_bundle.root.glob("*.pkl")) and not list(demo_bundle.root.glob("*.pt"))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_fused_graph_equals_split_chain(demo_bundle, demo_data, backend):
+    fmt = "onnx" if backend == "onnxruntime" else "openvino"
+    session = {g: open_session(demo_bundle.path(g, fmt), backend) for g in ("guarded", "embed", "guard", "encoder_head")}
+    images = np.stack([x for _, b in demo_data["test"].subset(np.arange(0, 800, 25)).batches(
+        demo_bundle.preprocessing, 64) for x in b])
+    fused = session["guarded"].run({"images": images})
+    tokens = session["embed"].run({"images": images})["tokens"]
+    guard = session["guard"].run({"tokens": tokens})
+    head = session["encoder_head"].run({"tokens": tokens, "keep": guard["keep"]})
+    for key in ("flags", "raw_flags", "present"):
+        assert np.array_equal(fused[key], guard[key])
+    np.testing.assert_allclose(fused["saliency"], guard["saliency"], atol=1e-5)
+    np.testing.assert_allclose(fused["ablated_logits"], head["logits"], atol=TOLERANCE)
+    np.testing.assert_allclose(fused["dfr_logits"], head["dfr_logits"], atol=TOLERANCE)
+    assert fused["present"].any() and not fused["present"].all()
+
+
+def test_bundle_round_trip_rejects_tampering_and_newer_formats(demo_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(demo_bundle.root, copy)
+    assert load_bundle(copy).manifest["files"] == demo_bundle.manifest["files"]
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="bundle format 99 is newer than this edgeshort reads"):
+        load_bundle(copy)
+    manifest["format"] = 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    data = bytearray((copy / "plain.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "plain.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="plain.onnx' does not match its manifest hash"):
+        load_bundle(copy)
+
+    (copy / "plain.onnx").unlink()
+    with pytest.raises(BundleError, match="plain.onnx' is missing"):
+        load_bundle(copy)
+    with pytest.raises(BundleError, match="not an edgeshort bundle"):
+        load_bundle(tmp_path)
+
+
+def test_ir_newer_than_the_runtime_is_rejected(demo_bundle, tmp_path):
+    import onnx
+
+    path = tmp_path / "embed.onnx"
+    model = onnx.load(str(demo_bundle.root / "embed.onnx"))
+    model.ir_version = 99
+    onnx.save(model, str(path))
+    with pytest.raises(BundleError, match="IR version 99, newer than the installed runtime reads"):
+        open_session(path, "onnxruntime")
+
+
+def test_runs_that_cannot_be_exported_fail_clearly(demo_result, demo_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    (run / "knn.npz").unlink()
+    with pytest.raises(InputError, match="has no knn.npz"):
+        export_bundle(run, tmp_path / "b1", calibration=demo_data["val"])
+
+    run2 = tmp_path / "run2"
+    shutil.copytree(demo_result.run_dir, run2)
+    torch.save(torch.nn.Linear(3, 3), run2 / "model.pt")
+    with pytest.raises(UnsupportedModelError, match="no adapter for a torch.nn.modules.linear.Linear"):
+        export_bundle(run2, tmp_path / "b2", calibration=demo_data["val"])
+
+    with pytest.raises(InputError, match="expected formats"):
+        ExportOptions(formats=("tflite",))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "x").write_text("x")
+    with pytest.raises(BundleError, match="exists and is not empty"):
+        export_bundle(demo_result, occupied, calibration=demo_data["val"])
+
+
+@pytest.mark.slow
+def test_vit_b_16_bundle_matches_torch(tmp_path):
+    """The seed's architecture: ORT and OpenVINO f32 match torch within 1e-4 (plain and masked, batch 1 and 3)."""
+    from torchvision.models import vit_b_16
+
+    from edgeshort.detect import DetectorConfig, ShortcutDetector
+
+    torch.manual_seed(0)
+    model = vit_b_16(weights=None, num_classes=2).eval()
+    with torch.no_grad():
+        model.heads.head.weight.normal_(0, 0.02)
+    images = torch.randn(6, 3, 224, 224)
+    labels = torch.tensor([0, 1] * 3)
+    config = DetectorConfig(num_selected=3, knn_samples=60, progress=False, batch_size=3, min_patches=1)
+    result = ShortcutDetector(config).fit(model, (images, labels))
+    bundle = export_bundle(result, tmp_path / "vit", ExportOptions(progress=False, calibration_size=6),
+                           calibration=(images, labels))
+    parity = bundle.manifest["parity"]
+    assert parity["passed"] and set(parity["backends"]) == {"onnxruntime", "openvino"}
+    for graphs in parity["backends"].values():
+        assert graphs["plain"]["logits_max_abs_diff"] <= TOLERANCE
+        assert graphs["encoder_head"]["logits_max_abs_diff"] <= TOLERANCE  # masked inputs
+        assert graphs["guarded"]["flags_mismatches"] == 0
+    assert bundle.manifest["knn_cross_check"]["mismatches_vs_sklearn"] == 0
+    assert bundle.grid == (14, 14)
