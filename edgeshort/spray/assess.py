@@ -34,7 +34,7 @@ class CleverHansCriteria:
 
     max_class_share: float = 0.5  # a cluster holding at least this share of its class is "the class"
     min_purity: float = 0.9
-    strong_concentration: float = 2.0  # reference effective area / cluster effective area
+    strong_concentration: float = 2.0  # reference hot area / cluster hot area (medians)
     moderate_concentration: float = 1.5
     min_displacement: float = 0.2  # centroid distance in image-side units
     max_relative_scatter: float = 0.5  # cluster centroid scatter / reference centroid scatter
@@ -78,8 +78,8 @@ def assess_cluster(
     if class_share >= criteria.max_class_share:
         return None
 
-    area_cluster = float(np.median(stats["effective_area"][members]))
-    area_reference = float(np.median(stats["effective_area"][reference]))
+    area_cluster = float(np.median(stats["hot_area"][members]))
+    area_reference = float(np.median(stats["hot_area"][reference]))
     concentration = area_reference / max(area_cluster, 1e-12)
     cy, cx = stats["centroid_y"], stats["centroid_x"]
     centre = np.array([cy[members].mean(), cx[members].mean()])
@@ -128,7 +128,7 @@ def assess_cluster(
     if moderate:
         reasons.append(
             f"relevance {concentration:.1f}x more concentrated than {rest} "
-            f"(effective area {area_cluster:.1%} vs {area_reference:.1%} of the image)"
+            f"(hot area {area_cluster:.1%} vs {area_reference:.1%} of the image)"
         )
     if displacement >= criteria.min_displacement:
         reasons.append(
@@ -150,8 +150,10 @@ def assess_cluster(
             "purity": None if purity is None else float(purity),
             "majority_label": _plain(majority_label),
             "concentration_ratio": float(concentration),
-            "effective_area": area_cluster,
-            "reference_effective_area": area_reference,
+            "hot_area": area_cluster,
+            "reference_hot_area": area_reference,
+            "effective_area": float(np.median(stats["effective_area"][members])),
+            "reference_effective_area": float(np.median(stats["effective_area"][reference])),
             "displacement": displacement,
             "centroid": [float(centre[0]), float(centre[1])],
             "reference_centroid": [float(centre_ref[0]), float(centre_ref[1])],

@@ -267,7 +267,7 @@ class SpRAyDetector(BaseEstimator):
                 "expected labels with per_class=True, got None; do pass labels=... (or use per_class=False)"
             )
 
-        small = preprocess.downsample(maps, self.downsample_size)
+        small = preprocess.remove_floor(preprocess.downsample(maps, self.downsample_size))
         stats = sample_focus(small)
         features = preprocess.normalise(small)
         empty = np.linalg.norm(features, axis=1) == 0
@@ -403,7 +403,7 @@ class SpRAyDetector(BaseEstimator):
             )
             if flag is not None:
                 flags.append(flag)
-            focus = {name: float(stats[name][members].mean()) for name in ("effective_area", "gini", "top_mass", "spread")}
+            focus = {name: float(stats[name][members].mean()) for name in ("hot_area", "effective_area", "gini", "top_mass", "spread")}
             focus["centroid"] = [float(stats["centroid_y"][members].mean()), float(stats["centroid_x"][members].mean())]
             focus["centroid_scatter"] = centroid_scatter(stats, members)
             clusters.append(
@@ -564,7 +564,7 @@ class SpRAyDetector(BaseEstimator):
                 else ""
             ),
             "",
-            f"{'cluster':>7} {'size':>6} {'share':>6} {'label (purity)':>16} {'eff. area':>9} {'top5%':>6} "
+            f"{'cluster':>7} {'size':>6} {'share':>6} {'label (purity)':>16} {'hot area':>9} {'top5%':>6} "
             f"{'centroid y,x':>13} {'risk':>6}",
         ]
         for c in self.clusters_:
@@ -574,7 +574,7 @@ class SpRAyDetector(BaseEstimator):
             cy, cx = c["focus"]["centroid"]
             lines.append(
                 f"{c['cluster_id']:>7} {c['size']:>6} {c['fraction']:>6.1%} {label:>16} "
-                f"{c['focus']['effective_area']:>9.1%} {c['focus']['top_mass']:>6.1%} {cy:>6.2f},{cx:>6.2f} "
+                f"{c['focus']['hot_area']:>9.1%} {c['focus']['top_mass']:>6.1%} {cy:>6.2f},{cx:>6.2f} "
                 f"{c['risk_level']:>6}"
             )
         flags = self.clever_hans_["flags"]

@@ -1,8 +1,12 @@
 """Focus statistics of heatmaps: how concentrated relevance is, and where it sits.
 
-All statistics use the non-negative part of each map, normalised to a distribution `p`
-over pixels, so they do not depend on the arbitrary scale of a CAM:
+All statistics use the non-negative part of each map (after `preprocess.remove_floor`),
+normalised to a distribution `p` over pixels, so they do not depend on the arbitrary scale of
+a CAM:
 
+- `hot_area`: share of pixels at or above half the map's maximum (the "full width at half
+  maximum" area). It is what the Clever Hans flags compare: it ignores a weak residue spread
+  over the image, which mass-based measures count, and a sharp hot spot scores tiny.
 - `effective_area`: exp(entropy(p)) / pixels, the share of the image that effectively carries
   relevance (1 = spread evenly, 1/pixels = one pixel). Its inverse ratio between two groups
   is the "how many times more concentrated" figure the Clever Hans flags quote.
@@ -10,15 +14,17 @@ over pixels, so they do not depend on the arbitrary scale of a CAM:
   implementations report).
 - `gini`: Gini coefficient of the pixel relevances (0 = even, ~1 = all on one pixel).
 - `top_mass`: share of relevance in the top 5% of pixels.
-- `centroid_y`, `centroid_x`: relevance-weighted centre in [0, 1] image coordinates.
-- `spread`: relevance-weighted RMS distance from that centre, in image-side units.
+- `centroid_y`, `centroid_x`: relevance-weighted centre of the hot region, in [0, 1] image
+  coordinates.
+- `spread`: relevance-weighted RMS distance of all relevance from its mean position, in
+  image-side units.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-STAT_NAMES = ("effective_area", "focus", "gini", "top_mass", "centroid_y", "centroid_x", "spread")
+STAT_NAMES = ("hot_area", "effective_area", "focus", "gini", "top_mass", "centroid_y", "centroid_x", "spread")
 TOP_SHARE = 0.05
 _CHUNK = 8192
 
@@ -41,15 +47,22 @@ def sample_focus(heatmaps: np.ndarray) -> dict[str, np.ndarray]:
         entropy = -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=1)
         out["effective_area"][start:stop] = np.exp(entropy) / pixels
         out["focus"][start:stop] = 1.0 - entropy / np.log(pixels) if pixels > 1 else 0.0
+        peak = p.max(axis=1, keepdims=True)
+        out["hot_area"][start:stop] = np.where(total[:, 0] > 0, (p >= 0.5 * peak).sum(axis=1) / pixels, 1.0)
         ordered = np.sort(p, axis=1)
         out["gini"][start:stop] = (2.0 * (ordered @ ranks) / pixels) - (pixels + 1.0) / pixels
         out["top_mass"][start:stop] = ordered[:, -top_k:].sum(axis=1)
         grid = p.reshape(stop - start, height, width)
         row_mass, col_mass = grid.sum(axis=2), grid.sum(axis=1)
         cy, cx = row_mass @ ys, col_mass @ xs
-        out["centroid_y"][start:stop], out["centroid_x"][start:stop] = cy, cx
         var = row_mass @ ys**2 - cy**2 + col_mass @ xs**2 - cx**2
         out["spread"][start:stop] = np.sqrt(np.maximum(var, 0.0))
+        # Where the model looks: the centre of the hot region, not of all mass, so a weak
+        # residue elsewhere does not drag a hot spot's position towards the middle.
+        hot = np.where(p >= 0.5 * peak, p, 0.0).reshape(stop - start, height, width)
+        hot /= np.maximum(hot.sum(axis=(1, 2), keepdims=True), 1e-300)
+        out["centroid_y"][start:stop] = hot.sum(axis=2) @ ys
+        out["centroid_x"][start:stop] = hot.sum(axis=1) @ xs
     return out
 
 

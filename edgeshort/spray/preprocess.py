@@ -46,12 +46,28 @@ def downsample(heatmaps: np.ndarray, downsample_size: int | None) -> np.ndarray:
     return out
 
 
+def remove_floor(heatmaps: np.ndarray) -> np.ndarray:
+    """Subtract each map's median and keep the positive part, (N, h, w) float32.
+
+    CAMs are min-max scaled per image, so a weak but image-wide background (noise, a bias of
+    the last layer) keeps a floor that would carry most of the relevance *mass* and make a
+    sharp hot spot look diffuse. The median is a robust estimate of that floor: relevance
+    that covers less than half of the image is kept whole. Negative relevance (LRP, signed
+    CAMs) is dropped: SpRAy compares where a model finds evidence *for* its output.
+    """
+    out = np.empty(heatmaps.shape, dtype=np.float32)
+    for start in range(0, heatmaps.shape[0], _CHUNK):
+        chunk = np.asarray(heatmaps[start : start + _CHUNK], dtype=np.float32)
+        floor = np.median(chunk.reshape(len(chunk), -1), axis=1)
+        out[start : start + _CHUNK] = np.maximum(chunk - np.maximum(floor, 0.0)[:, None, None], 0.0)
+    return out
+
+
 def normalise(heatmaps: np.ndarray) -> np.ndarray:
     """Flattened maps with non-negative relevance scaled to unit length, shape (N, h*w).
 
-    Negative relevance (LRP, signed CAMs) is dropped: SpRAy compares where a model looks for
-    evidence *for* its output. Unit length makes the dot product the cosine similarity and
-    removes the per-image scale that CAM methods leave arbitrary.
+    Unit length makes the dot product the cosine similarity and removes the per-image scale
+    that CAM methods leave arbitrary.
     """
     flat = np.maximum(heatmaps.reshape(heatmaps.shape[0], -1), 0.0).astype(np.float32, copy=False)
     norms = np.linalg.norm(flat, axis=1, keepdims=True)
