@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+DEMO_BUNDLE = "edgeshort-demo/bundle"
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("bundle", nargs="?", help="bundle folder (default with --quick: build the demo bundle)")
+    parser.add_argument("bundle", nargs="?", help=f"bundle folder (with --quick, default {DEMO_BUNDLE})")
     parser.add_argument("--backends", default="onnxruntime,openvino", help="comma list (default both)")
     parser.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per case (default 10)")
@@ -22,10 +24,15 @@ def run(args) -> int:
 
     rounds, block = (3, 3) if args.quick else (args.rounds, args.block)
     bundle = args.bundle
+    if bundle is None and args.quick and Path(DEMO_BUNDLE).is_dir():
+        bundle = DEMO_BUNDLE
     if bundle is None:
         from edgeshort.errors import InputError
 
-        raise InputError("expected a BUNDLE folder; create one with `edgeshort export` or run `edgeshort demo`")
+        raise InputError(
+            f"expected a BUNDLE folder (or --quick after `edgeshort demo`, which writes {DEMO_BUNDLE}); "
+            "create one with `edgeshort export RUN -o BUNDLE`"
+        )
     results = bench_bundle(
         bundle, [b.strip() for b in args.backends.split(",") if b.strip()],
         tuple(int(b) for b in args.batch.split(",")), rounds, block, args.threads,
