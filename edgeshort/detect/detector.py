@@ -43,7 +43,7 @@ class Predictions:
     ablated_logits: np.ndarray  # (N, C) flagged tokens excluded (where a shortcut is present)
     dfr_logits: np.ndarray | None  # (N, C) ablated + retrained head
     raw_flags: np.ndarray  # (N, gh, gw) KNN flags
-    flags: np.ndarray  # (N, gh, gw) dilated flags
+    flags: np.ndarray  # (N, gh, gw) excluded patches: raw flags dilated, where a shortcut is present
     present: np.ndarray  # (N,) shortcut present (>= min_patches raw flags)
     saliency: np.ndarray  # (N, gh, gw) key distance to the clean mean, scaled to [0, 1]
 
@@ -83,11 +83,12 @@ class DetectionResult:
         return self.adapter.grid
 
     def guard_keys(self, keys: np.ndarray):
-        """Keys (B, N, d) -> raw flags, dilated flags (B, gh, gw), shortcut present (B,), saliency."""
+        """Keys (B, N, d) -> raw KNN flags, flags to exclude (B, gh, gw), shortcut present (B,), saliency."""
         b = keys.shape[0]
         raw = self.knn.flags(keys).reshape(b, *self.grid)
-        flags = dilate(raw, self.config.dilation_radius)
         present = raw.reshape(b, -1).sum(1) >= self.config.min_patches
+        # The flags are what the ablation excludes: dilated, and only where a shortcut is present.
+        flags = dilate(raw, self.config.dilation_radius) & present[:, None, None]
         saliency = np.clip(key_distance_maps(keys, self.clean_keys) / self.saliency_scale, 0, 1)
         return raw, flags, present, saliency.reshape(b, *self.grid).astype(np.float32)
 

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 
 class KeyGuard(nn.Module):
-    """Keys (B, N, d) -> raw flags, dilated flags, shortcut present, keep mask, saliency."""
+    """Keys (B, N, d) -> flags (dilated, where present), raw flags, shortcut present, keep mask, saliency."""
 
     def __init__(self, result) -> None:
         super().__init__()
@@ -44,13 +44,14 @@ class KeyGuard(nn.Module):
             dilated = F.max_pool2d(raw.float(), size, stride=1, padding=self.radius) > 0.5
         else:
             dilated = raw
-        raw, dilated = raw.reshape(b, *self.grid), dilated.reshape(b, *self.grid)
+        raw = raw.reshape(b, *self.grid)
         present = raw.reshape(b, n).sum(1) >= self.min_patches
-        drop = dilated.reshape(b, n) & present[:, None]
+        flags = dilated.reshape(b, *self.grid) & present[:, None, None]
+        drop = flags.reshape(b, n)
         keep = torch.cat([torch.ones(b, self.num_prefix, dtype=torch.bool, device=keys.device), ~drop], dim=1)
         saliency = torch.linalg.vector_norm(keys - self.clean_keys[None], dim=-1) / self.saliency_scale
         saliency = saliency.clamp(0.0, 1.0).reshape(b, *self.grid)
-        return dilated, raw, present, keep, saliency
+        return flags, raw, present, keep, saliency
 
 
 class EmbedGraph(nn.Module):
