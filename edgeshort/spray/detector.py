@@ -459,10 +459,10 @@ class SpRAyDetector(BaseEstimator):
         n, height, width = maps.shape
         sums = np.zeros((k, height * width), dtype=np.float64)
         for start in range(0, n, 4096):
-            chunk = np.asarray(maps[start : start + 4096], dtype=np.float64).reshape(-1, height * width)
-            onehot = np.zeros((k, len(chunk)))
+            chunk = np.asarray(maps[start : start + 4096], dtype=np.float32).reshape(-1, height * width)
+            onehot = np.zeros((k, len(chunk)), dtype=np.float32)
             onehot[cluster_labels[start : start + 4096], np.arange(len(chunk))] = 1.0
-            sums += onehot @ chunk
+            sums += onehot @ chunk  # float32 within a chunk, float64 across chunks
         counts = np.maximum(np.bincount(cluster_labels, minlength=k), 1)
         means = (sums / counts[:, None]).astype(np.float32).reshape(k, height, width)
         return {cid: means[cid] for cid in range(k)}
