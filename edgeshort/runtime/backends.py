@@ -7,24 +7,38 @@ unless bf16 is asked for (it otherwise runs bf16 silently on CPUs that have it).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import platform
+import queue
 import re
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from edgeshort._optional import require
-from edgeshort.errors import BundleError, InputError
+from edgeshort.errors import BundleError, InputError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "openvino")
 PRECISIONS = ("f32", "bf16")
+# ONNX Runtime providers for a `device` name, CPU last as the fallback for unsupported operators.
+ORT_DEVICE_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "gpu": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "coreml": ["CoreMLExecutionProvider", "CPUExecutionProvider"],
+    "directml": ["DmlExecutionProvider", "CPUExecutionProvider"],
+}
+# OpenVINO reports its inference precision as an element type; the names users pass are shorter.
+_OV_PRECISION_NAMES = {"f32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "bf16", "f16": "f16",
+                       "float16": "f16"}
 
 
 class Session:
-    """A compiled graph: `run({name: array}) -> {name: array}`."""
+    """A compiled graph: `run({name: array}) -> {name: array}`, safe to call from several threads."""
 
     backend: str
     input_names: list[str]
@@ -45,11 +59,38 @@ def _ir_error(exc: Exception, path: Path) -> BundleError | None:
     )
 
 
+def import_onnxruntime() -> ModuleType:
+    """onnxruntime is a core dependency, so a missing one means a broken install, not a missing extra."""
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"'onnxruntime' is a core dependency of edgeshort but is not importable ({exc}); "
+            "reinstall it with: pip install 'onnxruntime>=1.18' (or the onnxruntime-gpu build you use), "
+            "or use backend='openvino' after pip install 'edgeshort[openvino]'"
+        ) from exc
+
+
+def ort_providers(providers: list[str] | None, device: str | None) -> list[str]:
+    """The providers list ONNX Runtime gets: as given, or derived from a device name, else CPU."""
+    if providers:
+        return list(providers)
+    if device is None:
+        return ["CPUExecutionProvider"]
+    key = device.lower()
+    if key not in ORT_DEVICE_PROVIDERS:
+        raise InputError(
+            f"expected an ONNX Runtime device from {sorted(ORT_DEVICE_PROVIDERS)}, got {device!r}; "
+            "or pass providers=[...] explicitly"
+        )
+    return list(ORT_DEVICE_PROVIDERS[key])
+
+
 class OnnxRuntimeSession(Session):
     backend = "onnxruntime"
 
     def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
-        ort = require("onnxruntime", "offline")
+        ort = import_onnxruntime()
         available = ort.get_available_providers()
         providers = providers or ["CPUExecutionProvider"]
         missing = [p for p in providers if p not in available]
@@ -72,6 +113,7 @@ class OnnxRuntimeSession(Session):
                             "threads": threads, "precision": "f32", "version": ort.__version__}
 
     def run(self, inputs):
+        # InferenceSession.run is thread-safe.
         return dict(zip(self.output_names, self._session.run(self.output_names, inputs)))
 
 
@@ -87,7 +129,7 @@ class OpenVINOSession(Session):
             raise InputError(f"expected precision in {PRECISIONS}, got {precision!r}")
         core = ov.Core()
         device = device or "CPU"
-        if device not in core.available_devices and device != "AUTO":
+        if device not in core.available_devices and device.split(":")[0] not in ("AUTO", "MULTI", "HETERO"):
             raise InputError(
                 f"expected an OpenVINO device from {core.available_devices}, got {device!r}"
             )
@@ -106,21 +148,40 @@ class OpenVINOSession(Session):
         self.input_names = [p.get_any_name() for p in self._compiled.inputs]
         self.output_names = [p.get_any_name() for p in self._compiled.outputs]
         self._outputs = list(self._compiled.outputs)
-        self.description = {"backend": self.backend, "device": device, "threads": threads, "precision": precision,
+        # Idle infer requests; each call takes one (or makes one), so threads never share a request.
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        ran = self._compiled_precision() or precision
+        if ran != precision:
+            logger.warning("OpenVINO on %s runs %s although %s was asked for", device, ran, precision)
+        self.description = {"backend": self.backend, "device": device, "threads": threads, "precision": ran,
                             "hint": hint, "version": ov.__version__}
 
+    def _compiled_precision(self) -> str | None:
+        try:
+            value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        except Exception:  # not every device reports it
+            return None
+        name = str(getattr(value, "to_string", lambda: value)()).lower()
+        return _OV_PRECISION_NAMES.get(name, name or None)
+
     def run(self, inputs):
-        # One infer request per call keeps the session safe to share between threads.
-        request = self._compiled.create_infer_request()
-        result = request.infer(inputs)
-        return {name: np.asarray(result[port]) for name, port in zip(self.output_names, self._outputs)}
+        try:
+            request = self._requests.get_nowait()
+        except queue.Empty:
+            request = self._compiled.create_infer_request()
+        try:
+            # share_outputs=False: the arrays are copies, so reusing the request cannot overwrite them.
+            result = request.infer(inputs, share_outputs=False)
+            return {name: np.asarray(result[port]) for name, port in zip(self.output_names, self._outputs)}
+        finally:
+            self._requests.put(request)
 
 
 def is_intel_cpu() -> bool:
     name = platform.processor() or ""
-    if not name and Path("/proc/cpuinfo").is_file():
+    if "intel" not in name.lower() and Path("/proc/cpuinfo").is_file():
         text = Path("/proc/cpuinfo").read_text(errors="ignore")
-        name = next((line for line in text.splitlines() if line.startswith("vendor_id")), "")
+        name = next((line for line in text.splitlines() if line.startswith("vendor_id")), name)
     return "intel" in name.lower()
 
 
@@ -132,11 +193,10 @@ def choose_backend(backend: str) -> str:
         return backend
     if is_intel_cpu():
         try:
-            import openvino  # noqa: F401
-
+            importlib.import_module("openvino")
             return "openvino"
         except ImportError:
-            pass
+            logger.info("Intel CPU but OpenVINO is not installed; using ONNX Runtime")
     return "onnxruntime"
 
 
@@ -144,6 +204,13 @@ def open_session(path: Path, backend: str, device=None, threads=None, precision=
                  hint="LATENCY", cache_dir=None) -> Session:
     if backend == "onnxruntime":
         if precision != "f32":
-            raise InputError(f"ONNX Runtime here runs f32 only, got precision={precision!r}; use the openvino backend")
-        return OnnxRuntimeSession(path, providers, threads)
-    return OpenVINOSession(path, device, threads, precision, hint, cache_dir)
+            raise InputError(
+                f"expected precision 'f32' with ONNX Runtime, got {precision!r}; use backend='openvino' for bf16"
+            )
+        return OnnxRuntimeSession(path, ort_providers(providers, device), threads)
+    if backend == "openvino":
+        if providers:
+            raise InputError(f"expected no providers with OpenVINO (they are ONNX Runtime's), got {providers}; "
+                             "use device= to choose an OpenVINO device")
+        return OpenVINOSession(path, device, threads, precision, hint, cache_dir)
+    raise InputError(f"expected backend in {BACKENDS}, got {backend!r}")

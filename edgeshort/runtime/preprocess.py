@@ -22,6 +22,8 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
 }
 DEFAULT_MAX_PIXELS = 50_000_000
+# File suffixes treated as images when a folder is searched.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -53,31 +55,48 @@ class Preprocessing:
         )
 
 
+def _pixel_limit_error(source: str, width: int, height: int, max_pixels: int) -> ImageLoadError:
+    return ImageLoadError(
+        f"expected an image of at most {max_pixels:,} pixels, got {source} with {width}x{height} = "
+        f"{width * height:,}; downscale it first, or raise max_pixels if you trust the file"
+    )
+
+
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image file as RGB, refusing missing, corrupt and oversized (decompression bomb) files."""
+    """Open an image file as RGB, refusing missing, corrupt and oversized (decompression bomb) files.
+
+    The size check reads only the header, so an oversized file is refused before it is decoded.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ImageLoadError(f"expected an image file, got the folder {str(path)!r}; pass the files in it")
     if not path.is_file():
         raise ImageLoadError(f"image file {str(path)!r} does not exist; check the path")
     try:
         with Image.open(path) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageLoadError(
-                    f"image {str(path)!r} has {width}x{height} = {width * height:,} pixels, over the limit of "
-                    f"{max_pixels:,}; downscale it first or raise max_pixels if you trust the file"
-                )
+                raise _pixel_limit_error(repr(str(path)), width, height, max_pixels)
             img.load()
-            return to_rgb(img, source=str(path))
+            return to_rgb(img, source=repr(str(path)))
     except ImageLoadError:
         raise
+    except Image.DecompressionBombError as exc:
+        # Pillow's own limit (about 179 million pixels) fires inside Image.open, before ours can.
+        raise ImageLoadError(
+            f"expected an image of at most {max_pixels:,} pixels, got {str(path)!r}, which Pillow refuses "
+            f"as a decompression bomb ({exc}); downscale it first"
+        ) from exc
     except Exception as exc:  # Pillow raises several unrelated types for broken files
         raise ImageLoadError(
-            f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc}); is it a valid PNG/JPEG file?"
+            f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc}); expected a valid PNG/JPEG "
+            "(or other Pillow-readable) file; check the file or re-save it"
         ) from exc
 
 
 def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
-    """Grayscale, palette and RGBA images become RGB (alpha composited on black, as Pillow's convert)."""
+    """Grayscale, palette and RGBA images become RGB with Pillow's `convert("RGB")` (alpha is dropped),
+    exactly what the usual torchvision pipeline `Image.open(p).convert("RGB")` does."""
     if img.mode == "RGB":
         return img
     if img.mode in ("L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "F", "1"):
@@ -85,27 +104,35 @@ def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
     raise ImageLoadError(f"{source} has mode {img.mode!r}; expected an RGB, RGBA or grayscale image")
 
 
-def array_to_image(array: np.ndarray, source: str = "array") -> Image.Image:
-    """An HxW, HxWx1, HxWx3 or HxWx4 uint8 array -> RGB PIL image."""
+def array_to_image(array: np.ndarray, source: str = "array", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An HxW, HxWx1, HxWx3 or HxWx4 uint8 array -> RGB PIL image (alpha dropped, as for files)."""
     if not isinstance(array, np.ndarray):
-        raise InputError(f"expected a numpy array, got {type(array).__name__}")
+        raise InputError(f"{source}: expected a numpy array, got {type(array).__name__}")
     if array.dtype != np.uint8:
         raise InputError(
             f"{source}: expected a uint8 HxWxC image array, got dtype {array.dtype}; convert with "
-            "(x * 255).clip(0, 255).astype(np.uint8), or pass a preprocessed float32 (C, H, W) array"
+            "(x * 255).clip(0, 255).astype(np.uint8), or pass a preprocessed float32 (3, H, W) array"
         )
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim == 2:
-        return Image.fromarray(array, mode="L").convert("RGB")
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
+    if array.ndim not in (2, 3):
         raise InputError(
             f"{source}: expected an image array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-            f"got {array.shape}; channels go last"
+            f"got {array.ndim}-D shape {array.shape}; pass one image per array (or a list)"
+        )
+    if array.ndim == 3 and array.shape[2] not in (1, 3, 4):
+        raise InputError(
+            f"{source}: expected 1, 3 or 4 channels (last axis), got {array.shape[2]} in shape {array.shape}; "
+            "channels go last in uint8 image arrays"
         )
     if min(array.shape[:2]) < 1:
         raise InputError(f"{source}: expected a non-empty image, got shape {array.shape}")
-    return Image.fromarray(np.ascontiguousarray(array[:, :, :3] if array.shape[2] == 4 else array), mode="RGB")
+    height, width = array.shape[:2]
+    if width * height > max_pixels:
+        raise _pixel_limit_error(source, width, height, max_pixels)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(array[:, :, :3]))
 
 
 def preprocess_image(img: Image.Image, prep: Preprocessing) -> np.ndarray:
@@ -124,10 +151,12 @@ def as_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image
         return load_image(item, max_pixels)
     if isinstance(item, Image.Image):
         if item.width * item.height > max_pixels:
-            raise ImageLoadError(f"{source} has {item.width * item.height:,} pixels, over the limit of {max_pixels:,}")
+            raise _pixel_limit_error(source, item.width, item.height, max_pixels)
+        if min(item.size) < 1:
+            raise InputError(f"{source}: expected a non-empty image, got size {item.size}")
         return to_rgb(item, source)
     if isinstance(item, np.ndarray):
-        return array_to_image(item, source)
+        return array_to_image(item, source, max_pixels)
     raise InputError(
         f"{source}: expected a file path, a PIL image or a numpy array, got {type(item).__name__}"
     )

@@ -1,0 +1,188 @@
+"""`edgeshort predict BUNDLE IMAGES…`: guarded predictions as JSONL/CSV, and overlay PNGs on request.
+
+Torch-free: only the runtime is imported. Images are read and predicted a batch at a time, so
+memory stays bounded however many files are given; a file that cannot be read becomes an error
+record and the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "shortcut_present", "flagged_patches",
+                 "logits", "ablated_logits", "dfr_logits", "overlay", "error")
+# Overlays are drawn at least this many pixels on the short side, so small inputs stay readable.
+OVERLAY_MIN_SIDE = 256
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("bundle", help="bundle folder written by `edgeshort export`")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "openvino"),
+                        help="inference backend (auto: OpenVINO on Intel CPUs when installed, else ONNX Runtime)")
+    parser.add_argument("--device", help="OpenVINO device (CPU, GPU, AUTO) or ONNX Runtime device (cpu, cuda, coreml)")
+    parser.add_argument("--threads", type=int, help="inference threads (default: the backend's choice)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default 8)")
+    parser.add_argument("-o", "--out", help="write records to this .jsonl or .csv file (default: JSONL on stdout)")
+    parser.add_argument("--overlays", help="folder for overlay PNGs: image + saliency + flagged patches")
+    parser.add_argument("--split", action="store_true", help="run embed -> guard -> encoder_head instead of the fused graph")
+    parser.add_argument("--drop-tokens", action="store_true", help="with --split: remove flagged tokens instead of masking")
+    parser.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (default 50 million)")
+    parser.add_argument("--quiet", action="store_true", help="no summary on stderr")
+
+
+def image_files(inputs: list[str]) -> Iterator[tuple[str, str | None]]:
+    """(path, problem) for every input: files as given, folders searched recursively for images."""
+    from edgeshort.runtime.preprocess import IMAGE_SUFFIXES
+
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                yield name, (f"expected image files ({', '.join(IMAGE_SUFFIXES)}) under the folder {name!r}, "
+                             "found none; check the folder")
+            for p in found:
+                yield str(p), None
+        else:
+            # Missing or unreadable files are reported when they are read, with the loader's message.
+            yield name, None
+
+
+class RecordWriter:
+    """JSONL or CSV records, to a file or stdout; CSV has one logit column per class and output."""
+
+    def __init__(self, out: str | None, class_names: tuple[str, ...]) -> None:
+        self.path = Path(out) if out else None
+        self.csv = self.path is not None and self.path.suffix.lower() == ".csv"
+        if self.path is not None and self.path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+            from edgeshort.errors import InputError
+
+            raise InputError(f"expected --out to end in .jsonl or .csv, got {out!r}; rename it")
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w", newline="") if self.path else sys.stdout
+        self._writer = None
+        if self.csv:
+            logit_columns = [f"{kind}_{name}" for kind in ("logit", "ablated_logit", "dfr_logit") for name in class_names]
+            columns = [f for f in RECORD_FIELDS if not f.endswith("logits")] + logit_columns
+            self._writer = csv.DictWriter(self._fh, fieldnames=columns)
+            self._writer.writeheader()
+        self.class_names = class_names
+
+    def write(self, record: dict) -> None:
+        if self._writer is None:
+            self._fh.write(json.dumps(record) + "\n")
+            return
+        row = {k: v for k, v in record.items() if not k.endswith("logits")}
+        for kind, key in (("logit", "logits"), ("ablated_logit", "ablated_logits"), ("dfr_logit", "dfr_logits")):
+            for name, value in zip(self.class_names, record.get(key) or []):
+                row[f"{kind}_{name}"] = value
+        self._writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+    def close(self) -> None:
+        if self.path is not None:
+            self._fh.close()
+        else:
+            self._fh.flush()
+
+
+def error_record(path: str, message: str) -> dict:
+    return {**dict.fromkeys(RECORD_FIELDS), "path": path, "error": message}
+
+
+def result_record(path: str, result, overlay: str | None) -> dict:
+    return {
+        "path": path, "label": result.class_name, "ablated_label": result.ablated_class_name,
+        "dfr_label": result.dfr_class_name, "shortcut_present": result.shortcut_present,
+        "flagged_patches": result.flagged_patches, "logits": np.asarray(result.logits, float).tolist(),
+        "ablated_logits": np.asarray(result.ablated_logits, float).tolist(),
+        "dfr_logits": None if result.dfr_logits is None else np.asarray(result.dfr_logits, float).tolist(),
+        "overlay": overlay, "error": None,
+    }
+
+
+class OverlayWriter:
+    """One PNG per image, named after the file; a repeated name gets a numeric suffix."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._used: set[str] = set()
+
+    def write(self, path: str, image, result) -> str:
+        from edgeshort.report.draw import guard_overlay
+
+        pixels = np.asarray(image.convert("RGB"))
+        scale = max(1, -(-OVERLAY_MIN_SIDE // max(1, min(pixels.shape[:2]))))
+        picture = guard_overlay(pixels, result.saliency, result.flags, scale=scale)
+        stem = Path(path).stem or "image"
+        name, n = f"{stem}.png", 1
+        while name in self._used:
+            n += 1
+            name = f"{stem}-{n}.png"
+        self._used.add(name)
+        target = self.folder / name
+        picture.save(target)
+        return str(target)
+
+
+def run(args) -> int:
+    from edgeshort.errors import EdgeshortError, InputError
+    from edgeshort.runtime import Guard
+    from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image
+
+    if args.drop_tokens and not args.split:
+        raise InputError("--drop-tokens works on the split graphs; add --split")
+    if args.batch_size < 1:
+        raise InputError(f"expected --batch-size of at least 1, got {args.batch_size}")
+    guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
+                       max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    writer = RecordWriter(args.out, guard.class_names)
+    overlays = OverlayWriter(args.overlays) if args.overlays else None
+    counts = {"images": 0, "shortcut_present": 0, "failed": 0}
+
+    def fail(path: str, message: str) -> None:
+        print(f"edgeshort predict: {path}: {message}", file=sys.stderr)
+        writer.write(error_record(path, message))
+        counts["failed"] += 1
+
+    def flush(pending: list) -> None:
+        if not pending:
+            return
+        paths = [p for p, _ in pending]
+        results = guard.predict([img for _, img in pending], batch_size=args.batch_size,
+                                path="split" if args.split else "fused", drop_tokens=args.drop_tokens)
+        for path, (_, image), result in zip(paths, pending, results):
+            overlay = overlays.write(path, image, result) if overlays else None
+            writer.write(result_record(path, result, overlay))
+            counts["images"] += 1
+            counts["shortcut_present"] += int(result.shortcut_present)
+        pending.clear()
+
+    pending: list = []
+    try:
+        for path, problem in image_files(args.images):
+            if problem is not None:
+                fail(path, problem)
+                continue
+            try:
+                pending.append((path, load_image(path, guard.max_pixels)))
+            except EdgeshortError as exc:
+                fail(path, str(exc))
+            if len(pending) >= args.batch_size:
+                flush(pending)
+        flush(pending)
+    finally:
+        writer.close()
+    if not args.quiet:
+        where = f" -> {args.out}" if args.out else ""
+        print(f"{counts['images']} images predicted, {counts['shortcut_present']} with a shortcut, "
+              f"{counts['failed']} failed{where} ({guard.info.backend}, {guard.info.precision})", file=sys.stderr)
+    return 1 if counts["failed"] else 0

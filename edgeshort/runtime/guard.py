@@ -1,0 +1,414 @@
+"""`Guard`: load a bundle once, then predict with the shortcut guard on any backend.
+
+Two ways through a bundle give the same answers:
+- `fused` (default): the `guarded` graph masks flagged tokens out of attention and batches
+  naturally; the plain (unguarded) logits are needed separately only for images where a
+  shortcut is present, so the `plain` graph runs on those images alone. Elsewhere the keep mask
+  is all true and the plain logits are the ablated ones.
+- `split`: `embed` -> `guard` -> `encoder_head`, which reuses the tokens for the plain pass and,
+  with `drop_tokens`, removes flagged tokens physically (one image at a time, since the token
+  count then differs per image).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeshort.errors import InputError
+from edgeshort.runtime.backends import BACKENDS, PRECISIONS, Session, choose_backend, open_session
+from edgeshort.runtime.bundle import Bundle, load_bundle
+from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, preprocess_image
+
+logger = logging.getLogger(__name__)
+
+PATHS = ("fused", "split")
+FUSED_GRAPHS = ("guarded", "plain")
+SPLIT_GRAPHS = ("embed", "guard", "encoder_head")
+
+
+def _frozen(array: np.ndarray, dtype) -> np.ndarray:
+    out = np.array(array, dtype=dtype, copy=True)
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class GuardResult:
+    """What the guarded model says about one image.
+
+    `logits`/`label` are the plain model's; `ablated_*` exclude the flagged patches when a shortcut
+    is present (equal to the plain ones otherwise); `dfr_*` add the retrained head when the bundle
+    has one. `flags` are the dilated flags that were masked, `raw_flags` the KNN's own.
+    """
+
+    logits: np.ndarray
+    label: int
+    class_name: str
+    ablated_logits: np.ndarray
+    ablated_label: int
+    ablated_class_name: str
+    dfr_logits: np.ndarray | None
+    dfr_label: int | None
+    dfr_class_name: str | None
+    flags: np.ndarray
+    raw_flags: np.ndarray
+    saliency: np.ndarray
+    shortcut_present: bool
+    class_names: tuple[str, ...]
+    source: str | None = None
+
+    @property
+    def flagged_patches(self) -> int:
+        return int(self.flags.sum())
+
+    @property
+    def label_changed(self) -> bool:
+        """Whether masking the shortcut changed the prediction (the DFR one when there is a DFR head)."""
+        final = self.dfr_label if self.dfr_label is not None else self.ablated_label
+        return final != self.label
+
+    def to_dict(self) -> dict:
+        """Plain Python types only, ready for `json.dumps`."""
+
+        def floats(a: np.ndarray | None):
+            return None if a is None else np.asarray(a, dtype=float).tolist()
+
+        return {
+            "source": self.source,
+            "label": self.label, "class_name": self.class_name,
+            "ablated_label": self.ablated_label, "ablated_class_name": self.ablated_class_name,
+            "dfr_label": self.dfr_label, "dfr_class_name": self.dfr_class_name,
+            "shortcut_present": self.shortcut_present, "flagged_patches": self.flagged_patches,
+            "logits": floats(self.logits), "ablated_logits": floats(self.ablated_logits),
+            "dfr_logits": floats(self.dfr_logits),
+            "flags": self.flags.tolist(), "raw_flags": self.raw_flags.tolist(), "saliency": floats(self.saliency),
+            "class_names": list(self.class_names),
+        }
+
+
+@dataclass(frozen=True)
+class GuardInfo:
+    """How a `Guard` runs: what was asked for and what the backend actually does."""
+
+    bundle: str
+    backend: str
+    precision: str
+    device: str | None
+    providers: tuple[str, ...] | None
+    threads: int | None
+    backend_version: str
+    load_seconds: float  # manifest check + compile + warm-up of the fused graphs (cold start)
+    warmup_seconds: float
+    input_size: tuple[int, int]
+    class_names: tuple[str, ...]
+    has_dfr: bool
+    compiled: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Raw outputs of one batch, before they become per-image results."""
+
+    logits: np.ndarray
+    ablated_logits: np.ndarray
+    dfr_logits: np.ndarray | None
+    flags: np.ndarray
+    raw_flags: np.ndarray
+    present: np.ndarray
+    saliency: np.ndarray
+
+
+class Guard:
+    """A loaded bundle, compiled for one backend: `Guard.load(bundle).predict(images)`.
+
+    One `Guard` may be shared by several threads; `predict` keeps no state between calls.
+    """
+
+    def __init__(self, bundle: Bundle, backend: str, options: dict, sessions: dict[str, Session],
+                 max_pixels: int) -> None:
+        self.bundle = bundle
+        self.backend = backend
+        self.max_pixels = max_pixels
+        self.preprocessing = bundle.preprocessing
+        self.class_names = bundle.class_names
+        self._options = options
+        self._sessions = sessions
+        self._lock = threading.RLock()  # compiling a split graph warms it up through `embed`
+        self.info: GuardInfo  # set by `load`
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        bundle: str | Path | Bundle,
+        backend: str = "auto",
+        device: str | None = None,
+        threads: int | None = None,
+        precision: str = "f32",
+        providers: Sequence[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache_dir: str | Path | None = None,
+    ) -> Guard:
+        """Verify a bundle (format version, sha256 of every file), compile its fused graphs and warm them up.
+
+        `backend="auto"` runs OpenVINO on an Intel CPU when it is installed, else ONNX Runtime.
+        `device` is an OpenVINO device ("CPU", "GPU", "AUTO", ...) or, for ONNX Runtime, "cpu",
+        "cuda" or "coreml"; `providers` sets ONNX Runtime's providers list directly. OpenVINO runs
+        f32 unless `precision="bf16"`. Images over `max_pixels` are refused before decoding.
+        """
+        start = time.perf_counter()
+        if precision not in PRECISIONS:
+            raise InputError(f"expected precision in {PRECISIONS}, got {precision!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InputError(f"expected threads to be a positive integer or None, got {threads!r}")
+        if not isinstance(max_pixels, int) or max_pixels < 1:
+            raise InputError(f"expected max_pixels to be a positive integer, got {max_pixels!r}")
+        if providers is not None and backend == "auto":
+            backend = "onnxruntime"  # providers are ONNX Runtime's
+        chosen = choose_backend(backend)
+        # A `Bundle` object is verified again: its files may have changed since it was loaded.
+        loaded = load_bundle(bundle.root if isinstance(bundle, Bundle) else bundle)
+        fmt = "onnx" if chosen == "onnxruntime" else "openvino"
+        options = {"backend": chosen, "device": device, "threads": threads, "precision": precision,
+                   "providers": list(providers) if providers else None, "cache_dir": cache_dir, "fmt": fmt}
+        guard = cls(loaded, chosen, options, {}, max_pixels)
+        warmup = 0.0
+        for graph in FUSED_GRAPHS:
+            warmup += guard._compile(graph)
+        description = guard._sessions["guarded"].description
+        guard.info = GuardInfo(
+            bundle=str(loaded.root), backend=chosen, precision=description.get("precision", precision),
+            device=description.get("device", device),
+            providers=tuple(description["providers"]) if description.get("providers") else None,
+            threads=threads, backend_version=str(description.get("version")),
+            load_seconds=round(time.perf_counter() - start, 4), warmup_seconds=round(warmup, 4),
+            input_size=tuple(guard.preprocessing.size), class_names=guard.class_names, has_dfr=loaded.has_dfr,
+            compiled=FUSED_GRAPHS,
+        )
+        logger.info("loaded %s on %s (%s) in %.2f s", loaded.root, chosen, guard.info.precision,
+                    guard.info.load_seconds)
+        return guard
+
+    def _compile(self, graph: str) -> float:
+        """Compile one graph and run it once on zeros; returns the warm-up seconds."""
+        o = self._options
+        session = open_session(self.bundle.path(graph, o["fmt"]), o["backend"], o["device"], o["threads"],
+                               o["precision"], o["providers"], cache_dir=o["cache_dir"])
+        h, w = self.preprocessing.size
+        images = np.zeros((1, 3, h, w), np.float32)
+        start = time.perf_counter()
+        if graph in ("guarded", "plain", "embed"):
+            session.run({"images": images})
+        else:
+            tokens = self._session("embed").run({"images": images})["tokens"]
+            feed = {"tokens": tokens}
+            if graph == "encoder_head":
+                feed["keep"] = np.ones(tokens.shape[:2], bool)
+            session.run(feed)
+        self._sessions[graph] = session
+        return time.perf_counter() - start
+
+    def _session(self, graph: str) -> Session:
+        session = self._sessions.get(graph)
+        if session is None:
+            # The split graphs compile on first use, once, even when several threads ask together.
+            with self._lock:
+                if graph not in self._sessions:
+                    self._compile(graph)
+                    self.info = _with_compiled(self.info, graph)
+                session = self._sessions[graph]
+        return session
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _expand(self, images: Any) -> tuple[list[tuple[Any, str]], bool]:
+        """Inputs -> [(item, source name)], one per image, and whether a single image was passed."""
+        if isinstance(images, (list, tuple)):
+            out: list[tuple[Any, str]] = []
+            for i, item in enumerate(images):
+                out.extend(self._expand_item(item, f"image {i}"))
+            return out, False
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return self._expand_item(images, "images"), False
+        return self._expand_item(images, "image"), True
+
+    def _expand_item(self, item: Any, name: str) -> list[tuple[Any, str]]:
+        if isinstance(item, (str, Path)):
+            return [(item, str(item))]
+        if isinstance(item, np.ndarray) and item.ndim == 4:
+            # A stacked batch: preprocessed float32 (B, 3, H, W) or uint8 images (B, H, W, C).
+            if item.dtype == np.uint8 or item.dtype == np.float32:
+                return [(item[j], f"{name}[{j}]") for j in range(item.shape[0])]
+        return [(item, name)]
+
+    def _to_tensor(self, item: Any, source: str) -> np.ndarray:
+        """One input -> float32 (3, H, W) as the model wants it."""
+        if isinstance(item, np.ndarray) and item.dtype != np.uint8:
+            return self._check_tensor(item, source)
+        return preprocess_image(as_pil(item, self.max_pixels, source=source), self.preprocessing)
+
+    def _check_tensor(self, x: np.ndarray, source: str) -> np.ndarray:
+        h, w = self.preprocessing.size
+        if x.dtype.kind == "f" and x.dtype != np.float32:
+            raise InputError(
+                f"{source}: expected a float32 preprocessed array, got {x.dtype}; convert it with x.astype(np.float32)"
+            )
+        if x.dtype != np.float32:
+            raise InputError(
+                f"{source}: expected a uint8 (H, W, C) image or a float32 preprocessed (3, {h}, {w}) array, got "
+                f"dtype {x.dtype} with shape {x.shape}; convert it to one of those"
+            )
+        if x.ndim != 3:
+            raise InputError(
+                f"{source}: expected a float32 preprocessed array of shape (3, {h}, {w}) (or (B, 3, {h}, {w})), got "
+                f"{x.ndim}-D shape {x.shape}; pass raw pixels as uint8 (H, W, C) to have them preprocessed"
+            )
+        if x.shape[0] != 3:
+            raise InputError(
+                f"{source}: expected 3 channels first in a preprocessed array, got shape {x.shape}; "
+                "transpose HWC to CHW, or pass raw pixels as uint8 (H, W, C)"
+            )
+        if x.shape[1:] != (h, w):
+            raise InputError(
+                f"{source}: expected a preprocessed array of shape (3, {h}, {w}) (the bundle's input size), got "
+                f"{x.shape}; resize first, or pass the image itself (path, PIL image or uint8 array)"
+            )
+        if not np.isfinite(x).all():
+            raise InputError(f"{source}: expected finite values, got NaN or infinity; check the preprocessing")
+        return np.ascontiguousarray(x)
+
+    def preprocess(self, images: Any) -> np.ndarray:
+        """Any accepted input -> the float32 (B, 3, H, W) batch the graphs take."""
+        items, _ = self._expand(images)
+        h, w = self.preprocessing.size
+        out = np.empty((len(items), 3, h, w), np.float32)
+        for i, (item, source) in enumerate(items):
+            out[i] = self._to_tensor(item, source)
+        return out
+
+    # -- prediction -------------------------------------------------------------------------
+    def predict(
+        self, images: Any, batch_size: int = 8, path: str = "fused", drop_tokens: bool = False
+    ) -> GuardResult | list[GuardResult]:
+        """Guarded predictions for one image (-> one result) or a list / stacked batch (-> a list).
+
+        Accepts file paths, PIL images, uint8 (H, W[, C]) arrays, or float32 arrays already
+        preprocessed as (3, H, W) / (B, 3, H, W). Images are processed `batch_size` at a time.
+        `path="split"` runs embed -> guard -> encoder_head; `drop_tokens=True` (split only) removes
+        flagged tokens instead of masking them, one image at a time.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"expected batch_size to be a positive integer, got {batch_size!r}")
+        if path not in PATHS:
+            raise InputError(f"expected path in {PATHS}, got {path!r}")
+        if drop_tokens and path != "split":
+            raise InputError("drop_tokens=True needs the split graphs; pass path='split' (the fused graph masks tokens)")
+        items, single = self._expand(images)
+        results: list[GuardResult] = []
+        for chunk in _chunks(items, int(batch_size)):
+            x = np.stack([self._to_tensor(item, source) for item, source in chunk])
+            batch = self._run_fused(x) if path == "fused" else self._run_split(x, drop_tokens)
+            results.extend(self._results(batch, [source for _, source in chunk]))
+        return results[0] if single else results
+
+    def _run_fused(self, x: np.ndarray) -> _Batch:
+        out = self._session("guarded").run({"images": x})
+        present = np.asarray(out["present"], bool)
+        ablated = out["ablated_logits"]
+        logits = ablated.copy()
+        if present.any():
+            # The unguarded answer differs only where something was masked; compute it only there.
+            idx = np.flatnonzero(present)
+            logits[idx] = self._session("plain").run({"images": np.ascontiguousarray(x[idx])})["logits"]
+        return _Batch(logits, ablated, out.get("dfr_logits"), out["flags"], out["raw_flags"], present,
+                      out["saliency"])
+
+    def _run_split(self, x: np.ndarray, drop_tokens: bool) -> _Batch:
+        tokens = self._session("embed").run({"images": x})["tokens"]
+        g = self._session("guard").run({"tokens": tokens})
+        present, keep = np.asarray(g["present"], bool), np.asarray(g["keep"], bool)
+        head = self._session("encoder_head")
+        if drop_tokens:
+            ablated, dfr = self._head_dropping(head, tokens, keep, present)
+        else:
+            out = head.run({"tokens": tokens, "keep": keep})
+            ablated, dfr = out["logits"], out.get("dfr_logits")
+        logits = ablated.copy()
+        if present.any():
+            idx = np.flatnonzero(present)
+            sub = np.ascontiguousarray(tokens[idx])
+            logits[idx] = head.run({"tokens": sub, "keep": np.ones(sub.shape[:2], bool)})["logits"]
+        return _Batch(logits, ablated, dfr, g["flags"], g["raw_flags"], present, g["saliency"])
+
+    def _head_dropping(self, head: Session, tokens: np.ndarray, keep: np.ndarray, present: np.ndarray):
+        """Ablated (and DFR) logits with flagged tokens removed: images with a shortcut one by one."""
+        num_classes = len(self.class_names)
+        ablated = np.empty((len(tokens), num_classes), np.float32)
+        dfr = np.empty_like(ablated) if self.bundle.has_dfr else None
+        clean = np.flatnonzero(~present)
+        if clean.size:  # nothing is flagged there, so these still batch
+            sub = np.ascontiguousarray(tokens[clean])
+            out = head.run({"tokens": sub, "keep": np.ones(sub.shape[:2], bool)})
+            ablated[clean] = out["logits"]
+            if dfr is not None:
+                dfr[clean] = out["dfr_logits"]
+        for i in np.flatnonzero(present):
+            kept = np.ascontiguousarray(tokens[i : i + 1, keep[i]])
+            out = head.run({"tokens": kept, "keep": np.ones(kept.shape[:2], bool)})
+            ablated[i] = out["logits"][0]
+            if dfr is not None:
+                dfr[i] = out["dfr_logits"][0]
+        return ablated, dfr
+
+    def _results(self, batch: _Batch, sources: list[str]) -> list[GuardResult]:
+        names = self.class_names
+        finite = np.isfinite(batch.logits).all(1) & np.isfinite(batch.ablated_logits).all(1)
+        if not finite.all():
+            bad = sources[int(np.flatnonzero(~finite)[0])]
+            raise InputError(
+                f"{bad}: expected inputs the model can score, got non-finite logits (the input values are out "
+                "of range); pass the image itself, or float32 arrays normalised with the bundle's mean/std"
+            )
+        results = []
+        for i, source in enumerate(sources):
+            label, ablated = int(np.argmax(batch.logits[i])), int(np.argmax(batch.ablated_logits[i]))
+            dfr_logits = None if batch.dfr_logits is None else batch.dfr_logits[i]
+            dfr_label = None if dfr_logits is None else int(np.argmax(dfr_logits))
+            results.append(GuardResult(
+                logits=_frozen(batch.logits[i], np.float32), label=label, class_name=names[label],
+                ablated_logits=_frozen(batch.ablated_logits[i], np.float32), ablated_label=ablated,
+                ablated_class_name=names[ablated],
+                dfr_logits=None if dfr_logits is None else _frozen(dfr_logits, np.float32), dfr_label=dfr_label,
+                dfr_class_name=None if dfr_label is None else names[dfr_label],
+                flags=_frozen(batch.flags[i], bool), raw_flags=_frozen(batch.raw_flags[i], bool),
+                saliency=_frozen(batch.saliency[i], np.float32), shortcut_present=bool(batch.present[i]),
+                class_names=names, source=source,
+            ))
+        return results
+
+    def __repr__(self) -> str:
+        return f"Guard({str(self.bundle.root)!r}, backend={self.backend!r}, precision={self.info.precision!r})"
+
+
+def _with_compiled(info: GuardInfo, graph: str) -> GuardInfo:
+    from dataclasses import replace
+
+    return replace(info, compiled=(*info.compiled, graph))
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+__all__ = ["BACKENDS", "PATHS", "Guard", "GuardInfo", "GuardResult"]
