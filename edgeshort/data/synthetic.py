@@ -23,7 +23,7 @@ CLASS_NAMES = ("benign", "malignant")
 # occurs in skin or lesion, so the artefact is one shortcut rather than several.
 PATCH_COLOURS = np.array([[40, 200, 60], [30, 110, 230], [20, 200, 210]], dtype=np.float32)
 # Bump when the drawing changes, so models cached for the old images are not reused.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -118,24 +118,30 @@ def _draw_lesion(rng: np.random.Generator, img: np.ndarray, malignant: bool) -> 
 def _artefact_position(
     rng: np.random.Generator, size: int, extent: tuple[int, int], lesion: tuple[float, float, float]
 ) -> tuple[int, int]:
-    """Top-left corner of an (h, w) artefact that keeps clear of the lesion where possible."""
+    """Top-left corner of an (h, w) artefact: the image corner farthest from the lesion, jittered."""
     h, w = extent
     cy, cx, reach = lesion
-    best, best_gap = (0, 0), -np.inf
-    for _ in range(20):
-        y, x = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
-        nearest = np.hypot(max(y - cy, 0, cy - (y + h)), max(x - cx, 0, cx - (x + w)))
-        gap = nearest - reach
-        if gap > 0:
-            return y, x
-        if gap > best_gap:
-            best, best_gap = (y, x), gap
-    return best
+    jitter = rng.integers(0, max(2, size // 16), (4, 2))
+    corners = [(0, 0), (0, size - w), (size - h, 0), (size - h, size - w)]
+    candidates = [
+        (int(np.clip(y + (jy if y == 0 else -jy), 0, size - h)), int(np.clip(x + (jx if x == 0 else -jx), 0, size - w)))
+        for (y, x), (jy, jx) in zip(corners, jitter)
+    ]
+
+    def gap(pos: tuple[int, int]) -> float:
+        y, x = pos
+        return float(np.hypot(max(y - cy, 0, cy - (y + h)), max(x - cx, 0, cx - (x + w))))
+
+    best = max(gap(c) for c in candidates)
+    # Among the corners clear of the lesion pick one at random, so the artefact moves around.
+    clear = [c for c in candidates if gap(c) >= min(best, reach)]
+    return clear[int(rng.integers(len(clear)))]
 
 
 def _draw_patch(rng, img, lesion) -> np.ndarray:
     size = img.shape[0]
-    diameter = int(round(size * rng.uniform(0.2, 0.28)))
+    # About three patch tokens across at the demo's 8-pixel patches, like ISIC's stickers.
+    diameter = int(round(size * rng.uniform(0.34, 0.42)))
     y, x = _artefact_position(rng, size, (diameter, diameter), lesion)
     radius, _ = _polar(size, y + (diameter - 1) / 2, x + (diameter - 1) / 2)
     mask = radius <= diameter / 2
@@ -145,7 +151,7 @@ def _draw_patch(rng, img, lesion) -> np.ndarray:
 
 def _draw_ruler(rng, img, lesion) -> np.ndarray:
     size = img.shape[0]
-    length, width = int(size * rng.uniform(0.5, 0.7)), max(4, int(round(size * 0.1)))
+    length, width = int(size * rng.uniform(0.5, 0.7)), max(4, int(round(size * 0.22)))
     vertical = bool(rng.integers(2))
     extent = (length, width) if vertical else (width, length)
     y, x = _artefact_position(rng, size, extent, lesion)
