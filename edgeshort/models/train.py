@@ -40,9 +40,10 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(train: TrainConfig, data: SyntheticConfig) -> str:
+    """Hash of what the trained weights depend on: training settings and the train split only."""
+    train_data = {k: v for k, v in data.to_dict().items() if k not in ("val", "test")}
     payload = json.dumps(
-        {"train": train.to_dict(), "data": data.to_dict(), "version": TRAINING_VERSION,
-         "generator": GENERATOR_VERSION},
+        {"train": train.to_dict(), "data": train_data, "version": TRAINING_VERSION, "generator": GENERATOR_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
