@@ -1,4 +1,7 @@
-"""`edgeshort demo`: the whole chain on the built-in synthetic data and tiny ViT."""
+"""`edgeshort demo`: the whole chain on the built-in synthetic data and tiny ViT.
+
+data -> tiny ViT -> detect -> export -> predict (torch-free runtime) -> bench -> report.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +9,111 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+PREDICT_SAMPLE = 16  # test images written to disk and run through `edgeshort predict`
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("-o", "--out", default="edgeshort-demo", help="output folder (default: edgeshort-demo)")
     parser.add_argument("--artefact", default="patch", choices=("patch", "ruler"), help="shortcut kind to plant")
+    parser.add_argument("--no-bench", action="store_true", help="skip the latency benchmark stage")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _stage(name: str):
-    print(f"\n== {name} ==", flush=True)
-    return time.perf_counter()
+class _Stage:
+    """Prints a stage banner on entry and its wall time on exit."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self):
+        print(f"\n== {self.name} ==", flush=True)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        print(f"  ({time.perf_counter() - self.start:.1f} s)", flush=True)
 
 
 def run(args) -> int:
+    import numpy as np
 
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
-    from edgeshort.detect import ShortcutDetector
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.quiet
 
-    t = _stage("data: synthetic ISIC-like images with a planted shortcut")
-    datasets = demo_datasets(args.artefact)
-    for name, data in datasets.items():
-        print(f"  {name:<5} {len(data):>5} images, artefact on {data.groups.mean():.0%}")
-    print(f"  ({time.perf_counter() - t:.1f} s)")
+    with _Stage("data: synthetic ISIC-like images with a planted shortcut"):
+        datasets = demo_datasets(args.artefact)
+        for name, data in datasets.items():
+            print(f"  {name:<5} {len(data):>5} images, artefact on {data.groups.mean():.0%}")
 
-    t = _stage("model: tiny ViT trained on the train split (cached after the first run)")
-    model = demo_model(args.artefact, datasets, progress=progress)
-    print(f"  ({time.perf_counter() - t:.1f} s)")
+    with _Stage("model: tiny ViT trained on the train split (cached after the first run)"):
+        model = demo_model(args.artefact, datasets, progress=progress)
 
-    t = _stage("detect: cluster, score, key heatmaps, key-KNN, ablation, DFR")
-    config = replace(DEMO_DETECTOR, progress=progress)
-    result = ShortcutDetector(config).fit(model, datasets["val"], run_dir=out / "run")
-    print(result.summary())
-    metrics = result.evaluate(datasets["test"])
-    print("\nper-group accuracy on the balanced test split (original model / flagged tokens ablated / + DFR head):")
-    print(metrics["results_table"])
-    print(f"\n  shortcut cluster purity (artefact share): {metrics['shortcut_cluster_group_purity']:.3f}")
-    print(f"  patch flags vs true artefact patches: precision {metrics['patch_precision']:.3f}, "
-          f"recall {metrics['patch_recall']:.3f}")
-    print(f"  run folder: {out / 'run'}  ({time.perf_counter() - t:.1f} s)")
+    with _Stage("detect: cluster, score, key heatmaps, key-KNN, ablation, DFR"):
+        from edgeshort.detect import ShortcutDetector
+
+        result = ShortcutDetector(replace(DEMO_DETECTOR, progress=progress)).fit(
+            model, datasets["val"], run_dir=out / "run"
+        )
+        print(result.summary())
+        metrics = result.evaluate(datasets["test"])
+        print("\n  per-group accuracy on the balanced test split (original model / flagged tokens ablated / + DFR):")
+        print("  " + metrics["results_table"].replace("\n", "\n  "))
+        print(f"\n  shortcut cluster purity (artefact share): {metrics['shortcut_cluster_group_purity']:.3f}")
+        print(f"  flagged patches vs true artefact patches: precision {metrics['patch_precision']:.3f}, "
+              f"recall {metrics['patch_recall']:.3f}")
+        print(f"  run folder: {out / 'run'}")
+
+    with _Stage("export: ONNX + OpenVINO IR bundle with a parity check"):
+        from edgeshort.export import ExportOptions, export_bundle
+
+        bundle = export_bundle(result, out / "bundle", ExportOptions(progress=progress),
+                               calibration=datasets["val"], overwrite=True)
+        for backend, graphs in bundle.manifest["parity"]["backends"].items():
+            worst = max(v for g in graphs.values() for k, v in g.items() if "logits" in k)
+            print(f"  {backend:<12} max |logit diff| vs torch: {worst:.2e}")
+
+    with _Stage("predict: the torch-free runtime on test images (edgeshort predict)"):
+        from edgeshort.cli import main as cli_main
+
+        test = datasets["test"]
+        images_dir = out / "test_images"
+        images_dir.mkdir(exist_ok=True)
+        sample = np.linspace(0, len(test) - 1, PREDICT_SAMPLE).round().astype(int)
+        for i in sample:
+            test.image(int(i)).save(images_dir / f"test_{i:04d}_{test.class_names[test.labels[i]]}.png")
+        code = cli_main(["predict", str(out / "bundle"), str(images_dir), "-o", str(out / "predictions.jsonl"),
+                         "--overlays", str(out / "overlays"), "--quiet"])
+        if code:
+            return code
+        offline = result.predict(test.subset(sample), progress=False)
+        import json
+
+        records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        by_name = {Path(r["path"]).name: r for r in records}
+        agree = sum(
+            by_name[f"test_{i:04d}_{test.class_names[test.labels[i]]}.png"]["ablated_label"]
+            == test.class_names[offline.labels("ablated")[k]]
+            for k, i in enumerate(sample)
+        )
+        flagged = sum(bool(r["shortcut_present"]) for r in records)
+        print(f"  {len(records)} images: shortcut present on {flagged}; runtime ablated labels equal the "
+              f"offline detector's on {agree}/{len(records)}")
+        print(f"  records: {out / 'predictions.jsonl'}, overlays: {out / 'overlays'}")
+
+    if not args.no_bench:
+        with _Stage("bench: plain vs guarded prediction, block-interleaved"):
+            from edgeshort.bench import bench_bundle, markdown_table, write_outputs
+
+            results = bench_bundle(out / "bundle", rounds=3, block=3, progress=progress)
+            write_outputs(results, out / "bench")
+            print("  " + markdown_table(results).replace("\n", "\n  "))
+
+    with _Stage("report: HTML report with pictures"):
+        from edgeshort.report.html import write_report
+
+        page = write_report(out / "run", test_dataset=datasets["test"])
+        print(f"  open {page}")
     return 0
