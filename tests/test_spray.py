@@ -137,6 +137,19 @@ def test_sparse_graph_with_projection_path() -> None:
     assert not (exact == np.arange(N)[:, None]).any()  # never its own neighbour
 
 
+def test_sampled_top_k_is_exact() -> None:
+    from edgeshort.spray.spectral import _top_k
+
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(40, 9000)).astype(np.float32)
+    block[:5, :200] = 3.0  # ties and a dense top for some rows
+    columns = np.sort(rng.choice(9000, 1024, replace=False))
+    for sample in (None, columns):
+        cols, values = _top_k(block, 12, sample)
+        np.testing.assert_array_equal(values, -np.sort(-block, axis=1)[:, :12])
+        np.testing.assert_array_equal(np.take_along_axis(block, cols, axis=1), values)
+
+
 # ---------------------------------------------------------------- preprocessing and focus
 def test_area_downsampling_keeps_mass_and_small_hot_spots() -> None:
     from edgeshort.spray.preprocess import downsample
@@ -472,3 +485,4 @@ def test_imports_stay_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
