@@ -203,7 +203,7 @@ class SpRAyDetector(BaseEstimator):
             )
         if self.n_neighbors is not None and (not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1):
             raise InputError(f"expected n_neighbors to be a positive int or None, got {self.n_neighbors!r}; do fix it")
-        if self.gamma is not None and not (float(self.gamma) > 0):
+        if self.gamma is not None and (not isinstance(self.gamma, (int, float, np.number)) or not self.gamma > 0):
             raise InputError(f"expected gamma > 0 or None, got {self.gamma!r}; do pass a positive width")
 
     def _check_fitted(self) -> None:
