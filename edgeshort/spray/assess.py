@@ -9,11 +9,14 @@ the reasons in words, and the numbers behind them.
 Risk, when labels were given and clustering was global:
   high    pure, minority, relevance >= `strong_concentration` x more concentrated
   medium  pure, minority, >= `moderate_concentration` x more concentrated, or displaced
-  low     minority and localised as above, but not label-pure
+          with its members agreeing on the place
+  low     minority, >= `moderate_concentration` x more concentrated, but not label-pure
 Without labels, or inside one class (`per_class=True`, where purity says nothing):
   high    (per class only) strongly concentrated, displaced and location-consistent
   medium  strongly concentrated and location-consistent
-  low     moderately concentrated, or displaced and location-consistent
+  low     moderately concentrated
+Displacement alone does not flag a mixed-label or label-free cluster: spectral clustering
+splits any spread of object positions into location clusters, each displaced from the rest.
 Without labels the level never goes above medium; the report says labels would sharpen it.
 """
 
@@ -96,12 +99,14 @@ def assess_cluster(
     pure = purity is not None and purity >= criteria.min_purity
     purity_informative = labels_given and not per_class
 
+    # Displacement alone never raises a mixed-label or label-free cluster: spectral clustering
+    # splits any spread of object positions into location clusters, each displaced from the rest.
     if purity_informative:
         if pure and strong:
             level = "high"
         elif pure and (moderate or displaced):
             level = "medium"
-        elif strong or displaced:
+        elif moderate:
             level = "low"
         else:
             level = "none"
@@ -110,7 +115,7 @@ def assess_cluster(
             level = "high"
         elif strong and consistent:
             level = "medium"
-        elif moderate or displaced:
+        elif moderate:
             level = "low"
         else:
             level = "none"
