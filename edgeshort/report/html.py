@@ -1,0 +1,910 @@
+"""The HTML report of a detection run: one page a person reads to judge the detector's verdict.
+
+`write_report(run_dir)` reads only the run folder (JSON, `.npz`, PNG), never the model, so it
+needs numpy, Pillow and matplotlib (the `report` extra) but not torch. Pictures go to a folder
+beside the page (`report_files/` for `report.html`) or, with `embed=True`, into the page as
+data URIs. Every section is always present: when its data is missing it says why and how to
+get it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from edgeshort.errors import InputError
+from edgeshort.report.draw import (
+    colourise,
+    grid_to_pixels,
+    guard_overlay,
+    heatmap_overlay,
+    patch_grid_crop,
+    upscale,
+)
+
+logger = logging.getLogger(__name__)
+
+# Test images drawn per (artefact, correct) category in the flags section.
+SAMPLES_PER_CATEGORY = 4
+# Overlays of test images are drawn at least this many pixels on the short side.
+OVERLAY_SIDE = 192
+GROUP_NAMES = ("no artefact", "artefact")
+KIND_TITLES = {"original": "original", "ablated": "ablated", "dfr": "ablated + DFR"}
+STAGE_TITLES = {
+    "extract": "extract features, keys and probabilities",
+    "cluster": "PCA, k-means and cluster scores",
+    "heatmaps": "key-distance heatmaps",
+    "knn": "key-KNN guard",
+    "dfr": "DFR last-layer retraining",
+    "pictures": "run pictures",
+    "evaluate": "evaluation on the test set",
+}
+CONFIG_NOTES = {
+    "n_clusters": "k-means clusters",
+    "pca_components": "PCA components before k-means",
+    "lambdas": "weights of homogeneity, exp(-Brier dominant), 1 - exp(-Brier other)",
+    "num_selected": "samples nearest each centre used for heatmaps and the KNN",
+    "knn_samples": "KNN positives (None: the seed's 200 at 20 x 196 patches, scaled)",
+    "knn_negatives": "KNN negatives (None: as many as positives)",
+    "knn_k": "neighbours the KNN votes with",
+    "dilation_radius": "flags grown to neighbours within this radius",
+    "min_patches": "flagged patches needed for 'shortcut present'",
+    "key_layer": "encoder block whose keys are used",
+    "dfr": "last-layer retraining method",
+    "dfr_subsamples": "balanced subsamples DFR averages over",
+    "batch_size": "images per forward pass",
+    "seed": "random seed",
+    "progress": "progress bars",
+}
+
+CSS = """
+:root { --fg: #1c2330; --muted: #5a6576; --line: #dde2e9; --soft: #f4f6f9; --accent: #0b63b6;
+        --warn: #b45309; --warn-bg: #fff7eb; --good: #137a3a; --bad: #b42318; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--soft); color: var(--fg);
+       font: 15px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1200px; margin: 0 auto; padding: 28px 36px 72px; background: #fff; min-height: 100vh; }
+h1 { font-size: 1.7rem; margin: 0 0 4px; }
+h2 { font-size: 1.3rem; margin: 0 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
+h3 { font-size: 1.05rem; margin: 22px 0 8px; }
+section { margin-top: 40px; }
+p { margin: 6px 0 10px; max-width: 78ch; }
+.meta { color: var(--muted); font-size: 0.9rem; }
+nav.toc { margin: 16px 0 0; display: flex; flex-wrap: wrap; gap: 6px 16px; font-size: 0.92rem; }
+nav.toc a { color: var(--accent); text-decoration: none; }
+nav.toc a:hover { text-decoration: underline; }
+code { background: var(--soft); padding: 1px 5px; border-radius: 4px; font-size: 0.88em; overflow-wrap: anywhere; }
+td.nowrap, td.nowrap code { white-space: nowrap; }
+table { border-collapse: collapse; margin: 8px 0 14px; font-variant-numeric: tabular-nums; font-size: 0.92rem; }
+th, td { padding: 5px 12px; border-bottom: 1px solid var(--line); text-align: right; vertical-align: top; }
+th { background: var(--soft); font-weight: 600; }
+th:first-child, td:first-child, td.text, th.text { text-align: left; }
+tr.highlight td { background: var(--warn-bg); font-weight: 600; }
+tr.summary td { border-top: 2px solid var(--line); font-weight: 600; }
+td.worst { color: var(--bad); font-weight: 600; }
+.verdict { border-left: 6px solid var(--warn); background: var(--warn-bg); padding: 14px 20px; margin: 10px 0 16px; }
+.verdict .headline { font-size: 1.25rem; font-weight: 650; margin: 0 0 6px; }
+.verdict ul { margin: 6px 0 0; padding-left: 20px; }
+.empty { border: 1px dashed #b9c2cf; background: var(--soft); padding: 10px 16px; border-radius: 6px; margin: 8px 0; }
+.empty p { margin: 4px 0; }
+.empty .why { font-weight: 600; }
+.figure { margin: 10px 0 18px; }
+.figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
+.figure .caption, figcaption { color: var(--muted); font-size: 0.85rem; }
+.strip { border-collapse: separate; border-spacing: 6px 4px; margin: 0; }
+.strip th { background: none; font-weight: 500; color: var(--muted); font-size: 0.8rem; text-align: left;
+            border: none; padding: 0 4px; white-space: nowrap; }
+.strip td { border: none; padding: 0; text-align: center; }
+.strip img { width: 104px; height: 104px; object-fit: contain; image-rendering: pixelated; background: #e8ebef;
+             display: block; }
+.cluster-row { display: flex; gap: 16px; align-items: flex-start; }
+.cluster-row figure.mean { margin: 30px 0 0; width: 124px; flex: none; }
+.cluster-row figure.mean img { width: 124px; height: auto; image-rendering: pixelated; display: block; }
+.strip .label { font-size: 0.75rem; color: var(--muted); line-height: 1.2; }
+.scroll { overflow-x: auto; }
+.gallery { display: flex; flex-wrap: wrap; gap: 14px; margin: 8px 0 12px; }
+.gallery figure { margin: 0; width: 228px; }
+.gallery img { width: 228px; height: auto; image-rendering: pixelated; display: block; border: 1px solid var(--line); }
+table.preds { margin: 2px 0; font-size: 0.82rem; }
+table.preds td { padding: 0 10px 0 0; border: none; text-align: left; }
+.gallery.small figure, .gallery.small img { width: 150px; }
+figcaption { line-height: 1.35; margin-top: 4px; }
+.ok { color: var(--good); font-weight: 600; }
+.no { color: var(--bad); font-weight: 600; }
+.bar { display: inline-block; height: 10px; background: #7aa7d6; border-radius: 2px; vertical-align: middle; }
+.legend-swatch { display: inline-block; width: 12px; height: 12px; border: 2px solid #00e5e5; vertical-align: -1px; }
+.risk-high, .risk-medium { color: var(--bad); font-weight: 650; }
+.risk-low { color: var(--warn); font-weight: 650; }
+.risk-none { color: var(--good); font-weight: 650; }
+@media print { body { background: #fff; } main { padding: 0; } nav.toc { display: none; } section { break-inside: avoid-page; } }
+"""
+
+# Only for automated checks: marks on <body> how many images decoded. The page reads the same without it.
+IMAGE_CHECK_SCRIPT = """
+window.addEventListener("load", function () {
+  var imgs = document.images, ok = 0;
+  for (var i = 0; i < imgs.length; i++) { if (imgs[i].complete && imgs[i].naturalWidth > 0) { ok++; } }
+  document.body.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+});
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder, read without torch
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunData:
+    """What a report needs from a run folder; optional parts are None when the run lacks them."""
+
+    run_dir: Path
+    meta: dict
+    config: dict
+    metrics: dict
+    arrays: dict[str, np.ndarray]  # clusters.npz
+    predictions: dict[str, np.ndarray] | None  # test_predictions.npz
+    spray: dict | None
+    spray_problem: str | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names") or [])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.meta.get("model", {}).get("grid", ())) or (0, 0)
+
+    @property
+    def n_clusters(self) -> int:
+        return len([k for k in self.arrays if k.startswith("selected_")])
+
+    @property
+    def val_groups(self) -> np.ndarray | None:
+        groups = self.arrays.get("groups")
+        return groups if groups is not None and groups.size else None
+
+    def class_name(self, c: int) -> str:
+        names = self.class_names
+        return names[c] if 0 <= c < len(names) else str(c)
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run folder written by `ShortcutDetector.fit(..., run_dir=...)`."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "run.json"
+    if not meta_path.is_file():
+        raise InputError(
+            f"expected a detection run folder with run.json, got {str(run_dir)!r}; "
+            "pass the folder `edgeshort detect -o RUN` wrote"
+        )
+    meta = _read_json(meta_path)
+    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else meta.get("config", {})
+    metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    if not (run_dir / "clusters.npz").is_file():
+        raise InputError(
+            f"expected clusters.npz in the run folder {str(run_dir)!r}, found none; the run did not finish, "
+            "run `edgeshort detect` again"
+        )
+    with np.load(run_dir / "clusters.npz") as z:
+        arrays = {name: z[name] for name in z.files}
+    predictions = None
+    if (run_dir / "test_predictions.npz").is_file():
+        with np.load(run_dir / "test_predictions.npz") as z:
+            predictions = {name: z[name] for name in z.files}
+    spray, problem = None, None
+    spray_path = run_dir / "spray" / "report.json"
+    if spray_path.is_file():
+        try:
+            spray = json.loads(spray_path.read_text())
+        except (OSError, ValueError) as exc:
+            problem = f"spray/report.json could not be read ({exc})"
+    return RunData(run_dir, meta, config, metrics, arrays, predictions, spray, problem)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"expected JSON in {str(path)!r}, got a file that does not parse ({exc}); "
+                         "run `edgeshort detect` again to rewrite it") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: to a folder beside the page, or into it
+# ---------------------------------------------------------------------------------------------
+class Assets:
+    """Turns pictures into `src` values: files in `folder` (linked relatively) or data URIs."""
+
+    def __init__(self, folder: Path, page_dir: Path, embed: bool) -> None:
+        self.folder = folder
+        self.page_dir = page_dir
+        self.embed = embed
+        self.count = 0
+
+    def _link(self, path: Path) -> str:
+        rel = path.resolve().relative_to(self.page_dir.resolve()) if path.resolve().is_relative_to(
+            self.page_dir.resolve()) else path.resolve()
+        return quote(rel.as_posix()) if not rel.is_absolute() else rel.as_uri()
+
+    def add(self, name: str, picture: Image.Image | np.ndarray | Path) -> str:
+        self.count += 1
+        if isinstance(picture, Path):
+            if self.embed:
+                return "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode("ascii")
+            target = self.folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(picture, target)
+            return self._link(target)
+        image = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture))
+        if self.embed:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG", optimize=True)
+            return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        target = self.folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target, optimize=True)
+        return self._link(target)
+
+    def figure(self, path: Path) -> str:
+        """A figure already written into the folder (figures are always files, for papers and tickets)."""
+        self.count += 1
+        if self.embed:
+            return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        return self._link(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small HTML helpers
+# ---------------------------------------------------------------------------------------------
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    return f"{float(value):.{digits}f}"
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def _pct(value, digits: int = 0) -> str:
+    return "–" if value is None else f"{100 * float(value):.{digits}f}%"
+
+
+def _img(src: str, alt: str, cls: str | None = None) -> str:
+    extra = f' class="{cls}"' if cls else ""
+    return f'<img src="{src}" alt="{_e(alt)}"{extra}>'
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], table_id: str | None = None,
+           row_classes: Sequence[str | None] | None = None, text_columns: Sequence[int] = (0,)) -> str:
+    """`rows` hold ready HTML (escape with `_e` before); `text_columns` are left-aligned."""
+    head = "".join(f'<th class="text">{_e(h)}</th>' if i in text_columns else f"<th>{_e(h)}</th>"
+                   for i, h in enumerate(headers))
+    body = []
+    for r, row in enumerate(rows):
+        cls = row_classes[r] if row_classes else None
+        cells = "".join(
+            cell if cell.startswith("<td") else (f'<td class="text">{cell}</td>' if i in text_columns else f"<td>{cell}</td>")
+            for i, cell in enumerate(row)
+        )
+        body.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _empty(why: str, how: str) -> str:
+    return f'<div class="empty"><p class="why">{why}</p><p>{how}</p></div>'
+
+
+def _section(ident: str, title: str, body: str) -> str:
+    return f'<section id="{ident}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _figure(src: str, alt: str, caption: str, width: int | None = None) -> str:
+    size = f' style="width: {width}px"' if width else ""
+    return f'<div class="figure"><img src="{src}" alt="{_e(alt)}"{size}><div class="caption">{caption}</div></div>'
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
+    scores = sorted(run.meta.get("scores", []), key=lambda s: s["score"], reverse=True)
+    shortcut = int(run.meta.get("shortcut_cluster", scores[0]["cluster"] if scores else 0))
+    m = run.metrics
+    parts = []
+    if scores:
+        top = next(s for s in scores if s["cluster"] == shortcut)
+        runner = next((s for s in scores if s["cluster"] != shortcut), None)
+        margin = m.get("score_margin", top["score"] - runner["score"] if runner else None)
+        headline = (
+            f"Shortcut cluster: {shortcut} &mdash; {top['size']} validation images, "
+            f"{_pct(top['homogeneity'])} {_e(run.class_name(top['majority_class']))}"
+        )
+        points = [
+            f"Cluster score {_num(top['score'], 4)}, a margin of <strong>{_num(margin, 4)}</strong> over "
+            + (f"cluster {runner['cluster']} ({_num(runner['score'], 4)})." if runner else "the other clusters.")
+        ]
+        purity = m.get("shortcut_cluster_group_purity")
+        if purity is not None:
+            points.append(f"{_pct(purity, 1)} of its members carry the artefact (group labels, used only to check "
+                          "the detector)." + (' <span class="no">Most of them do not: this cluster is not the '
+                                              "artefact group.</span>" if purity < 0.5 else ""))
+        if m.get("val_shortcut_present_rate") is not None:
+            points.append(f"The key-KNN guard finds a shortcut in {_pct(m['val_shortcut_present_rate'], 1)} of the "
+                          "validation images.")
+        if m.get("wga_original") is not None:
+            chain = [f"original {_num(m['wga_original'])}", f"ablated {_num(m.get('wga_ablated'))}"]
+            if m.get("wga_dfr") is not None:
+                chain.append(f"ablated + DFR {_num(m['wga_dfr'])}")
+            avg = [_num(m.get(f"aga_{k}")) for k in ("original", "ablated", "dfr") if m.get(f"aga_{k}") is not None]
+            worse = [k for k in ("ablated", "dfr") if m.get(f"wga_{k}") is not None and m[f"wga_{k}"] < m["wga_original"]]
+            points.append(f"Worst-group accuracy on the test set: {' &rarr; '.join(chain)} "
+                          f"(average {' &rarr; '.join(avg)})."
+                          + (f' <span class="no">The guard lowers it ({", ".join(KIND_TITLES[k] for k in worse)}).'
+                             "</span>" if worse else ""))
+        if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
+            points.append(f"Flagged patches against the true artefact patches: precision {_num(m.get('patch_precision'))}, "
+                          f"recall {_num(m.get('patch_recall'))}.")
+        if run.spray is not None:
+            body = run.spray
+            points.append(f"SpRAy: risk <span class=\"risk-{_e(body.get('risk_level', 'none'))}\">"
+                          f"{_e(body.get('risk_level', '?'))}</span>, shortcut "
+                          f"{'detected' if body.get('shortcut_detected') else 'not detected'}.")
+        parts.append(f'<div class="verdict"><p class="headline">{headline}</p><ul>'
+                     + "".join(f"<li>{p}</li>" for p in points) + "</ul></div>")
+        parts.append(
+            "<p>The highest cluster score marks the shortcut cluster: nearly one class (homogeneity), predicted "
+            "confidently right for its dominant class (low Brier score) and poorly for the others. A small margin "
+            "means the clusters look alike to the score; confirm with the heatmaps below.</p>"
+        )
+        names = run.class_names
+        headers = ["cluster", "size", "homogeneity", "majority class", *[f"Brier {n}" for n in names],
+                   "dominant class", "score"]
+        rows, classes = [], []
+        for s in sorted(run.meta.get("scores", []), key=lambda s: s["cluster"]):
+            brier = list(s.get("brier") or []) + [None] * (len(names) - len(s.get("brier") or []))
+            rows.append([
+                f"{s['cluster']}" + (" (shortcut)" if s["cluster"] == shortcut else ""), _num(s["size"]),
+                _num(s["homogeneity"]), _e(run.class_name(s["majority_class"])), *[_num(b) for b in brier],
+                _e(run.class_name(s["dominant_class"])), _num(s["score"], 4),
+            ])
+            classes.append("highlight" if s["cluster"] == shortcut else None)
+        parts.append(_table(headers, rows, "cluster-scores", classes, text_columns=(0, 3, len(headers) - 2)))
+    else:
+        parts.append(_empty("The run records no cluster scores.", "Run <code>edgeshort detect</code> again."))
+
+    a = run.arrays
+    if {"projection", "assignments", "labels"} <= set(a):
+        from edgeshort.report.figures import cluster_scatter
+
+        path = cluster_scatter(a["projection"], a["assignments"], a["labels"], run.class_names or
+                               [str(c) for c in range(int(a["labels"].max()) + 1)], shortcut,
+                               figures / "cluster_scatter.png", a.get("centroids"))
+        parts.append(_figure(assets.figure(path), "cluster scatter",
+                             "PCA projection of the pooled last-block features of the validation set (the two first "
+                             "components), coloured by k-means cluster (crosses: centres) and by class. "
+                             f"<code>{_e(path.name)}</code> is written beside this page.", width=960))
+    return _section("verdict", "Verdict", "".join(parts))
+
+
+def _cluster_pictures(run: RunData, c: int, dataset_loader: Callable[[], object | None]):
+    """(image, overlay, patch grid) per sample nearest centre c: the run's PNGs, else drawn from the images."""
+    heat_dir = run.run_dir / "heatmaps" / f"cluster_{c}"
+    grid_dir = run.run_dir / "patch_grids" / f"cluster_{c}"
+    ranks = sorted(int(p.name.split("_")[1]) for p in heat_dir.glob("sample_*_image.png")) if heat_dir.is_dir() else []
+    if ranks:
+        return [
+            (heat_dir / f"sample_{r}_image.png", heat_dir / f"sample_{r}_overlay.png",
+             grid_dir / f"sample_{r}_patches.png") for r in ranks
+        ], None
+    dataset = dataset_loader()
+    if dataset is None:
+        return [], None
+    out = []
+    selected, maps = run.arrays[f"selected_{c}"], run.arrays[f"heatmaps_{c}"]
+    size = run.meta.get("model", {}).get("preprocessing", {}).get("size")
+    for i, heat in zip(selected[:8], maps[:8]):
+        image = dataset.image(int(i))
+        if size:
+            image = image.resize((size[1], size[0]))
+        pixels = np.asarray(image.convert("RGB"))
+        heat = heat.reshape(run.grid)
+        scale = max(1, -(-112 // max(1, min(pixels.shape[:2]))))
+        hottest = np.unravel_index(int(np.argmax(heat)), run.grid)
+        out.append((upscale(pixels, scale), upscale(heatmap_overlay(pixels, heat), scale),
+                    upscale(np.ascontiguousarray(patch_grid_crop(pixels, run.grid, hottest, span=5)), scale)))
+    return out, "drawn from the validation images (the run folder holds no pictures)"
+
+
+def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object | None]) -> str:
+    k = run.n_clusters
+    if k == 0:
+        return _section("clusters", "Clusters", _empty("The run holds no selected samples per cluster.",
+                                                       "Run <code>edgeshort detect</code> again."))
+    shortcut = int(run.meta.get("shortcut_cluster", 0))
+    scores = {s["cluster"]: s for s in run.meta.get("scores", [])}
+    labels, groups = run.arrays.get("labels"), run.val_groups
+    parts = [
+        "<p>For each cluster: the validation images nearest its centre, their key heatmaps (per patch, the distance "
+        "of the image's key to the other clusters' mean key at the same position; bright = different) blended over "
+        "the image, and the 5&times;5 patch grid around the hottest patch. In the shortcut cluster the heat should "
+        "sit on the artefact, not on the object.</p>"
+    ]
+    # Mean heatmaps share one scale (the highest mean of any cluster), so clusters stay comparable but readable.
+    means = {}
+    for c in range(k):
+        maps = run.arrays.get(f"heatmaps_{c}")
+        if maps is not None and len(maps) and run.grid[0] > 0:
+            means[c] = maps.reshape(len(maps), -1).mean(0).reshape(run.grid)
+    top = max((float(m.max()) for m in means.values()), default=1.0) or 1.0
+    for c in range(k):
+        s = scores.get(c, {})
+        title = f"Cluster {c}" + (" — shortcut cluster" if c == shortcut else "")
+        desc = ""
+        if s:
+            desc = (f"{s['size']} images, {_pct(s['homogeneity'])} {_e(run.class_name(s['majority_class']))}, "
+                    f"score {_num(s['score'], 4)}")
+        parts.append(f"<h3>{_e(title)}</h3><p class=\"meta\">{desc}</p>")
+        row_parts = []
+        if c in means:
+            gh, gw = run.grid
+            src = assets.add(f"clusters/cluster_{c}_mean_heatmap.png",
+                             colourise(grid_to_pixels(means[c], (168, 168 * gw // gh)), 0.0, top))
+            n = len(run.arrays[f"heatmaps_{c}"])
+            row_parts.append(f'<figure class="mean">{_img(src, f"cluster {c} mean heatmap")}'
+                             f"<figcaption>mean key heatmap of the {n} images nearest the centre</figcaption></figure>")
+        selected = run.arrays[f"selected_{c}"]
+        pictures, note = _cluster_pictures(run, c, dataset_loader)
+        if pictures:
+            header, row_img, row_overlay, row_grid = [], [], [], []
+            for r, (image, overlay, patches) in enumerate(pictures):
+                i = int(selected[r]) if r < len(selected) else None
+                label = ""
+                if i is not None and labels is not None and i < len(labels):
+                    label = _e(run.class_name(int(labels[i])))
+                    if groups is not None:
+                        label += f"<br>{_e(GROUP_NAMES[int(groups[i])] if int(groups[i]) < 2 else groups[i])}"
+                header.append(f'<td class="label">#{i if i is not None else r}<br>{label}</td>')
+                for row, pic, kind in ((row_img, image, "image"), (row_overlay, overlay, "heatmap"),
+                                       (row_grid, patches, "patches")):
+                    if isinstance(pic, Path) and not pic.is_file():
+                        row.append('<td class="label">missing</td>')
+                        continue
+                    src = assets.add(f"clusters/cluster_{c}_sample_{r}_{kind}.png", pic)
+                    row.append(f"<td>{_img(src, f'cluster {c} sample {r} {kind}')}</td>")
+            rows = "".join(
+                f"<tr><th>{name}</th>{''.join(cells)}</tr>"
+                for name, cells in (("sample", header), ("image", row_img), ("key heatmap", row_overlay),
+                                    ("patch grid", row_grid))
+            )
+            row_parts.append(f'<div class="scroll"><table class="strip">{rows}</table></div>')
+        else:
+            row_parts.append(_empty(
+                "No images of this cluster are available: the run folder holds no pictures and its validation "
+                "images cannot be reloaded.",
+                "Fit with a run folder (<code>edgeshort detect -o RUN</code> writes <code>heatmaps/</code> and "
+                "<code>patch_grids/</code>). The mean heatmap needs no images."))
+        parts.append(f'<div class="cluster-row">{"".join(row_parts)}</div>')
+        if note:
+            parts.append(f'<p class="meta">Pictures {note}.</p>')
+    return _section("clusters", "Clusters: images nearest each centre", "".join(parts))
+
+
+def _pick_samples(artefact: np.ndarray, correct: np.ndarray, changed: np.ndarray, per_category: int,
+                  seed: int = 0) -> list[tuple[bool, bool, np.ndarray]]:
+    """Up to `per_category` indices per (artefact, correct) cell, random but with a changed prediction if any."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for art in (True, False):
+        for ok in (True, False):
+            members = np.flatnonzero((artefact == art) & (correct == ok))
+            pick = rng.permutation(members)[:per_category]
+            moved = np.setdiff1d(members[changed[members]], pick)
+            if len(pick) and not changed[pick].any() and len(moved):
+                pick[-1] = moved[0]  # show what the guard changes when it changes something here
+            out.append((art, ok, np.sort(pick)))
+    return out
+
+
+def _mark(run: RunData, predicted: int, truth: int) -> str:
+    """A predicted class, green when right and red when wrong."""
+    return f'<span class="{"ok" if predicted == truth else "no"}">{_e(run.class_name(int(predicted)))}</span>'
+
+
+def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
+           per_category: int = SAMPLES_PER_CATEGORY) -> str:
+    m = run.metrics
+    parts = [
+        "<p>The key-KNN guard flags patch tokens whose keys look like the shortcut cluster's most distinctive keys, "
+        "grows the flags to their neighbours, and the ablated prediction excludes those tokens. Each picture shows "
+        "the saliency (key distance to the clean clusters' mean key) and an outline "
+        '(<span class="legend-swatch"></span>) around every flagged patch.</p>'
+    ]
+    # Flag quality needs artefact masks; say so either way, it is the guard's own measurement.
+    if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
+        parts.append(f"<p>Against the true artefact patches of the test set: precision "
+                     f"<strong>{_num(m.get('patch_precision'))}</strong>, recall "
+                     f"<strong>{_num(m.get('patch_recall'))}</strong> (dilated flags).</p>")
+    else:
+        parts.append(_empty(
+            "No flag precision or recall: the test set has no artefact masks (truth masks).",
+            "Masks come with the synthetic data (<code>edgeshort demo</code>); for your own data pass an "
+            "<code>ImageDataset</code> with <code>masks=</code> (one boolean (H, W) mask per image) to "
+            "<code>result.evaluate()</code>."))
+    pred = run.predictions
+    if pred is None:
+        parts.append(_empty(
+            "No test predictions: the run was not evaluated on a test set.",
+            "Run <code>edgeshort report RUN --eval TEST_IMAGES</code> (it evaluates, then reports), or "
+            "<code>edgeshort detect … --eval TEST_IMAGES</code>, or call <code>result.evaluate(test)</code>."))
+        return _section("flags", "Key-KNN flags on test images", "".join(parts))
+    if test_dataset is None:
+        parts.append(_empty(
+            f"The test images are not available{': ' + _e(test_problem) if test_problem else ''}; the predictions "
+            f"of {len(pred['labels'])} test images are summarised in the other sections.",
+            "Pass them: <code>edgeshort report RUN --eval TEST_IMAGES</code> or "
+            "<code>write_report(run_dir, test_dataset=...)</code>."))
+        return _section("flags", "Key-KNN flags on test images", "".join(parts))
+
+    labels = pred["labels"].astype(int)
+    guarded_key = "dfr_logits" if pred.get("dfr_logits") is not None and pred["dfr_logits"].size else "ablated_logits"
+    guarded = pred[guarded_key].argmax(1)
+    original = pred["logits"].argmax(1)
+    ablated = pred["ablated_logits"].argmax(1)
+    groups = pred.get("groups")
+    has_groups = groups is not None and groups.size == len(labels)
+    artefact = groups.astype(bool) if has_groups else pred["present"].astype(bool)
+    picks = _pick_samples(artefact, guarded == labels, guarded != original, per_category)
+    guarded_name = "ablated + DFR" if guarded_key == "dfr_logits" else "ablated"
+    parts.append(
+        f"<p>{per_category} random test images per cell; “right” and “wrong” refer to the guarded prediction "
+        f"({guarded_name}), and where the guard changed a prediction in a cell one such image is included. "
+        + ("Rows split by the test set's group labels." if has_groups else
+           "The test set has no group labels, so rows split by whether the guard found a shortcut.") + "</p>")
+    for art, ok, idx in picks:
+        what = ("with the artefact" if art else "without the artefact") if has_groups else (
+            "shortcut found" if art else "no shortcut found")
+        title = f"{'Artefact-bearing' if art else 'Clean'} images, {'right' if ok else 'wrong'}" if has_groups else (
+            f"{what.capitalize()}, {'right' if ok else 'wrong'}")
+        count = int(((artefact == art) & ((guarded == labels) == ok)).sum())
+        parts.append(f"<h3>{_e(title)}</h3><p class=\"meta\">{_plural(count, 'test image')} {what} "
+                     f"{'predicted right' if ok else 'predicted wrong'} by the guarded model.</p>")
+        if not len(idx):
+            parts.append('<p class="meta">None in this test set.</p>')
+            continue
+        figures = []
+        for i in idx:
+            i = int(i)
+            image = test_dataset.image(i).convert("RGB")
+            if max(image.size) > 2 * OVERLAY_SIDE:  # keep the page light: draw on a copy of at most 2x size
+                image.thumbnail((2 * OVERLAY_SIDE, 2 * OVERLAY_SIDE))
+            pixels = np.asarray(image)
+            scale = max(1, -(-OVERLAY_SIDE // max(1, min(pixels.shape[:2]))))
+            picture = guard_overlay(pixels, pred["saliency"][i], pred["flags"][i], scale=scale)
+            src = assets.add(f"flags/test_{i}.png", picture)
+
+            head = f"#{i} · true <strong>{_e(run.class_name(labels[i]))}</strong>" + (
+                f" · {GROUP_NAMES[int(groups[i])]}" if has_groups and int(groups[i]) < 2 else "")
+            kinds = [("original", original[i]), ("ablated", ablated[i])]
+            if guarded_key == "dfr_logits":
+                kinds.append(("ablated + DFR", guarded[i]))
+            preds = "".join(f"<tr><td>{name}</td><td>{_mark(run, p, labels[i])}</td></tr>" for name, p in kinds)
+            tail = (f"{_plural(int(pred['raw_flags'][i].sum()), 'patch', 'patches')} flagged "
+                    f"({int(pred['flags'][i].sum())} after dilation) · shortcut "
+                    f"{'present' if pred['present'][i] else 'absent'}")
+            figures.append(f"<figure>{_img(src, f'test image {i} with flags')}<figcaption>{head}"
+                           f'<table class="preds">{preds}</table>{tail}</figcaption></figure>')
+        parts.append(f'<div class="gallery">{"".join(figures)}</div>')
+    return _section("flags", "Key-KNN flags on test images", "".join(parts))
+
+
+def _groups(run: RunData, assets: Assets, figures: Path) -> str:
+    m = run.metrics
+    tables = m.get("group_accuracy")
+    intro = ("<p>Accuracy per (class, group) cell of the test set for the original model, with the flagged tokens "
+             "ablated, and ablated with the DFR head; the average (AGA) is the mean over the cells, the worst "
+             "group (WGA) the lowest cell. A shortcut shows as a weak cell that the guard lifts.</p>")
+    if not tables:
+        if "test_size" not in m and run.predictions is None:
+            why = "The run was not evaluated on a test set."
+        else:
+            why = ("The test set has no group labels (which images carry the artefact), so accuracy per group "
+                   "cannot be measured.")
+        how = ("Evaluate on a test set with group labels: the seed layout <code>ROOT/test_w_patches/</code> + "
+               "<code>ROOT/test_wo_patches/</code> (<code>edgeshort report RUN --eval ROOT/test</code>), or an "
+               "<code>ImageDataset</code> with <code>groups=</code> passed to <code>result.evaluate()</code>.")
+        overall = ""
+        if run.predictions is not None:
+            p = run.predictions
+            accs = [("original", p["logits"]), ("ablated", p["ablated_logits"])]
+            if p.get("dfr_logits") is not None and p["dfr_logits"].size:
+                accs.append(("ablated + DFR", p["dfr_logits"]))
+            overall = "<p>Overall test accuracy: " + ", ".join(
+                f"{name} {_num(float((logits.argmax(1) == p['labels']).mean()))}" for name, logits in accs) + ".</p>"
+        return _section("groups", "Per-group accuracy", intro + _empty(why, how) + overall)
+    kinds = list(tables)
+    headers = ["class", "group", "n", *[KIND_TITLES.get(k, k) for k in kinds]]
+    rows = []
+    for i, cell in enumerate(tables[kinds[0]]["cells"]):
+        row = [_e(cell["class"]), _e(cell["group"]), _num(cell["n"])]
+        for k in kinds:
+            acc = tables[k]["cells"][i]["accuracy"]
+            worst = acc is not None and tables[k]["worst"] is not None and abs(acc - tables[k]["worst"]) < 1e-12
+            row.append(f'<td class="worst">{_num(acc)}</td>' if worst else _num(acc))
+        rows.append(row)
+    classes = [None] * len(rows)
+    for label, key in (("average", "average"), ("worst group", "worst"), ("overall", "overall")):
+        rows.append([label, "", "", *[_num(tables[k].get(key)) for k in kinds]])
+        classes.append("summary" if key == "average" else None)
+    parts = [intro, _table(headers, rows, "group-accuracy", classes, text_columns=(0, 1)),
+             '<p class="meta">Red: the worst cell of each column.</p>']
+    from edgeshort.report.figures import group_accuracy_bars
+
+    path = group_accuracy_bars(tables, figures / "group_accuracy.png")
+    parts.append(_figure(assets.figure(path), "group accuracy bars",
+                         f"Accuracy per group. <code>{_e(path.name)}</code> is written beside this page.",
+                         width=760))
+    return _section("groups", "Per-group accuracy", "".join(parts))
+
+
+def _spray(run: RunData, assets: Assets) -> str:
+    intro = ("<p>SpRAy (Lapuschkin et al., 2019) clusters explanation heatmaps and flags clusters that look like "
+             "Clever Hans behaviour: a label-pure minority of a class whose relevance is concentrated elsewhere.</p>")
+    how = ("Fit <code>SpRAyDetector().fit(heatmaps=..., labels=...)</code> (for example on this run's key heatmaps) "
+           "and save <code>get_report()</code> as <code>RUN/spray/report.json</code> with its heatmap grid PNG beside "
+           "it (<code>edgeshort spray</code> writes both).")
+    if run.spray is None:
+        why = (f"The SpRAy result could not be read: {_e(run.spray_problem)}." if run.spray_problem
+               else "The run folder holds no SpRAy result (<code>spray/report.json</code>).")
+        return _section("spray", "SpRAy", intro + _empty(why, how))
+    body = run.spray
+    report = body.get("report", body)
+    clusters = report.get("clusters") or []
+    hans = report.get("clever_hans") or {}
+    risk = body.get("risk_level", hans.get("risk_level", "none"))
+    detected = body.get("shortcut_detected", hans.get("shortcut_detected"))
+    parts = [intro, f'<div class="verdict"><p class="headline">Clever Hans: risk <span class="risk-{_e(risk)}">'
+             f"{_e(risk)}</span> — shortcut {'detected' if detected else 'not detected'}"
+             + (f" in cluster(s) {', '.join(map(str, hans.get('flagged_clusters', [])))}"
+                if detected and hans.get("flagged_clusters") else "") + "</p>"]
+    flags = hans.get("flags") or []
+    if flags:
+        parts.append("<ul>" + "".join(
+            f"<li>cluster {_e(f.get('cluster_id'))} [{_e(f.get('risk_level'))}]: "
+            + "; ".join(_e(r) for r in f.get("reasons", [])) + "</li>" for f in flags) + "</ul>")
+    parts.append("</div>")
+    for note in hans.get("notes") or []:
+        parts.append(f'<p class="meta">{_e(note)}</p>')
+    if clusters:
+        headers = ["cluster", "size", "share", "majority label", "label purity", "group purity", "focus", "risk"]
+        rows = []
+        for c in clusters:
+            label = c.get("majority_label")
+            if isinstance(label, (int, np.integer)) and run.class_names and 0 <= int(label) < len(run.class_names):
+                label = run.class_names[int(label)]
+            rows.append([_e(c.get("cluster_id")), _num(c.get("size")), _pct(c.get("fraction"), 1),
+                         _e("–" if label is None else label), _num(c.get("label_purity")), _num(c.get("group_purity")),
+                         _num(c.get("focus_mean")),
+                         f'<td class="risk-{_e(c.get("risk_level", "none"))}">{_e(c.get("risk_level", "none"))}</td>'])
+        parts.append(_table(headers, rows, "spray-clusters", text_columns=(0, 3)))
+    reps = report.get("representative_heatmaps") or {}
+    if reps:
+        by_id = {str(c.get("cluster_id")): c for c in clusters}
+        figures = []
+        for cid, heat in sorted(reps.items(), key=lambda kv: str(kv[0])):
+            heat = np.asarray(heat, dtype=np.float64)
+            if heat.ndim != 2 or not heat.size:
+                continue
+            h, w = heat.shape
+            picture = colourise(grid_to_pixels(heat, (150, max(1, 150 * w // h))), 0.0, float(heat.max()) or 1.0)
+            src = assets.add(f"spray/representative_{cid}.png", picture)
+            c = by_id.get(str(cid), {})
+            figures.append(f"<figure>{_img(src, f'SpRAy cluster {cid} mean heatmap')}<figcaption>cluster {_e(cid)}: "
+                           f"n={_e(c.get('size', '?'))}, risk {_e(c.get('risk_level', '?'))}</figcaption></figure>")
+        parts.append('<h3>Representative heatmaps</h3><p class="meta">Mean heatmap of each cluster.</p>'
+                     f'<div class="gallery small">{"".join(figures)}</div>')
+    else:
+        parts.append(_empty("The SpRAy report holds no representative heatmaps.", how))
+    for png in sorted((run.run_dir / "spray").glob("*.png")):
+        src = assets.add(f"spray/{png.name}", png)
+        parts.append(_figure(src, f"SpRAy {png.stem}", f"<code>spray/{_e(png.name)}</code> from the run folder."))
+    return _section("spray", "SpRAy", "".join(parts))
+
+
+def _setting(value) -> str:
+    """A setting as JSON, floats to 4 significant digits (1/3 reads better than 0.3333333333333333)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_setting(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _timings(run: RunData) -> str:
+    seconds = run.metrics.get("seconds") or {}
+    if not seconds:
+        return _section("timings", "Timings", _empty("The run records no timings (metrics.json has no "
+                                                      "<code>seconds</code>).", "Run <code>edgeshort detect</code> "
+                                                      "again; it writes them."))
+    total = sum(float(v) for v in seconds.values())
+    longest = max(float(v) for v in seconds.values()) or 1.0
+    rows = [[f"{_e(k)} <span class=\"meta\">— {_e(STAGE_TITLES.get(k, ''))}</span>" if k in STAGE_TITLES else _e(k),
+             _num(float(v), 2), f'<td class="text"><span class="bar" style="width:{160 * float(v) / longest:.0f}px">'
+             "</span></td>"] for k, v in seconds.items()]
+    rows.append(["total", _num(total, 2), ""])
+    return _section("timings", "Timings",
+                    "<p>Wall-clock seconds per stage of the run.</p>"
+                    + _table(["stage", "seconds", ""], rows, "timings", [None] * (len(rows) - 1) + ["summary"]))
+
+
+def _configuration(run: RunData) -> str:
+    parts = []
+    if run.config:
+        rows = [[f'<td class="text nowrap"><code>{_e(k)}</code></td>', f"<code>{_e(_setting(v))}</code>",
+                 _e(CONFIG_NOTES.get(k, ""))] for k, v in run.config.items()]
+        parts.append("<p>The detector settings (<code>config.json</code>).</p>"
+                     + _table(["setting", "value", "meaning"], rows, "configuration", text_columns=(0, 1, 2)))
+    else:
+        parts.append(_empty("The run folder has no config.json.", "Run <code>edgeshort detect</code> again."))
+    model = run.meta.get("model") or {}
+    facts = [
+        ("model family", model.get("family")), ("token grid", " x ".join(map(str, model.get("grid", [])))),
+        ("prefix tokens", model.get("num_prefix")), ("heads", model.get("num_heads")),
+        ("embedding size", model.get("embed_dim")), ("classes", ", ".join(run.class_names)),
+        ("preprocessing", json.dumps(model.get("preprocessing")) if model.get("preprocessing") else None),
+        ("validation images", run.metrics.get("val_size")), ("test images", run.metrics.get("test_size")),
+        ("KNN reference keys", run.metrics.get("knn_reference_size")),
+        ("DFR", json.dumps(run.meta.get("dfr")) if run.meta.get("dfr") else "none"),
+        ("validation data source", run.meta.get("data_source")),
+    ]
+    rows = [[_e(k), f'<td class="text"><code>{_e(v)}</code></td>'] for k, v in facts if v not in (None, "")]
+    parts.append("<h3>Model and data</h3>" + _table(["", "value"], rows, "run-facts", text_columns=(0, 1)))
+    return _section("configuration", "Configuration", "".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------------------
+def _test_images(run: RunData, test_dataset) -> tuple[object | None, str | None]:
+    """The test images the predictions belong to: given, or reloaded from a recorded source."""
+    pred = run.predictions
+    if pred is None:
+        return None, None
+    n = len(pred["labels"])
+    if test_dataset is not None:
+        if not _same_test_set(test_dataset, pred):
+            raise InputError(
+                f"expected the test set the run was evaluated on ({n} images), got {len(test_dataset)} images "
+                "with other labels; pass the same test images, or evaluate on these first "
+                "(`edgeshort report RUN --eval TEST_IMAGES`)"
+            )
+        return test_dataset, None
+    source = run.metrics.get("test_source") or run.meta.get("test_source")
+    if not source:
+        return None, "the run records no test source"
+    try:
+        from edgeshort.data import dataset_from_source
+
+        dataset = dataset_from_source(source)
+    except Exception as exc:  # a moved folder or an old source string: the section explains, the report goes on
+        logger.warning("could not reload the test images from %r: %s", source, exc)
+        return None, f"reloading them from the recorded source failed ({exc})"
+    if not _same_test_set(dataset, pred):
+        return None, "the images at the recorded source no longer match the predictions"
+    return dataset, None
+
+
+def _same_test_set(dataset, pred: dict[str, np.ndarray]) -> bool:
+    """Same size, labels and (when both have them) group labels: the best check the predictions allow."""
+    if len(dataset) != len(pred["labels"]) or not np.array_equal(np.asarray(dataset.labels), pred["labels"]):
+        return False
+    groups = pred.get("groups")
+    if dataset.groups is not None and groups is not None and groups.size:
+        return bool(np.array_equal(dataset.groups, groups))
+    return True
+
+
+def _val_loader(run: RunData) -> Callable[[], object | None]:
+    cache: dict[str, object | None] = {}
+
+    def load():
+        if "val" not in cache:
+            cache["val"] = None
+            source = run.meta.get("data_source")
+            if source:
+                try:
+                    from edgeshort.data import dataset_from_source
+
+                    cache["val"] = dataset_from_source(source)
+                except Exception as exc:  # pictures are optional: the section says they are missing
+                    logger.warning("could not reload the validation images from %r: %s", source, exc)
+        return cache["val"]
+
+    return load
+
+
+def write_report(run_dir, out: str | Path | None = None, test_dataset=None, embed: bool = False) -> Path:
+    """Write the HTML report of a run folder and return its path.
+
+    `run_dir` is a run folder (or a fitted `DetectionResult` saved to one); `out` the page
+    (default `RUN/report.html`); `test_dataset` the images the run was evaluated on, to draw the
+    guard's flags on (otherwise reloaded from the source the run records, when it records one);
+    `embed` puts every picture into the page instead of the `<stem>_files/` folder. The PNG
+    figures (cluster scatter, group accuracy) are always written to that folder.
+    """
+    if not isinstance(run_dir, (str, Path)):
+        saved = getattr(run_dir, "run_dir", None)
+        if saved is None:
+            raise InputError(f"expected a run folder or a DetectionResult saved to one, got {type(run_dir).__name__}; "
+                             "fit with run_dir=... or call result.save(RUN)")
+        run_dir = saved
+    run = load_run(run_dir)
+    out = Path(out) if out is not None else run.run_dir / "report.html"
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise InputError(f"expected the report path to end in .html, got {str(out)!r}; rename it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = out.parent / f"{out.stem}_files"
+    folder.mkdir(parents=True, exist_ok=True)
+    assets = Assets(folder, out.parent, embed)
+
+    test_images, test_problem = _test_images(run, test_dataset)
+    sections = [
+        _verdict(run, assets, folder),
+        _clusters(run, assets, _val_loader(run)),
+        _flags(run, assets, test_images, test_problem),
+        _groups(run, assets, folder),
+        _spray(run, assets),
+        _timings(run),
+        _configuration(run),
+    ]
+    toc = [("verdict", "Verdict"), ("clusters", "Clusters"), ("flags", "Flags on test images"),
+           ("groups", "Per-group accuracy"), ("spray", "SpRAy"), ("timings", "Timings"),
+           ("configuration", "Configuration")]
+    from edgeshort._version import __version__
+
+    model = run.meta.get("model") or {}
+    title = f"edgeshort report — {run.run_dir.resolve().name}"
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<main>
+<header>
+<h1>{_e(title)}</h1>
+<div class="meta">Run folder <code>{_e(run.run_dir.resolve())}</code> · {_e(model.get("family", "model"))} ViT,
+{_e(len(run.class_names))} classes ({_e(", ".join(run.class_names))}) · written
+{_e(_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))} by edgeshort {_e(__version__)}</div>
+<nav class="toc">{"".join(f'<a href="#{i}">{_e(t)}</a>' for i, t in toc)}</nav>
+</header>
+{"".join(sections)}
+</main>
+<script>{IMAGE_CHECK_SCRIPT}</script>
+</body>
+</html>
+"""
+    out.write_text(page, encoding="utf-8")
+    logger.info("wrote %s (%d pictures)", out, assets.count)
+    return out

@@ -1,0 +1,281 @@
+"""The run report: every section present, every picture loads in a real browser, overlays sit on the flag grid."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeshort.errors import InputError
+from edgeshort.report.draw import cell_edges, flag_outline_overlay, guard_overlay
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SECTIONS = ("verdict", "clusters", "flags", "groups", "spray", "timings", "configuration")
+CYAN = (0, 255, 255)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlays on the flag grid
+# ---------------------------------------------------------------------------------------------
+def expected_outline(size: tuple[int, int], flags: np.ndarray, width: int) -> np.ndarray:
+    """Pixels within `width` of the border of a flagged cell, cells laid out as the heat is
+    (pixel p in cell floor(p * cells / pixels)), computed without the drawing code."""
+    h, w = size
+
+    def position(pixels: int, cells: int):
+        cell = np.arange(pixels) * cells // pixels
+        start = np.array([np.flatnonzero(cell == c)[0] for c in range(cells)])
+        length = np.bincount(cell, minlength=cells)
+        offset = np.arange(pixels) - start[cell]
+        return cell, (offset < width) | (offset >= length[cell] - width)
+
+    row_cell, row_edge = position(h, flags.shape[0])
+    col_cell, col_edge = position(w, flags.shape[1])
+    inside = flags[row_cell[:, None], col_cell[None, :]]
+    return inside & (row_edge[:, None] | col_edge[None, :])
+
+
+FLAG_GRID = np.zeros((7, 9), bool)
+FLAG_GRID[1, 1] = FLAG_GRID[1, 2] = FLAG_GRID[2, 2] = True  # touching cells
+FLAG_GRID[5, 7] = FLAG_GRID[6, 8] = FLAG_GRID[0, 8] = True  # a lone cell and the borders
+
+
+@pytest.mark.parametrize("size", [(71, 93), (77, 100), (56, 72)])  # uneven and even cell sizes
+def test_flag_outlines_fall_exactly_on_flagged_cell_borders(size):
+    blank = np.zeros((*size, 3), np.uint8)
+    drawn = np.asarray(flag_outline_overlay(blank, FLAG_GRID, colour=CYAN))
+    outline = (drawn == CYAN).all(-1)
+    assert np.array_equal(outline, expected_outline(size, FLAG_GRID, 1))
+    assert not drawn[~outline].any()  # nothing else was drawn
+
+
+@pytest.mark.parametrize("scale", [1, 3])
+def test_guard_overlay_heat_and_outlines_coincide_with_the_flag_grid(scale):
+    size = (71, 93)
+    blank = np.zeros((*size, 3), np.uint8)
+    # Saliency 1 exactly on the flagged cells: the heat must cover those cells and nothing else.
+    drawn = np.asarray(guard_overlay(blank, FLAG_GRID.astype(np.float32), FLAG_GRID, scale=scale))
+    big = (size[0] * scale, size[1] * scale)
+    assert drawn.shape == (*big, 3)
+    outline = (drawn == CYAN).all(-1)
+    assert np.array_equal(outline, expected_outline(big, FLAG_GRID, scale))
+    heat = drawn.any(-1)
+    assert np.array_equal(heat, expected_outline(big, FLAG_GRID, max(big)))  # whole flagged cells
+
+
+def test_cell_edges_match_heat_layout():
+    for pixels, cells in ((64, 4), (70, 9), (13, 13), (100, 7)):
+        cell_of_pixel = np.arange(pixels) * cells // pixels
+        edges = cell_edges(pixels, cells)
+        assert edges[0] == 0 and edges[-1] == pixels
+        for c in range(cells):
+            assert np.array_equal(np.flatnonzero(cell_of_pixel == c), np.arange(edges[c], edges[c + 1]))
+
+
+def test_overlays_reject_inputs_they_cannot_draw():
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(InputError, match="same patch grid"):
+        guard_overlay(image, np.zeros((4, 4)), np.zeros((8, 8), bool))
+    with pytest.raises(InputError, match="uint8"):
+        guard_overlay(image.astype(np.float32), np.zeros((4, 4)), np.zeros((4, 4), bool))
+    with pytest.raises(InputError, match="at least 64x64"):
+        flag_outline_overlay(image, np.zeros((64, 64), bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+def image_sources(page: str) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', page)
+
+
+def section(page: str, ident: str) -> str:
+    match = re.search(rf'<section id="{ident}">(.*?)</section>', page, re.S)
+    assert match, f"section {ident} missing"
+    return match.group(1)
+
+
+def assert_complete(page_path: Path) -> str:
+    """Every section present, every image a PNG that exists (file or data URI), nothing from the network."""
+    page = page_path.read_text()
+    for ident in SECTIONS:
+        section(page, ident)
+    sources = image_sources(page)
+    assert sources
+    for src in sources:
+        assert not src.startswith(("http:", "https:", "//"))
+        if not src.startswith("data:image/png;base64,"):
+            assert (page_path.parent / src).is_file(), src
+    assert "<link" not in page  # no external style sheets
+    return page
+
+
+def run_chromium(page_path: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", *args,
+        page_path.resolve().as_uri(),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo run
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_report(demo_result, demo_data, tmp_path_factory):
+    from edgeshort.report import write_report
+
+    out = tmp_path_factory.mktemp("demo-report") / "report.html"
+    return write_report(demo_result.run_dir, out, test_dataset=demo_data["test"])
+
+
+def test_demo_report_has_every_section_with_data(demo_report, demo_result):
+    page = assert_complete(demo_report)
+    verdict = section(page, "verdict")
+    assert f"Shortcut cluster: {demo_result.shortcut_cluster}" in verdict
+    assert 'id="cluster-scores"' in verdict and "(shortcut)" in verdict
+    assert "cluster_scatter.png" in verdict
+    # Cluster strips: image, heatmap and patch grid for every sample written by the run.
+    clusters = section(page, "clusters")
+    written = len(list((demo_result.run_dir / "heatmaps" / "cluster_0").glob("sample_*_image.png")))
+    assert clusters.count("cluster 0 sample") == 3 * written
+    flags = section(page, "flags")
+    assert "precision" in flags and flags.count("<figure>") >= 4
+    groups = section(page, "groups")
+    assert 'id="group-accuracy"' in groups and "worst group" in groups and "ablated + DFR" in groups
+    assert "group_accuracy.png" in groups
+    assert 'class="empty"' in section(page, "spray")  # the demo run has no SpRAy result: explained
+    assert 'id="timings"' in section(page, "timings") and 'id="configuration"' in section(page, "configuration")
+    files = demo_report.parent / "report_files"
+    for name in ("cluster_scatter.png", "group_accuracy.png"):
+        with Image.open(files / name) as figure:
+            assert figure.width >= 600
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_demo_report_loads_in_a_headless_browser(demo_report, tmp_path):
+    done = run_chromium(demo_report, tmp_path, "--dump-dom")
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, "the page's load script did not run"
+    ok, total = map(int, loaded.groups())
+    assert total == len(image_sources(demo_report.read_text())) > 0
+    assert ok == total, f"{total - ok} of {total} images did not load"
+    assert "Shortcut cluster:" in dom and 'id="group-accuracy"' in dom and "worst group" in dom
+    shot = tmp_path / "report.png"
+    done = run_chromium(demo_report, tmp_path, f"--screenshot={shot}", "--window-size=1280,2400",
+                        "--hide-scrollbars")
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    with Image.open(shot) as picture:
+        assert np.asarray(picture.convert("L")).std() > 10  # the page rendered something, not a blank sheet
+
+
+def test_report_rejects_a_mismatched_test_set_and_bad_paths(demo_result, demo_data, tmp_path):
+    from edgeshort.report import write_report
+
+    with pytest.raises(InputError, match="evaluated on"):
+        write_report(demo_result.run_dir, tmp_path / "r.html", test_dataset=demo_data["test"].subset(np.arange(10)))
+    with pytest.raises(InputError, match=r"\.html"):
+        write_report(demo_result.run_dir, tmp_path / "r.txt")
+    with pytest.raises(InputError, match="run.json"):
+        write_report(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run without group labels or truth masks
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plain_run(demo_data, demo_vit, tmp_path_factory):
+    """The detector fitted on 160 validation images with no group labels or artefact masks."""
+    from edgeshort.data import ImageDataset
+    from edgeshort.detect import DetectorConfig, ShortcutDetector
+
+    val = demo_data["val"]
+    idx = np.linspace(0, len(val) - 1, 160).astype(int)
+    plain = ImageDataset.from_arrays(np.stack([val.array(int(i)) for i in idx]), val.labels[idx], val.class_names)
+    run_dir = tmp_path_factory.mktemp("plain-run")
+    config = DetectorConfig(progress=False, num_selected=5, knn_samples=20)
+    return ShortcutDetector(config).fit(demo_vit, plain, run_dir=run_dir)
+
+
+def plain_test_set(demo_data, n: int = 60):
+    from edgeshort.data import ImageDataset
+
+    test = demo_data["test"]
+    idx = np.arange(0, len(test), len(test) // n)[:n]
+    return ImageDataset.from_arrays(np.stack([test.array(int(i)) for i in idx]), test.labels[idx], test.class_names)
+
+
+def test_report_without_test_groups_or_masks_explains_each_gap(plain_run, demo_data, tmp_path):
+    from edgeshort.report import write_report
+
+    # Not evaluated: the flags and groups sections say so and how to evaluate.
+    page = assert_complete(write_report(plain_run, tmp_path / "before.html"))
+    assert "not evaluated" in section(page, "flags") and "--eval" in section(page, "flags")
+    assert "not evaluated" in section(page, "groups")
+    assert "Shortcut cluster:" in section(page, "verdict")
+    assert "<th>sample</th>" in section(page, "clusters")
+
+    test = plain_test_set(demo_data)
+    plain_run.evaluate(test)
+    page = assert_complete(write_report(plain_run.run_dir, tmp_path / "after.html", test_dataset=test))
+    flags, groups = section(page, "flags"), section(page, "groups")
+    assert "no artefact masks" in flags and "<figure>" in flags
+    assert "no group labels" in flags  # rows split by the guard's own finding instead
+    assert "no group labels" in groups and 'id="group-accuracy"' not in groups and "Overall test accuracy" in groups
+    assert "no SpRAy result" in section(page, "spray")
+    assert not (tmp_path / "after_files" / "group_accuracy.png").exists()
+
+    # Predictions without their images: the flags section says the images are missing.
+    page = assert_complete(write_report(plain_run.run_dir, tmp_path / "no-images.html"))
+    assert "test images are not available" in section(page, "flags")
+
+
+def test_report_shows_a_spray_result_in_the_run(plain_run, tmp_path):
+    from edgeshort.report import write_report
+    from edgeshort.spray import SpRAyDetector
+
+    run = tmp_path / "run"
+    shutil.copytree(plain_run.run_dir, run)
+    with np.load(run / "clusters.npz") as z:
+        maps = np.concatenate([z["heatmaps_0"], z["heatmaps_1"]]).reshape(-1, *plain_run.grid)
+        labels = np.concatenate([z["labels"][z["selected_0"]], z["labels"][z["selected_1"]]])
+    spray = SpRAyDetector(n_clusters=2, downsample_size=None).fit(heatmaps=maps, labels=labels)
+    (run / "spray").mkdir()
+    (run / "spray" / "report.json").write_text(json.dumps(spray.get_report()))
+    spray.save_representative_heatmaps(run / "spray" / "representative_heatmaps.png")
+    page = assert_complete(write_report(run, tmp_path / "spray.html", embed=True))
+    body = section(page, "spray")
+    assert "Clever Hans: risk" in body and 'id="spray-clusters"' in body
+    assert body.count("SpRAy cluster") == 2 and "representative_heatmaps.png" in body
+    assert "SpRAy: risk" in section(page, "verdict")
+    assert all(src.startswith("data:image/png;base64,") for src in image_sources(page))
+
+
+def test_report_command_evaluates_then_reports(plain_run, demo_data, tmp_path):
+    from edgeshort.cli import main
+
+    folder = tmp_path / "test-images"
+    test = plain_test_set(demo_data, 24)
+    for i in range(len(test)):
+        target = folder / test.class_names[test.labels[i]]
+        target.mkdir(parents=True, exist_ok=True)
+        test.image(i).save(target / f"{i:03d}.png")
+    run = tmp_path / "run"
+    shutil.copytree(plain_run.run_dir, run)
+    out = tmp_path / "out" / "page.html"
+    assert main(["report", str(run), "-o", str(out), "--eval", str(folder), "--quiet"]) == 0
+    page = assert_complete(out)
+    assert json.loads((run / "metrics.json").read_text())["test_size"] == 24
+    assert "<figure>" in section(page, "flags")
+    assert (tmp_path / "out" / "page_files" / "cluster_scatter.png").is_file()
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
