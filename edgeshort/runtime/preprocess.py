@@ -100,8 +100,13 @@ def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "F", "1"):
-        return img.convert("RGB")
-    raise ImageLoadError(f"{source} has mode {img.mode!r}; expected an RGB, RGBA or grayscale image")
+        try:
+            return img.convert("RGB")
+        except (ValueError, OSError) as exc:  # e.g. a palette image whose palette is damaged
+            raise ImageLoadError(f"{source} (mode {img.mode!r}) cannot be converted to RGB ({exc}); re-save it as RGB") from exc
+    raise ImageLoadError(
+        f"{source}: expected an RGB, RGBA or grayscale image, got mode {img.mode!r}; convert it to RGB first"
+    )
 
 
 def array_to_image(array: np.ndarray, source: str = "array", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -1,0 +1,147 @@
+"""`edgeshort predict`: records per image (JSONL / CSV), overlays, and bad files reported, not fatal."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeshort.cli import main
+
+NUM_IMAGES = 10
+
+
+@pytest.fixture(scope="module")
+def reference(demo_result, demo_data):
+    return demo_result.predict(demo_data["test"].subset(np.arange(NUM_IMAGES)), progress=False)
+
+
+@pytest.fixture(scope="module")
+def image_folder(demo_data, tmp_path_factory) -> Path:
+    """Test images as PNGs, half of them in a nested folder, plus a broken image and a non-image file."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "nested" / "deeper").mkdir(parents=True)
+    for i in range(NUM_IMAGES):
+        folder = root if i % 2 == 0 else root / "nested" / "deeper"
+        Image.fromarray(demo_data["test"].array(i)).save(folder / f"img{i:02d}.png")
+    (root / "nested" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (root / "notes.txt").write_text("not an image, and not picked up")
+    return root
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def expected_labels(reference, class_names, path: str) -> tuple[str, str]:
+    index = int(Path(path).stem[3:])
+    return class_names[reference.labels("original")[index]], class_names[reference.labels("ablated")[index]]
+
+
+def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folder, reference, tmp_path, capsys):
+    out, overlays = tmp_path / "results.jsonl", tmp_path / "overlays"
+    code = main(["predict", str(demo_bundle.root), str(image_folder), "--backend", "onnxruntime",
+                 "--batch-size", "4", "--out", str(out), "--overlays", str(overlays)])
+    assert code == 1, "one file failed, so the exit code says so"
+    stderr = capsys.readouterr().err
+    assert "broken.png" in stderr and "cannot read image" in stderr
+    records = read_jsonl(out)
+    assert len(records) == NUM_IMAGES + 1
+    errors = [r for r in records if r["error"]]
+    assert len(errors) == 1 and errors[0]["path"].endswith("broken.png") and errors[0]["label"] is None
+    assert "cannot read image" in errors[0]["error"]
+    names = demo_bundle.class_names
+    for record in records:
+        if record["error"]:
+            continue
+        assert (record["label"], record["ablated_label"]) == expected_labels(reference, names, record["path"])
+        assert record["flagged_patches"] >= 0 and isinstance(record["shortcut_present"], bool)
+        assert len(record["logits"]) == len(names)
+        assert (record["dfr_label"] is None) == (not demo_bundle.has_dfr)
+        picture = Image.open(record["overlay"])
+        assert picture.mode == "RGB" and min(picture.size) >= 256
+    assert len(list(overlays.glob("*.png"))) == NUM_IMAGES
+    index = {int(Path(r["path"]).stem[3:]): r for r in records if not r["error"]}
+    assert [index[i]["shortcut_present"] for i in range(NUM_IMAGES)] == reference.present.tolist()
+    assert [index[i]["flagged_patches"] for i in range(NUM_IMAGES)] == reference.flags.sum((1, 2)).tolist()
+
+
+def test_files_to_csv_on_the_split_path(demo_bundle, image_folder, reference, tmp_path):
+    files = sorted(str(p) for p in image_folder.rglob("img*.png"))
+    out = tmp_path / "results.csv"
+    code = main(["predict", str(demo_bundle.root), *files, "--backend", "openvino", "--split", "--drop-tokens",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == NUM_IMAGES
+    names = demo_bundle.class_names
+    for row in rows:
+        assert (row["label"], row["ablated_label"]) == expected_labels(reference, names, row["path"])
+        assert row["error"] == ""
+        for name in names:
+            float(row[f"logit_{name}"])
+
+
+def test_missing_file_and_empty_folder_are_error_records(demo_bundle, image_folder, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    good = sorted(image_folder.glob("img*.png"))[0]
+    code = main(["predict", str(demo_bundle.root), str(tmp_path / "missing.png"), str(empty), str(good),
+                 "--backend", "onnxruntime"])
+    assert code == 1
+    captured = capsys.readouterr()
+    records = read_jsonl_text(captured.out)
+    assert [bool(r["error"]) for r in records] == [True, True, False]
+    assert "does not exist" in records[0]["error"] and "found none" in records[1]["error"]
+    assert "missing.png" in captured.err
+
+
+def read_jsonl_text(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_unusable_bundle_or_options_exit_2_with_a_message(demo_bundle, image_folder, tmp_path, capsys):
+    assert main(["predict", str(tmp_path), str(image_folder)]) == 2
+    assert "is not an edgeshort bundle" in capsys.readouterr().err
+    assert main(["predict", str(demo_bundle.root), str(image_folder), "--drop-tokens"]) == 2
+    assert "add --split" in capsys.readouterr().err
+    assert main(["predict", str(demo_bundle.root), str(image_folder), "--out", str(tmp_path / "r.xlsx")]) == 2
+    assert "expected --out to end in .jsonl or .csv" in capsys.readouterr().err
+
+
+def test_predict_command_runs_without_torch_sklearn_scipy_or_onnx(demo_bundle, image_folder, tmp_path):
+    script = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        BLOCKED = {"torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript", "skl2onnx", "matplotlib"}
+
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{name} is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        from edgeshort.cli import main
+
+        code = main(sys.argv[1:])
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        sys.exit(3 if leaked else code)
+        """
+    )
+    files = [str(p) for p in sorted(image_folder.glob("img*.png"))[:3]]
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.run([sys.executable, "-c", script, "predict", str(demo_bundle.root), *files,
+                           "--out", str(out), "--overlays", str(tmp_path / "ov"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_jsonl(out)) == 3 and len(list((tmp_path / "ov").glob("*.png"))) == 3

@@ -1,0 +1,467 @@
+"""The torch-free runtime: parity with the offline detector on both backends, fused vs split paths,
+preprocessing parity with torchvision, actionable errors, thread safety, flat memory and fuzzing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeshort.errors import (
+    BundleError,
+    EdgeshortError,
+    ImageLoadError,
+    InputError,
+    MissingDependencyError,
+)
+from edgeshort.runtime import Guard, GuardResult
+from edgeshort.runtime.preprocess import Preprocessing, load_image, preprocess_image
+
+BACKENDS = ["onnxruntime", "openvino"]
+# Logits of two backends on the same graph agree to float rounding; labels and flags exactly.
+LOGIT_ATOL = 1e-3
+
+
+# -- fixtures -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def test_images(demo_data) -> np.ndarray:
+    """The demo's test split as uint8 (N, H, W, 3)."""
+    test = demo_data["test"]
+    return np.stack([test.array(i) for i in range(len(test))])
+
+
+@pytest.fixture(scope="module")
+def reference(demo_result, demo_data):
+    """The offline (torch) detector's predictions on the test split."""
+    return demo_result.predict(demo_data["test"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def guards(demo_bundle) -> dict[str, Guard]:
+    return {backend: Guard.load(demo_bundle, backend=backend) for backend in BACKENDS}
+
+
+@pytest.fixture(scope="module")
+def mixed_indices(reference) -> np.ndarray:
+    """A few test images with a shortcut present and a few without, interleaved."""
+    present, clean = np.flatnonzero(reference.present), np.flatnonzero(~reference.present)
+    assert len(present) >= 4 and len(clean) >= 4, "the demo test split should have both kinds"
+    return np.stack([present[:12], clean[:12]], axis=1).reshape(-1)
+
+
+def stacked(results: list[GuardResult], name: str) -> np.ndarray:
+    return np.stack([np.asarray(getattr(r, name)) for r in results])
+
+
+def assert_same_results(a: list[GuardResult], b: list[GuardResult], atol: float = 0.0) -> None:
+    for name in ("label", "ablated_label", "dfr_label", "shortcut_present"):
+        assert [getattr(r, name) for r in a] == [getattr(r, name) for r in b], name
+    for name in ("flags", "raw_flags"):
+        np.testing.assert_array_equal(stacked(a, name), stacked(b, name), err_msg=name)
+    names = ["logits", "ablated_logits", "saliency"] + (["dfr_logits"] if a[0].dfr_logits is not None else [])
+    for name in names:
+        np.testing.assert_allclose(stacked(a, name), stacked(b, name), atol=atol, rtol=0, err_msg=name)
+
+
+def copy_bundle(bundle, tmp_path: Path) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle.root, target)
+    return target
+
+
+def rewrite_manifest(root: Path, change) -> None:
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+# -- parity with the offline detector ---------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_path_matches_offline_detector(guards, backend, test_images, reference):
+    results = guards[backend].predict(test_images, batch_size=32)
+    assert len(results) == len(test_images)
+    assert [r.label for r in results] == reference.labels("original").tolist()
+    assert [r.ablated_label for r in results] == reference.labels("ablated").tolist()
+    if reference.dfr_logits is not None:
+        assert [r.dfr_label for r in results] == reference.labels("dfr").tolist()
+    np.testing.assert_array_equal(stacked(results, "flags"), reference.flags)
+    np.testing.assert_array_equal(stacked(results, "raw_flags"), reference.raw_flags)
+    np.testing.assert_array_equal(stacked(results, "shortcut_present"), reference.present)
+    np.testing.assert_allclose(stacked(results, "logits"), reference.logits, atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(stacked(results, "ablated_logits"), reference.ablated_logits, atol=LOGIT_ATOL, rtol=0)
+    np.testing.assert_allclose(stacked(results, "saliency"), reference.saliency, atol=1e-3, rtol=0)
+    assert reference.present.any() and (~reference.present).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_path_equals_fused_path(guards, backend, test_images, mixed_indices):
+    guard = guards[backend]
+    images = test_images[mixed_indices]
+    fused = guard.predict(images, batch_size=8)
+    assert_same_results(guard.predict(images, batch_size=8, path="split"), fused, atol=1e-4)
+    # Dropping the flagged tokens must equal masking them out of attention.
+    assert_same_results(guard.predict(images, batch_size=1, path="split", drop_tokens=True), fused, atol=1e-4)
+    assert_same_results(guard.predict(images, batch_size=5, path="split", drop_tokens=True), fused, atol=1e-4)
+
+
+def test_plain_logits_need_no_second_pass_for_clean_images(guards, test_images, reference):
+    clean = np.flatnonzero(~reference.present)[:8]
+    for result in guards["onnxruntime"].predict(test_images[clean]):
+        assert not result.shortcut_present
+        np.testing.assert_array_equal(result.logits, result.ablated_logits)
+
+
+def test_every_input_kind_gives_the_same_answer(guards, demo_bundle, test_images, tmp_path):
+    guard = guards["onnxruntime"]
+    image = test_images[0]
+    path = tmp_path / "one.png"
+    Image.fromarray(image).save(path)
+    tensor = guard.preprocess(image)[0]
+    single = [
+        guard.predict(str(path)), guard.predict(path), guard.predict(Image.open(path)), guard.predict(image),
+        guard.predict(tensor),
+    ]
+    batched = [guard.predict([image])[0], guard.predict(tensor[None])[0], guard.predict(image[None])[0]]
+    for result in single + batched:
+        assert isinstance(result, GuardResult)
+        assert_same_results([result], [single[-1]])
+    assert single[0].source == str(path)
+    record = json.loads(json.dumps(single[0].to_dict()))
+    assert record["class_name"] == guard.class_names[record["label"]]
+    assert len(record["logits"]) == len(guard.class_names)
+    assert np.asarray(record["flags"]).shape == tuple(demo_bundle.grid)
+    with pytest.raises(ValueError):
+        single[0].logits[0] = 1.0  # results are frozen, arrays included
+    assert guard.predict([]) == []
+
+
+def test_load_records_backend_and_precision(guards, demo_bundle):
+    from edgeshort.runtime import choose_backend
+
+    for backend, guard in guards.items():
+        assert guard.info.backend == backend
+        assert guard.info.precision == "f32"
+        assert guard.info.load_seconds > 0 and guard.info.warmup_seconds > 0
+        assert set(guard.info.compiled) >= {"guarded", "plain"}
+        json.dumps(guard.info.to_dict())
+    auto = Guard.load(demo_bundle)
+    assert auto.info.backend == choose_backend("auto")
+
+
+def test_openvino_compiles_into_the_cache_dir(demo_bundle, test_images, guards, tmp_path):
+    cached = Guard.load(demo_bundle, backend="openvino", cache_dir=tmp_path / "ov-cache")
+    assert any((tmp_path / "ov-cache").iterdir()), "OpenVINO wrote no compiled blobs"
+    assert_same_results(cached.predict(test_images[:4]), guards["openvino"].predict(test_images[:4]))
+
+
+def test_runtime_imports_no_torch_sklearn_scipy_or_onnx(demo_bundle, test_images, reference, tmp_path):
+    np.save(tmp_path / "images.npy", test_images[:16])
+    script = textwrap.dedent(
+        """
+        import importlib.abc, json, sys
+
+        BLOCKED = {"torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript", "skl2onnx"}
+
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{name} is blocked in this test")
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        import numpy as np
+        import edgeshort
+        import edgeshort.runtime
+
+        images = np.load(sys.argv[2])
+        out = {}
+        for backend in ("onnxruntime", "openvino"):
+            guard = edgeshort.Guard.load(sys.argv[1], backend=backend)
+            out[backend] = [[r.label, r.ablated_label] for r in guard.predict(images)]
+        out["leaked"] = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print(json.dumps(out))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(demo_bundle.root), str(tmp_path / "images.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["leaked"] == []
+    expected = np.stack([reference.labels("original")[:16], reference.labels("ablated")[:16]], axis=1).tolist()
+    assert out["onnxruntime"] == expected and out["openvino"] == expected
+
+
+# -- preprocessing parity with torchvision ------------------------------------------------------
+def _smooth_image(mode: str, size=(53, 41), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    pixels = np.asarray(Image.fromarray(coarse, "RGBA").resize(size, Image.Resampling.BICUBIC))
+    noisy = np.clip(pixels.astype(int) + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(noisy, "RGBA").convert(mode)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("fmt,mode", [("png", "RGB"), ("png", "L"), ("png", "RGBA"), ("jpeg", "RGB"), ("jpeg", "L")])
+def test_preprocessing_matches_torchvision(tmp_path, fmt, mode, interpolation):
+    torch = pytest.importorskip("torch")
+    transforms = pytest.importorskip("torchvision.transforms")
+    path = tmp_path / f"image.{fmt}"
+    _smooth_image(mode).save(path)
+    prep = Preprocessing(size=(32, 48), mean=(0.5, 0.45, 0.4), std=(0.25, 0.2, 0.22), interpolation=interpolation)
+    ours = preprocess_image(load_image(path), prep)
+    mode_enum = getattr(transforms.InterpolationMode, interpolation.upper())
+    pipeline = transforms.Compose([
+        transforms.Resize(prep.size, interpolation=mode_enum), transforms.ToTensor(),
+        transforms.Normalize(prep.mean, prep.std),
+    ])
+    with Image.open(path) as img:
+        theirs = pipeline(img.convert("RGB"))
+    assert isinstance(theirs, torch.Tensor) and ours.shape == tuple(theirs.shape) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=0)
+
+
+# -- errors a user can act on --------------------------------------------------------------------
+def test_missing_and_corrupt_images_are_refused(guards, tmp_path):
+    guard = guards["onnxruntime"]
+    with pytest.raises(ImageLoadError, match="does not exist; check the path"):
+        guard.predict(tmp_path / "nowhere.png")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    with pytest.raises(ImageLoadError, match="cannot read image .*broken.png.*expected a valid PNG/JPEG"):
+        guard.predict(str(broken))
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(ImageLoadError, match="cannot read image"):
+        guard.predict([truncated])
+    with pytest.raises(ImageLoadError, match="expected an image file, got the folder"):
+        guard.predict(tmp_path)
+    with pytest.raises(ImageLoadError, match="expected an RGB, RGBA or grayscale image, got mode 'HSV'; convert it"):
+        guard.predict(Image.new("HSV", (64, 64)))
+
+
+@pytest.mark.parametrize(
+    "array,message",
+    [
+        (np.zeros((64, 64, 2), np.uint8), r"expected 1, 3 or 4 channels \(last axis\), got 2"),
+        (np.zeros((4, 64, 64), np.float32), r"expected 3 channels first in a preprocessed array, got shape \(4, 64, 64\)"),
+        (np.zeros((2, 1, 64, 64), np.float32), r"expected 3 channels first"),
+        (np.zeros((3, 32, 32), np.float32), r"expected a preprocessed array of shape \(3, 64, 64\).*got \(3, 32, 32\)"),
+        (np.zeros((64, 64, 3), np.float32), r"expected 3 channels first.*transpose HWC to CHW"),
+        (np.zeros((1, 1, 3, 64, 64), np.float32), r"expected a float32 preprocessed array of shape.*got 5-D"),
+        (np.zeros((3, 64, 64), np.float64), r"expected a float32 preprocessed array, got float64; convert"),
+        (np.zeros((64, 64, 3), np.int16), r"expected a uint8 \(H, W, C\) image or a float32 preprocessed"),
+        (np.zeros((0, 64, 3), np.uint8), r"expected a non-empty image"),
+        (np.full((3, 64, 64), np.nan, np.float32), r"expected finite values, got NaN or infinity"),
+    ],
+)
+def test_bad_arrays_are_refused_with_what_to_do(guards, array, message):
+    with pytest.raises(InputError, match=message):
+        guards["onnxruntime"].predict(array)
+
+
+def test_bad_arguments_are_refused(guards, demo_bundle, test_images):
+    guard = guards["onnxruntime"]
+    with pytest.raises(InputError, match="expected batch_size to be a positive integer, got 0"):
+        guard.predict(test_images[:2], batch_size=0)
+    with pytest.raises(InputError, match=r"expected path in \('fused', 'split'\), got 'fast'"):
+        guard.predict(test_images[:2], path="fast")
+    with pytest.raises(InputError, match="drop_tokens=True needs the split graphs; pass path='split'"):
+        guard.predict(test_images[:2], drop_tokens=True)
+    with pytest.raises(InputError, match="expected a file path, a PIL image or a numpy array, got bytes"):
+        guard.predict(b"\x89PNG")
+    with pytest.raises(InputError, match="expected backend in"):
+        Guard.load(demo_bundle, backend="tensorrt")
+    with pytest.raises(InputError, match="expected precision in"):
+        Guard.load(demo_bundle, precision="int4")
+    with pytest.raises(InputError, match="expected precision 'f32' with ONNX Runtime, got 'bf16'; use backend='openvino'"):
+        Guard.load(demo_bundle, backend="onnxruntime", precision="bf16")
+    with pytest.raises(InputError, match="expected ONNX Runtime providers from .* got \\['NoSuchExecutionProvider'\\]"):
+        Guard.load(demo_bundle, providers=["NoSuchExecutionProvider"])
+
+
+def test_folder_without_manifest_is_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="is not an edgeshort bundle .*create one with `edgeshort export`"):
+        Guard.load(tmp_path)
+
+
+def test_bundle_from_a_newer_format_is_refused(demo_bundle, tmp_path):
+    root = copy_bundle(demo_bundle, tmp_path)
+    rewrite_manifest(root, lambda m: m.update(format=99))
+    with pytest.raises(BundleError, match="bundle format 99 is newer than this edgeshort reads.*pip install -U"):
+        Guard.load(root, backend="onnxruntime")
+
+
+def test_tampered_bundle_is_refused(demo_bundle, tmp_path):
+    root = copy_bundle(demo_bundle, tmp_path)
+    data = bytearray((root / "guarded.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (root / "guarded.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="'guarded.onnx' does not match its manifest hash.*re-export the bundle"):
+        Guard.load(root, backend="onnxruntime")
+
+
+def test_onnx_ir_version_too_new_is_named(demo_bundle, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    root = copy_bundle(demo_bundle, tmp_path)
+    path = root / "guarded.onnx"
+    model = onnx.load(str(path))
+    model.ir_version = 99
+    onnx.save(model, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    rewrite_manifest(root, lambda m: m["files"]["guarded.onnx"].update(sha256=digest, bytes=path.stat().st_size))
+    with pytest.raises(BundleError, match="guarded.onnx has ONNX IR version 99, newer than the installed runtime"):
+        Guard.load(root, backend="onnxruntime")
+
+
+def test_missing_backend_names_the_extra(demo_bundle, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` fail
+    with pytest.raises(MissingDependencyError, match=r"pip install 'edgeshort\[openvino\]'"):
+        Guard.load(demo_bundle, backend="openvino")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match="'onnxruntime' is a core dependency of edgeshort.*reinstall it"):
+        Guard.load(demo_bundle, backend="onnxruntime")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height but holds a few bytes of pixels: decoding it would fail."""
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + _png_chunk(b"IEND", b""))
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(demo_bundle, guards, test_images, tmp_path):
+    # The claimed size would be 7,000 x 7,000 x 3 = 147 MB decoded; the file is under 100 bytes, and
+    # decoding it would fail as truncated: the pixel-limit message shows it was refused before that.
+    bomb = tmp_path / "bomb.png"
+    _png_header_only(bomb, 7000, 7000)
+    with pytest.raises(ImageLoadError, match=r"at most 1,000,000 pixels, got .*bomb.png.* with 7000x7000 = 49,000,000"):
+        load_image(bomb, max_pixels=1_000_000)
+    strict = Guard.load(demo_bundle, backend="onnxruntime", max_pixels=64 * 64 - 1)
+    with pytest.raises(ImageLoadError, match=r"at most 4,095 pixels, got image with 64x64 = 4,096; downscale it"):
+        strict.predict(test_images[0])
+    with pytest.raises(ImageLoadError, match="at most 4,095 pixels"):
+        strict.predict(Image.fromarray(test_images[0]))
+    # Past Pillow's own limit the file is refused inside Image.open; the message still says what to do.
+    huge = tmp_path / "huge.png"
+    _png_header_only(huge, 60_000, 60_000)
+    with pytest.raises(ImageLoadError, match="decompression bomb.*downscale it first"):
+        guards["onnxruntime"].predict(huge)
+
+
+# -- reliability ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_sharing_one_guard_get_identical_results(guards, backend, test_images, mixed_indices):
+    guard = guards[backend]
+    images = test_images[mixed_indices]
+    expected = guard.predict(images, batch_size=4)
+    start = threading.Barrier(4)
+
+    def work(_):
+        start.wait()
+        return [guard.predict(images, batch_size=4) for _ in range(3)]
+
+    with ThreadPoolExecutor(4) as pool:
+        for runs in pool.map(work, range(4)):
+            for results in runs:
+                assert_same_results(results, expected)
+
+
+def test_split_graphs_compile_once_under_concurrent_first_use(demo_bundle, test_images):
+    guard = Guard.load(demo_bundle, backend="onnxruntime")
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: guard.predict(test_images[:6], path="split"), range(4)))
+    for results in runs[1:]:
+        assert_same_results(results, runs[0])
+    assert sorted(guard.info.compiled) == sorted(["guarded", "plain", "embed", "guard", "encoder_head"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_stays_flat_over_2000_predictions(guards, backend, test_images):
+    psutil = pytest.importorskip("psutil")
+    guard = guards[backend]
+    process = psutil.Process()
+    images = [test_images[i % len(test_images)] for i in range(40)]
+    for image in images * 5:  # warm-up: allocator pools and request pools reach their steady size
+        guard.predict(image)
+    before = process.memory_info().rss
+    for i in range(2000):
+        guard.predict(images[i % len(images)])
+    growth = (process.memory_info().rss - before) / before
+    assert growth < 0.10, f"resident memory grew by {growth:.1%} over 2,000 predictions"
+
+
+# -- property-based: malformed input never escapes as an undocumented error ----------------------
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+DTYPES = [np.uint8, np.float32, np.float64, np.float16, np.int16, np.int64, np.bool_, np.complex64]
+NEAR_VALID_SHAPES = st.sampled_from(
+    [(3, 64, 64), (1, 3, 64, 64), (2, 3, 64, 64), (64, 64, 3), (64, 64), (64, 64, 4), (2, 64, 64, 3),
+     (64, 64, 1), (1, 64, 64, 3, 1), (0, 3, 64, 64), (3, 64, 0), (5, 9, 2)]
+)
+SHAPES = st.one_of(NEAR_VALID_SHAPES, hnp.array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=6))
+
+
+@st.composite
+def malformed_arrays(draw):
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    shape = draw(SHAPES)
+    elements = None
+    if dtype.kind == "f":
+        elements = st.floats(allow_nan=True, allow_infinity=True, width=dtype.itemsize * 8)
+    return draw(hnp.arrays(dtype, shape, elements=elements, fill=elements))
+
+
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                         HealthCheck.data_too_large])
+
+
+def _outcome(guard: Guard, item) -> str:
+    try:
+        out = guard.predict(item)
+    except EdgeshortError:
+        return "error"
+    results = out if isinstance(out, list) else [out]
+    assert all(isinstance(r, GuardResult) for r in results)
+    for r in results:
+        assert np.isfinite(r.logits).all() and r.flags.shape == r.saliency.shape
+    return "result"
+
+
+@FUZZ
+@given(array=malformed_arrays())
+def test_fuzzed_arrays_give_a_result_or_a_documented_error(guards, array):
+    _outcome(guards["onnxruntime"], array)
+    _outcome(guards["onnxruntime"], [array])
+
+
+PREFIXES = st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"BM", b"II*\x00", b"P6\n"])
+
+
+@FUZZ
+@given(prefix=PREFIXES, body=st.binary(min_size=0, max_size=2048), suffix=st.sampled_from([".png", ".jpg", ".bin"]))
+def test_fuzzed_files_give_a_result_or_a_documented_error(guards, tmp_path_factory, prefix, body, suffix):
+    path = tmp_path_factory.mktemp("fuzz") / f"file{suffix}"
+    path.write_bytes(prefix + body)
+    _outcome(guards["onnxruntime"], path)
