@@ -196,7 +196,7 @@ def dataset_from_source(source: str) -> ImageDataset:
         split, _, config = rest.partition(":")
         data = json.loads(config)
         for key in ("train", "val", "test"):
-            data[key] = SplitSpec(data[key]["size"], tuple(data[key]["artefact_rate"]))
+            data[key] = SplitSpec(**{**data[key], "artefact_rate": tuple(data[key]["artefact_rate"])})
         return generate_split(SyntheticConfig(**data), split)
     raise InputError(f"unknown dataset source {source!r}; pass the images explicitly")
 

@@ -23,15 +23,21 @@ CLASS_NAMES = ("benign", "malignant")
 # occurs in skin or lesion, so the artefact is one shortcut rather than several.
 PATCH_COLOURS = np.array([[40, 200, 60], [30, 110, 230], [20, 200, 210]], dtype=np.float32)
 # Bump when the drawing changes, so models cached for the old images are not reused.
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 8
 
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Size of a split and the share of each class that carries the artefact."""
+    """Size of a split, the share of each class that carries the artefact, and on which malignant lesions.
+
+    `malignant_artefact_min_strength` > 0 puts the artefact only on malignant lesions whose
+    evidence is at least that plain (0..1): a model trained on such a split learns to trust the
+    artefact over faint malignant evidence, the partial shortcut the ISIC models show.
+    """
 
     size: int
     artefact_rate: tuple[float, float]  # (benign, malignant)
+    malignant_artefact_min_strength: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -82,17 +88,19 @@ def _skin(rng: np.random.Generator, size: int) -> np.ndarray:
     return base + gradient + noise
 
 
-def _draw_lesion(rng: np.random.Generator, img: np.ndarray, malignant: bool) -> tuple[float, float, float]:
+def _draw_lesion(
+    rng: np.random.Generator, img: np.ndarray, malignant: bool, min_strength: float = 0.0
+) -> tuple[float, float, float]:
     size = img.shape[0]
     cy, cx = size / 2 + rng.normal(0, size * 0.04, 2)
     r0 = size * rng.uniform(0.17, 0.24)
     radius, theta = _polar(size, cy, cx)
     # How plainly malignant a lesion looks varies, as in the clinic: faint evidence is where a
     # model is tempted to lean on the artefact instead.
-    strength = rng.uniform(0.0, 1.0)
+    strength = min_strength + (1.0 - min_strength) * rng.uniform(0.0, 1.0)
     if malignant:
         # Irregular border: several angular harmonics, stronger with the evidence.
-        amps = rng.uniform(0.08, 0.11, 3) + 0.10 * strength
+        amps = rng.uniform(0.09, 0.12, 3) + 0.09 * strength
         freqs = rng.integers(3, 8, 3)
     else:
         amps = rng.uniform(0.0, 0.06, 3)
@@ -109,7 +117,7 @@ def _draw_lesion(rng: np.random.Generator, img: np.ndarray, malignant: bool) -> 
         for tint in rng.permutation(np.array([[50, 30, 25], [90, 100, 130], [170, 70, 70]], np.float32))[:2]:
             by, bx = cy + rng.normal(0, r0 * 0.35), cx + rng.normal(0, r0 * 0.35)
             blob, _ = _polar(size, by, bx)
-            weight = (0.4 + 0.6 * strength) * np.clip(1 - blob / (r0 * rng.uniform(0.4, 0.7)), 0, 1)[..., None]
+            weight = (0.5 + 0.5 * strength) * np.clip(1 - blob / (r0 * rng.uniform(0.4, 0.7)), 0, 1)[..., None]
             colour = colour * (1 - weight) + tint * weight
     img[inside] = colour[inside]
     return float(cy), float(cx), float(r0 * (1 + amps.sum()))
@@ -186,7 +194,9 @@ def render_image(
     """
     rng = np.random.default_rng([config.seed, SPLIT_SEEDS[split], index])
     img = _skin(rng, config.image_size)
-    lesion = _draw_lesion(rng, img, bool(label))
+    spec: SplitSpec = getattr(config, split)
+    min_strength = spec.malignant_artefact_min_strength if (label and with_artefact) else 0.0
+    lesion = _draw_lesion(rng, img, bool(label), min_strength)
     mask = DRAWERS[config.artefact](rng, img, lesion) if with_artefact else np.zeros(img.shape[:2], bool)
     return np.clip(img, 0, 255).astype(np.uint8), mask
 
