@@ -64,7 +64,10 @@ def run(args) -> int:
     if test is not None:
         result.evaluate(test, print_table=True)
     _print_headline(result.metrics)
-    print(f"run folder: {args.out}")
+    from edgeshort.report.html import write_report
+
+    page = write_report(args.out, test_dataset=test)
+    print(f"run folder: {args.out}\nreport: {page}")
     return 0
 
 

@@ -130,6 +130,7 @@ class DetectionResult:
         preds = self.predict(test)
         metrics = dict(self.metrics)
         metrics["test_size"] = len(test)
+        metrics["test_source"] = test.source  # lets the report reload the test images
         metrics["test_shortcut_present_rate"] = float(preds.present.mean())
         if test.groups is not None:
             tables = {
