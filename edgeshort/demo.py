@@ -21,6 +21,9 @@ DEMO_DATA = SyntheticConfig(
     train=SplitSpec(3000, (0.5, 0.03), malignant_artefact_min_strength=0.6),
     val=SplitSpec(1500, (0.5, 0.2)),
 )
+# The ruler is a weaker cue than a coloured sticker: the model leans on it only when it never
+# appears on a malignant training image (ISIC's own split for its patches).
+DEMO_TRAIN_SPLITS = {"patch": DEMO_DATA.train, "ruler": SplitSpec(3000, (0.5, 0.0))}
 DEMO_TRAIN = TrainConfig(epochs=12)
 # The seed's 200 positive keys, drawn from 50 samples per cluster (the demo's artefact covers
 # about 15% of an image's 64 tokens), and 600 negatives so clean lesion keys are represented.
@@ -28,7 +31,7 @@ DEMO_DETECTOR = DetectorConfig(num_selected=50, knn_samples=200, knn_negatives=6
 
 
 def demo_data_config(artefact: str = "patch") -> SyntheticConfig:
-    return replace(DEMO_DATA, artefact=artefact)
+    return replace(DEMO_DATA, artefact=artefact, train=DEMO_TRAIN_SPLITS[artefact])
 
 
 def demo_datasets(artefact: str = "patch") -> dict[str, ImageDataset]:
