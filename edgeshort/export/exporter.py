@@ -14,6 +14,7 @@ import logging
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def _export_onnx(name, module, example, input_names, output_names, dynamic, path
         axes = dynamic.get(arg, {})
         shapes[arg] = {axis: dims.setdefault(label, torch.export.Dim(label, min=1)) for axis, label in axes.items()}
     module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Shared dynamic axes make the exporter note that it merges their names; nothing to act on.
+        warnings.filterwarnings("ignore", message=r"# The axis name")
         torch.onnx.export(
             module, example, str(path), input_names=input_names, output_names=output_names,
             dynamic_shapes=shapes, dynamo=True, opset_version=OPSET, external_data=False, verbose=False,
