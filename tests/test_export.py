@@ -142,3 +142,19 @@ def test_vit_b_16_bundle_matches_torch(tmp_path):
         assert graphs["guarded"]["flags_mismatches"] == 0
     assert bundle.manifest["knn_cross_check"]["mismatches_vs_sklearn"] == 0
     assert bundle.grid == (14, 14)
+
+
+@pytest.mark.slow
+def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_data, demo_bundle, tmp_path):
+    bundle = export_bundle(demo_result, tmp_path / "small", ExportOptions(weights="fp16", int8=True, progress=False),
+                           calibration=demo_data["val"])
+    manifest = bundle.manifest
+    assert manifest["openvino"]["weights"] == "fp16"
+    f32_bin = demo_bundle.manifest["files"]["plain.bin"]["bytes"]
+    assert manifest["files"]["plain.bin"]["bytes"] < 0.6 * f32_bin
+    int8 = manifest["openvino"]["int8"]
+    assert int8["graph"] == "guarded_int8" and int8["calibration_size"] == 32
+    assert int8["top1_agreement_ablated"] >= 0.9 and int8["flag_agreement"] >= 0.95
+    session = open_session(bundle.path("guarded_int8", "openvino"), "openvino")
+    images = np.stack([x for _, b in demo_data["test"].subset(np.arange(8)).batches(bundle.preprocessing, 8) for x in b])
+    assert session.run({"images": images})["ablated_logits"].shape == (8, 2)
