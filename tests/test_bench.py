@@ -1,0 +1,28 @@
+"""The benchmark harness keeps working: structure of its outputs, never a time."""
+
+from __future__ import annotations
+
+import json
+
+from edgeshort.bench import bench_bundle, write_outputs
+
+
+def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
+    results = bench_bundle(demo_bundle.root, backends=["onnxruntime", "openvino"], batches=(1, 2), rounds=2,
+                           block=1, progress=False)
+    paths = write_outputs(results, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["machine"]["cpu_count"] and data["size"]["total_bytes"] > 0
+    rows = [c for c in data["cases"] if c["backend"] in ("onnxruntime", "openvino")]
+    assert {(c["backend"], c["precision"], c["batch"]) for c in rows} >= {
+        ("onnxruntime", "f32", 1), ("onnxruntime", "f32", 2), ("openvino", "f32", 1), ("openvino", "f32", 2)}
+    for case in rows:
+        assert set(case["timings"]) == {"plain", "guarded", "guarded+original (flagged image)"}
+        assert case["ratio_vs_plain"]["plain"] == 1.0
+        assert all(t["n"] == 2 and t["median_ms"] > 0 for t in case["timings"].values())
+        assert case["cold_start_s"]["guarded"] > 0
+    seed = [c for c in data["cases"] if c["backend"] == "torch"]
+    assert seed and set(seed[0]["timings"]) == {"seed-style (per image)", "torch eager batch 8"}
+    table = paths["markdown"].read_text()
+    assert table.startswith("| backend | precision | batch | case |") and "Cold start" in table
+    assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
