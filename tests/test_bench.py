@@ -17,7 +17,9 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
     assert {(c["backend"], c["precision"], c["batch"]) for c in rows} >= {
         ("onnxruntime", "f32", 1), ("onnxruntime", "f32", 2), ("openvino", "f32", 1), ("openvino", "f32", 2)}
     for case in rows:
-        assert set(case["timings"]) == {"plain", "guarded", "guarded+original (flagged image)"}
+        assert set(case["timings"]) >= {"plain", "guarded", "guarded+original (flagged image)"}
+        if case["precision"] != "int8":
+            assert "Guard.predict (clean image)" in case["timings"]
         assert case["ratio_vs_plain"]["plain"] == 1.0
         assert all(t["n"] == 2 and t["median_ms"] > 0 for t in case["timings"].values())
         assert case["cold_start_s"]["guarded"] > 0
