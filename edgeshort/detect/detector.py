@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset, as_dataset
 from edgeshort.detect.config import DetectorConfig
 from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg
-from edgeshort.detect.extract import Features, extract, progress_bar
+from edgeshort.detect.extract import Features, extract
 from edgeshort.detect.keymaps import (
     Clustering,
     KeyKNN,
@@ -25,7 +26,7 @@ from edgeshort.detect.keymaps import (
     nearest_to_centroids,
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
-from edgeshort.errors import InputError, NotFittedError
+from edgeshort.errors import InputError
 from edgeshort.evaluation import format_table, group_accuracy
 from edgeshort.models import ViTAdapter, load_adapter
 from edgeshort.runtime.masking import dilate, keep_mask
@@ -354,9 +355,3 @@ def _check_dataset(dataset: ImageDataset, adapter: ViTAdapter, cfg: DetectorConf
             f"expected at least n_clusters={cfg.n_clusters} samples, got {len(dataset)}; "
             "add images or lower n_clusters"
         )
-
-
-def require_fitted(result) -> DetectionResult:
-    if not isinstance(result, DetectionResult):
-        raise NotFittedError("expected a fitted DetectionResult; call ShortcutDetector().fit(...) first")
-    return result

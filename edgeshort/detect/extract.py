@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset
 from edgeshort.models import ViTAdapter
 
@@ -32,17 +33,6 @@ class Features:
             if fingerprint is not None and str(data["fingerprint"]) != fingerprint:
                 return None
             return cls(data["pooled"], data["keys"], data["logits"])
-
-
-def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None):
-    """tqdm when installed and enabled, else the plain iterable."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 def fingerprint(adapter: ViTAdapter, dataset: ImageDataset, key_layer: int) -> str:

@@ -6,7 +6,6 @@ family maps the family's modules onto these few operations.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -145,15 +144,6 @@ class ViTAdapter(ABC):
 def grid_from_sizes(image_size: tuple[int, int], patch_size: tuple[int, int]) -> tuple[int, int]:
     """Token grid of a ViT derived from image and patch size (never assumed)."""
     return (image_size[0] // patch_size[0], image_size[1] // patch_size[1])
-
-
-def grid_from_token_count(num_patches: int) -> tuple[int, int]:
-    side = math.isqrt(num_patches)
-    if side * side != num_patches:
-        raise InputError(
-            f"expected a square patch grid, got {num_patches} patch tokens; pass the grid explicitly"
-        )
-    return (side, side)
 
 
 def attention_with_keep(

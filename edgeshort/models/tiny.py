@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from edgeshort.models.base import attention_with_keep
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,6 @@ class TinyViTConfig:
         return asdict(self)
 
 
-def keep_to_attention_mask(keep: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T) bool keep -> (B, 1, 1, T) bool mask for scaled_dot_product_attention (True = attend)."""
-    if keep is None:
-        return None
-    return keep[:, None, None, :].to(torch.bool)
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -50,7 +44,7 @@ class Attention(nn.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_to_attention_mask(keep))
+        out = attention_with_keep(q, k, v, keep)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset, SyntheticConfig, generate
 from edgeshort.data.synthetic import GENERATOR_VERSION
 from edgeshort.models.tiny import TinyViTConfig
@@ -87,7 +88,7 @@ def train_tiny_vit(
     )
     generator = torch.Generator().manual_seed(train_config.seed)
     start = time.perf_counter()
-    bar = _progress(range(train_config.epochs), progress, "training tiny ViT")
+    bar = progress_bar(range(train_config.epochs), progress, "training tiny ViT")
     for epoch in bar:
         model.train()
         order = torch.randperm(len(x), generator=generator)
@@ -111,16 +112,6 @@ def train_tiny_vit(
             bar.set_postfix(loss=f"{loss_sum / total:.3f}", acc=f"{correct / total:.3f}")
     logger.info("trained tiny ViT in %.1f s", time.perf_counter() - start)
     return model.eval()
-
-
-def _progress(iterable, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False)
 
 
 def cached_tiny_vit(
