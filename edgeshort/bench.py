@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import platform
 import statistics
 import time
@@ -333,7 +332,3 @@ def write_outputs(results: dict, out: Path) -> dict[str, Path]:
     if chart(results, paths["chart"]) is None:
         del paths["chart"]
     return paths
-
-
-def default_threads() -> int | None:
-    return int(os.environ["EDGESHORT_THREADS"]) if os.environ.get("EDGESHORT_THREADS") else None

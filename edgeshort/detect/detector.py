@@ -93,6 +93,15 @@ class DetectionResult:
         saliency = np.clip(key_distance_maps(keys, self.clean_keys) / self.saliency_scale, 0, 1)
         return raw, flags, present, saliency.reshape(b, *self.grid).astype(np.float32)
 
+    def guard_tokens(self, tokens):
+        """Tokens -> (keys, raw flags, flags, present, saliency, keep): the guard and its keep mask tensor."""
+        import torch
+
+        keys = self.adapter.keys(tokens, self.config.key_layer).numpy()
+        raw, flags, present, saliency = self.guard_keys(keys)
+        keep = torch.from_numpy(keep_mask(flags, self.adapter.num_prefix, present))
+        return keys, raw, flags, present, saliency, keep
+
     def predict(self, data, batch_size: int | None = None, progress: bool | None = None) -> Predictions:
         """Plain, ablated and ablated+DFR predictions, flags and saliency for a dataset."""
         import torch
@@ -109,8 +118,7 @@ class DetectionResult:
             for _, images in progress_bar(dataset.batches(adapter.preprocessing, batch_size), progress,
                                           f"predicting {dataset.name}", total):
                 tokens = adapter.embed(torch.from_numpy(images))
-                raw, flags, present, saliency = self.guard_keys(adapter.keys(tokens, self.config.key_layer).numpy())
-                keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))
+                _, raw, flags, present, saliency, keep = self.guard_tokens(tokens)
                 plain = adapter.head_features(tokens)
                 masked = adapter.head_features(tokens, keep)
                 out["logits"].append(head(plain).numpy())
@@ -266,7 +274,7 @@ class ShortcutDetector:
             cfg.knn_negative_count(adapter.num_patches),
         )
         knn = KeyKNN(x, y, cfg.knn_k)
-        clean_keys = feats.keys[clustering.assignments != shortcut].mean(0).astype(np.float32)
+        clean_keys = mean_keys_outside(feats.keys, clustering.assignments, shortcut).astype(np.float32)
         clean_distances = key_distance_maps(feats.keys, clean_keys)
         saliency_scale = float(np.percentile(clean_distances, 99.9)) or 1.0
         raw = knn.flags(feats.keys).reshape(len(dataset), *adapter.grid)
@@ -332,8 +340,7 @@ def _masked_head_features(result: DetectionResult, dataset: ImageDataset) -> np.
     with torch.inference_mode():
         for _, images in dataset.batches(adapter.preprocessing, cfg.batch_size):
             tokens = adapter.embed(torch.from_numpy(images))
-            _, flags, present, _ = result.guard_keys(adapter.keys(tokens, cfg.key_layer).numpy())
-            keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))
+            keep = result.guard_tokens(tokens)[-1]
             out.append(adapter.head_features(tokens, keep).numpy())
     return np.concatenate(out)
 

@@ -115,11 +115,7 @@ def _torch_reference(result, images: np.ndarray) -> dict[str, np.ndarray]:
     with torch.inference_mode():
         x = torch.from_numpy(images)
         tokens = adapter.embed(x)
-        keys = adapter.keys(tokens, result.config.key_layer).numpy()
-        raw, flags, present, saliency = result.guard_keys(keys)
-        from edgeshort.runtime.masking import keep_mask
-
-        keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))
+        keys, raw, flags, present, saliency, keep = result.guard_tokens(tokens)
         features = adapter.head_features(tokens, keep)
         ref = {
             "tokens": tokens.numpy(), "keep": keep.numpy(), "logits": adapter.forward_tokens(tokens).numpy(),
@@ -160,8 +156,7 @@ def _run_graph(session, graph: str, images: np.ndarray, ref: dict, batch: int) -
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def _parity(root: Path, graphs: dict, formats, result, images, tolerance) -> dict:
-    ref = _torch_reference(result, images)
+def _parity(root: Path, graphs: dict, formats, images, ref: dict, tolerance) -> dict:
     report: dict = {"tolerance": tolerance, "calibration_size": int(len(images)), "backends": {}}
     failures = []
     for fmt in formats:
@@ -186,8 +181,7 @@ def _parity(root: Path, graphs: dict, formats, result, images, tolerance) -> dic
     return report
 
 
-def _knn_cross_check(root: Path, result, images: np.ndarray) -> dict:
-    ref = _torch_reference(result, images)
+def _knn_cross_check(root: Path, ref: dict) -> dict:
     session = open_session(root / "knn_skl2onnx.onnx", "onnxruntime")
     keys = ref["keys"].reshape(-1, ref["keys"].shape[-1]).astype(np.float32)
     labels = session.run({"keys": keys})["label"].reshape(ref["raw_flags"].shape).astype(bool)
@@ -228,13 +222,15 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
                 print(f"  exported {name:<13} ({seconds[f'export_{name}']:.1f} s)", flush=True)
         t = time.perf_counter()
         parity_formats = ["onnx"] + (["openvino"] if "openvino" in options.formats and options.weights == "f32" else [])
-        parity = _parity(staging, graphs, parity_formats, result, images, options.tolerance)
+        # One torch pass over the calibration images serves the parity and the KNN cross-check.
+        ref = _torch_reference(result, images)
+        parity = _parity(staging, graphs, parity_formats, images, ref, options.tolerance)
         seconds["parity"] = round(time.perf_counter() - t, 3)
         extra_files = []
         knn_check = None
         if options.skl2onnx_check:
             _skl2onnx_knn(result, staging / "knn_skl2onnx.onnx")
-            knn_check = _knn_cross_check(staging, result, images)
+            knn_check = _knn_cross_check(staging, ref)
             extra_files.append("knn_skl2onnx.onnx")
             if knn_check["mismatches_vs_sklearn"]:
                 parity["failures"].append(f"skl2onnx KNN: {knn_check['mismatches_vs_sklearn']} flags differ")

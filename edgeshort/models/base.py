@@ -54,10 +54,6 @@ class ViTAdapter(ABC):
     def embed_dim(self) -> int:
         return self.head_linear().in_features
 
-    @property
-    def head_dim(self) -> int:
-        return self.key_weights()[0].shape[0] // self.num_heads
-
     # -- the interface --------------------------------------------------------------------
     @abstractmethod
     def embed(self, images: torch.Tensor) -> torch.Tensor:
