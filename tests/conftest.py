@@ -44,3 +44,25 @@ def demo_bundle(demo_result, demo_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "demo"
     return export_bundle(demo_result, out, ExportOptions(progress=False), calibration=demo_data["val"])
+
+
+@pytest.fixture(scope="session")
+def import_blocker():
+    """Source of a script prelude that makes importing the given top-level modules raise.
+
+    The script then imports what it tests; `BLOCKED` stays defined so it can check `sys.modules`.
+    """
+
+    def prelude(blocked: set[str]) -> str:
+        return (
+            "import importlib.abc, sys\n"
+            f"BLOCKED = {sorted(blocked)!r}\n"
+            "class Blocker(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in BLOCKED:\n"
+            "            raise ImportError(f'{name} is blocked in this test')\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Blocker())\n"
+        )
+
+    return prelude

@@ -117,20 +117,11 @@ def test_unusable_bundle_or_options_exit_2_with_a_message(demo_bundle, image_fol
     assert "expected --out to end in .jsonl or .csv" in capsys.readouterr().err
 
 
-def test_predict_command_runs_without_torch_sklearn_scipy_or_onnx(demo_bundle, image_folder, tmp_path):
-    script = textwrap.dedent(
+def test_predict_command_runs_without_torch_sklearn_scipy_or_onnx(demo_bundle, image_folder, tmp_path,
+                                                                  import_blocker):
+    blocked = {"torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript", "skl2onnx", "matplotlib"}
+    script = import_blocker(blocked) + textwrap.dedent(
         """
-        import importlib.abc, sys
-
-        BLOCKED = {"torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript", "skl2onnx", "matplotlib"}
-
-        class Blocker(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{name} is blocked in this test")
-                return None
-
-        sys.meta_path.insert(0, Blocker())
         from edgeshort.cli import main
 
         code = main(sys.argv[1:])

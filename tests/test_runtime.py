@@ -168,21 +168,13 @@ def test_openvino_compiles_into_the_cache_dir(demo_bundle, test_images, guards, 
     assert_same_results(cached.predict(test_images[:4]), guards["openvino"].predict(test_images[:4]))
 
 
-def test_runtime_imports_no_torch_sklearn_scipy_or_onnx(demo_bundle, test_images, reference, tmp_path):
+def test_runtime_imports_no_torch_sklearn_scipy_or_onnx(demo_bundle, test_images, reference, tmp_path,
+                                                        import_blocker):
     np.save(tmp_path / "images.npy", test_images[:16])
-    script = textwrap.dedent(
+    blocked = {"torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript", "skl2onnx"}
+    script = import_blocker(blocked) + textwrap.dedent(
         """
-        import importlib.abc, json, sys
-
-        BLOCKED = {"torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript", "skl2onnx"}
-
-        class Blocker(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"{name} is blocked in this test")
-                return None
-
-        sys.meta_path.insert(0, Blocker())
+        import json
         import numpy as np
         import edgeshort
         import edgeshort.runtime
