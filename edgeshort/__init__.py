@@ -5,8 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from edgeshort._lazy import lazy_getattr
 from edgeshort._version import __version__
 
 _LAZY = {
@@ -20,9 +19,4 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'edgeshort' has no attribute {name!r}")
+__getattr__ = lazy_getattr("edgeshort", _LAZY)

@@ -6,7 +6,7 @@ figures need matplotlib (`pip install 'edgeshort[report]'`) and are imported on 
 
 from __future__ import annotations
 
-from typing import Any
+from edgeshort._lazy import lazy_getattr
 
 _LAZY = {
     "write_report": "edgeshort.report.html",
@@ -18,9 +18,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'edgeshort.report' has no attribute {name!r}")
+__getattr__ = lazy_getattr("edgeshort.report", _LAZY)

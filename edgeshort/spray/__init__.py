@@ -36,7 +36,7 @@ The rest of this package imports lazily, so `import edgeshort.spray` costs nothi
 
 from __future__ import annotations
 
-from typing import Any
+from edgeshort._lazy import lazy_getattr
 
 _LAZY = {
     "SpRAyDetector": "edgeshort.spray.detector",
@@ -51,9 +51,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'edgeshort.spray' has no attribute {name!r}")
+__getattr__ = lazy_getattr("edgeshort.spray", _LAZY)

@@ -1,0 +1,18 @@
+"""Module-level `__getattr__` that imports a package's heavy names on first use."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+def lazy_getattr(package: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """`names` maps each public name to the module that defines it."""
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return getattr(importlib.import_module(names[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
