@@ -23,7 +23,7 @@ CLASS_NAMES = ("benign", "malignant")
 # occurs in skin or lesion, so the artefact is one shortcut rather than several.
 PATCH_COLOURS = np.array([[40, 200, 60], [30, 110, 230], [20, 200, 210]], dtype=np.float32)
 # Bump when the drawing changes, so models cached for the old images are not reused.
-GENERATOR_VERSION = 8
+GENERATOR_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,10 @@ def _draw_ruler(rng, img, lesion) -> np.ndarray:
     y, x = _artefact_position(rng, size, extent, lesion)
     mask = np.zeros((size, size), bool)
     mask[y : y + extent[0], x : x + extent[1]] = True
-    img[mask] = np.array([235, 235, 225], np.float32)
+    # Dermoscopy rulers are often clear plastic: the skin shows through to a varying degree, so
+    # some rulers are faint, unlike the opaque sticker.
+    opacity = rng.uniform(0.5, 1.0)
+    img[mask] = opacity * np.array([235, 235, 225], np.float32) + (1 - opacity) * img[mask]
     step = max(3, size // 16)
     ticks = np.zeros_like(mask)
     for i, pos in enumerate(range(1, length - 1, step)):

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from edgeshort.errors import InputError
 
 DFR_METHODS = ("logreg", "adam", "none")
+HEATMAP_CONTRASTS = ("nearest", "mean")
+NEGATIVE_CHOICES = ("spread", "closest")
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,10 @@ class DetectorConfig:
     knn_samples: int | None = None  # positives; None: the seed's 200 at 20 x 196 patches, scaled to this grid
     knn_negatives: int | None = None  # negatives; None: as many as positives (the seed)
     knn_k: int = 5
+    # Key heatmaps against the nearest clean keys ("mean": the seed's clean mean key per position)
+    # and KNN negatives spread over the clean tokens ("closest": the seed's); see detect/keymaps.py.
+    heatmap: str = "nearest"
+    negatives: str = "spread"
     dilation_radius: int = 1
     min_patches: int = 2  # the seed's "more than one flagged patch" rule for "shortcut present"
     key_layer: int = -1
@@ -39,6 +45,8 @@ class DetectorConfig:
             (self.dilation_radius >= 0, f"dilation_radius >= 0, got {self.dilation_radius}"),
             (self.min_patches >= 1, f"min_patches >= 1, got {self.min_patches}"),
             (self.dfr in DFR_METHODS, f"dfr in {DFR_METHODS}, got {self.dfr!r}"),
+            (self.heatmap in HEATMAP_CONTRASTS, f"heatmap in {HEATMAP_CONTRASTS}, got {self.heatmap!r}"),
+            (self.negatives in NEGATIVE_CHOICES, f"negatives in {NEGATIVE_CHOICES}, got {self.negatives!r}"),
             (self.batch_size >= 1, f"batch_size >= 1, got {self.batch_size}"),
         ]
         for ok, message in checks:

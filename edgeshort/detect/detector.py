@@ -23,6 +23,7 @@ from edgeshort.detect.keymaps import (
     key_distance_maps,
     knn_training_keys,
     mean_keys_outside,
+    nearest_clean_distance_maps,
     nearest_to_centroids,
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
@@ -259,8 +260,7 @@ class ShortcutDetector:
         t = time.perf_counter()
         selected = nearest_to_centroids(clustering.distances, clustering.assignments, cfg.num_selected)
         raw_maps = [
-            key_distance_maps(feats.keys[idx], mean_keys_outside(feats.keys, clustering.assignments, c))
-            for c, idx in enumerate(selected)
+            key_heatmaps(feats.keys, clustering.assignments, c, idx, cfg) for c, idx in enumerate(selected)
         ]
         # The seed normalises all heatmaps together, so clusters stay comparable.
         stacked = np.concatenate([m.reshape(-1) for m in raw_maps])
@@ -271,7 +271,7 @@ class ShortcutDetector:
         t = time.perf_counter()
         x, y = knn_training_keys(
             feats.keys, selected, raw_maps, shortcut, cfg.knn_sample_count(adapter.num_patches),
-            cfg.knn_negative_count(adapter.num_patches),
+            cfg.knn_negative_count(adapter.num_patches), cfg.negatives,
         )
         knn = KeyKNN(x, y, cfg.knn_k)
         clean_keys = mean_keys_outside(feats.keys, clustering.assignments, shortcut).astype(np.float32)
@@ -289,8 +289,12 @@ class ShortcutDetector:
         )
 
         t = time.perf_counter()
+        features = _masked_head_features(result, dataset)
+        accuracy = _ablation_check(result, dataset, feats.logits, features)
+        seconds["ablation_check"] = time.perf_counter() - t
+
+        t = time.perf_counter()
         if cfg.dfr != "none":
-            features = _masked_head_features(result, dataset)
             if cfg.dfr == "logreg":
                 result.dfr_head = fit_dfr_logreg(
                     features, dataset.labels, present, dataset.num_classes, cfg.dfr_subsamples, cfg.seed
@@ -310,6 +314,7 @@ class ShortcutDetector:
                 float(dataset.groups[members].mean()) if dataset.groups is not None else None
             ),
             "val_shortcut_present_rate": float(present.mean()),
+            **accuracy,
             "knn_reference_size": int(len(x)),
             "patch_precision": None, "patch_recall": None,
             "aga_original": None, "wga_original": None, "aga_ablated": None, "wga_ablated": None,
@@ -329,6 +334,39 @@ class ShortcutDetector:
             result._write_metrics(run_dir, result.metrics)
         logger.info("shortcut cluster %d; scores %s", shortcut, [round(s.score, 4) for s in scores])
         return result
+
+
+def key_heatmaps(keys: np.ndarray, assignments: np.ndarray, cluster: int, selected: np.ndarray,
+                 cfg: DetectorConfig) -> np.ndarray:
+    """Unnormalised key heatmaps of a cluster's selected samples against the other clusters' keys."""
+    if cfg.heatmap == "mean":
+        return key_distance_maps(keys[selected], mean_keys_outside(keys, assignments, cluster))
+    return nearest_clean_distance_maps(keys[selected], keys[assignments != cluster], cfg.knn_k, cfg.seed)
+
+
+# Ablation that costs more than this much balanced validation accuracy removes the object, not
+# an artefact: on a real shortcut it gains accuracy, as the artefact-bearing minority recovers.
+ABLATION_HARM_TOLERANCE = 0.05
+
+
+def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.ndarray, masked: np.ndarray) -> dict:
+    """Balanced validation accuracy before and after ablation, and a warning when ablation hurts."""
+    head = result.adapter.head_linear()
+    ablated = masked @ head.weight.detach().numpy().T + head.bias.detach().numpy()
+    everyone = np.zeros(len(dataset), np.int64)
+    before, after = (
+        group_accuracy(z.argmax(1), dataset.labels, everyone, dataset.class_names, ("all",))["average"]
+        for z in (logits, ablated)
+    )
+    warnings = []
+    if after < before - ABLATION_HARM_TOLERANCE:
+        warnings.append(
+            f"ablating the flagged tokens lowers balanced validation accuracy from {before:.3f} to {after:.3f}: "
+            "the KNN flags parts of the object, not an artefact. Check the key heatmaps of the shortcut cluster "
+            "before exporting; the model may not lean on an artefact at all"
+        )
+        logger.warning("%s", warnings[-1])
+    return {"val_balanced_accuracy_original": before, "val_balanced_accuracy_ablated": after, "warnings": warnings}
 
 
 def _masked_head_features(result: DetectionResult, dataset: ImageDataset) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Clustering of pooled features and the seed's key-distance heatmaps and KNN training keys."""
+"""Clustering of pooled features, key heatmaps (nearest-clean or the seed's mean contrast) and KNN training keys."""
 
 from __future__ import annotations
 
@@ -73,6 +73,32 @@ def key_distance_maps(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.linalg.norm(keys - reference[None], axis=-1)
 
 
+# Enough clean keys to hold every kind of clean token; the nearest-neighbour search stays cheap.
+NEAREST_POOL_SIZE = 20000
+
+
+def nearest_clean_distance_maps(
+    keys: np.ndarray, clean_keys: np.ndarray, k: int, seed: int
+) -> np.ndarray:
+    """(M, N_patches) mean distance of each patch key to its `k` nearest clean keys at any position.
+
+    The seed measures a key against the clean *mean* key at the same position. Lesion tokens vary
+    so much that they sit far from any mean, and when the artefact is faint or the model leans on
+    it only partly they outrank the artefact's tokens. A lesion token has near neighbours among
+    the clean images' lesion tokens, an artefact token has none, so this contrast singles out
+    what the clean images never show.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    d = keys.shape[-1]
+    pool = clean_keys.reshape(-1, d)
+    if len(pool) > NEAREST_POOL_SIZE:
+        pool = pool[np.random.default_rng(seed).choice(len(pool), NEAREST_POOL_SIZE, replace=False)]
+    search = NearestNeighbors(n_neighbors=min(k, len(pool))).fit(pool)
+    distances, _ = search.kneighbors(keys.reshape(-1, d))
+    return distances.mean(1).reshape(keys.shape[:2]).astype(np.float32)
+
+
 def knn_training_keys(
     keys: np.ndarray,
     selected: list[np.ndarray],
@@ -80,10 +106,13 @@ def knn_training_keys(
     shortcut_cluster: int,
     count: int,
     negative_count: int | None = None,
+    negatives: str = "spread",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The seed's KNN training set: positives are the `count` patch keys of the shortcut cluster's
-    selected samples most distant from the clean mean; negatives the `count` least distant of the
-    other clusters' selected samples."""
+    """The KNN training set. Positives, as the seed: the `count` patch keys of the shortcut
+    cluster's selected samples with the hottest heatmap. Negatives from the other clusters'
+    selected samples: `closest` takes the coolest, as the seed; `spread` takes them evenly over
+    the heatmap ranking, so lesion tokens are negatives too and the vote does not flag them for
+    lying nearer the artefact keys than plain skin."""
     d = keys.shape[-1]
     pos_keys = keys[selected[shortcut_cluster]].reshape(-1, d)
     pos_dist = maps[shortcut_cluster].reshape(-1)
@@ -92,8 +121,14 @@ def knn_training_keys(
     count = min(count, len(pos_dist))
     negative_count = min(count if negative_count is None else negative_count, len(neg_dist))
     positives = pos_keys[np.argsort(pos_dist, kind="stable")[-count:]]
-    negatives = neg_keys[np.argsort(neg_dist, kind="stable")[:negative_count]]
-    x = np.concatenate([negatives, positives]).astype(np.float32)
+    ranking = np.argsort(neg_dist, kind="stable")
+    if negatives == "spread":
+        chosen = ranking[np.linspace(0, len(ranking) - 1, negative_count).round().astype(np.int64)]
+    elif negatives == "closest":
+        chosen = ranking[:negative_count]
+    else:
+        raise InputError(f"expected negatives 'spread' or 'closest', got {negatives!r}")
+    x = np.concatenate([neg_keys[chosen], positives]).astype(np.float32)
     y = np.concatenate([np.zeros(negative_count), np.ones(count)]).astype(np.int64)
     return x, y
 

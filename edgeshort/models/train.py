@@ -31,6 +31,10 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     seed: int = 0
+    # CPU kernels split their sums by thread count, so one seed trains different weights on 1 and
+    # on 2 threads, and how far the model leans on the artefact differs with them. Pinned, the
+    # demo model is the same on every machine whatever its core count.
+    threads: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,10 +69,6 @@ def train_tiny_vit(
 ):
     """Train a TinyViT on the synthetic train split; returns the model in eval mode."""
     import torch
-    from torch.nn import functional as F
-
-    from edgeshort.models.families import TinyViTAdapter
-    from edgeshort.models.tiny import TinyViT
 
     train_config = train_config or TrainConfig()
     data_config = data_config or SyntheticConfig(image_size=train_config.model.image_size)
@@ -77,6 +77,21 @@ def train_tiny_vit(
             f"data image_size {data_config.image_size} != model image_size {train_config.model.image_size}"
         )
     datasets = datasets or generate(data_config)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(train_config.threads)
+    try:
+        return _train(train_config, datasets, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(train_config: TrainConfig, datasets: dict[str, ImageDataset], progress: bool):
+    import torch
+    from torch.nn import functional as F
+
+    from edgeshort.models.families import TinyViTAdapter
+    from edgeshort.models.tiny import TinyViT
+
     torch.manual_seed(train_config.seed)
     model = TinyViT(train_config.model)
     adapter = TinyViTAdapter(model)

@@ -360,6 +360,8 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           f"(average {' &rarr; '.join(avg)})."
                           + (f' <span class="no">The guard lowers it ({", ".join(KIND_TITLES[k] for k in worse)}).'
                              "</span>" if worse else ""))
+        for warning in m.get("warnings") or []:
+            points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
         if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
             points.append(f"Flagged patches against the true artefact patches: precision {_num(m.get('patch_precision'))}, "
                           f"recall {_num(m.get('patch_recall'))}.")
@@ -442,9 +444,13 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
     shortcut = int(run.meta.get("shortcut_cluster", 0))
     scores = {s["cluster"]: s for s in run.meta.get("scores", [])}
     labels, groups = run.arrays.get("labels"), run.val_groups
+    contrast = (
+        "the other clusters' mean key at the same position" if run.config.get("heatmap", "mean") == "mean"
+        else "its nearest keys among the other clusters' patches, at any position"
+    )
     parts = [
         "<p>For each cluster: the validation images nearest its centre, their key heatmaps (per patch, the distance "
-        "of the image's key to the other clusters' mean key at the same position; bright = different) blended over "
+        f"of the image's key to {contrast}; bright = unlike anything there) blended over "
         "the image, and the 5&times;5 patch grid around the hottest patch. In the shortcut cluster the heat should "
         "sit on the artefact, not on the object.</p>"
     ]

@@ -1,0 +1,73 @@
+"""Key heatmaps and the KNN training set: what the artefact's tokens are told apart from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeshort.detect import DetectorConfig, ShortcutDetector
+from edgeshort.detect.keymaps import key_distance_maps, knn_training_keys, nearest_clean_distance_maps
+from edgeshort.errors import InputError
+from edgeshort.models.tiny import TinyViT
+
+
+def _clean_keys(rng, n_images=40, n_patches=3, d=3):
+    """Clean images whose tokens are skin (near 0) or, at varying positions, lesion (near 6 on axis 0)."""
+    keys = rng.normal(0, 0.1, (n_images, n_patches, d))
+    lesion_at = rng.integers(n_patches, size=n_images)
+    keys[np.arange(n_images), lesion_at, 0] += 6.0
+    return keys
+
+
+def test_nearest_contrast_cools_lesion_tokens_that_the_mean_contrast_calls_hot():
+    rng = np.random.default_rng(0)
+    clean = _clean_keys(rng)
+    query = np.zeros((1, 3, 3))
+    query[0, 1, 0] = 6.0  # a lesion token, like those of clean images
+    query[0, 2, 1] = 5.0  # an artefact token, unlike anything clean
+    nearest = nearest_clean_distance_maps(query, clean, k=3, seed=0)[0]
+    mean = key_distance_maps(query, clean.mean(0))[0]
+    assert mean[1] > 3.0 and mean[2] > 3.0  # the seed's contrast: both look anomalous
+    assert nearest[1] < 0.5 < 4.0 < nearest[2]  # nearest clean keys: only the artefact does
+    assert nearest[0] < 0.5
+
+
+def test_nearest_contrast_subsamples_a_large_pool_deterministically():
+    rng = np.random.default_rng(1)
+    clean = rng.normal(size=(300, 100, 2))  # 30,000 keys, above the pool cap
+    query = rng.normal(size=(2, 5, 2))
+    a = nearest_clean_distance_maps(query, clean, k=5, seed=3)
+    b = nearest_clean_distance_maps(query, clean, k=5, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (2, 5) and (a >= 0).all()
+
+
+def test_spread_negatives_cover_the_hot_clean_tokens_closest_leaves_out():
+    rng = np.random.default_rng(2)
+    keys = rng.normal(size=(4, 10, 2)).astype(np.float32)
+    selected = [np.array([0, 1]), np.array([2, 3])]
+    maps = [rng.random((2, 10)), np.tile(np.arange(10.0), (2, 1))]
+    x_close, y_close = knn_training_keys(keys, selected, maps, 0, count=3, negative_count=4, negatives="closest")
+    x_spread, y_spread = knn_training_keys(keys, selected, maps, 0, count=3, negative_count=4, negatives="spread")
+    assert (y_close == 0).sum() == (y_spread == 0).sum() == 4 and (y_spread == 1).sum() == 3
+    hottest_clean = {tuple(keys[2, 9]), tuple(keys[3, 9])}
+    assert not hottest_clean & {tuple(k) for k in x_close[y_close == 0]}
+    assert hottest_clean & {tuple(k) for k in x_spread[y_spread == 0]}
+    with pytest.raises(InputError, match="negatives 'spread' or 'closest'"):
+        knn_training_keys(keys, selected, maps, 0, count=3, negatives="random")
+
+
+def test_seed_contrast_and_negatives_remain_available():
+    torch.manual_seed(0)
+    model = TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2).eval()
+    images, labels = torch.randn(12, 3, 32, 32), torch.tensor([0, 1] * 6)
+    for heatmap, negatives in (("mean", "closest"), ("nearest", "spread")):
+        config = DetectorConfig(num_selected=3, knn_samples=8, heatmap=heatmap, negatives=negatives, progress=False)
+        result = ShortcutDetector(config).fit(model, (images, labels))
+        assert [h.shape for h in result.heatmaps] == [(len(s), 16) for s in result.selected]
+        assert all(np.isfinite(h).all() for h in result.heatmaps)
+    with pytest.raises(InputError, match=r"heatmap in \('nearest', 'mean'\), got 'median'"):
+        DetectorConfig(heatmap="median")
+    with pytest.raises(InputError, match="negatives in"):
+        DetectorConfig(negatives="all")
