@@ -35,6 +35,7 @@ def test_demo_bundle_parity_is_recorded_and_within_tolerance(demo_bundle):
     assert manifest["knn_cross_check"]["mismatches_vs_guard_graph"] == 0
     assert manifest["onnx"] == {"opset": 20, "ir_version": 10}
     assert manifest["guard"]["has_dfr"] is True
+    assert manifest["guard"]["warnings"] == []  # the demo run's ablation raised validation accuracy
     for name in ("guarded.onnx", "guarded.xml", "guarded.bin", "manifest.json"):
         assert (demo_bundle.root / name).is_file()
     assert not list(demo_bundle.root.glob("*.pkl")) and not list(demo_bundle.root.glob("*.pt"))
@@ -158,3 +159,16 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
     session = open_session(bundle.path("guarded_int8", "openvino"), "openvino")
     images = np.stack([x for _, b in demo_data["test"].subset(np.arange(8)).batches(bundle.preprocessing, 8) for x in b])
     assert session.run({"images": images})["ablated_logits"].shape == (8, 2)
+
+
+def test_detection_warnings_travel_with_the_bundle_to_the_edge(demo_bundle, tmp_path, caplog):
+    from edgeshort.runtime import Guard
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(demo_bundle.root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["guard"]["warnings"] = ["ablating the flagged tokens lowers balanced validation accuracy"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="edgeshort.runtime.guard"):
+        Guard.load(copy, backend="onnxruntime")
+    assert "its detection run warned: ablating the flagged tokens lowers" in caplog.text

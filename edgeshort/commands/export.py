@@ -34,4 +34,6 @@ def run(args) -> int:
         print(f"  parity {backend:<12} max |logit diff| {worst:.2e} (tolerance {parity['tolerance']:g})")
     sizes = {name: entry["bytes"] for name, entry in bundle.manifest["files"].items()}
     print("  files: " + json.dumps(sizes))
+    for warning in bundle.manifest["guard"]["warnings"]:
+        print(f"  WARNING from the detection run: {warning}")
     return 0

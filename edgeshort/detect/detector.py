@@ -203,6 +203,7 @@ class DetectionResult:
                 f"  cluster {s.cluster}: size {s.size}, homogeneity {s.homogeneity:.3f}, "
                 f"majority {self.class_names[s.majority_class]}, score {s.score:.4f}"
             )
+        lines += [f"WARNING: {w}" for w in self.metrics.get("warnings") or []]
         return "\n".join(lines)
 
 

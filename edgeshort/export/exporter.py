@@ -281,6 +281,8 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
             "dilation_radius": cfg.dilation_radius, "min_patches": cfg.min_patches,
             "saliency_scale": result.saliency_scale, "has_dfr": result.dfr_head is not None,
             "shortcut_cluster": int(result.shortcut_cluster),
+            # The detection run's own doubts (e.g. ablation that lowers validation accuracy) travel with it.
+            "warnings": list(result.metrics.get("warnings") or []),
         },
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
         "openvino": ({"version": ov_version, "weights": options.weights, "int8": int8}

@@ -198,6 +198,8 @@ class Guard:
         )
         logger.info("loaded %s on %s (%s) in %.2f s", loaded.root, chosen, guard.info.precision,
                     guard.info.load_seconds)
+        for warning in loaded.manifest["guard"].get("warnings") or []:
+            logger.warning("%s: its detection run warned: %s", loaded.root, warning)
         return guard
 
     def _compile(self, graph: str) -> float:
