@@ -143,6 +143,9 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
     assert f"Shortcut cluster: {demo_result.shortcut_cluster}" in verdict
     assert 'id="cluster-scores"' in verdict and "(shortcut)" in verdict
     assert "cluster_scatter.png" in verdict
+    m = demo_result.metrics
+    assert (f"Balanced validation accuracy {m['val_balanced_accuracy_original']:.3f} before ablation, "
+            f"{m['val_balanced_accuracy_ablated']:.3f} after it") in verdict
     # Cluster strips: image, heatmap and patch grid for every sample written by the run.
     clusters = section(page, "clusters")
     written = len(list((demo_result.run_dir / "heatmaps" / "cluster_0").glob("sample_*_image.png")))

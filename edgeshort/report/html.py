@@ -360,6 +360,9 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           f"(average {' &rarr; '.join(avg)})."
                           + (f' <span class="no">The guard lowers it ({", ".join(KIND_TITLES[k] for k in worse)}).'
                              "</span>" if worse else ""))
+        if m.get("val_balanced_accuracy_ablated") is not None:
+            points.append(f"Balanced validation accuracy {_num(m['val_balanced_accuracy_original'])} before ablation, "
+                          f"{_num(m['val_balanced_accuracy_ablated'])} after it (a real shortcut's ablation gains).")
         for warning in m.get("warnings") or []:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
         if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
