@@ -30,25 +30,26 @@ TARGETS = {5000: {"seconds": 5.0}, 50000: {"seconds": 120.0, "peak_gb": 4.0}}
 CHUNK = 5000  # heatmaps generated per seed, so generation never holds two full copies
 
 
-def peak_rss_mb() -> float:
-    """High-water mark of resident memory of this process, in MB."""
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux), in MB; None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """High-water mark of resident memory of this process, in MB."""
+    peak = _proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    current = _proc_status_mb("VmRSS")
+    return current if current is not None else float("nan")
 
 
 def reset_peak_rss() -> bool:
