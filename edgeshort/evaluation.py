@@ -1,8 +1,13 @@
-"""Per-group accuracy: the seed's results table, for any number of classes."""
+"""Per-group accuracy: the seed's results table, for any number of classes, with confidence intervals."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from edgeshort.errors import InputError
+
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
 
 
 def group_accuracy(
@@ -30,8 +35,77 @@ def group_accuracy(
     }
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """A plain-text table: one row per (class, group) cell, one column per prediction kind."""
+def _cell_indices(labels: np.ndarray, groups: np.ndarray, num_classes: int, num_groups: int) -> list[np.ndarray]:
+    """Sample indices of every (class, group) cell that has samples, in `group_accuracy`'s order."""
+    cells = [np.flatnonzero((labels == c) & (groups == g)) for c in range(num_classes) for g in range(num_groups)]
+    return [idx for idx in cells if len(idx)]
+
+
+def bootstrap_intervals(
+    predictions: dict[str, np.ndarray], labels: np.ndarray, groups: np.ndarray, num_classes: int,
+    num_groups: int = 2, resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
+) -> dict:
+    """Confidence intervals for AGA and WGA of each prediction kind, and for each step's change.
+
+    A paired bootstrap stratified by (class, group) cell: every resample redraws each cell's test
+    images with replacement and judges all kinds on the same draw, so a step's change carries only
+    the noise of the images both kinds saw. Redrawing n images of a cell is a multinomial draw over
+    which kinds got each image right, so no resample is materialised; scipy.stats.bootstrap
+    resamples whole samples and cannot stratify, hence this short version.
+    Steps are consecutive kinds in the order given (original -> ablated -> dfr).
+    """
+    kinds = list(predictions)
+    if not kinds:
+        raise InputError("expected predictions of at least one kind, got none")
+    if not 0 < confidence < 1 or resamples < 100:
+        raise InputError(f"expected 0 < confidence < 1 and resamples >= 100, got {confidence} and {resamples}")
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    correct = np.stack([np.asarray(predictions[k]) == labels for k in kinds], 1)  # (N, K)
+    if correct.shape[0] != len(groups):
+        raise InputError(f"expected one group per prediction, got {len(groups)} groups for {correct.shape[0]}")
+    rng = np.random.default_rng(seed)
+    # (K, 2**K): whether kind k is right under each right/wrong pattern across kinds.
+    patterns = (np.arange(2 ** len(kinds))[None, :] >> np.arange(len(kinds))[:, None]) & 1
+    cell_accuracy = []  # per cell: (resamples, K)
+    for idx in _cell_indices(labels, groups, num_classes, num_groups):
+        codes = (correct[idx] * (1 << np.arange(len(kinds)))).sum(1)
+        freq = np.bincount(codes, minlength=patterns.shape[1]) / len(idx)
+        counts = rng.multinomial(len(idx), freq, size=resamples)  # (R, 2**K)
+        cell_accuracy.append(counts @ patterns.T / len(idx))
+    acc = np.stack(cell_accuracy, 2)  # (R, K, cells)
+    stats = {"average": acc.mean(2), "worst": acc.min(2)}  # each (R, K)
+    tail = 100 * (1 - confidence) / 2
+
+    def interval(values: np.ndarray) -> list[float]:
+        return [round(float(v), 4) for v in np.percentile(values, [tail, 100 - tail])]
+
+    return {
+        "confidence": confidence,
+        "resamples": resamples,
+        "kinds": {k: {name: interval(s[:, i]) for name, s in stats.items()} for i, k in enumerate(kinds)},
+        "changes": [
+            {"from": a, "to": b, **{f"{name}_interval": interval(s[:, i + 1] - s[:, i]) for name, s in stats.items()}}
+            for i, (a, b) in enumerate(zip(kinds, kinds[1:]))
+        ],
+    }
+
+
+def describe_change(change: dict, tables: dict[str, dict], confidence: float, titles: dict | None = None) -> str:
+    """One line: the worst-group change of a step, its interval, and whether test-set noise explains it."""
+    delta = tables[change["to"]]["worst"] - tables[change["from"]]["worst"]
+    lo, hi = change["worst_interval"]
+    verdict = "a real gain" if lo > 0 else "a real loss" if hi < 0 else "within test-set noise"
+    to, of = ((titles or {}).get(k, k) for k in (change["to"], change["from"]))
+    return (f"worst group, {to} vs {of}: {delta:+.3f} "
+            f"({100 * confidence:.0f}% CI {lo:+.3f} to {hi:+.3f}, {verdict})")
+
+
+def format_table(results: dict[str, dict], intervals: dict | None = None) -> str:
+    """A plain-text table: one row per (class, group) cell, one column per prediction kind.
+
+    With `intervals` (from `bootstrap_intervals`) it adds the worst group's confidence interval
+    and a line per step saying whether its change exceeds test-set noise.
+    """
     kinds = list(results)
     first = results[kinds[0]]
     header = f"{'class':<12}{'group':<14}{'n':>6}" + "".join(f"{k:>12}" for k in kinds)
@@ -49,4 +123,9 @@ def format_table(results: dict[str, dict]) -> str:
             v = results[k][key]
             row += f"{'-' if v is None else f'{v:.3f}':>12}"
         lines.append(row)
+    if intervals:
+        label = f"{100 * intervals['confidence']:.0f}% CI"
+        lines.append(f"{'  ' + label:<32}" + "".join(
+            f"{'{:.3f}-{:.3f}'.format(*intervals['kinds'][k]['worst']):>12}" for k in kinds))
+        lines += [describe_change(change, results, intervals["confidence"]) for change in intervals["changes"]]
     return "\n".join(lines)

@@ -29,9 +29,12 @@ def assert_shortcut_found_and_ablated(metrics: dict) -> None:
 def test_demo_shortcut_is_found_flagged_and_mitigated(demo_result):
     metrics = demo_result.metrics
     assert_shortcut_found_and_ablated(metrics)
-    # The KNN finds nearly every patch, so ablation leaves the DFR head little to fix here: it keeps
-    # the worst group within two images of the ablated one and lifts the average.
-    assert metrics["wga_dfr"] >= metrics["wga_ablated"] - 0.01
+    ablation, dfr = metrics["group_accuracy_intervals"]["changes"]
+    assert ablation["worst_interval"][0] > 0.3  # ablation's gain is far beyond test-set noise
+    # The KNN finds nearly every patch, so ablation leaves the DFR head little to fix here: its
+    # worst-group change is no real loss (the paired interval reaches above zero), and it lifts
+    # the average.
+    assert dfr["from"] == "ablated" and dfr["worst_interval"][1] > 0
     assert metrics["aga_dfr"] >= metrics["aga_ablated"]
     assert metrics["warnings"] == []
     assert metrics["val_balanced_accuracy_ablated"] > metrics["val_balanced_accuracy_original"]

@@ -146,6 +146,10 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
     m = demo_result.metrics
     assert (f"Balanced validation accuracy {m['val_balanced_accuracy_original']:.3f} before ablation, "
             f"{m['val_balanced_accuracy_ablated']:.3f} after it") in verdict
+    # Each step's change comes with its paired interval, so a reader can tell a gain from noise.
+    lo, hi = m["group_accuracy_intervals"]["changes"][0]["worst_interval"]
+    assert f"Worst group, ablated vs original: {m['wga_ablated'] - m['wga_original']:+.3f} " in verdict
+    assert f"95% CI {lo:+.3f} to {hi:+.3f}, a real gain" in verdict
     # Cluster strips: image, heatmap and patch grid for every sample written by the run.
     clusters = section(page, "clusters")
     written = len(list((demo_result.run_dir / "heatmaps" / "cluster_0").glob("sample_*_image.png")))

@@ -28,7 +28,7 @@ from edgeshort.detect.keymaps import (
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
 from edgeshort.errors import InputError
-from edgeshort.evaluation import format_table, group_accuracy
+from edgeshort.evaluation import bootstrap_intervals, format_table, group_accuracy
 from edgeshort.models import ViTAdapter, load_adapter
 from edgeshort.runtime.masking import dilate, keep_mask
 
@@ -152,7 +152,12 @@ class DetectionResult:
             for kind, key in (("original", "original"), ("ablated", "ablated"), ("dfr", "dfr")):
                 metrics[f"aga_{key}"] = tables[kind]["average"] if kind in tables else None
                 metrics[f"wga_{key}"] = tables[kind]["worst"] if kind in tables else None
-            metrics["results_table"] = format_table(tables)
+            intervals = bootstrap_intervals(
+                {kind: preds.labels(kind) for kind in tables}, test.labels, test.groups, len(self.class_names),
+                seed=self.config.seed,
+            )
+            metrics["group_accuracy_intervals"] = intervals
+            metrics["results_table"] = format_table(tables, intervals)
             if print_table:
                 print(metrics["results_table"])
         truth = test.patch_masks(self.adapter.image_size, self.grid)

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from edgeshort.errors import InputError
+from edgeshort.evaluation import describe_change
 from edgeshort.report.draw import (
     colourise,
     grid_to_pixels,
@@ -360,6 +361,11 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           f"(average {' &rarr; '.join(avg)})."
                           + (f' <span class="no">The guard lowers it ({", ".join(KIND_TITLES[k] for k in worse)}).'
                              "</span>" if worse else ""))
+        intervals, tables = m.get("group_accuracy_intervals"), m.get("group_accuracy")
+        if intervals and tables:
+            steps = [describe_change(c, tables, intervals["confidence"], KIND_TITLES) for c in intervals["changes"]]
+            points.append("Each step on the same test images (paired bootstrap over each class and group): "
+                          + "; ".join(_e(step[0].upper() + step[1:]) for step in steps) + ".")
         if m.get("val_balanced_accuracy_ablated") is not None:
             points.append(f"Balanced validation accuracy {_num(m['val_balanced_accuracy_original'])} before ablation, "
                           f"{_num(m['val_balanced_accuracy_ablated'])} after it (a real shortcut's ablation gains).")

@@ -1,0 +1,76 @@
+"""The results table and its confidence intervals: how sure a small test set lets one be."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeshort.errors import InputError
+from edgeshort.evaluation import bootstrap_intervals, format_table, group_accuracy
+
+
+def _balanced(n_per_cell: int, num_classes: int = 2):
+    labels = np.repeat(np.arange(num_classes), 2 * n_per_cell)
+    groups = np.tile(np.repeat([0, 1], n_per_cell), num_classes)
+    return labels, groups
+
+
+def test_a_step_that_changes_nothing_has_a_zero_interval():
+    labels, groups = _balanced(50)
+    rng = np.random.default_rng(0)
+    guesses = np.where(rng.random(len(labels)) < 0.8, labels, 1 - labels)
+    out = bootstrap_intervals({"original": guesses, "ablated": guesses.copy()}, labels, groups, 2)
+    (change,) = out["changes"]
+    assert change["worst_interval"] == [0.0, 0.0] and change["average_interval"] == [0.0, 0.0]
+    worst = group_accuracy(guesses, labels, groups, ("a", "b"))["worst"]
+    lo, hi = out["kinds"]["original"]["worst"]
+    assert lo <= worst <= hi and lo < hi  # the point estimate lies inside; 50 images per cell leave doubt
+
+
+def test_interval_separates_a_real_fix_from_noise():
+    labels, groups = _balanced(200)
+    rng = np.random.default_rng(1)
+    before = labels.copy()
+    worst_cell = (labels == 1) & (groups == 1)
+    before[worst_cell & (rng.random(len(labels)) < 0.5)] = 0  # half the worst cell wrong
+    fixed = labels.copy()  # every image right
+    jitter = before.copy()
+    jitter[np.flatnonzero(worst_cell & (before == labels))[:3]] = 0  # three images newly wrong,
+    jitter[np.flatnonzero(worst_cell & (before != labels))[:2]] = 1  # two newly right: noise at 200
+    out = bootstrap_intervals({"before": before, "fixed": fixed, "jitter": jitter}, labels, groups, 2)
+    gain, loss = out["changes"]
+    assert gain["from"] == "before" and gain["to"] == "fixed" and gain["worst_interval"][0] > 0.3
+    # fixed -> jitter is a larger drop: fixed is perfect, jitter is half wrong in one cell.
+    assert loss["worst_interval"][1] < 0
+    # One image net of 200 is not a finding.
+    table = {k: group_accuracy(v, labels, groups, ("a", "b")) for k, v in (("before", before), ("jitter", jitter))}
+    close = bootstrap_intervals({"before": before, "jitter": jitter}, labels, groups, 2)
+    lo, hi = close["changes"][0]["worst_interval"]
+    assert lo < table["jitter"]["worst"] - table["before"]["worst"] < hi and lo < 0 < hi
+    text = format_table(table, close)
+    assert "95% CI" in text and "within test-set noise" in text
+
+
+def test_three_classes_with_an_empty_cell_and_a_fixed_seed():
+    labels, groups = _balanced(30, num_classes=3)
+    keep = ~((labels == 2) & (groups == 1))  # class 2 never carries the artefact
+    labels, groups = labels[keep], groups[keep]
+    preds = labels.copy()
+    preds[:7] = 1
+    a = bootstrap_intervals({"original": preds, "dfr": labels}, labels, groups, 3, seed=3)
+    b = bootstrap_intervals({"original": preds, "dfr": labels}, labels, groups, 3, seed=3)
+    assert a == b
+    assert a["kinds"]["dfr"]["worst"] == [1.0, 1.0]
+    assert a["kinds"]["original"]["worst"][0] < 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"predictions": {}}, "at least one kind"), ({"confidence": 1.5}, "confidence"),
+     ({"groups": np.zeros(3, int)}, "one group per prediction")],
+)
+def test_bad_input_is_named(kwargs, match):
+    labels, groups = _balanced(5)
+    args = {"predictions": {"original": labels}, "labels": labels, "groups": groups, "num_classes": 2} | kwargs
+    with pytest.raises(InputError, match=match):
+        bootstrap_intervals(**args)
