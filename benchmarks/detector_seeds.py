@@ -36,15 +36,25 @@ def measure(artefact: str, seed: int) -> dict:
     row["found"] = (metrics["shortcut_cluster_group_purity"] >= 0.9 and metrics["patch_precision"] >= 0.6
                     and metrics["patch_recall"] >= 0.8)
     row["dfr_adds"] = metrics["wga_dfr"] > metrics["wga_ablated"]
+    ablation, dfr = metrics["group_accuracy_intervals"]["changes"]
+    row["ablation_change_interval"], row["dfr_change_interval"] = ablation["worst_interval"], dfr["worst_interval"]
     return row
 
 
+def _change(r: dict, key: str, interval: str) -> str:
+    lo, hi = r[interval]
+    base = "wga_original" if key == "wga_ablated" else "wga_ablated"
+    return f"{r[key] - r[base]:+.3f} ({lo:+.3f}, {hi:+.3f})"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| artefact | seed | WGA original | ablated | + DFR | purity | precision | recall | found | warning |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| artefact | seed | WGA original | ablated | + DFR | DFR change (95% CI) | purity | precision | recall "
+             "| found | warning |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['artefact']} | {r['seed']} | {r['wga_original']:.3f} | {r['wga_ablated']:.3f} | {r['wga_dfr']:.3f} "
+            f"| {_change(r, 'wga_dfr', 'dfr_change_interval')} "
             f"| {r['shortcut_cluster_group_purity']:.3f} | {r['patch_precision']:.3f} | {r['patch_recall']:.3f} "
             f"| {'yes' if r['found'] else 'no'} | {'yes' if r['warnings'] else ''} |"
         )
