@@ -1,6 +1,22 @@
-"""The offline shortcut detector: the seed notebook's method on any ViT."""
+"""The offline shortcut detector: the seed notebook's method on any ViT.
 
+`DetectorConfig` is plain Python; the detector itself needs torch and scikit-learn
+(`pip install 'edgeshort[offline]'`) and is imported on first use, so the torch-free report can
+read a run's settings.
+"""
+
+from __future__ import annotations
+
+from edgeshort._lazy import lazy_getattr
 from edgeshort.detect.config import DetectorConfig
-from edgeshort.detect.detector import DetectionResult, Predictions, ShortcutDetector
 
-__all__ = ["DetectionResult", "DetectorConfig", "Predictions", "ShortcutDetector"]
+_LAZY = {
+    "DetectionResult": "edgeshort.detect.detector",
+    "Predictions": "edgeshort.detect.detector",
+    "ShortcutDetector": "edgeshort.detect.detector",
+}
+
+__all__ = ["DetectorConfig", *_LAZY]
+
+
+__getattr__ = lazy_getattr("edgeshort.detect", _LAZY)

@@ -9,6 +9,8 @@ from edgeshort.errors import InputError
 DFR_METHODS = ("logreg", "adam", "none")
 HEATMAP_CONTRASTS = ("nearest", "mean")
 NEGATIVE_CHOICES = ("spread", "closest")
+# Runs written before `heatmap` and `negatives` existed used the notebook's choices.
+SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest"}
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeshort.detect.config import DetectorConfig
+from edgeshort.detect.config import SETTINGS_OF_EARLIER_RUNS, DetectorConfig
 from edgeshort.detect.dfr import LinearHead
 from edgeshort.detect.keymaps import Clustering, KeyKNN
 from edgeshort.detect.scoring import ClusterScore
 from edgeshort.errors import InputError
 
 RUN_FORMAT = 1
-# Runs written before these settings existed used the seed's heatmap contrast and negatives.
-SEED_CONTRAST = {"heatmap": "mean", "negatives": "closest"}
 
 
 def save_result(result, run_dir: Path) -> Path:
@@ -100,7 +98,7 @@ def load_result(run_dir: Path, model=None):
             dfr_head = LinearHead(z["weight"], z["bias"], meta.get("dfr") or {})
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     return DetectionResult(
-        config=DetectorConfig.from_dict({**SEED_CONTRAST, **meta["config"]}), adapter=adapter, class_names=tuple(meta["class_names"]),
+        config=DetectorConfig.from_dict({**SETTINGS_OF_EARLIER_RUNS, **meta["config"]}), adapter=adapter, class_names=tuple(meta["class_names"]),
         scores=[ClusterScore(**s) for s in meta["scores"]], shortcut_cluster=int(meta["shortcut_cluster"]),
         clustering=clustering, selected=selected, heatmaps=heatmaps, knn=knn, clean_keys=clean_keys,
         saliency_scale=float(meta["saliency_scale"]), dfr_head=dfr_head, val_labels=labels,

@@ -24,6 +24,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
+from edgeshort.detect.config import SETTINGS_OF_EARLIER_RUNS
 from edgeshort.errors import InputError
 from edgeshort.evaluation import describe_change
 from edgeshort.report.draw import (
@@ -454,7 +455,7 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
     scores = {s["cluster"]: s for s in run.meta.get("scores", [])}
     labels, groups = run.arrays.get("labels"), run.val_groups
     contrast = (
-        "the other clusters' mean key at the same position" if run.config.get("heatmap", "mean") == "mean"
+        "the other clusters' mean key at the same position" if run.config.get("heatmap", SETTINGS_OF_EARLIER_RUNS["heatmap"]) == "mean"
         else "its nearest keys among the other clusters' patches, at any position"
     )
     parts = [
