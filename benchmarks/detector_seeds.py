@@ -41,10 +41,9 @@ def measure(artefact: str, seed: int) -> dict:
     return row
 
 
-def _change(r: dict, key: str, interval: str) -> str:
-    lo, hi = r[interval]
-    base = "wga_original" if key == "wga_ablated" else "wga_ablated"
-    return f"{r[key] - r[base]:+.3f} ({lo:+.3f}, {hi:+.3f})"
+def _dfr_change(r: dict) -> str:
+    lo, hi = r["dfr_change_interval"]
+    return f"{r['wga_dfr'] - r['wga_ablated']:+.3f} ({lo:+.3f}, {hi:+.3f})"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -54,7 +53,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['artefact']} | {r['seed']} | {r['wga_original']:.3f} | {r['wga_ablated']:.3f} | {r['wga_dfr']:.3f} "
-            f"| {_change(r, 'wga_dfr', 'dfr_change_interval')} "
+            f"| {_dfr_change(r)} "
             f"| {r['shortcut_cluster_group_purity']:.3f} | {r['patch_precision']:.3f} | {r['patch_recall']:.3f} "
             f"| {'yes' if r['found'] else 'no'} | {'yes' if r['warnings'] else ''} |"
         )
