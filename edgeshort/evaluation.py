@@ -60,9 +60,11 @@ def bootstrap_intervals(
     if not 0 < confidence < 1 or resamples < 100:
         raise InputError(f"expected 0 < confidence < 1 and resamples >= 100, got {confidence} and {resamples}")
     labels, groups = np.asarray(labels), np.asarray(groups)
+    sizes = {k: len(predictions[k]) for k in kinds}
+    if len(groups) != len(labels) or any(n != len(labels) for n in sizes.values()):
+        raise InputError(f"expected one group per prediction, got {len(groups)} groups and {len(labels)} labels "
+                         f"for predictions of sizes {sizes}")
     correct = np.stack([np.asarray(predictions[k]) == labels for k in kinds], 1)  # (N, K)
-    if correct.shape[0] != len(groups):
-        raise InputError(f"expected one group per prediction, got {len(groups)} groups for {correct.shape[0]}")
     rng = np.random.default_rng(seed)
     # (K, 2**K): whether kind k is right under each right/wrong pattern across kinds.
     patterns = (np.arange(2 ** len(kinds))[None, :] >> np.arange(len(kinds))[:, None]) & 1

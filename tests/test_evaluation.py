@@ -67,7 +67,8 @@ def test_three_classes_with_an_empty_cell_and_a_fixed_seed():
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"predictions": {}}, "at least one kind"), ({"confidence": 1.5}, "confidence"),
-     ({"groups": np.zeros(3, int)}, "one group per prediction")],
+     ({"groups": np.zeros(3, int)}, "one group per prediction"),
+     ({"predictions": {"original": np.zeros(3, int)}}, "one group per prediction")],
 )
 def test_bad_input_is_named(kwargs, match):
     labels, groups = _balanced(5)
