@@ -8,10 +8,13 @@ from edgeshort.errors import InputError
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
+# Groups are artefact present or not: from labels when the test set has them, else from the guard's flag.
+ARTEFACT_GROUP_NAMES = ("no artefact", "artefact")
+FLAG_GROUP_NAMES = ("not flagged", "flagged")
 
 
 def group_accuracy(
-    predictions: np.ndarray, labels: np.ndarray, groups: np.ndarray, class_names, group_names=("no artefact", "artefact")
+    predictions: np.ndarray, labels: np.ndarray, groups: np.ndarray, class_names, group_names=ARTEFACT_GROUP_NAMES
 ) -> dict:
     """Accuracy per (class, group) cell, their average (AGA) and the worst cell (WGA).
 

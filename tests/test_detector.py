@@ -72,6 +72,56 @@ def test_ablation_changes_predictions_only_where_flagged(demo_result, demo_data)
     assert changed.any() and not changed[clean].any()
 
 
+def test_a_test_set_without_artefact_labels_is_judged_by_the_guards_flags(demo_result, demo_data, tmp_path, capsys):
+    import copy
+
+    from edgeshort.data import ImageDataset
+
+    test = demo_data["test"].subset(np.arange(200))
+    unlabelled = ImageDataset.from_arrays(test.sources, test.labels, test.class_names)  # no groups, no masks
+    result = copy.copy(demo_result)  # evaluate replaces `.metrics`: keep the shared fixture's
+    metrics = result.evaluate(unlabelled, out=tmp_path, print_table=True)
+
+    # Nothing of the earlier, labelled test set lingers.
+    assert metrics["test_size"] == 200
+    assert all(metrics[k] is None for k in ("aga_original", "wga_dfr", "patch_precision", "patch_recall"))
+    assert "group_accuracy" not in metrics and "results_table" not in metrics
+    preds = result.predict(unlabelled, progress=False)
+    for kind in ("original", "ablated", "dfr"):
+        assert metrics[f"accuracy_{kind}"] == pytest.approx(float((preds.labels(kind) == test.labels).mean()))
+    tables = metrics["flag_group_accuracy"]
+    cells = {(c["class"], c["group"]): i for i, c in enumerate(tables["original"]["cells"])}
+    assert sum(c["n"] for c in tables["original"]["cells"] if c["group"] == "flagged") == int(preds.present.sum())
+    # Ablation acts only on flagged images, and there it lifts the malignant lesions the patch misled.
+    for cls in ("benign", "malignant"):
+        i = cells[(cls, "not flagged")]
+        assert tables["ablated"]["cells"][i]["accuracy"] == tables["original"]["cells"][i]["accuracy"]
+    i = cells[("malignant", "flagged")]
+    assert tables["ablated"]["cells"][i]["accuracy"] > tables["original"]["cells"][i]["accuracy"] + 0.3
+    printed = capsys.readouterr().out
+    assert "no artefact labels" in printed and "malignant   flagged" in printed
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[1].startswith("benign,not flagged,") and rows[2].startswith("benign,flagged,")
+
+
+def test_dfr_that_stops_before_converging_says_so_once(monkeypatch, caplog):
+    import logging
+    import warnings
+
+    from edgeshort.detect import dfr
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(90, 16)).astype(np.float32)
+    labels, present = np.arange(90) % 3, (np.arange(90) // 3) % 2 == 1
+    monkeypatch.setattr(dfr, "DFR_MAX_ITER", 1)
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="edgeshort.detect.dfr"):
+        warnings.simplefilter("error")  # scikit-learn's per-fit warnings do not reach the caller
+        head = dfr.fit_dfr_logreg(features, labels, present, 3, subsamples=4)
+    assert head.info["unconverged_fits"] == len(dfr.C_GRID) + 4
+    assert len([r for r in caplog.records if "iteration limit" in r.getMessage()]) == 1
+    assert head.weight.shape == (3, 16) and np.isfinite(head.weight).all()
+
+
 @pytest.mark.slow
 def test_second_artefact_kind_with_no_parameter_changed(tmp_path):
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model

@@ -238,9 +238,22 @@ def test_report_without_test_groups_or_masks_explains_each_gap(plain_run, demo_d
     flags, groups = section(page, "flags"), section(page, "groups")
     assert "no artefact masks" in flags and "<figure>" in flags
     assert "no group labels" in flags  # rows split by the guard's own finding instead
-    assert "no group labels" in groups and 'id="group-accuracy"' not in groups and "Overall test accuracy" in groups
+    assert "Test accuracy (no artefact labels, so no worst group): original " in section(page, "verdict")
+    # No artefact groups to measure, so the table groups by the guard's own flag, and says so.
+    assert "no group labels" in groups and 'id="group-accuracy"' not in groups
+    assert 'id="flag-group-accuracy"' in groups and "guard's own flag" in groups and '<td class="text">flagged</td>' in groups
     assert "no SpRAy result" in section(page, "spray")
     assert not (tmp_path / "after_files" / "group_accuracy.png").exists()
+    assert (tmp_path / "after_files" / "flag_group_accuracy.png").is_file()
+
+    # A run evaluated before the flag table existed still gets its overall accuracy.
+    metrics_path = plain_run.run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics_path.write_text(json.dumps({k: v for k, v in metrics.items() if not k.startswith("flag_")}))
+    groups = section(assert_complete(write_report(plain_run.run_dir, tmp_path / "older.html", test_dataset=test)),
+                     "groups")
+    assert "Overall test accuracy: original " in groups and 'id="flag-group-accuracy"' not in groups
+    metrics_path.write_text(json.dumps(metrics))
 
     # Predictions without their images: the flags section says the images are missing.
     page = assert_complete(write_report(plain_run.run_dir, tmp_path / "no-images.html"))

@@ -28,13 +28,29 @@ from edgeshort.detect.keymaps import (
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
 from edgeshort.errors import InputError
-from edgeshort.evaluation import bootstrap_intervals, format_table, group_accuracy
+from edgeshort.evaluation import (
+    ARTEFACT_GROUP_NAMES,
+    FLAG_GROUP_NAMES,
+    bootstrap_intervals,
+    format_table,
+    group_accuracy,
+)
 from edgeshort.models import ViTAdapter, load_adapter
 from edgeshort.runtime.masking import dilate, keep_mask
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_KINDS = ("original", "ablated", "dfr")
+# What `evaluate` measures on a test set. Each evaluation replaces all of them, so nothing of an
+# earlier test set lingers; those here are null until measured (no test set, group labels or masks).
+NULLABLE_TEST_METRICS = (
+    "patch_precision", "patch_recall", *(f"{m}_{kind}" for kind in PREDICTION_KINDS for m in ("aga", "wga")),
+)
+TEST_METRICS = (
+    *NULLABLE_TEST_METRICS, "test_size", "test_source", "test_shortcut_present_rate", "test_changed_by_ablation_rate",
+    *(f"accuracy_{kind}" for kind in PREDICTION_KINDS), "group_accuracy", "group_accuracy_intervals", "results_table",
+    "flag_group_accuracy", "flag_group_accuracy_intervals", "flag_results_table",
+)
 
 
 @dataclass
@@ -138,28 +154,42 @@ class DetectionResult:
         test = as_dataset(test, self.class_names)
         start = time.perf_counter()
         preds = self.predict(test)
-        metrics = dict(self.metrics)
+        metrics = {k: v for k, v in self.metrics.items() if k not in TEST_METRICS}
+        metrics.update(dict.fromkeys(NULLABLE_TEST_METRICS))
         metrics["test_size"] = len(test)
         metrics["test_source"] = test.source  # lets the report reload the test images
         metrics["test_shortcut_present_rate"] = float(preds.present.mean())
-        if test.groups is not None:
-            tables = {
-                kind: group_accuracy(preds.labels(kind), test.labels, test.groups, self.class_names)
-                for kind in PREDICTION_KINDS
-                if kind != "dfr" or preds.dfr_logits is not None
-            }
-            metrics["group_accuracy"] = tables
-            for kind, key in (("original", "original"), ("ablated", "ablated"), ("dfr", "dfr")):
-                metrics[f"aga_{key}"] = tables[kind]["average"] if kind in tables else None
-                metrics[f"wga_{key}"] = tables[kind]["worst"] if kind in tables else None
-            intervals = bootstrap_intervals(
-                {kind: preds.labels(kind) for kind in tables}, test.labels, test.groups, len(self.class_names),
-                seed=self.config.seed,
+        labels_by_kind = {
+            kind: preds.labels(kind) for kind in PREDICTION_KINDS if kind != "dfr" or preds.dfr_logits is not None
+        }
+        for kind in PREDICTION_KINDS:
+            metrics[f"accuracy_{kind}"] = (
+                float((labels_by_kind[kind] == test.labels).mean()) if kind in labels_by_kind else None
             )
+        metrics["test_changed_by_ablation_rate"] = float((labels_by_kind["ablated"] != labels_by_kind["original"]).mean())
+        # The guard's own flag groups every test set, labelled for artefacts or not. It is chosen by the
+        # detector, so not an unbiased worst-group estimate, but it shows what the guard does to the
+        # images it acts on: the only per-group view a test set without artefact labels allows.
+        flag_tables, flag_intervals = self._group_tables(labels_by_kind, test.labels, preds.present.astype(np.int64),
+                                                         FLAG_GROUP_NAMES)
+        metrics["flag_group_accuracy"] = flag_tables
+        metrics["flag_group_accuracy_intervals"] = flag_intervals
+        metrics["flag_results_table"] = format_table(flag_tables, flag_intervals)
+        if test.groups is not None:
+            tables, intervals = self._group_tables(labels_by_kind, test.labels, test.groups)
+            metrics["group_accuracy"] = tables
+            for kind in PREDICTION_KINDS:
+                metrics[f"aga_{kind}"] = tables[kind]["average"] if kind in tables else None
+                metrics[f"wga_{kind}"] = tables[kind]["worst"] if kind in tables else None
             metrics["group_accuracy_intervals"] = intervals
             metrics["results_table"] = format_table(tables, intervals)
-            if print_table:
+        if print_table:
+            if test.groups is not None:
                 print(metrics["results_table"])
+            else:
+                print("The test set has no artefact labels: accuracy by the guard's own flag instead "
+                      "(the detector chose these groups, so they show its effect, not an unbiased worst group).")
+                print(metrics["flag_results_table"])
         truth = test.patch_masks(self.adapter.image_size, self.grid)
         if truth is not None:
             tp = int((preds.flags & truth).sum())
@@ -178,11 +208,23 @@ class DetectionResult:
             )
         return metrics
 
+    def _group_tables(self, labels_by_kind: dict, labels: np.ndarray, groups: np.ndarray,
+                      group_names: tuple[str, str] = ARTEFACT_GROUP_NAMES) -> tuple[dict, dict]:
+        """Accuracy per (class, group) cell for each prediction kind, with paired bootstrap intervals."""
+        tables = {kind: group_accuracy(pred, labels, groups, self.class_names, group_names)
+                  for kind, pred in labels_by_kind.items()}
+        intervals = bootstrap_intervals(labels_by_kind, labels, groups, len(self.class_names), seed=self.config.seed)
+        return tables, intervals
+
     def _write_metrics(self, run_dir: Path, metrics: dict) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-        tables = metrics.get("group_accuracy")
-        if tables:
+        # The artefact groups when the test set has labels for them, else the guard's flag groups
+        # (the group column names which); no file before an evaluation, so none is ever stale.
+        tables = metrics.get("group_accuracy") or metrics.get("flag_group_accuracy")
+        if not tables:
+            (run_dir / "results.csv").unlink(missing_ok=True)
+        else:
             with open(run_dir / "results.csv", "w", newline="") as fh:
                 writer = csv.writer(fh)
                 kinds = list(tables)
@@ -322,9 +364,7 @@ class ShortcutDetector:
             "val_shortcut_present_rate": float(present.mean()),
             **accuracy,
             "knn_reference_size": int(len(x)),
-            "patch_precision": None, "patch_recall": None,
-            "aga_original": None, "wga_original": None, "aga_ablated": None, "wga_ablated": None,
-            "aga_dfr": None, "wga_dfr": None,
+            **dict.fromkeys(NULLABLE_TEST_METRICS),
             "dfr": None if result.dfr_head is None else result.dfr_head.info,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "val_size": len(dataset),

@@ -10,6 +10,7 @@ whole set. `adam` is the seed notebook's variant (a linear layer trained with Ad
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from edgeshort.errors import InputError
 logger = logging.getLogger(__name__)
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+DFR_MAX_ITER = 2000
 
 
 @dataclass
@@ -54,14 +56,21 @@ def balanced_indices(groups: np.ndarray, rng: np.random.Generator, usable: list[
 
 
 def _fit_logreg(x, y, c, seed):
+    """L1 logistic regression, and whether it converged within `DFR_MAX_ITER` iterations."""
     import sklearn
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     # scikit-learn 1.8 spells the L1 penalty `l1_ratio=1` and deprecates `penalty`.
     modern = tuple(int(v) for v in sklearn.__version__.split(".")[:2]) >= (1, 8)
     l1 = {"l1_ratio": 1.0} if modern else {"penalty": "l1"}
     solver = "liblinear" if len(np.unique(y)) == 2 else "saga"
-    return LogisticRegression(C=c, solver=solver, max_iter=2000, random_state=seed, **l1).fit(x, y)
+    model = LogisticRegression(C=c, solver=solver, max_iter=DFR_MAX_ITER, random_state=seed, **l1)
+    # Caught and summarised once per DFR fit: scikit-learn would warn once per C and subsample.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(x, y)
+    return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
 def _as_multiclass(coef: np.ndarray, intercept: np.ndarray, num_classes: int):
@@ -104,30 +113,41 @@ def fit_dfr_logreg(
     order = rng.permutation(len(x))
     half_a, half_b = order[: len(x) // 2], order[len(x) // 2 :]
     best_c, best_wga = C_GRID[0], -1.0
+    fits: list[tuple[float, bool]] = []  # (C, converged)
     usable_a = [g for g in usable if (groups[half_a] == g).sum() >= 1]
     usable_b = [g for g in usable if (groups[half_b] == g).sum() >= 1]
     if len({g // 2 for g in usable_a}) == num_classes and usable_b:
         for c in C_GRID:
             idx = half_a[balanced_indices(groups[half_a], rng, usable_a)]
-            model = _fit_logreg(x[idx], labels[idx], c, seed)
+            model, converged = _fit_logreg(x[idx], labels[idx], c, seed)
+            fits.append((c, converged))
             wga = _worst_group_accuracy(model.predict(x[half_b]), labels[half_b], groups[half_b], usable_b)
             if wga > best_wga:
                 best_c, best_wga = c, wga
     coefs, intercepts = [], []
     for _ in range(subsamples):
         idx = balanced_indices(groups, rng, usable)
-        model = _fit_logreg(x[idx], labels[idx], best_c, seed)
+        model, converged = _fit_logreg(x[idx], labels[idx], best_c, seed)
+        fits.append((best_c, converged))
         coef, intercept = _as_multiclass(model.coef_, model.intercept_, num_classes)
         coefs.append(coef)
         intercepts.append(intercept)
     coef, intercept = np.mean(coefs, 0), np.mean(intercepts, 0)
+    unconverged = [c for c, converged in fits if not converged]
+    if unconverged:
+        logger.warning(
+            "DFR: %d of %d logistic-regression fits (C in %s) stopped at the %d-iteration limit before "
+            "converging; the head averages their last iterates",
+            len(unconverged), len(fits), sorted(set(unconverged)), DFR_MAX_ITER,
+        )
     # Fold the standardisation into the layer, so the head consumes raw features.
     weight = coef / std
     bias = intercept - (coef * (mean / std)).sum(1)
     return LinearHead(
         weight.astype(np.float32), bias.astype(np.float32),
         {"method": "logreg", "C": best_c, "selection_wga": best_wga, "groups": usable,
-         "group_size": int(min((groups == g).sum() for g in usable)), "subsamples": subsamples},
+         "group_size": int(min((groups == g).sum() for g in usable)), "subsamples": subsamples,
+         "unconverged_fits": len(unconverged)},
     )
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from edgeshort.detect.config import SETTINGS_OF_EARLIER_RUNS
 from edgeshort.errors import InputError
-from edgeshort.evaluation import describe_change
+from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, describe_change
 from edgeshort.report.draw import (
     colourise,
     grid_to_pixels,
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 SAMPLES_PER_CATEGORY = 4
 # Overlays of test images are drawn at least this many pixels on the short side.
 OVERLAY_SIDE = 192
-GROUP_NAMES = ("no artefact", "artefact")
 KIND_TITLES = {"original": "original", "ablated": "ablated", "dfr": "ablated + DFR"}
 STAGE_TITLES = {
     "extract": "extract features, keys and probabilities",
@@ -362,6 +361,11 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           f"(average {' &rarr; '.join(avg)})."
                           + (f' <span class="no">The guard lowers it ({", ".join(KIND_TITLES[k] for k in worse)}).'
                              "</span>" if worse else ""))
+        elif m.get("accuracy_original") is not None:
+            chain = [f"{KIND_TITLES[k]} {_num(m[f'accuracy_{k}'])}" for k in ("original", "ablated", "dfr")
+                     if m.get(f"accuracy_{k}") is not None]
+            points.append(f"Test accuracy (no artefact labels, so no worst group): {' &rarr; '.join(chain)}. "
+                          f"Ablation changed {_pct(m['test_changed_by_ablation_rate'], 1)} of the predictions.")
         intervals, tables = m.get("group_accuracy_intervals"), m.get("group_accuracy")
         if intervals and tables:
             steps = [describe_change(c, tables, intervals["confidence"], KIND_TITLES) for c in intervals["changes"]]
@@ -497,7 +501,7 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
                 if i is not None and labels is not None and i < len(labels):
                     label = _e(run.class_name(int(labels[i])))
                     if groups is not None:
-                        label += f"<br>{_e(GROUP_NAMES[int(groups[i])] if int(groups[i]) < 2 else groups[i])}"
+                        label += f"<br>{_e(ARTEFACT_GROUP_NAMES[int(groups[i])] if int(groups[i]) < 2 else groups[i])}"
                 header.append(f'<td class="label">#{i if i is not None else r}<br>{label}</td>')
                 for row, pic, kind in ((row_img, image, "image"), (row_overlay, overlay, "heatmap"),
                                        (row_grid, patches, "patches")):
@@ -618,7 +622,7 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
             src = assets.add(f"flags/test_{i}.png", picture)
 
             head = f"#{i} · true <strong>{_e(run.class_name(labels[i]))}</strong>" + (
-                f" · {GROUP_NAMES[int(groups[i])]}" if has_groups and int(groups[i]) < 2 else "")
+                f" · {ARTEFACT_GROUP_NAMES[int(groups[i])]}" if has_groups and int(groups[i]) < 2 else "")
             kinds = [("original", original[i]), ("ablated", ablated[i])]
             if guarded_key == "dfr_logits":
                 kinds.append(("ablated + DFR", guarded[i]))
@@ -638,24 +642,37 @@ def _groups(run: RunData, assets: Assets, figures: Path) -> str:
     intro = ("<p>Accuracy per (class, group) cell of the test set for the original model, with the flagged tokens "
              "ablated, and ablated with the DFR head; the average (AGA) is the mean over the cells, the worst "
              "group (WGA) the lowest cell. A shortcut shows as a weak cell that the guard lifts.</p>")
-    if not tables:
-        if "test_size" not in m and run.predictions is None:
-            why = "The run was not evaluated on a test set."
-        else:
-            why = ("The test set has no group labels (which images carry the artefact), so accuracy per group "
-                   "cannot be measured.")
-        how = ("Evaluate on a test set with group labels: the seed layout <code>ROOT/test_w_patches/</code> + "
-               "<code>ROOT/test_wo_patches/</code> (<code>edgeshort report RUN --eval ROOT/test</code>), or an "
-               "<code>ImageDataset</code> with <code>groups=</code> passed to <code>result.evaluate()</code>.")
-        overall = ""
-        if run.predictions is not None:
-            p = run.predictions
-            accs = [("original", p["logits"]), ("ablated", p["ablated_logits"])]
-            if p.get("dfr_logits") is not None and p["dfr_logits"].size:
-                accs.append(("ablated + DFR", p["dfr_logits"]))
-            overall = "<p>Overall test accuracy: " + ", ".join(
-                f"{name} {_num(float((logits.argmax(1) == p['labels']).mean()))}" for name, logits in accs) + ".</p>"
-        return _section("groups", "Per-group accuracy", intro + _empty(why, how) + overall)
+    if tables:
+        return _section("groups", "Per-group accuracy",
+                        intro + _group_table(tables, assets, figures / "group_accuracy.png", "group-accuracy"))
+    if "test_size" not in m and run.predictions is None:
+        why = "The run was not evaluated on a test set."
+    else:
+        why = ("The test set has no group labels (which images carry the artefact), so accuracy per artefact group "
+               "cannot be measured.")
+    how = ("Evaluate on a test set with group labels: the seed layout <code>ROOT/test_w_patches/</code> + "
+           "<code>ROOT/test_wo_patches/</code> (<code>edgeshort report RUN --eval ROOT/test</code>), or an "
+           "<code>ImageDataset</code> with <code>groups=</code> passed to <code>result.evaluate()</code>.")
+    flag_tables = m.get("flag_group_accuracy")
+    if flag_tables:
+        body = ("<p>Instead, the test images are grouped by the guard's own flag (a shortcut found or not). The "
+                "detector chose these groups, so the worst cell is not an unbiased worst group; the table shows "
+                "what the guard does to the images it acts on, and whether DFR costs the unflagged ones.</p>"
+                + _group_table(flag_tables, assets, figures / "flag_group_accuracy.png", "flag-group-accuracy"))
+    elif run.predictions is not None:  # runs evaluated before the flag table existed
+        p = run.predictions
+        accs = [("original", p["logits"]), ("ablated", p["ablated_logits"])]
+        if p.get("dfr_logits") is not None and p["dfr_logits"].size:
+            accs.append(("ablated + DFR", p["dfr_logits"]))
+        body = "<p>Overall test accuracy: " + ", ".join(
+            f"{name} {_num(float((logits.argmax(1) == p['labels']).mean()))}" for name, logits in accs) + ".</p>"
+    else:
+        body = ""
+    return _section("groups", "Per-group accuracy", intro + _empty(why, how) + body)
+
+
+def _group_table(tables: dict, assets: Assets, figure_path: Path, table_id: str) -> str:
+    """The (class, group) x prediction-kind table with its summary rows, and the same as bars."""
     kinds = list(tables)
     headers = ["class", "group", "n", *[KIND_TITLES.get(k, k) for k in kinds]]
     rows = []
@@ -670,15 +687,13 @@ def _groups(run: RunData, assets: Assets, figures: Path) -> str:
     for label, key in (("average", "average"), ("worst group", "worst"), ("overall", "overall")):
         rows.append([label, "", "", *[_num(tables[k].get(key)) for k in kinds]])
         classes.append("summary" if key == "average" else None)
-    parts = [intro, _table(headers, rows, "group-accuracy", classes, text_columns=(0, 1)),
-             '<p class="meta">Red: the worst cell of each column.</p>']
     from edgeshort.report.figures import group_accuracy_bars
 
-    path = group_accuracy_bars(tables, figures / "group_accuracy.png")
-    parts.append(_figure(assets.figure(path), "group accuracy bars",
-                         f"Accuracy per group. <code>{_e(path.name)}</code> is written beside this page.",
-                         width=760))
-    return _section("groups", "Per-group accuracy", "".join(parts))
+    path = group_accuracy_bars(tables, figure_path)
+    return (_table(headers, rows, table_id, classes, text_columns=(0, 1))
+            + '<p class="meta">Red: the worst cell of each column.</p>'
+            + _figure(assets.figure(path), "group accuracy bars",
+                      f"Accuracy per group. <code>{_e(path.name)}</code> is written beside this page.", width=760))
 
 
 def _spray(run: RunData, assets: Assets) -> str:
