@@ -229,3 +229,23 @@ def test_ablation_that_removes_the_object_is_reported(caplog):
     assert checked["val_balanced_accuracy_ablated"] == 0.5
     assert "lowers balanced validation accuracy from 1.000 to 0.500" in checked["warnings"][0]
     assert "not an artefact" in caplog.text
+
+
+def test_a_model_at_or_below_chance_is_called_out(caplog):
+    from edgeshort.detect.detector import _chance_check
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(300) % 3
+    names = ("bcc", "melanoma", "nevus")
+    right = np.eye(3)[labels] * 2 + rng.normal(0, 1, (300, 3))  # about 80% right
+    assert _chance_check(right, labels, names) == []
+    # Outputs in another class order: right about the images, wrong about their names.
+    with caplog.at_level("WARNING"):
+        (warning,) = _chance_check(right[:, [1, 2, 0]], labels, names)
+    assert "less than chance" in warning and "class order ['bcc', 'melanoma', 'nevus']" in warning
+    assert warning in caplog.text
+    # Outputs unrelated to the images (wrong weights or preprocessing), or one class for all.
+    (warning,) = _chance_check(rng.normal(0, 1, (300, 3)), labels, names)
+    assert "no better than chance" in warning and "preprocessing" in warning
+    (warning,) = _chance_check(np.tile([1.0, 0.0, 0.0], (300, 1)), labels, names)
+    assert "accuracy 0.333, 0.333 by chance on 300 images" in warning

@@ -295,6 +295,7 @@ class ShortcutDetector:
         t = time.perf_counter()
         cache = run_dir / "features_val.npz" if run_dir is not None else None
         feats: Features = extract(adapter, dataset, cfg.batch_size, cfg.key_layer, cfg.progress, cache)
+        chance_warnings = _chance_check(feats.logits, dataset.labels, dataset.class_names)
         seconds["extract"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -339,6 +340,7 @@ class ShortcutDetector:
         t = time.perf_counter()
         features = _masked_head_features(result, dataset)
         accuracy = _ablation_check(result, dataset, feats.logits, features)
+        accuracy["warnings"] = chance_warnings + accuracy["warnings"]
         seconds["ablation_check"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -413,6 +415,40 @@ def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.n
         )
         logger.warning("%s", warnings[-1])
     return {"val_balanced_accuracy_original": before, "val_balanced_accuracy_ablated": after, "warnings": warnings}
+
+
+# A model whose validation predictions are this likely under chance agreement has not learned the
+# task on these images, so its clusters and flags say nothing about shortcuts.
+CHANCE_P_VALUE = 0.01
+
+
+def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names) -> list[str]:
+    """A warning when the model's validation predictions agree with the labels no better than chance.
+
+    Chance agreement is Cohen's: the sum over classes of (share predicted) x (share labelled), what
+    predictions independent of the image would score; the count of right predictions is tested
+    against it with a one-sided binomial test. Both tails warn: below chance points at a class order
+    that differs from the model's, at chance at the weights or the preprocessing.
+    """
+    from scipy.stats import binomtest
+
+    predictions, n = logits.argmax(1), len(labels)
+    k = len(class_names)
+    chance = float((np.bincount(predictions, minlength=k) * np.bincount(labels, minlength=k)).sum() / n**2)
+    right = int((predictions == labels).sum())
+    if chance >= 1.0 or binomtest(right, n, chance, alternative="greater").pvalue <= CHANCE_P_VALUE:
+        return []
+    below = binomtest(right, n, chance, alternative="less").pvalue <= CHANCE_P_VALUE
+    warning = (
+        f"the model's validation predictions agree with the labels {'less' if below else 'no better'} than chance "
+        f"(accuracy {right / n:.3f}, {chance:.3f} by chance on {n} images), so its clusters and flags cannot "
+        "point at a shortcut. "
+        + (f"Check that the data's class order {list(class_names)} is the model's output order"
+           if below else "Check the weights and the preprocessing (image size, mean and std) the model was trained "
+           f"with, and that the data's class order {list(class_names)} is the model's output order")
+    )
+    logger.warning("%s", warning)
+    return [warning]
 
 
 def _masked_head_features(result: DetectionResult, dataset: ImageDataset) -> np.ndarray:
