@@ -217,7 +217,7 @@ def _pick_images(bundle: Bundle, rng) -> tuple[np.ndarray, np.ndarray]:
     source_run = bundle.manifest.get("source_run")
     try:
         meta = json.loads((Path(source_run) / "run.json").read_text())
-        data = dataset_from_source(meta["data_source"])
+        data = dataset_from_source(meta["data_source"], meta.get("class_names"))
     except (TypeError, OSError, KeyError, ValueError):  # no run folder or no recorded data: random inputs
         images = rng.standard_normal((8, 3, h, w)).astype(np.float32)
         return images, images

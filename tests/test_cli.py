@@ -33,3 +33,6 @@ def test_user_errors_exit_2_with_the_message(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "is not a detection run folder" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "edgeshort.cli", "detect", "--demo", "--classes", "b,a", "-o",
+                          str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 2 and "--classes orders the classes of --data folders" in out.stderr

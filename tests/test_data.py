@@ -85,6 +85,31 @@ def test_seed_layout_round_trip(tmp_path):
     assert folder.groups is None and len(folder) == int(data["val"].groups.sum())
 
 
+def test_class_order_follows_the_model_when_given(tmp_path):
+    from edgeshort.data import as_dataset, dataset_from_source
+
+    data = generate(SyntheticConfig().with_sizes(4, 12, 8))
+    write_seed_layout({"test": data["test"]}, tmp_path)
+    in_sorted_order = load_images(tmp_path / "test")
+    in_model_order = load_images(tmp_path / "test", ["malignant", "benign"])
+    assert in_model_order.class_names == ("malignant", "benign")
+    assert np.array_equal(in_model_order.labels, 1 - in_sorted_order.labels)
+    # Reloading a run's data from its recorded source keeps the run's order (seed layout and folder).
+    for dataset in (in_model_order, load_images(tmp_path / "test_w_patches", ["malignant", "benign"])):
+        again = dataset_from_source(dataset.source, dataset.class_names)
+        assert again.class_names == dataset.class_names and np.array_equal(again.labels, dataset.labels)
+    # A dataset in another order is renumbered by class name, not by position.
+    renumbered = as_dataset(in_sorted_order, ("malignant", "benign"))
+    assert np.array_equal(renumbered.labels, in_model_order.labels)
+    assert renumbered.groups is in_sorted_order.groups and in_sorted_order.class_names == ("benign", "malignant")
+    with pytest.raises(InputError, match=r"\['benign'\] not among them"):
+        as_dataset(in_sorted_order, ("malignant", "nevus"))
+    with pytest.raises(InputError, match="is not one of the classes .*pass class names that include it"):
+        load_images(tmp_path / "test", ["malignant"])
+    with pytest.raises(InputError, match="distinct class names"):
+        load_images(tmp_path / "test_w_patches", ["benign", "benign"])
+
+
 def test_bad_input_is_named(tmp_path):
     with pytest.raises(InputError, match="expected artefact in"):
         SyntheticConfig(artefact="sticker")

@@ -17,6 +17,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--arch", help="architecture of a state-dict file, e.g. torchvision:vit_b_16 or timm:NAME")
     parser.add_argument("--data", help="validation images: an ImageFolder tree, or ROOT/val for the seed layout")
     parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
+    parser.add_argument("--classes", help="comma list of class folder names in the model's output order "
+                                          "(default: sorted, as torchvision's ImageFolder)")
     parser.add_argument("-o", "--out", required=True, help="run folder to write")
     parser.add_argument("--config", help="JSON file of detector settings (see DetectorConfig)")
     for f in fields(DetectorConfig):
@@ -48,6 +50,9 @@ def run(args) -> int:
     if args.demo:
         from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
+        if args.classes:
+            raise InputError("--classes orders the classes of --data folders; the demo's classes are fixed")
+
         datasets = demo_datasets(args.demo)
         model = demo_model(args.demo, datasets, progress=not args.quiet)
         val, test = datasets["val"], datasets["test"]
@@ -56,8 +61,9 @@ def run(args) -> int:
         if not args.data:
             raise InputError("expected --data VAL with --model; pass the validation image folder")
         model = load_model_file(args.model, arch=args.arch)
-        val = load_images(args.data)
-        test = load_images(args.eval_data) if args.eval_data else None
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+        val = load_images(args.data, classes)
+        test = load_images(args.eval_data, classes) if args.eval_data else None
         config = config_from_args(args)
     result = ShortcutDetector(config).fit(model, val, run_dir=args.out)
     print(result.summary())

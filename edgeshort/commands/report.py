@@ -29,7 +29,7 @@ def run(args) -> int:
         from edgeshort.detect import ShortcutDetector
 
         result = ShortcutDetector.load(args.run)
-        test = load_images(args.eval_data)
+        test = load_images(args.eval_data, result.class_names)
         result.config = replace(result.config, progress=not args.quiet)
         result.evaluate(test, print_table=not args.quiet)
     out = write_report(Path(args.run), args.out, test_dataset=test, embed=args.embed)

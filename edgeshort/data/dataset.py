@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -130,10 +131,15 @@ class ImageFolder(ImageDataset):
         root = Path(root)
         folders = _class_folders(root)
         names = list(class_names) if class_names is not None else [p.name for p in folders]
+        if len(set(names)) != len(names):
+            raise InputError(f"expected distinct class names, got {names}; name each class once")
         paths, labels = [], []
         for folder in folders:
             if folder.name not in names:
-                raise InputError(f"folder {str(folder)!r} is not one of the classes {names}")
+                raise InputError(
+                    f"folder {str(folder)!r} is not one of the classes {names}; pass class names that include "
+                    "it, in the model's output order, or move it out of the tree"
+                )
             files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             paths += files
             labels += [names.index(folder.name)] * len(files)
@@ -157,11 +163,16 @@ def concat(datasets: Sequence[ImageDataset], name: str | None = None) -> ImageDa
     )
 
 
-def load_seed_layout(root: str | Path, split: str) -> ImageDataset:
-    """`root/{split}_wo_patches/<class>/…` (group 0) + `root/{split}_w_patches/<class>/…` (group 1)."""
+def load_seed_layout(root: str | Path, split: str, class_names: Sequence[str] | None = None) -> ImageDataset:
+    """`root/{split}_wo_patches/<class>/…` (group 0) + `root/{split}_w_patches/<class>/…` (group 1).
+
+    Classes are in sorted order unless `class_names` gives the model's order.
+    """
     root = Path(root)
     without, with_ = root / f"{split}_wo_patches", root / f"{split}_w_patches"
-    names = sorted({p.name for folder in (without, with_) for p in _class_folders(folder)})
+    names = list(class_names) if class_names is not None else sorted(
+        {p.name for folder in (without, with_) for p in _class_folders(folder)}
+    )
     merged = concat([ImageFolder(without, names, group=0), ImageFolder(with_, names, group=1)], name=split)
     merged.source = f"seed:{split}:{root}"
     return merged
@@ -180,14 +191,14 @@ def write_seed_layout(datasets: dict[str, ImageDataset], root: str | Path) -> Pa
     return root
 
 
-def dataset_from_source(source: str) -> ImageDataset:
-    """Load a dataset again from its recorded `source` string."""
+def dataset_from_source(source: str, class_names: Sequence[str] | None = None) -> ImageDataset:
+    """Load a dataset again from its recorded `source` string, its classes in `class_names`' order if given."""
     kind, _, rest = source.partition(":")
     if kind == "folder":
-        return ImageFolder(rest)
+        return ImageFolder(rest, class_names)
     if kind == "seed":
         split, _, root = rest.partition(":")
-        return load_seed_layout(root, split)
+        return load_seed_layout(root, split, class_names)
     if kind == "synthetic":
         import json
 
@@ -197,16 +208,38 @@ def dataset_from_source(source: str) -> ImageDataset:
         data = json.loads(config)
         for key in ("train", "val", "test"):
             data[key] = SplitSpec(**{**data[key], "artefact_rate": tuple(data[key]["artefact_rate"])})
-        return generate_split(SyntheticConfig(**data), split)
+        synthetic = generate_split(SyntheticConfig(**data), split)
+        return synthetic if class_names is None else in_class_order(synthetic, class_names)
     raise InputError(f"unknown dataset source {source!r}; pass the images explicitly")
 
 
-def load_images(path: str | Path) -> ImageDataset:
-    """An ImageFolder tree, or the seed layout when `path` is `ROOT/SPLIT` with `SPLIT_w(o)_patches` beside it."""
+def load_images(path: str | Path, class_names: Sequence[str] | None = None) -> ImageDataset:
+    """An ImageFolder tree, or the seed layout when `path` is `ROOT/SPLIT` with `SPLIT_w(o)_patches` beside it.
+
+    Labels follow the sorted folder names, as torchvision's ImageFolder, unless `class_names` gives
+    the order of the model's outputs.
+    """
     path = Path(path)
     if not path.exists() and (path.parent / f"{path.name}_wo_patches").is_dir():
-        return load_seed_layout(path.parent, path.name)
-    return ImageFolder(path)
+        return load_seed_layout(path.parent, path.name, class_names)
+    return ImageFolder(path, class_names)
+
+
+def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDataset:
+    """`dataset` with labels renumbered to `class_names`' order (the model's), matched by name."""
+    class_names = tuple(class_names)
+    if dataset.class_names == class_names:
+        return dataset
+    unknown = [c for c in dataset.class_names if c not in class_names]
+    if unknown:
+        raise InputError(
+            f"expected the classes {list(class_names)} (the model's), got {list(dataset.class_names)} with "
+            f"{unknown} not among them; rename the folders, or pass class names in the model's output order"
+        )
+    order = np.array([class_names.index(c) for c in dataset.class_names], dtype=np.int64)
+    relabelled = copy.copy(dataset)  # keeps the dataset's kind (files, arrays) and everything else
+    relabelled.labels, relabelled.class_names = order[dataset.labels], class_names
+    return relabelled
 
 
 
@@ -249,9 +282,9 @@ class ArrayDataset(ImageDataset):
 def as_dataset(data, class_names=None) -> ImageDataset:
     """An ImageDataset, a folder path, or an (images, labels) pair of preprocessed arrays."""
     if isinstance(data, ImageDataset):
-        return data
+        return data if class_names is None else in_class_order(data, class_names)
     if isinstance(data, (str, Path)):
-        return load_images(data)
+        return load_images(data, class_names)
     if isinstance(data, tuple) and len(data) in (2, 3):
         images, labels = data[0], data[1]
         if len(images) != len(labels):

@@ -305,7 +305,7 @@ def _resolve_calibration(result):
         if source:
             from edgeshort.data import dataset_from_source
 
-            return dataset_from_source(source)
+            return dataset_from_source(source, result.class_names)
     raise InputError(
         "the run does not record where its validation images are; pass calibration images "
         "(CLI: --data VAL) so the export can check parity"

@@ -834,7 +834,7 @@ def _test_images(run: RunData, test_dataset) -> tuple[object | None, str | None]
     try:
         from edgeshort.data import dataset_from_source
 
-        dataset = dataset_from_source(source)
+        dataset = dataset_from_source(source, run.class_names or None)
     except Exception as exc:  # a moved folder or an old source string: the section explains, the report goes on
         logger.warning("could not reload the test images from %r: %s", source, exc)
         return None, f"reloading them from the recorded source failed ({exc})"
@@ -864,7 +864,7 @@ def _val_loader(run: RunData) -> Callable[[], object | None]:
                 try:
                     from edgeshort.data import dataset_from_source
 
-                    cache["val"] = dataset_from_source(source)
+                    cache["val"] = dataset_from_source(source, run.class_names or None)
                 except Exception as exc:  # pictures are optional: the section says they are missing
                     logger.warning("could not reload the validation images from %r: %s", source, exc)
         return cache["val"]
