@@ -150,7 +150,11 @@ class DetectionResult:
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, test, out: str | Path | None = None, print_table: bool = False) -> dict:
-        """Per-group accuracy (original / ablated / ablated+DFR) and patch precision/recall on a test set."""
+        """Accuracy of the original, ablated and ablated+DFR predictions on a test set.
+
+        Per (class, artefact group) with worst-group accuracy when the test set has group labels,
+        per (class, guard flag) always, and flag precision/recall when it has artefact masks.
+        """
         test = as_dataset(test, self.class_names)
         start = time.perf_counter()
         preds = self.predict(test)
@@ -195,7 +199,7 @@ class DetectionResult:
             tp = int((preds.flags & truth).sum())
             metrics["patch_precision"] = tp / max(int(preds.flags.sum()), 1) if preds.flags.any() else None
             metrics["patch_recall"] = tp / int(truth.sum()) if truth.any() else None
-        metrics.setdefault("seconds", {})["evaluate"] = round(time.perf_counter() - start, 3)
+        metrics["seconds"] = {**metrics.get("seconds", {}), "evaluate": round(time.perf_counter() - start, 3)}
         self.metrics = metrics
         target = Path(out) if out is not None else self.run_dir
         if target is not None:
