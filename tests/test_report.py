@@ -161,6 +161,13 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
     assert "group_accuracy.png" in groups
     assert 'class="empty"' in section(page, "spray")  # the demo run has no SpRAy result: explained
     assert 'id="timings"' in section(page, "timings") and 'id="configuration"' in section(page, "configuration")
+    # Every detector setting the configuration table lists says what it means.
+    from dataclasses import fields
+
+    from edgeshort.detect import DetectorConfig
+    from edgeshort.report.html import CONFIG_NOTES
+
+    assert {f.name for f in fields(DetectorConfig)} <= set(CONFIG_NOTES)
     files = demo_report.parent / "report_files"
     for name in ("cluster_scatter.png", "group_accuracy.png"):
         with Image.open(files / name) as figure:

@@ -60,6 +60,8 @@ CONFIG_NOTES = {
     "knn_samples": "KNN positives (None: the seed's 200 at 20 x 196 patches, scaled)",
     "knn_negatives": "KNN negatives (None: as many as positives)",
     "knn_k": "neighbours the KNN votes with",
+    "heatmap": "key heatmaps against: nearest clean keys (nearest) or the clean mean key per position (mean, the seed's)",
+    "negatives": "KNN negatives: spread over the clean tokens' heat ranking, or the coolest (closest, the seed's)",
     "dilation_radius": "flags grown to neighbours within this radius",
     "min_patches": "flagged patches needed for 'shortcut present'",
     "key_layer": "encoder block whose keys are used",
