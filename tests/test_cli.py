@@ -35,4 +35,28 @@ def test_user_errors_exit_2_with_the_message(tmp_path):
     assert "is not a detection run folder" in out.stderr
     out = subprocess.run([sys.executable, "-m", "edgeshort.cli", "detect", "--demo", "--classes", "b,a", "-o",
                           str(tmp_path / "run")], capture_output=True, text=True)
-    assert out.returncode == 2 and "--classes orders the classes of --data folders" in out.stderr
+    assert out.returncode == 2 and "--classes describe your own model and data; the demo's are fixed" in out.stderr
+
+
+def test_detect_flags_reach_every_detector_setting():
+    from dataclasses import fields
+
+    from edgeshort.cli import build_parser
+    from edgeshort.commands.detect import _channels, config_from_args
+    from edgeshort.detect import DetectorConfig
+    from edgeshort.errors import InputError
+
+    argv = ["detect", "--model", "m.pt", "-o", "run", "--heatmap", "mean", "--negatives", "closest", "--dfr", "adam",
+            "--knn-k", "7", "--min-patches", "3", "--quiet"]
+    config = config_from_args(build_parser(only="detect").parse_args(argv))
+    assert (config.heatmap, config.negatives, config.dfr, config.knn_k, config.min_patches) == (
+        "mean", "closest", "adam", 7, 3)
+    flags = {a.dest for a in build_parser(only="detect")._subparsers._group_actions[0].choices["detect"]._actions}
+    assert {f.name for f in fields(DetectorConfig)} - {"progress", "lambdas"} <= flags
+    assert _channels("0.5, 0.5,0.5", "--mean") == (0.5, 0.5, 0.5)
+    try:
+        _channels("half", "--std")
+    except InputError as exc:
+        assert "expected --std as three numbers R,G,B" in str(exc)
+    else:
+        raise AssertionError("a malformed --std was accepted")

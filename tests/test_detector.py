@@ -158,6 +158,31 @@ def _small_model():
     return TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2).eval()
 
 
+def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
+    from edgeshort.data import ImageDataset
+    from edgeshort.models import load_adapter
+
+    model = _small_model()
+    rng = np.random.default_rng(0)
+    data = ImageDataset.from_arrays(rng.integers(0, 255, (24, 40, 40, 3), dtype=np.uint8), np.arange(24) % 2, ("a", "b"))
+    adapter = load_adapter(model).set_preprocessing(mean=(0.2, 0.3, 0.4), std=(0.9, 0.8, 0.7), interpolation="bicubic")
+    config = DetectorConfig(progress=False, num_selected=4, knn_samples=8)
+    result = ShortcutDetector(config).fit(adapter, data, run_dir=tmp_path)
+    reloaded = ShortcutDetector.load(tmp_path)
+    assert reloaded.adapter.preprocessing == adapter.preprocessing
+    logits = result.predict(data, progress=False).logits
+    np.testing.assert_allclose(reloaded.predict(data, progress=False).logits, logits, atol=1e-5)
+    # The family's default feeds the model other numbers, so the reload must not fall back to it,
+    # not even when handed an adapter that has the default.
+    x_run, x_default = (next(data.batches(p))[1] for p in (adapter.preprocessing, load_adapter(model).preprocessing))
+    assert not np.allclose(x_run, x_default)
+    assert ShortcutDetector.load(tmp_path, model=load_adapter(model)).adapter.preprocessing == adapter.preprocessing
+    with pytest.raises(InputError, match="expected std as three finite numbers"):
+        load_adapter(model).set_preprocessing(std=(0.5, 0.5))
+    with pytest.raises(InputError, match="positive std"):
+        load_adapter(model).set_preprocessing(std=(0.5, 0.0, 0.5))
+
+
 def test_bad_input_is_a_clear_error():
     model = _small_model()
     images = torch.randn(6, 3, 32, 32)

@@ -6,7 +6,11 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from edgeshort.detect.config import DetectorConfig
+from edgeshort.detect.config import DFR_METHODS, HEATMAP_CONTRASTS, NEGATIVE_CHOICES, DetectorConfig
+from edgeshort.runtime.preprocess import INTERPOLATIONS
+
+# The settings that take a word, not a number.
+CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATIVE_CHOICES}
 
 
 def add_arguments(parser) -> None:
@@ -24,8 +28,13 @@ def add_arguments(parser) -> None:
     for f in fields(DetectorConfig):
         if f.name in ("progress", "lambdas"):
             continue
-        kind = str if f.name == "dfr" else int
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f"default {f.default!r}")
+        choices = CHOICES.get(f.name)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=str if choices else int, choices=choices,
+                            default=None, help=f"default {f.default!r}")
+    parser.add_argument("--mean", help="normalisation mean the model was trained with, R,G,B in [0, 1] "
+                                       "(default: the model family's)")
+    parser.add_argument("--std", help="normalisation std the model was trained with, R,G,B (default: the family's)")
+    parser.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), help="resize filter (default: the family's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -45,13 +54,15 @@ def run(args) -> int:
     from edgeshort.data import load_images
     from edgeshort.detect import ShortcutDetector
     from edgeshort.errors import InputError
-    from edgeshort.models import load_model_file
+    from edgeshort.models import load_adapter, load_model_file
 
     if args.demo:
         from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
-        if args.classes:
-            raise InputError("--classes orders the classes of --data folders; the demo's classes are fixed")
+        fixed = [flag for flag, value in (("--classes", args.classes), ("--mean", args.mean), ("--std", args.std),
+                                          ("--interpolation", args.interpolation)) if value]
+        if fixed:
+            raise InputError(f"{', '.join(fixed)} describe your own model and data; the demo's are fixed")
 
         datasets = demo_datasets(args.demo)
         model = demo_model(args.demo, datasets, progress=not args.quiet)
@@ -60,7 +71,9 @@ def run(args) -> int:
     else:
         if not args.data:
             raise InputError("expected --data VAL with --model; pass the validation image folder")
-        model = load_model_file(args.model, arch=args.arch)
+        model = load_adapter(load_model_file(args.model, arch=args.arch)).set_preprocessing(
+            _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation
+        )
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         val = load_images(args.data, classes)
         test = load_images(args.eval_data, classes) if args.eval_data else None
@@ -75,6 +88,18 @@ def run(args) -> int:
     page = write_report(args.out, test_dataset=test)
     print(f"run folder: {args.out}\nreport: {page}")
     return 0
+
+
+def _channels(text: str | None, flag: str) -> tuple[float, float, float] | None:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5); Preprocessing checks the values."""
+    from edgeshort.errors import InputError
+
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"expected {flag} as three numbers R,G,B, e.g. 0.5,0.5,0.5; got {text!r}") from None
 
 
 def _print_headline(metrics: dict) -> None:

@@ -76,6 +76,9 @@ def load_result(run_dir: Path, model=None):
     if meta.get("format", 0) > RUN_FORMAT:
         raise InputError(f"run format {meta['format']} is newer than this edgeshort reads ({RUN_FORMAT}); upgrade")
     adapter = load_adapter(model if model is not None else run_dir / "model.pt")
+    saved = meta.get("model", {}).get("preprocessing")
+    if saved:  # the run's normalisation, which may differ from the family's default
+        adapter.set_preprocessing(saved["mean"], saved["std"], saved["interpolation"])
     with np.load(run_dir / "clusters.npz") as z:
         k = len([name for name in z.files if name.startswith("selected_")])
         clustering = Clustering(

@@ -124,6 +124,16 @@ class ViTAdapter(ABC):
             raise InputError("expected every prefix (class/register) token to be kept; mask only patch tokens")
         return keep
 
+    def set_preprocessing(self, mean=None, std=None, interpolation: str | None = None) -> ViTAdapter:
+        """Use the normalisation and resize filter the model was trained with (the size is the model's)."""
+        from dataclasses import replace
+
+        changes = {"mean": mean, "std": std, "interpolation": interpolation}
+        self.preprocessing = replace(
+            self.preprocessing, **{k: tuple(v) if k != "interpolation" else v for k, v in changes.items() if v is not None}
+        )
+        return self
+
     def describe(self) -> dict:
         """What export writes into a bundle manifest about this model."""
         return {

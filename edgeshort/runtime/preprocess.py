@@ -36,6 +36,12 @@ class Preprocessing:
     interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(np.isfinite(v) for v in values):
+                raise InputError(f"expected {name} as three finite numbers (R, G, B), got {values!r}")
+        if min(self.std) <= 0:
+            raise InputError(f"expected a positive std for every channel, got {self.std!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise InputError(
                 f"expected interpolation in {sorted(INTERPOLATIONS)}, got {self.interpolation!r}; "
