@@ -119,6 +119,36 @@ def test_runs_that_cannot_be_exported_fail_clearly(demo_result, demo_data, tmp_p
 
 
 @pytest.mark.slow
+def test_a_models_own_preprocessing_reaches_the_edge(tmp_path):
+    """A run fitted with non-default normalisation and resize filter: the runtime, fed the image
+    files, predicts what torch predicted, because the bundle carries that preprocessing."""
+    from edgeshort.data import ImageDataset
+    from edgeshort.detect import DetectorConfig, ShortcutDetector
+    from edgeshort.models import load_adapter
+    from edgeshort.models.tiny import TinyViT
+    from edgeshort.runtime import Guard
+
+    torch.manual_seed(0)
+    adapter = load_adapter(TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2)).set_preprocessing(
+        mean=(0.2, 0.3, 0.4), std=(0.9, 0.8, 0.7), interpolation="bicubic")
+    rng = np.random.default_rng(0)
+    data = ImageDataset.from_arrays(rng.integers(0, 255, (16, 45, 37, 3), dtype=np.uint8), np.arange(16) % 2,
+                                    ("a", "b"))
+    result = ShortcutDetector(DetectorConfig(progress=False, num_selected=4, knn_samples=8)).fit(
+        adapter, data, run_dir=tmp_path / "run")
+    # Exported from the run folder, as `edgeshort export RUN` does: the reloaded run keeps it too.
+    bundle = export_bundle(tmp_path / "run", tmp_path / "bundle", ExportOptions(formats=("onnx",), progress=False),
+                           calibration=data)
+    assert bundle.manifest["model"]["preprocessing"]["interpolation"] == "bicubic"
+    files = []
+    for i in range(len(data)):
+        files.append(tmp_path / f"{i}.png")
+        data.image(i).save(files[-1])
+    edge = Guard.load(tmp_path / "bundle", backend="onnxruntime").predict(files)
+    torch_logits = result.predict(data, progress=False).logits
+    np.testing.assert_allclose(np.stack([r.logits for r in edge]), torch_logits, atol=1e-4)
+
+
 def test_vit_b_16_bundle_matches_torch(tmp_path):
     """The seed's architecture: ORT and OpenVINO f32 match torch within 1e-4 (plain and masked, batch 1 and 3)."""
     from torchvision.models import vit_b_16
