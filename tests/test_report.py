@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -165,9 +166,10 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
     from dataclasses import fields
 
     from edgeshort.detect import DetectorConfig
-    from edgeshort.report.html import CONFIG_NOTES
+    from edgeshort.detect.config import SETTING_NOTES
 
-    assert {f.name for f in fields(DetectorConfig)} <= set(CONFIG_NOTES)
+    assert {f.name for f in fields(DetectorConfig)} == set(SETTING_NOTES)
+    assert SETTING_NOTES["heatmap"] in html.unescape(section(page, "configuration"))
     files = demo_report.parent / "report_files"
     for name in ("cluster_scatter.png", "group_accuracy.png"):
         with Image.open(files / name) as figure:

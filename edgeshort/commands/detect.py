@@ -6,7 +6,13 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from edgeshort.detect.config import DFR_METHODS, HEATMAP_CONTRASTS, NEGATIVE_CHOICES, DetectorConfig
+from edgeshort.detect.config import (
+    DFR_METHODS,
+    HEATMAP_CONTRASTS,
+    NEGATIVE_CHOICES,
+    SETTING_NOTES,
+    DetectorConfig,
+)
 from edgeshort.runtime.preprocess import INTERPOLATIONS
 
 # The settings that take a word, not a number.
@@ -30,7 +36,7 @@ def add_arguments(parser) -> None:
             continue
         choices = CHOICES.get(f.name)
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=str if choices else int, choices=choices,
-                            default=None, help=f"default {f.default!r}")
+                            default=None, help=f"{SETTING_NOTES[f.name]} (default {f.default!r})")
     parser.add_argument("--mean", help="normalisation mean the model was trained with, R,G,B in [0, 1] "
                                        "(default: the model family's)")
     parser.add_argument("--std", help="normalisation std the model was trained with, R,G,B (default: the family's)")

@@ -15,19 +15,19 @@ SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest"}
 
 @dataclass(frozen=True)
 class DetectorConfig:
+    """The detector's settings; `SETTING_NOTES` says what each means (CLI help and report use it)."""
+
     n_clusters: int = 2
     pca_components: int = 3
     lambdas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
-    num_selected: int = 20  # samples nearest each centroid used for heatmaps and the KNN
-    knn_samples: int | None = None  # positives; None: the seed's 200 at 20 x 196 patches, scaled to this grid
-    knn_negatives: int | None = None  # negatives; None: as many as positives (the seed)
+    num_selected: int = 20
+    knn_samples: int | None = None
+    knn_negatives: int | None = None
     knn_k: int = 5
-    # Key heatmaps against the nearest clean keys ("mean": the seed's clean mean key per position)
-    # and KNN negatives spread over the clean tokens ("closest": the seed's); see detect/keymaps.py.
-    heatmap: str = "nearest"
+    heatmap: str = "nearest"  # see detect/keymaps.py for both contrasts
     negatives: str = "spread"
     dilation_radius: int = 1
-    min_patches: int = 2  # the seed's "more than one flagged patch" rule for "shortcut present"
+    min_patches: int = 2
     key_layer: int = -1
     dfr: str = "logreg"
     dfr_subsamples: int = 10
@@ -75,3 +75,26 @@ class DetectorConfig:
         if "lambdas" in data:
             data = {**data, "lambdas": tuple(data["lambdas"])}
         return cls(**data)
+
+
+SETTING_NOTES = {
+    "n_clusters": "k-means clusters",
+    "pca_components": "PCA components before k-means",
+    "lambdas": "weights of homogeneity, exp(-Brier dominant), 1 - exp(-Brier other)",
+    "num_selected": "samples nearest each centre used for heatmaps and the KNN",
+    "knn_samples": "KNN positives (None: the seed's 200 at 20 x 196 patches, scaled to this grid)",
+    "knn_negatives": "KNN negatives (None: as many as positives, as the seed)",
+    "knn_k": "neighbours the KNN votes with",
+    "heatmap": "key heatmaps against the nearest clean keys (nearest) or the clean mean key per position "
+               "(mean, the seed's)",
+    "negatives": "KNN negatives spread over the clean tokens' heat ranking (spread) or the coolest "
+                 "(closest, the seed's)",
+    "dilation_radius": "flags grown to neighbours within this radius",
+    "min_patches": "flagged patches needed for 'shortcut present' (the seed's 'more than one')",
+    "key_layer": "encoder block whose keys are used",
+    "dfr": "last-layer retraining method",
+    "dfr_subsamples": "balanced subsamples DFR averages over",
+    "batch_size": "images per forward pass",
+    "seed": "random seed",
+    "progress": "progress bars",
+}

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from edgeshort.detect.config import SETTINGS_OF_EARLIER_RUNS
+from edgeshort.detect.config import SETTING_NOTES, SETTINGS_OF_EARLIER_RUNS
 from edgeshort.errors import InputError
 from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, describe_change
 from edgeshort.report.draw import (
@@ -51,25 +51,6 @@ STAGE_TITLES = {
     "dfr": "DFR last-layer retraining",
     "pictures": "run pictures",
     "evaluate": "evaluation on the test set",
-}
-CONFIG_NOTES = {
-    "n_clusters": "k-means clusters",
-    "pca_components": "PCA components before k-means",
-    "lambdas": "weights of homogeneity, exp(-Brier dominant), 1 - exp(-Brier other)",
-    "num_selected": "samples nearest each centre used for heatmaps and the KNN",
-    "knn_samples": "KNN positives (None: the seed's 200 at 20 x 196 patches, scaled)",
-    "knn_negatives": "KNN negatives (None: as many as positives)",
-    "knn_k": "neighbours the KNN votes with",
-    "heatmap": "key heatmaps against: nearest clean keys (nearest) or the clean mean key per position (mean, the seed's)",
-    "negatives": "KNN negatives: spread over the clean tokens' heat ranking, or the coolest (closest, the seed's)",
-    "dilation_radius": "flags grown to neighbours within this radius",
-    "min_patches": "flagged patches needed for 'shortcut present'",
-    "key_layer": "encoder block whose keys are used",
-    "dfr": "last-layer retraining method",
-    "dfr_subsamples": "balanced subsamples DFR averages over",
-    "batch_size": "images per forward pass",
-    "seed": "random seed",
-    "progress": "progress bars",
 }
 
 CSS = """
@@ -792,7 +773,7 @@ def _configuration(run: RunData) -> str:
     parts = []
     if run.config:
         rows = [[f'<td class="text nowrap"><code>{_e(k)}</code></td>', f"<code>{_e(_setting(v))}</code>",
-                 _e(CONFIG_NOTES.get(k, ""))] for k, v in run.config.items()]
+                 _e(SETTING_NOTES.get(k, ""))] for k, v in run.config.items()]
         parts.append("<p>The detector settings (<code>config.json</code>).</p>"
                      + _table(["setting", "value", "meaning"], rows, "configuration", text_columns=(0, 1, 2)))
     else:
