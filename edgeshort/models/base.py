@@ -128,9 +128,12 @@ class ViTAdapter(ABC):
         """Use the normalisation and resize filter the model was trained with (the size is the model's)."""
         from dataclasses import replace
 
-        changes = {"mean": mean, "std": std, "interpolation": interpolation}
+        current = self.preprocessing
         self.preprocessing = replace(
-            self.preprocessing, **{k: tuple(v) if k != "interpolation" else v for k, v in changes.items() if v is not None}
+            current,
+            mean=current.mean if mean is None else tuple(mean),
+            std=current.std if std is None else tuple(std),
+            interpolation=interpolation or current.interpolation,
         )
         return self
 
