@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from edgeshort.errors import InputError, UnsupportedModelError
 from edgeshort.models import load_adapter, load_model_file, save_checkpoint
@@ -199,3 +201,28 @@ def test_loading_from_files(tmp_path, images):
         load_model_file(tmp_path / "dict.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model_file(tmp_path / "missing.pt")
+
+
+def test_a_timm_model_gets_timms_own_evaluation_transform(caplog):
+    """resolve_data_config + create_transform: mean, std, filter and the centre crop of the model's config."""
+    timm = pytest.importorskip("timm")
+    from timm.data import create_transform, resolve_data_config
+
+    from edgeshort.runtime.preprocess import preprocess_image
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=1,
+                              num_classes=3)
+    adapter = load_adapter(model)
+    assert adapter.preprocessing.crop_pct == model.pretrained_cfg["crop_pct"] == 0.9
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    # The input size is the built model's; its config still names the 224 of the weights it was made for.
+    timm_eval = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, model=model))
+    np.testing.assert_allclose(preprocess_image(image, adapter.preprocessing), timm_eval(image).numpy(), atol=1e-5)
+
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "border"}
+    with caplog.at_level("WARNING"):
+        assert load_adapter(model).preprocessing.crop_pct == 0.9
+    assert "crop_mode 'border' is not supported" in caplog.text
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "squash", "crop_pct": 1.0}
+    assert load_adapter(model).preprocessing.crop_pct is None  # squash without a crop is a stretch

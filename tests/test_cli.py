@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_help_does_not_import_torch():
     code = (
@@ -54,6 +56,12 @@ def test_detect_flags_reach_every_detector_setting():
     flags = {a.dest for a in build_parser(only="detect")._subparsers._group_actions[0].choices["detect"]._actions}
     assert {f.name for f in fields(DetectorConfig)} - {"progress", "lambdas"} <= flags
     assert _channels("0.5, 0.5,0.5", "--mean") == (0.5, 0.5, 0.5)
+    from edgeshort.commands.detect import _crop_pct
+    from edgeshort.models.base import KEEP
+
+    assert (_crop_pct("0.875"), _crop_pct("None"), _crop_pct(None)) == (0.875, None, KEEP)
+    with pytest.raises(InputError, match="expected --crop-pct as a fraction such as 0.875, or 'none'"):
+        _crop_pct("90%")
     try:
         _channels("half", "--std")
     except InputError as exc:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edgeshort.data import (
+    ImageDataset,
     SplitSpec,
     SyntheticConfig,
     generate,
@@ -15,6 +16,7 @@ from edgeshort.data import (
 )
 from edgeshort.data.synthetic import render_image
 from edgeshort.errors import InputError
+from edgeshort.runtime.preprocess import Preprocessing
 
 SMALL = SyntheticConfig().with_sizes(60, 40, 40)
 
@@ -55,9 +57,22 @@ def test_split_correlations_follow_the_config():
     assert (test.masks.any(axis=(1, 2)) == test.groups.astype(bool)).all()
 
 
+def test_patch_masks_follow_the_centre_crop():
+    """Truth masks go through the model's own geometry: an artefact the crop cuts away flags no token."""
+    images = np.zeros((2, 40, 80, 3), np.uint8)
+    masks = np.zeros((2, 40, 80), bool)
+    masks[0, :, :10] = True  # the left strip, outside a centre crop
+    masks[1, 16:24, 36:44] = True  # the centre
+    data = ImageDataset.from_arrays(images, [0, 1], ("a", "b"), masks=masks)
+    cropped = data.patch_masks(Preprocessing(size=(32, 32), crop_pct=1.0), (4, 4))
+    assert not cropped[0].any()
+    assert cropped[1, 1:3, 1:3].all() and cropped[1].sum() == 4
+    assert data.patch_masks(Preprocessing(size=(32, 32)), (4, 4))[0, :, 0].all()  # stretched, the strip stays
+
+
 def test_patch_masks_follow_the_grid():
     data = generate_split(SMALL, "test")
-    grid = data.patch_masks((64, 64), (8, 8))
+    grid = data.patch_masks(Preprocessing(size=(64, 64)), (8, 8))
     assert grid.shape == (40, 8, 8)
     i = int(np.flatnonzero(data.groups)[0])
     ys, xs = np.nonzero(data.masks[i])

@@ -164,8 +164,9 @@ def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
 
     model = _small_model()
     rng = np.random.default_rng(0)
-    data = ImageDataset.from_arrays(rng.integers(0, 255, (24, 40, 40, 3), dtype=np.uint8), np.arange(24) % 2, ("a", "b"))
-    adapter = load_adapter(model).set_preprocessing(mean=(0.2, 0.3, 0.4), std=(0.9, 0.8, 0.7), interpolation="bicubic")
+    data = ImageDataset.from_arrays(rng.integers(0, 255, (24, 40, 52, 3), dtype=np.uint8), np.arange(24) % 2, ("a", "b"))
+    adapter = load_adapter(model).set_preprocessing(mean=(0.2, 0.3, 0.4), std=(0.9, 0.8, 0.7), interpolation="bicubic",
+                                                    crop_pct=0.8)
     config = DetectorConfig(progress=False, num_selected=4, knn_samples=8)
     result = ShortcutDetector(config).fit(adapter, data, run_dir=tmp_path)
     reloaded = ShortcutDetector.load(tmp_path)
@@ -176,11 +177,17 @@ def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
     # not even when handed an adapter that has the default.
     x_run, x_default = (next(data.batches(p))[1] for p in (adapter.preprocessing, load_adapter(model).preprocessing))
     assert not np.allclose(x_run, x_default)
+    stretched = load_adapter(model).set_preprocessing(mean=(0.2, 0.3, 0.4), std=(0.9, 0.8, 0.7), interpolation="bicubic")
+    assert not np.allclose(x_run, next(data.batches(stretched.preprocessing))[1])
+    assert reloaded.adapter.set_preprocessing(interpolation="bilinear").preprocessing.crop_pct == 0.8  # kept
     assert ShortcutDetector.load(tmp_path, model=load_adapter(model)).adapter.preprocessing == adapter.preprocessing
     with pytest.raises(InputError, match="expected std as three finite numbers"):
         load_adapter(model).set_preprocessing(std=(0.5, 0.5))
     with pytest.raises(InputError, match="positive std"):
         load_adapter(model).set_preprocessing(std=(0.5, 0.0, 0.5))
+    for bad in (0.0, 1.5, True, "0.9"):
+        with pytest.raises(InputError, match=r"expected crop_pct as a fraction in \(0, 1\] or None"):
+            load_adapter(model).set_preprocessing(crop_pct=bad)
 
 
 def test_bad_input_is_a_clear_error():

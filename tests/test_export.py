@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from edgeshort.errors import BundleError, InputError, UnsupportedModelError
 from edgeshort.export import ExportOptions, export_bundle
@@ -120,8 +121,9 @@ def test_runs_that_cannot_be_exported_fail_clearly(demo_result, demo_data, tmp_p
 
 @pytest.mark.slow
 def test_a_models_own_preprocessing_reaches_the_edge(tmp_path):
-    """A run fitted with non-default normalisation and resize filter: the runtime, fed the image
-    files, predicts what torch predicted, because the bundle carries that preprocessing."""
+    """A run fitted with non-default normalisation, resize filter and centre crop: the runtime, fed
+    the (non-square) image files, predicts what torch predicted, because the bundle carries that
+    preprocessing."""
     from edgeshort.data import ImageDataset
     from edgeshort.detect import DetectorConfig, ShortcutDetector
     from edgeshort.models import load_adapter
@@ -130,7 +132,7 @@ def test_a_models_own_preprocessing_reaches_the_edge(tmp_path):
 
     torch.manual_seed(0)
     adapter = load_adapter(TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2)).set_preprocessing(
-        mean=(0.2, 0.3, 0.4), std=(0.9, 0.8, 0.7), interpolation="bicubic")
+        mean=(0.2, 0.3, 0.4), std=(0.9, 0.8, 0.7), interpolation="bicubic", crop_pct=0.8)
     rng = np.random.default_rng(0)
     data = ImageDataset.from_arrays(rng.integers(0, 255, (16, 45, 37, 3), dtype=np.uint8), np.arange(16) % 2,
                                     ("a", "b"))
@@ -140,6 +142,8 @@ def test_a_models_own_preprocessing_reaches_the_edge(tmp_path):
     bundle = export_bundle(tmp_path / "run", tmp_path / "bundle", ExportOptions(formats=("onnx",), progress=False),
                            calibration=data)
     assert bundle.manifest["model"]["preprocessing"]["interpolation"] == "bicubic"
+    assert bundle.manifest["model"]["preprocessing"]["crop_pct"] == 0.8
+    assert bundle.manifest["format"] == 2  # a format-1 runtime would stretch instead of cropping, so it must refuse
     files = []
     for i in range(len(data)):
         files.append(tmp_path / f"{i}.png")
@@ -147,6 +151,12 @@ def test_a_models_own_preprocessing_reaches_the_edge(tmp_path):
     edge = Guard.load(tmp_path / "bundle", backend="onnxruntime").predict(files)
     torch_logits = result.predict(data, progress=False).logits
     np.testing.assert_allclose(np.stack([r.logits for r in edge]), torch_logits, atol=1e-4)
+    # The overlay draws the flag grid over the square the model saw, not over the whole 37x45 image.
+    from edgeshort.commands.predict import OverlayWriter
+
+    overlay = Image.open(OverlayWriter(tmp_path / "overlays", bundle.preprocessing).write(str(files[0]), data.image(0),
+                                                                                          edge[0]))
+    assert abs(overlay.width / overlay.height - 1) < 0.05  # the whole image is 37/45 = 0.82 (to the pixel)
 
 
 def test_vit_b_16_bundle_matches_torch(tmp_path):

@@ -226,6 +226,38 @@ def test_preprocessing_matches_torchvision(tmp_path, fmt, mode, interpolation):
     np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("image_size", [(53, 41), (41, 67), (50, 50)])
+def test_centre_crop_matches_torchvision_and_timm(image_size, interpolation):
+    """Aspect-kept resize + centre crop, as torchvision's Resize(256)+CenterCrop(224) and timm's eval transform."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    img = _smooth_image("RGB", size=image_size)
+    mean, std = (0.5, 0.45, 0.4), (0.25, 0.2, 0.22)
+    mode_enum = getattr(transforms.InterpolationMode, interpolation.upper())
+    torchvision_eval = transforms.Compose([
+        transforms.Resize(32, interpolation=mode_enum), transforms.CenterCrop(28), transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    prep = Preprocessing(size=(28, 28), mean=mean, std=std, interpolation=interpolation, crop_pct=0.875)
+    np.testing.assert_allclose(preprocess_image(img, prep), torchvision_eval(img).numpy(), atol=1e-5, rtol=0)
+    stretched = preprocess_image(img, Preprocessing(size=(28, 28), mean=mean, std=std, interpolation=interpolation))
+    assert not np.allclose(preprocess_image(img, prep), stretched, atol=1e-2)
+
+    create_transform = pytest.importorskip("timm.data").create_transform
+    for size in ((24, 32), (32, 24)):  # a non-square input takes timm's keep-ratio resize
+        timm_eval = create_transform(input_size=(3, *size), crop_pct=0.9, interpolation=interpolation, mean=mean, std=std)
+        prep = Preprocessing(size=size, mean=mean, std=std, interpolation=interpolation, crop_pct=0.9)
+        np.testing.assert_allclose(preprocess_image(img, prep), timm_eval(img).numpy(), atol=1e-5, rtol=0)
+
+
+def test_crop_box_is_the_part_the_model_sees():
+    prep = Preprocessing(size=(224, 224), crop_pct=0.875)
+    assert prep.crop_box(300, 200) == (62.5, 12.5, 237.5, 187.5)  # Resize(256): 384x256, crop at (80, 16)
+    assert Preprocessing(size=(224, 224)).crop_box(300, 200) == (0.0, 0.0, 300.0, 200.0)
+    wide = Image.new("RGB", (300, 200))
+    assert all(abs(side - 175) <= 1 for side in prep.seen_part(wide).size)  # to the nearest pixel
+
+
 # -- errors a user can act on --------------------------------------------------------------------
 def test_missing_and_corrupt_images_are_refused(guards, tmp_path):
     guard = guards["onnxruntime"]

@@ -41,6 +41,9 @@ def add_arguments(parser) -> None:
                                        "(default: the model family's)")
     parser.add_argument("--std", help="normalisation std the model was trained with, R,G,B (default: the family's)")
     parser.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), help="resize filter (default: the family's)")
+    parser.add_argument("--crop-pct", help="keep the aspect ratio and take a centre crop of this share, as timm and "
+                                           "torchvision evaluate (Resize(256) + CenterCrop(224) is 0.875); 'none' "
+                                           "stretches the whole image (default: the family's; timm's own)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -66,7 +69,8 @@ def run(args) -> int:
         from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
         fixed = [flag for flag, value in (("--classes", args.classes), ("--mean", args.mean), ("--std", args.std),
-                                          ("--interpolation", args.interpolation)) if value]
+                                          ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct))
+                 if value]
         if fixed:
             raise InputError(f"{', '.join(fixed)} describe your own model and data; the demo's are fixed")
 
@@ -78,7 +82,7 @@ def run(args) -> int:
         if not args.data:
             raise InputError("expected --data VAL with --model; pass the validation image folder")
         model = load_adapter(load_model_file(args.model, arch=args.arch)).set_preprocessing(
-            _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation
+            _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation, _crop_pct(args.crop_pct)
         )
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         val = load_images(args.data, classes)
@@ -106,6 +110,21 @@ def _channels(text: str | None, flag: str) -> tuple[float, float, float] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"expected {flag} as three numbers R,G,B, e.g. 0.5,0.5,0.5; got {text!r}") from None
+
+
+def _crop_pct(text: str | None):
+    """'0.875' -> 0.875, 'none' -> None (stretch), absent -> keep the family's; Preprocessing checks the range."""
+    from edgeshort.errors import InputError
+    from edgeshort.models.base import KEEP
+
+    if text is None:
+        return KEEP
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"expected --crop-pct as a fraction such as 0.875, or 'none' to stretch; got {text!r}") from None
 
 
 def _print_headline(metrics: dict) -> None:

@@ -111,7 +111,8 @@ def result_record(path: str, result, overlay: str | None) -> dict:
 class OverlayWriter:
     """One PNG per image, named after the file; a repeated name gets a numeric suffix."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, preprocessing) -> None:
+        self.preprocessing = preprocessing  # the flags cover only the part of the image the model sees
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._used: set[str] = set()
@@ -119,7 +120,7 @@ class OverlayWriter:
     def write(self, path: str, image, result) -> str:
         from edgeshort.report.draw import guard_overlay
 
-        pixels = np.asarray(image.convert("RGB"))
+        pixels = np.asarray(self.preprocessing.seen_part(image).convert("RGB"))
         scale = max(1, -(-OVERLAY_MIN_SIDE // max(1, min(pixels.shape[:2]))))
         picture = guard_overlay(pixels, result.saliency, result.flags, scale=scale)
         stem = Path(path).stem or "image"
@@ -145,7 +146,7 @@ def run(args) -> int:
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
                        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     writer = RecordWriter(args.out, guard.class_names)
-    overlays = OverlayWriter(args.overlays) if args.overlays else None
+    overlays = OverlayWriter(args.overlays, guard.preprocessing) if args.overlays else None
     counts = {"images": 0, "shortcut_present": 0, "failed": 0}
 
     def fail(path: str, message: str) -> None:

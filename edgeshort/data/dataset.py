@@ -83,15 +83,14 @@ class ImageDataset:
             idx = np.arange(start, min(start + batch_size, len(self)))
             yield idx, np.stack([preprocess_image(self.image(int(i)), prep) for i in idx])
 
-    def patch_masks(self, size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray | None:
-        """(N, gh, gw) bool: patch tokens touched by the artefact once the image is resized to `size`."""
+    def patch_masks(self, prep: Preprocessing, grid: tuple[int, int]) -> np.ndarray | None:
+        """(N, gh, gw) bool: patch tokens touched by the artefact in the image as `prep` gives it to the model."""
         if self.masks is None:
             return None
         out = np.zeros((len(self), *grid), bool)
-        h, w = size
+        h, w = prep.size
         for i, mask in enumerate(self.masks):
-            if mask.shape != (h, w):
-                mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+            mask = np.asarray(prep.model_view(Image.fromarray(mask.astype(np.uint8) * 255), Image.NEAREST)) > 0
             out[i] = mask.reshape(grid[0], h // grid[0], grid[1], w // grid[1]).any(axis=(1, 3))
         return out
 

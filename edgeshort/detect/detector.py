@@ -194,7 +194,7 @@ class DetectionResult:
                 print("The test set has no artefact labels: accuracy by the guard's own flag instead "
                       "(the detector chose these groups, so they show its effect, not an unbiased worst group).")
                 print(metrics["flag_results_table"])
-        truth = test.patch_masks(self.adapter.image_size, self.grid)
+        truth = test.patch_masks(self.adapter.preprocessing, self.grid)
         if truth is not None:
             tp = int((preds.flags & truth).sum())
             metrics["patch_precision"] = tp / max(int(preds.flags.sum()), 1) if preds.flags.any() else None

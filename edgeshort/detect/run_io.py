@@ -78,7 +78,7 @@ def load_result(run_dir: Path, model=None):
     adapter = load_adapter(model if model is not None else run_dir / "model.pt")
     saved = meta.get("model", {}).get("preprocessing")
     if saved:  # the run's normalisation, which may differ from the family's default
-        adapter.set_preprocessing(saved["mean"], saved["std"], saved["interpolation"])
+        adapter.set_preprocessing(saved["mean"], saved["std"], saved["interpolation"], saved.get("crop_pct"))
     with np.load(run_dir / "clusters.npz") as z:
         k = len([name for name in z.files if name.startswith("selected_")])
         clustering = Clustering(
@@ -124,7 +124,7 @@ def write_pictures(result, dataset, run_dir: Path, per_cluster: int = 8) -> None
         heat_dir.mkdir(parents=True, exist_ok=True)
         grid_dir.mkdir(parents=True, exist_ok=True)
         for rank, (i, heat) in enumerate(zip(idx[:per_cluster], maps[:per_cluster])):
-            image = np.asarray(dataset.image(int(i)).resize(result.adapter.image_size[::-1]))
+            image = np.asarray(result.adapter.preprocessing.model_view(dataset.image(int(i))))
             heat = heat.reshape(grid)
             upscale(image, scale).save(heat_dir / f"sample_{rank}_image.png")
             upscale(heatmap_overlay(image, heat), scale).save(heat_dir / f"sample_{rank}_overlay.png")

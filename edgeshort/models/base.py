@@ -14,6 +14,9 @@ from torch import nn
 from edgeshort.errors import InputError
 from edgeshort.runtime.preprocess import Preprocessing
 
+# `set_preprocessing(crop_pct=KEEP)` leaves the crop alone; None is a choice of its own (stretch).
+KEEP = object()
+
 
 class ViTAdapter(ABC):
     """One Vision Transformer seen as: embed -> encoder blocks (with a keep mask) -> head.
@@ -124,8 +127,11 @@ class ViTAdapter(ABC):
             raise InputError("expected every prefix (class/register) token to be kept; mask only patch tokens")
         return keep
 
-    def set_preprocessing(self, mean=None, std=None, interpolation: str | None = None) -> ViTAdapter:
-        """Use the normalisation and resize filter the model was trained with (the size is the model's)."""
+    def set_preprocessing(self, mean=None, std=None, interpolation: str | None = None, crop_pct=KEEP) -> ViTAdapter:
+        """Use the normalisation, resize filter and crop the model was trained with (the size is the model's).
+
+        `crop_pct` None stretches the whole image to the input size; a fraction takes a centre crop
+        (see `Preprocessing`); left out, the current choice stays."""
         from dataclasses import replace
 
         current = self.preprocessing
@@ -134,6 +140,7 @@ class ViTAdapter(ABC):
             mean=current.mean if mean is None else tuple(mean),
             std=current.std if std is None else tuple(std),
             interpolation=interpolation or current.interpolation,
+            crop_pct=current.crop_pct if crop_pct is KEEP else crop_pct,
         )
         return self
 

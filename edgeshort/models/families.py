@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -15,6 +17,8 @@ from edgeshort.models.base import (
     split_heads,
 )
 from edgeshort.models.tiny import TinyViT
+
+logger = logging.getLogger(__name__)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -99,6 +103,22 @@ class TorchvisionViTAdapter(ViTAdapter):
         return attn.in_proj_weight[d : 2 * d], bias, attn.num_heads
 
 
+def _timm_crop_pct(cfg: dict) -> float | None:
+    """The centre crop of timm's own evaluation transform (`resolve_data_config` + `create_transform`)."""
+    mode = cfg.get("crop_mode") or "center"
+    crop_pct = cfg.get("crop_pct")
+    if crop_pct is None:
+        return None
+    if mode == "squash" and crop_pct == 1.0:
+        return None  # squash without a crop is a plain stretch
+    if mode != "center":
+        logger.warning(
+            "timm crop_mode %r is not supported; using a centre crop of %s. If the model was evaluated "
+            "otherwise, pass its geometry with set_preprocessing(crop_pct=...) (or --crop-pct)", mode, crop_pct,
+        )
+    return float(crop_pct)
+
+
 class TimmViTAdapter(ViTAdapter):
     """timm `VisionTransformer` incl. register tokens and DeiT's distillation token."""
 
@@ -126,6 +146,7 @@ class TimmViTAdapter(ViTAdapter):
             mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
             std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
             interpolation=cfg.get("interpolation", "bicubic"),
+            crop_pct=_timm_crop_pct(cfg),
         )
 
     def embed(self, images):

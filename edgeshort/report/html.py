@@ -35,6 +35,7 @@ from edgeshort.report.draw import (
     patch_grid_crop,
     upscale,
 )
+from edgeshort.runtime.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,11 @@ class RunData:
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.meta.get("model", {}).get("grid", ())) or (0, 0)
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        saved = self.meta.get("model", {}).get("preprocessing")
+        return Preprocessing.from_dict(saved) if saved else None
 
     @property
     def n_clusters(self) -> int:
@@ -419,11 +425,11 @@ def _cluster_pictures(run: RunData, c: int, dataset_loader: Callable[[], object 
         return [], None
     out = []
     selected, maps = run.arrays[f"selected_{c}"], run.arrays[f"heatmaps_{c}"]
-    size = run.meta.get("model", {}).get("preprocessing", {}).get("size")
+    prep = run.preprocessing
     for i, heat in zip(selected[:8], maps[:8]):
         image = dataset.image(int(i))
-        if size:
-            image = image.resize((size[1], size[0]))
+        if prep is not None:
+            image = prep.model_view(image)
         pixels = np.asarray(image.convert("RGB"))
         heat = heat.reshape(run.grid)
         scale = max(1, -(-112 // max(1, min(pixels.shape[:2]))))
@@ -535,6 +541,7 @@ def _mark(run: RunData, predicted: int, truth: int) -> str:
 def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
            per_category: int = SAMPLES_PER_CATEGORY) -> str:
     m = run.metrics
+    prep = run.preprocessing
     parts = [
         "<p>The key-KNN guard flags patch tokens whose keys look like the shortcut cluster's most distinctive keys, "
         "grows the flags to their neighbours, and the ablated prediction excludes those tokens. Each picture shows "
@@ -597,6 +604,8 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
         for i in idx:
             i = int(i)
             image = test_dataset.image(i).convert("RGB")
+            if prep is not None:
+                image = prep.seen_part(image)
             if max(image.size) > 2 * OVERLAY_SIDE:  # keep the page light: draw on a copy of at most 2x size
                 image.thumbnail((2 * OVERLAY_SIDE, 2 * OVERLAY_SIDE))
             pixels = np.asarray(image)

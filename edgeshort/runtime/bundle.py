@@ -15,7 +15,8 @@ from pathlib import Path
 from edgeshort.errors import BundleError
 from edgeshort.runtime.preprocess import Preprocessing
 
-BUNDLE_FORMAT = 1
+# The newest format this edgeshort reads. 2 added the centre crop (`crop_pct` in the preprocessing).
+BUNDLE_FORMAT = 2
 MANIFEST = "manifest.json"
 # The graphs of a bundle and what they compute; every one is in ONNX and, optionally, OpenVINO IR.
 GRAPHS = {
@@ -80,6 +81,12 @@ class Bundle:
         return list(self.manifest["graphs"][graph]["outputs"])
 
 
+def _format_needed(manifest: dict) -> int:
+    """The oldest format that reads this bundle right, so older runtimes keep loading what they can."""
+    # Format 1 readers know no crop and would silently stretch a cropping model's input.
+    return 2 if manifest["model"]["preprocessing"].get("crop_pct") is not None else 1
+
+
 def write_manifest(root: Path, manifest: dict) -> Path:
     """Hash every listed file and write `manifest.json` (the last file written to a bundle)."""
     files = {}
@@ -93,7 +100,7 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     for extra in manifest.get("extra_files", []):
         p = root / extra
         files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    manifest = {**manifest, "format": BUNDLE_FORMAT, "files": files}
+    manifest = {**manifest, "format": _format_needed(manifest), "files": files}
     path = root / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False))
     return path

@@ -1,12 +1,16 @@
-"""Image preprocessing in numpy + Pillow, matching torchvision's Resize/ToTensor/Normalize.
+"""Image preprocessing in numpy + Pillow, matching torchvision's Resize/CenterCrop/ToTensor/Normalize.
 
 Shared by the offline stage and the runtime so both feed the model identical arrays. Resizing
 goes through Pillow exactly as torchvision does for PIL images, so the two agree to float
-rounding.
+rounding. Two geometries: stretch the whole image to the input size (the seed notebook's
+`Resize((224, 224))`), or timm's and torchvision's evaluation transform, which keeps the aspect
+ratio and takes a centre crop (`crop_pct`; torchvision's `Resize(256)` + `CenterCrop(224)` is
+`crop_pct=0.875`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +32,26 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the model's input: resize to `size` (H, W), scale to [0, 1], normalise."""
+    """How an image becomes the model's input: resize (and crop) to `size` (H, W), scale to [0, 1], normalise.
+
+    `crop_pct` None stretches the whole image to `size`. A fraction in (0, 1] keeps the aspect
+    ratio: the image is resized so that it covers `size / crop_pct`, then the centre `size` is
+    cut out, as timm's `create_transform` does in its default "center" crop mode.
+    """
 
     size: tuple[int, int]
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    crop_pct: float | None = None
 
     def __post_init__(self) -> None:
+        if self.crop_pct is not None and (isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float))
+                                          or not 0 < self.crop_pct <= 1):
+            raise InputError(
+                f"expected crop_pct as a fraction in (0, 1] or None (stretch the whole image), got {self.crop_pct!r}; "
+                "torchvision's Resize(256) + CenterCrop(224) is 0.875"
+            )
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) != 3 or not all(np.isfinite(v) for v in values):
@@ -58,7 +74,54 @@ class Preprocessing:
             mean=tuple(data["mean"]),
             std=tuple(data["std"]),
             interpolation=data["interpolation"],
+            crop_pct=data.get("crop_pct"),  # absent from runs and bundles that only stretched
         )
+
+    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the image before the centre crop, rounded as timm and torchvision round."""
+        target_h, target_w = (math.floor(side / self.crop_pct) for side in self.size)
+        if target_h == target_w:
+            # torchvision's Resize(int): the shorter side to the target, the longer in proportion (truncated).
+            if width <= height:
+                return target_w, int(target_w * height / width)
+            return int(target_h * width / height), target_h
+        # timm's ResizeKeepRatio for a non-square input: the smaller ratio wins, then round.
+        ratio = min(height / target_h, width / target_w)
+        return round(width / ratio), round(height / ratio)
+
+    def _centre_crop(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the centre `size` in a (width, height) image, as torchvision's CenterCrop."""
+        h, w = self.size
+        top, left = int(round((height - h) / 2.0)), int(round((width - w) / 2.0))
+        return left, top, left + w, top + h
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of the part of a (width, height) image the model sees, in its pixels."""
+        if self.crop_pct is None:
+            return 0.0, 0.0, float(width), float(height)
+        resized_w, resized_h = self._resized_size(width, height)
+        left, top, right, bottom = self._centre_crop(resized_w, resized_h)
+        sx, sy = width / resized_w, height / resized_h
+        return left * sx, top * sy, right * sx, bottom * sy
+
+    def seen_part(self, img: Image.Image) -> Image.Image:
+        """The part of `img` the model sees, at the image's own resolution (all of it unless cropping)."""
+        if self.crop_pct is None:
+            return img
+        return img.crop(tuple(int(round(v)) for v in self.crop_box(*img.size)))
+
+    def model_view(self, img: Image.Image, resample: Image.Resampling | None = None) -> Image.Image:
+        """The image as the model sees it, before normalisation: `size` (H, W) pixels.
+
+        `resample` overrides the interpolation (NEAREST for masks)."""
+        h, w = self.size
+        resample = INTERPOLATIONS[self.interpolation] if resample is None else resample
+        if self.crop_pct is None:
+            return img if img.size == (w, h) else img.resize((w, h), resample)
+        resized = self._resized_size(*img.size)
+        if resized != img.size:
+            img = img.resize(resized, resample)
+        return img.crop(self._centre_crop(*img.size))
 
 
 def _pixel_limit_error(source: str, width: int, height: int, max_pixels: int) -> ImageLoadError:
@@ -148,10 +211,7 @@ def array_to_image(array: np.ndarray, source: str = "array", max_pixels: int = D
 
 def preprocess_image(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     """One RGB PIL image -> normalised float32 (3, H, W)."""
-    h, w = prep.size
-    if img.size != (w, h):
-        img = img.resize((w, h), INTERPOLATIONS[prep.interpolation])
-    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    x = np.asarray(prep.model_view(img), dtype=np.float32) / np.float32(255.0)
     x = (x - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
