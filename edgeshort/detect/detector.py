@@ -448,7 +448,7 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names) -> list[s
         f"(accuracy {right / n:.3f}, {chance:.3f} by chance on {n} images), so its clusters and flags cannot "
         "point at a shortcut. "
         + (f"Check that the data's class order {list(class_names)} is the model's output order"
-           if below else "Check the weights and the preprocessing (image size, mean and std) the model was trained "
+           if below else "Check the weights and the preprocessing (image size, mean, std and crop) the model was trained "
            f"with, and that the data's class order {list(class_names)} is the model's output order")
     )
     logger.warning("%s", warning)
