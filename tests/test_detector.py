@@ -158,6 +158,37 @@ def _small_model():
     return TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2).eval()
 
 
+def test_cached_features_are_reused_only_for_the_same_model_input(tmp_path, caplog):
+    """Fitting again into a run folder reuses its features, unless the preprocessing or an image changed
+    (the fix the chance warning suggests must not be answered from the old cache)."""
+    from PIL import Image
+
+    from edgeshort.data import load_images
+    from edgeshort.models import load_adapter
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "val" / c / f"{i}.png")
+    config = DetectorConfig(progress=False, num_selected=4, knn_samples=8)
+
+    def fit(adapter):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="edgeshort.detect.extract"):
+            ShortcutDetector(config).fit(adapter, load_images(tmp_path / "val"), run_dir=tmp_path / "run")
+        with np.load(tmp_path / "run" / "features_val.npz") as cached:
+            return cached["logits"], "reusing cached features" in caplog.text
+
+    logits, reused = fit(load_adapter(_small_model()))
+    assert not reused
+    assert fit(load_adapter(_small_model()))[1]
+    other_logits, reused = fit(load_adapter(_small_model()).set_preprocessing(mean=(0.2, 0.3, 0.4)))
+    assert not reused and not np.allclose(other_logits, logits)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "val" / "a" / "0.png")  # same name, new pixels
+    assert not fit(load_adapter(_small_model()))[1]
+
+
 def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
     from edgeshort.data import ImageDataset
     from edgeshort.models import load_adapter

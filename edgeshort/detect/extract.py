@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset
@@ -36,17 +38,36 @@ class Features:
 
 
 def fingerprint(adapter: ViTAdapter, dataset: ImageDataset, key_layer: int) -> str:
-    """Hash of the model's weights, the dataset's images and labels, and the key layer."""
+    """Hash of everything the features depend on: the model's weights and preprocessing, the
+    images (pixels, or each file's path, size and modification time) and labels, and the key layer."""
     h = hashlib.sha256()
     for tensor in adapter.model.state_dict().values():
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps(adapter.preprocessing.to_dict(), sort_keys=True).encode())
     h.update(dataset.labels.tobytes())
     h.update(str(key_layer).encode())
     if isinstance(dataset.sources, np.ndarray):
         h.update(dataset.sources.tobytes())
     else:
-        h.update("\n".join(map(str, dataset.sources)).encode())
+        for source in dataset.sources:
+            h.update(_source_stamp(source))
     return h.hexdigest()
+
+
+def _source_stamp(source) -> bytes:
+    """One image's identity: a file's path, size and mtime (so an image replaced under the same
+    name is read again), or an in-memory image's pixels."""
+    if isinstance(source, (str, Path)):
+        try:
+            stat = Path(source).stat()
+        except OSError:
+            return f"{source}\n".encode()  # reading it will raise the error that names the file
+        return f"{source}|{stat.st_size}|{stat.st_mtime_ns}\n".encode()
+    if isinstance(source, np.ndarray):
+        return f"{source.shape}{source.dtype}".encode() + source.tobytes()
+    if isinstance(source, Image.Image):
+        return f"{source.size}{source.mode}".encode() + source.tobytes()
+    return f"{source!r}\n".encode()
 
 
 def extract(
