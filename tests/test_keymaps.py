@@ -54,7 +54,7 @@ def test_spread_negatives_cover_the_hot_clean_tokens_closest_leaves_out():
     hottest_clean = {tuple(keys[2, 9]), tuple(keys[3, 9])}
     assert not hottest_clean & {tuple(k) for k in x_close[y_close == 0]}
     assert hottest_clean & {tuple(k) for k in x_spread[y_spread == 0]}
-    with pytest.raises(InputError, match="negatives 'spread' or 'closest'"):
+    with pytest.raises(InputError, match=r"expected negatives in \('spread', 'closest'\), got 'random'"):
         knn_training_keys(keys, selected, maps, 0, count=3, negatives="random")
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeshort.detect.config import NEGATIVE_CHOICES
 from edgeshort.errors import InputError
 
 
@@ -127,7 +128,7 @@ def knn_training_keys(
     elif negatives == "closest":
         chosen = ranking[:negative_count]
     else:
-        raise InputError(f"expected negatives 'spread' or 'closest', got {negatives!r}")
+        raise InputError(f"expected negatives in {NEGATIVE_CHOICES}, got {negatives!r}")
     x = np.concatenate([neg_keys[chosen], positives]).astype(np.float32)
     y = np.concatenate([np.zeros(negative_count), np.ones(count)]).astype(np.int64)
     return x, y
