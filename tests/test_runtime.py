@@ -278,6 +278,23 @@ def test_missing_and_corrupt_images_are_refused(guards, tmp_path):
         guard.predict(Image.new("HSV", (64, 64)))
 
 
+def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards, tmp_path):
+    """A 16-bit radiograph would turn white in Pillow's RGB conversion; one holding 0..255 is read as 8-bit."""
+    guard = guards["onnxruntime"]
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    xray = tmp_path / "xray16.png"
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(xray)
+    assert Image.open(xray).mode == "I;16"
+    with pytest.raises(ImageLoadError, match=r"xray16.png.*values 0 to 65535; converting it to RGB would clip"):
+        guard.predict(xray)
+    with pytest.raises(ImageLoadError, match=r"float image with values 0 to 1; as RGB it would be almost black"):
+        guard.predict(Image.fromarray(ramp.astype(np.float32)))
+    low = tmp_path / "low16.png"
+    Image.fromarray((ramp * 255).round().astype(np.uint16)).save(low)
+    as_8bit = Image.fromarray((ramp * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(guard.predict(low).logits, guard.predict(as_8bit).logits)
+
+
 @pytest.mark.parametrize(
     "array,message",
     [

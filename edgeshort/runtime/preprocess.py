@@ -168,6 +168,8 @@ def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
     exactly what the usual torchvision pipeline `Image.open(p).convert("RGB")` does."""
     if img.mode == "RGB":
         return img
+    if img.mode in ("I", "I;16", "F"):
+        _check_8bit_range(img, source)
     if img.mode in ("L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "F", "1"):
         try:
             return img.convert("RGB")
@@ -176,6 +178,23 @@ def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
     raise ImageLoadError(
         f"{source}: expected an RGB, RGBA or grayscale image, got mode {img.mode!r}; convert it to RGB first"
     )
+
+
+def _check_8bit_range(img: Image.Image, source: str) -> None:
+    """16-bit, 32-bit and float images (radiographs, scientific TIFFs) convert to RGB by clipping at
+    255: a 16-bit X-ray turns white and a [0, 1] float image black, silently. Refuse those."""
+    low, high = img.getextrema()
+    if low < 0 or high > 255:
+        raise ImageLoadError(
+            f"{source} is a {img.mode!r} (16/32-bit or float) image with values {low:g} to {high:g}; converting it to "
+            "RGB would clip everything above 255 to white. Convert it to 8-bit the way the model's training images "
+            f"were (e.g. scale by 255 / {high:g}) and save it as PNG or JPEG"
+        )
+    if img.mode == "F" and 0 < high <= 1:
+        raise ImageLoadError(
+            f"{source} is a float image with values {low:g} to {high:g}; as RGB it would be almost black. "
+            "Scale it to 0..255 (x * 255) and save it as 8-bit PNG or JPEG"
+        )
 
 
 def array_to_image(array: np.ndarray, source: str = "array", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
