@@ -220,9 +220,14 @@ def test_a_timm_model_gets_timms_own_evaluation_transform(caplog):
     timm_eval = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, model=model))
     np.testing.assert_allclose(preprocess_image(image, adapter.preprocessing), timm_eval(image).numpy(), atol=1e-5)
 
-    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "border"}
-    with caplog.at_level("WARNING"):
-        assert load_adapter(model).preprocessing.crop_pct == 0.9
-    assert "crop_mode 'border' is not supported" in caplog.text
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "squash", "crop_pct": 0.95}  # CLIP fine-tunes
+    squash = load_adapter(model).preprocessing
+    assert (squash.crop_pct, squash.crop_mode) == (0.95, "squash")
+    timm_eval = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, model=model))
+    np.testing.assert_allclose(preprocess_image(image, squash), timm_eval(image).numpy(), atol=1e-5)
     model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "squash", "crop_pct": 1.0}
     assert load_adapter(model).preprocessing.crop_pct is None  # squash without a crop is a stretch
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "border", "crop_pct": 0.9}
+    with caplog.at_level("WARNING"):
+        assert load_adapter(model).preprocessing.crop_mode == "center"
+    assert "crop_mode 'border' is not supported" in caplog.text

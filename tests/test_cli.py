@@ -60,6 +60,9 @@ def test_detect_flags_reach_every_detector_setting():
     from edgeshort.models.base import KEEP
 
     assert (_crop_pct("0.875"), _crop_pct("None"), _crop_pct(None)) == (0.875, None, KEEP)
+    parsed = build_parser(only="detect").parse_args(["detect", "--model", "m.pt", "-o", "r", "--crop-pct", "0.95",
+                                                      "--crop-mode", "squash"])
+    assert (parsed.crop_pct, parsed.crop_mode) == ("0.95", "squash")
     with pytest.raises(InputError, match="expected --crop-pct as a fraction such as 0.875, or 'none'"):
         _crop_pct("90%")
     try:

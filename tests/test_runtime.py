@@ -244,10 +244,13 @@ def test_centre_crop_matches_torchvision_and_timm(image_size, interpolation):
     assert not np.allclose(preprocess_image(img, prep), stretched, atol=1e-2)
 
     create_transform = pytest.importorskip("timm.data").create_transform
-    for size in ((24, 32), (32, 24)):  # a non-square input takes timm's keep-ratio resize
-        timm_eval = create_transform(input_size=(3, *size), crop_pct=0.9, interpolation=interpolation, mean=mean, std=std)
-        prep = Preprocessing(size=size, mean=mean, std=std, interpolation=interpolation, crop_pct=0.9)
-        np.testing.assert_allclose(preprocess_image(img, prep), timm_eval(img).numpy(), atol=1e-5, rtol=0)
+    for size in ((24, 32), (32, 24), (28, 28)):  # a non-square input takes timm's keep-ratio resize
+        for mode in ("center", "squash"):
+            timm_eval = create_transform(input_size=(3, *size), crop_pct=0.9, crop_mode=mode,
+                                         interpolation=interpolation, mean=mean, std=std)
+            prep = Preprocessing(size=size, mean=mean, std=std, interpolation=interpolation, crop_pct=0.9,
+                                 crop_mode=mode)
+            np.testing.assert_allclose(preprocess_image(img, prep), timm_eval(img).numpy(), atol=1e-5, rtol=0)
 
 
 def test_crop_box_is_the_part_the_model_sees():
@@ -256,6 +259,11 @@ def test_crop_box_is_the_part_the_model_sees():
     assert Preprocessing(size=(224, 224)).crop_box(300, 200) == (0.0, 0.0, 300.0, 200.0)
     wide = Image.new("RGB", (300, 200))
     assert all(abs(side - 175) <= 1 for side in prep.seen_part(wide).size)  # to the nearest pixel
+    # squash stretches to 256x256 first: the crop keeps 87.5% of each side.
+    assert Preprocessing(size=(224, 224), crop_pct=0.875, crop_mode="squash").crop_box(300, 200) == (
+        18.75, 12.5, 281.25, 187.5)
+    with pytest.raises(InputError, match=r"expected crop_mode in \('center', 'squash'\), got 'border'"):
+        Preprocessing(size=(224, 224), crop_pct=0.9, crop_mode="border")
 
 
 # -- errors a user can act on --------------------------------------------------------------------

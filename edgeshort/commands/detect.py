@@ -13,7 +13,7 @@ from edgeshort.detect.config import (
     SETTING_NOTES,
     DetectorConfig,
 )
-from edgeshort.runtime.preprocess import INTERPOLATIONS
+from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 
 # The settings that take a word, not a number.
 CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATIVE_CHOICES}
@@ -44,6 +44,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--crop-pct", help="keep the aspect ratio and take a centre crop of this share, as timm and "
                                            "torchvision evaluate (Resize(256) + CenterCrop(224) is 0.875); 'none' "
                                            "stretches the whole image (default: the family's; timm's own)")
+    parser.add_argument("--crop-mode", choices=CROP_MODES, help="with --crop-pct: keep the aspect ratio (center) or "
+                                                                "stretch before cropping (squash), as timm's crop modes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -69,7 +71,8 @@ def run(args) -> int:
         from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
         fixed = [flag for flag, value in (("--classes", args.classes), ("--mean", args.mean), ("--std", args.std),
-                                          ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct))
+                                          ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct),
+                                          ("--crop-mode", args.crop_mode))
                  if value]
         if fixed:
             raise InputError(f"{', '.join(fixed)} describe your own model and data; the demo's are fixed")
@@ -82,7 +85,8 @@ def run(args) -> int:
         if not args.data:
             raise InputError("expected --data VAL with --model; pass the validation image folder")
         model = load_adapter(load_model_file(args.model, arch=args.arch)).set_preprocessing(
-            _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation, _crop_pct(args.crop_pct)
+            _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation, _crop_pct(args.crop_pct),
+            args.crop_mode,
         )
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         val = load_images(args.data, classes)

@@ -78,7 +78,8 @@ def load_result(run_dir: Path, model=None):
     adapter = load_adapter(model if model is not None else run_dir / "model.pt")
     saved = meta.get("model", {}).get("preprocessing")
     if saved:  # the run's normalisation, which may differ from the family's default
-        adapter.set_preprocessing(saved["mean"], saved["std"], saved["interpolation"], saved.get("crop_pct"))
+        adapter.set_preprocessing(saved["mean"], saved["std"], saved["interpolation"], saved.get("crop_pct"),
+                                  saved.get("crop_mode", "center"))
     with np.load(run_dir / "clusters.npz") as z:
         k = len([name for name in z.files if name.startswith("selected_")])
         clustering = Clustering(

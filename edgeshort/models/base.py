@@ -127,7 +127,8 @@ class ViTAdapter(ABC):
             raise InputError("expected every prefix (class/register) token to be kept; mask only patch tokens")
         return keep
 
-    def set_preprocessing(self, mean=None, std=None, interpolation: str | None = None, crop_pct=KEEP) -> ViTAdapter:
+    def set_preprocessing(self, mean=None, std=None, interpolation: str | None = None, crop_pct=KEEP,
+                          crop_mode: str | None = None) -> ViTAdapter:
         """Use the normalisation, resize filter and crop the model was trained with (the size is the model's).
 
         `crop_pct` None stretches the whole image to the input size; a fraction takes a centre crop
@@ -141,6 +142,7 @@ class ViTAdapter(ABC):
             std=current.std if std is None else tuple(std),
             interpolation=interpolation or current.interpolation,
             crop_pct=current.crop_pct if crop_pct is KEEP else crop_pct,
+            crop_mode=crop_mode or current.crop_mode,
         )
         return self
 

@@ -17,6 +17,7 @@ from edgeshort.models.base import (
     split_heads,
 )
 from edgeshort.models.tiny import TinyViT
+from edgeshort.runtime.preprocess import CROP_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -103,20 +104,19 @@ class TorchvisionViTAdapter(ViTAdapter):
         return attn.in_proj_weight[d : 2 * d], bias, attn.num_heads
 
 
-def _timm_crop_pct(cfg: dict) -> float | None:
-    """The centre crop of timm's own evaluation transform (`resolve_data_config` + `create_transform`)."""
+def _timm_crop(cfg: dict) -> dict:
+    """The crop of timm's own evaluation transform (`resolve_data_config` + `create_transform`)."""
     mode = cfg.get("crop_mode") or "center"
     crop_pct = cfg.get("crop_pct")
-    if crop_pct is None:
-        return None
-    if mode == "squash" and crop_pct == 1.0:
-        return None  # squash without a crop is a plain stretch
-    if mode != "center":
+    if crop_pct is None or (mode == "squash" and crop_pct == 1.0):  # squash without a crop is a plain stretch
+        return {"crop_pct": None}
+    if mode not in CROP_MODES:
         logger.warning(
             "timm crop_mode %r is not supported; using a centre crop of %s. If the model was evaluated "
-            "otherwise, pass its geometry with set_preprocessing(crop_pct=...) (or --crop-pct)", mode, crop_pct,
+            "otherwise, pass its geometry with set_preprocessing(crop_pct=..., crop_mode=...)", mode, crop_pct,
         )
-    return float(crop_pct)
+        mode = "center"
+    return {"crop_pct": float(crop_pct), "crop_mode": mode}
 
 
 class TimmViTAdapter(ViTAdapter):
@@ -146,7 +146,7 @@ class TimmViTAdapter(ViTAdapter):
             mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
             std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
             interpolation=cfg.get("interpolation", "bicubic"),
-            crop_pct=_timm_crop_pct(cfg),
+            **_timm_crop(cfg),
         )
 
     def embed(self, images):

@@ -25,6 +25,7 @@ INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
 }
+CROP_MODES = ("center", "squash")
 DEFAULT_MAX_PIXELS = 50_000_000
 # File suffixes treated as images when a folder is searched.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -34,9 +35,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 class Preprocessing:
     """How an image becomes the model's input: resize (and crop) to `size` (H, W), scale to [0, 1], normalise.
 
-    `crop_pct` None stretches the whole image to `size`. A fraction in (0, 1] keeps the aspect
-    ratio: the image is resized so that it covers `size / crop_pct`, then the centre `size` is
-    cut out, as timm's `create_transform` does in its default "center" crop mode.
+    `crop_pct` None stretches the whole image to `size`. A fraction in (0, 1] resizes the image
+    to `size / crop_pct` and cuts out the centre `size`, in one of timm's two crop modes:
+    "center" (its default, and torchvision's Resize + CenterCrop) keeps the aspect ratio,
+    "squash" stretches to `size / crop_pct` first.
     """
 
     size: tuple[int, int]
@@ -44,8 +46,11 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
     crop_pct: float | None = None
+    crop_mode: str = "center"
 
     def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise InputError(f"expected crop_mode in {CROP_MODES}, got {self.crop_mode!r}")
         if self.crop_pct is not None and (isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float))
                                           or not 0 < self.crop_pct <= 1):
             raise InputError(
@@ -75,11 +80,14 @@ class Preprocessing:
             std=tuple(data["std"]),
             interpolation=data["interpolation"],
             crop_pct=data.get("crop_pct"),  # absent from runs and bundles that only stretched
+            crop_mode=data.get("crop_mode", "center"),
         )
 
     def _resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of the image before the centre crop, rounded as timm and torchvision round."""
         target_h, target_w = (math.floor(side / self.crop_pct) for side in self.size)
+        if self.crop_mode == "squash":
+            return target_w, target_h
         if target_h == target_w:
             # torchvision's Resize(int): the shorter side to the target, the longer in proportion (truncated).
             if width <= height:
