@@ -2,11 +2,10 @@
 
 Written against Pillow rather than imported from torchvision or timm, which need torch, and the
 runtime must run without it. Shared by the offline stage and the runtime so both feed the model
-identical arrays. Resizing
-goes through Pillow exactly as torchvision does for PIL images, so the two agree to float
-rounding. Two geometries: stretch the whole image to the input size (the seed notebook's
-`Resize((224, 224))`), or timm's and torchvision's evaluation transform, which keeps the aspect
-ratio and takes a centre crop (`crop_pct`; torchvision's `Resize(256)` + `CenterCrop(224)` is
+identical arrays. Resizing goes through Pillow exactly as torchvision does for PIL images, so
+the two agree to float rounding. Two geometries: stretch the whole image to the input size (the
+seed notebook's `Resize((224, 224))`), or timm's and torchvision's evaluation transform, which
+resizes and takes a centre crop (`crop_pct`; torchvision's `Resize(256)` + `CenterCrop(224)` is
 `crop_pct=0.875`).
 """
 
