@@ -286,6 +286,26 @@ def test_missing_and_corrupt_images_are_refused(guards, tmp_path):
         guard.predict(Image.new("HSV", (64, 64)))
 
 
+def test_files_preprocess_on_threads_in_order_and_the_first_bad_file_is_named(guards, tmp_path):
+    from edgeshort.runtime.preprocess import map_images
+
+    guard = guards["onnxruntime"]
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"photo{i}.png")
+        _smooth_image("RGB", size=(300 + 10 * i, 280), seed=i).save(files[-1])
+    serial = np.stack([preprocess_image(load_image(f), guard.preprocessing) for f in files])
+    np.testing.assert_array_equal(guard.preprocess(files), serial)
+    where = map_images(lambda i, item: threading.current_thread().name, files, workers=2)
+    assert any(name.startswith("edgeshort-preprocess") for name in where)
+    small = [np.zeros((64, 64, 3), np.uint8)] * 4  # cheaper on the calling thread than handed over
+    assert set(map_images(lambda i, item: threading.current_thread().name, small, workers=2)) == {
+        threading.current_thread().name}
+    files[3].write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match="photo3.png"):
+        guard.predict(files, batch_size=6)
+
+
 def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards, tmp_path):
     """A 16-bit radiograph would turn white in Pillow's RGB conversion; one holding 0..255 is read as 8-bit."""
     guard = guards["onnxruntime"]

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from edgeshort.errors import InputError
-from edgeshort.runtime.preprocess import Preprocessing, as_pil, preprocess_image
+from edgeshort.runtime.preprocess import Preprocessing, as_pil, map_images, preprocess_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -80,8 +80,10 @@ class ImageDataset:
     def batches(self, prep: Preprocessing, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(indices, float32 (B, 3, H, W)) batches preprocessed for a model."""
         for start in range(0, len(self), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(self)))
-            yield idx, np.stack([preprocess_image(self.image(int(i)), prep) for i in idx])
+            stop = min(start + batch_size, len(self))
+            rows = map_images(lambda j, _, first=start: preprocess_image(self.image(first + j), prep),
+                              self.sources[start:stop])
+            yield np.arange(start, stop), np.stack(rows)
 
     def patch_masks(self, prep: Preprocessing, grid: tuple[int, int]) -> np.ndarray | None:
         """(N, gh, gw) bool: patch tokens touched by the artefact in the image as `prep` gives it to the model."""

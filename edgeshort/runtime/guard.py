@@ -25,7 +25,7 @@ import numpy as np
 from edgeshort.errors import InputError
 from edgeshort.runtime.backends import BACKENDS, PRECISIONS, Session, choose_backend, open_session
 from edgeshort.runtime.bundle import Bundle, load_bundle
-from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, preprocess_image
+from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, map_images, preprocess_image
 
 logger = logging.getLogger(__name__)
 
@@ -291,12 +291,13 @@ class Guard:
 
     def preprocess(self, images: Any) -> np.ndarray:
         """Any accepted input -> the float32 (B, 3, H, W) batch the graphs take."""
-        items, _ = self._expand(images)
-        h, w = self.preprocessing.size
-        out = np.empty((len(items), 3, h, w), np.float32)
-        for i, (item, source) in enumerate(items):
-            out[i] = self._to_tensor(item, source)
-        return out
+        return self._tensors(self._expand(images)[0])
+
+    def _tensors(self, items: list[tuple[Any, str]]) -> np.ndarray:
+        """[(input, source name)] -> float32 (B, 3, H, W); files and large images on the preprocessing threads."""
+        rows = map_images(lambda i, item: self._to_tensor(item, items[i][1]), [item for item, _ in items],
+                          self._options["threads"])
+        return np.stack(rows) if rows else np.empty((0, 3, *self.preprocessing.size), np.float32)
 
     # -- prediction -------------------------------------------------------------------------
     def predict(
@@ -318,7 +319,7 @@ class Guard:
         items, single = self._expand(images)
         results: list[GuardResult] = []
         for chunk in _chunks(items, int(batch_size)):
-            x = np.stack([self._to_tensor(item, source) for item, source in chunk])
+            x = self._tensors(chunk)
             batch = self._run_fused(x) if path == "fused" else self._run_split(x, drop_tokens)
             results.extend(self._results(batch, [source for _, source in chunk]))
         return results[0] if single else results
