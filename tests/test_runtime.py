@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -304,6 +305,31 @@ def test_files_preprocess_on_threads_in_order_and_the_first_bad_file_is_named(gu
     files[3].write_bytes(b"not an image")
     with pytest.raises(ImageLoadError, match="photo3.png"):
         guard.predict(files, batch_size=6)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_process_preprocesses_on_its_own_threads(tmp_path):
+    """A pre-fork server warms up in the parent, then forks: the child must not wait on the parent's threads."""
+    import multiprocessing
+
+    from edgeshort.runtime.preprocess import map_images
+
+    files = []
+    for i in range(4):
+        files.append(str(tmp_path / f"{i}.png"))
+        _smooth_image("RGB", size=(300, 300), seed=i).save(files[-1])
+    prep = Preprocessing(size=(32, 32))
+    parent = np.stack(map_images(lambda i, path: preprocess_image(load_image(path), prep), files, workers=2))
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(_preprocess_in_child, (files,)).get(timeout=60)
+    np.testing.assert_array_equal(child, parent)
+
+
+def _preprocess_in_child(files):
+    from edgeshort.runtime.preprocess import map_images
+
+    prep = Preprocessing(size=(32, 32))
+    return np.stack(map_images(lambda i, path: preprocess_image(load_image(path), prep), files, workers=2))
 
 
 def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards, tmp_path):

@@ -297,6 +297,18 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
+def _forget_pools_in_child() -> None:
+    # A forked child (a pre-fork web server, multiprocessing) inherits the pools but not their
+    # threads, so work handed to them would never run: start afresh.
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _pools_lock:
         if workers not in _pools:
