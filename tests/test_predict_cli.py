@@ -54,6 +54,10 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
     assert "broken.png" in stderr and "cannot read image" in stderr
     records = read_jsonl(out)
     assert len(records) == NUM_IMAGES + 1
+    from edgeshort.commands.predict import image_files
+
+    # One record per file in the order the files are found, the unreadable one in its place.
+    assert [r["path"] for r in records] == [path for path, _ in image_files([str(image_folder)])]
     errors = [r for r in records if r["error"]]
     assert len(errors) == 1 and errors[0]["path"].endswith("broken.png") and errors[0]["label"] is None
     assert "cannot read image" in errors[0]["error"]

@@ -137,7 +137,7 @@ class OverlayWriter:
 def run(args) -> int:
     from edgeshort.errors import EdgeshortError, InputError
     from edgeshort.runtime import Guard
-    from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image
+    from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, map_images
 
     if args.drop_tokens and not args.split:
         raise InputError("--drop-tokens works on the split graphs; add --split")
@@ -155,12 +155,28 @@ def run(args) -> int:
         counts["failed"] += 1
 
     def flush(pending: list) -> None:
+        """Decode the batch's files on threads, predict the readable ones, write records in file order."""
         if not pending:
             return
-        paths = [p for p, _ in pending]
-        results = guard.predict([img for _, img in pending], batch_size=args.batch_size,
-                                path="split" if args.split else "fused", drop_tokens=args.drop_tokens)
-        for path, (_, image), result in zip(paths, pending, results):
+
+        def load(i: int, path: str):
+            """-> (image, None), or (None, problem): a file that cannot be read becomes its record's error."""
+            if pending[i][1] is not None:
+                return None, pending[i][1]
+            try:
+                return load_image(path, guard.max_pixels), None
+            except EdgeshortError as exc:
+                return None, str(exc)
+
+        loaded = map_images(load, [path for path, _ in pending], args.threads)
+        images = [image for image, _ in loaded if image is not None]
+        results = iter(guard.predict(images, batch_size=args.batch_size, path="split" if args.split else "fused",
+                                     drop_tokens=args.drop_tokens) if images else ())
+        for (path, _), (image, problem) in zip(pending, loaded):
+            if problem is not None:
+                fail(path, problem)
+                continue
+            result = next(results)
             overlay = overlays.write(path, image, result) if overlays else None
             writer.write(result_record(path, result, overlay))
             counts["images"] += 1
@@ -169,14 +185,8 @@ def run(args) -> int:
 
     pending: list = []
     try:
-        for path, problem in image_files(args.images):
-            if problem is not None:
-                fail(path, problem)
-                continue
-            try:
-                pending.append((path, load_image(path, guard.max_pixels)))
-            except EdgeshortError as exc:
-                fail(path, str(exc))
+        for entry in image_files(args.images):
+            pending.append(entry)
             if len(pending) >= args.batch_size:
                 flush(pending)
         flush(pending)
