@@ -28,6 +28,7 @@ def test_env_prints_versions_and_backends():
     info = json.loads(out.stdout)
     assert info["packages"]["onnxruntime"] and info["packages"]["torch"] and "CPUExecutionProvider" in info["onnxruntime_providers"]
     assert info["openvino_devices"] and "CPU" in info["openvino_devices"]
+    assert 1 <= info["usable_cores"] <= info["cpu_count"]
 
 
 def test_user_errors_exit_2_with_the_message(tmp_path):

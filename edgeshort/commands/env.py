@@ -14,6 +14,7 @@ def add_arguments(parser) -> None:
 
 def collect() -> dict:
     from edgeshort import __version__
+    from edgeshort.runtime.preprocess import usable_cores
 
     info: dict = {
         "edgeshort": __version__,
@@ -22,6 +23,7 @@ def collect() -> dict:
         "machine": platform.machine(),
         "processor": platform.processor() or None,
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),  # what image preprocessing runs on; a container may allow fewer
         "packages": {},
     }
     # Installed versions from package metadata: importing torch or nncf just to read it is slow.
