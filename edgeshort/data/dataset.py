@@ -10,9 +10,7 @@ import numpy as np
 from PIL import Image
 
 from edgeshort.errors import InputError
-from edgeshort.runtime.preprocess import Preprocessing, as_pil, map_images, preprocess_image
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from edgeshort.runtime.preprocess import IMAGE_SUFFIXES, Preprocessing, as_pil, map_images, preprocess_image
 
 
 class ImageDataset:
