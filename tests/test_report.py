@@ -308,3 +308,30 @@ def test_report_command_evaluates_then_reports(plain_run, demo_data, tmp_path):
     assert "<figure>" in section(page, "flags")
     assert (tmp_path / "out" / "page_files" / "cluster_scatter.png").is_file()
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_a_cropping_models_pictures_show_the_part_it_saw(tmp_path):
+    """Non-square images and a centre crop: the report draws flags and heatmaps over the square the model saw."""
+    from edgeshort.data import ImageDataset
+    from edgeshort.detect import DetectorConfig, ShortcutDetector
+    from edgeshort.models import load_adapter
+    from edgeshort.models.tiny import TinyViT
+    from edgeshort.report import write_report
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    adapter = load_adapter(TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2)).set_preprocessing(
+        crop_pct=0.8)
+    rng = np.random.default_rng(0)
+    data = ImageDataset.from_arrays(rng.integers(0, 255, (16, 45, 37, 3), dtype=np.uint8), np.arange(16) % 2,
+                                    ("a", "b"))
+    result = ShortcutDetector(DetectorConfig(progress=False, num_selected=4, knn_samples=8)).fit(
+        adapter, data, run_dir=tmp_path / "run")
+    result.evaluate(data)
+    assert_complete(write_report(tmp_path / "run", tmp_path / "report.html", test_dataset=data))
+    flag_pictures = list((tmp_path / "report_files" / "flags").glob("*.png"))
+    heat_pictures = list((tmp_path / "run" / "heatmaps").rglob("sample_*_overlay.png"))
+    assert flag_pictures and heat_pictures
+    for path in flag_pictures + heat_pictures:
+        with Image.open(path) as picture:  # the whole image is 37 wide, 45 high (0.82)
+            assert abs(picture.width / picture.height - 1) < 0.05, path
