@@ -268,14 +268,6 @@ def as_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image
     )
 
 
-def preprocess_batch(items: list[Any], prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     workers: int | None = None) -> np.ndarray:
-    """Paths / PIL images / uint8 arrays -> float32 (B, 3, H, W), on `workers` threads (default: all cores)."""
-    rows = map_images(lambda i, item: preprocess_image(as_pil(item, max_pixels, source=f"image {i}"), prep),
-                      items, workers)
-    return np.stack(rows) if rows else np.empty((0, 3, *prep.size), np.float32)
-
-
 def _worth_a_thread(item: Any) -> bool:
     """A file to decode, or an in-memory image large enough that resizing it outweighs the hand-over."""
     if isinstance(item, (str, Path)):
