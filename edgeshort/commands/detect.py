@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
     src.add_argument("--demo", nargs="?", const="patch", choices=("patch", "ruler"),
                      help="use the built-in synthetic data and tiny ViT (artefact kind, default patch)")
     parser.add_argument("--arch", help="architecture of a state-dict file, e.g. torchvision:vit_b_16 or timm:NAME")
-    parser.add_argument("--data", help="validation images: an ImageFolder tree, or ROOT/val for the seed layout")
+    parser.add_argument("--data", help="validation images: an ImageFolder tree, a CSV listing images and labels "
+                        "(path,label[,group][,mask], or ISIC's one-hot ground truth), or ROOT/val for the seed layout")
     parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
     parser.add_argument("--classes", help="comma list of class folder names in the model's output order "
                                           "(default: sorted, as torchvision's ImageFolder)")
@@ -83,7 +84,7 @@ def run(args) -> int:
         config = config_from_args(args, DEMO_DETECTOR)
     else:
         if not args.data:
-            raise InputError("expected --data VAL with --model; pass the validation image folder")
+            raise InputError("expected --data VAL with --model; pass the validation image folder or CSV listing")
         model = load_adapter(load_model_file(args.model, arch=args.arch)).set_preprocessing(
             _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation, _crop_pct(args.crop_pct),
             args.crop_mode,

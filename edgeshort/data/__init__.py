@@ -1,4 +1,4 @@
-"""Datasets: synthetic shortcut data, ImageFolder trees and the seed's folder layout."""
+"""Datasets: synthetic shortcut data, ImageFolder trees, CSV listings and the seed's folder layout."""
 
 from edgeshort.data.dataset import (
     ArrayDataset,
@@ -11,6 +11,7 @@ from edgeshort.data.dataset import (
     load_seed_layout,
     write_seed_layout,
 )
+from edgeshort.data.manifest import load_manifest
 from edgeshort.data.synthetic import CLASS_NAMES, SplitSpec, SyntheticConfig, generate, generate_split
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "generate",
     "generate_split",
     "load_images",
+    "load_manifest",
     "load_seed_layout",
     "write_seed_layout",
 ]

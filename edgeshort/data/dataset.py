@@ -10,7 +10,14 @@ import numpy as np
 from PIL import Image
 
 from edgeshort.errors import InputError
-from edgeshort.runtime.preprocess import IMAGE_SUFFIXES, Preprocessing, as_pil, map_images, preprocess_image
+from edgeshort.runtime.preprocess import (
+    IMAGE_SUFFIXES,
+    Preprocessing,
+    as_pil,
+    load_image,
+    map_images,
+    preprocess_image,
+)
 
 
 class ImageDataset:
@@ -90,9 +97,29 @@ class ImageDataset:
         out = np.zeros((len(self), *grid), bool)
         h, w = prep.size
         for i, mask in enumerate(self.masks):
+            if mask is None:  # a listed image without an artefact
+                continue
+            if isinstance(mask, (str, Path)):
+                mask = self._mask_file(i, Path(mask))
             mask = np.asarray(prep.model_view(Image.fromarray(mask.astype(np.uint8) * 255), Image.NEAREST)) > 0
             out[i] = mask.reshape(grid[0], h // grid[0], grid[1], w // grid[1]).any(axis=(1, 3))
         return out
+
+    def _mask_file(self, index: int, path: Path) -> np.ndarray:
+        """A mask image as a bool array (non-zero = artefact), checked against its image's size."""
+        array = np.asarray(load_image(path)).any(-1)
+        source = self.sources[index]
+        if isinstance(source, (str, Path)):
+            with Image.open(source) as img:  # the header is enough
+                size = img.size
+        else:
+            size = self.image(index).size
+        if array.shape[::-1] != size:
+            raise InputError(
+                f"artefact mask {str(path)!r} is {array.shape[1]}x{array.shape[0]} but its image "
+                f"{self.sources[index]} is {size[0]}x{size[1]}; masks must match their image's pixels"
+            )
+        return array
 
     def subset(self, indices) -> ImageDataset:
         indices = np.asarray(indices, dtype=np.int64)
@@ -198,6 +225,10 @@ def dataset_from_source(source: str, class_names: Sequence[str] | None = None) -
     if kind == "seed":
         split, _, root = rest.partition(":")
         return load_seed_layout(root, split, class_names)
+    if kind == "manifest":
+        from edgeshort.data.manifest import manifest_from_source
+
+        return manifest_from_source(rest, class_names)
     if kind == "synthetic":
         import json
 
@@ -213,12 +244,17 @@ def dataset_from_source(source: str, class_names: Sequence[str] | None = None) -
 
 
 def load_images(path: str | Path, class_names: Sequence[str] | None = None) -> ImageDataset:
-    """An ImageFolder tree, or the seed layout when `path` is `ROOT/SPLIT` with `SPLIT_w(o)_patches` beside it.
+    """An ImageFolder tree, a CSV file listing images (see `data/manifest.py`), or the seed layout when
+    `path` is `ROOT/SPLIT` with `SPLIT_w(o)_patches` beside it.
 
     Labels follow the sorted folder names, as torchvision's ImageFolder, unless `class_names` gives
     the order of the model's outputs.
     """
     path = Path(path)
+    if path.suffix.lower() == ".csv":
+        from edgeshort.data.manifest import load_manifest
+
+        return load_manifest(path, class_names)
     if not path.exists() and (path.parent / f"{path.name}_wo_patches").is_dir():
         return load_seed_layout(path.parent, path.name, class_names)
     return ImageFolder(path, class_names)

@@ -1,0 +1,184 @@
+"""Labelled images listed in a CSV file: one row per image, as hospital exports and ISIC ship them.
+
+Two label forms are read:
+- a label column holding class names (`path,label[,group][,mask]`);
+- one-hot class columns, as ISIC's ground-truth files (`image,MEL,NV,BCC,...` with 0/1 values):
+  the classes are those columns, in their order.
+
+Paths are relative to the CSV's folder unless `image_root` is given; a path without a suffix
+(ISIC's image ids) is looked up with each image suffix. The optional group column (1 = the image
+carries the artefact) gives the per-group evaluation, and the optional mask column (a binary
+image, non-zero on the artefact's pixels; empty = no artefact) gives patch precision and recall.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edgeshort.data.dataset import ImageDataset
+from edgeshort.errors import InputError
+from edgeshort.runtime.preprocess import IMAGE_SUFFIXES
+
+# Header names recognised for each role (compared case-insensitively); `columns=` names others.
+COLUMN_NAMES = {
+    "image": ("path", "image", "file", "filename", "image_path", "image_id", "isic_id"),
+    "label": ("label", "class", "target", "diagnosis", "dx"),
+    "group": ("group", "artefact", "artifact", "shortcut"),
+    "mask": ("mask", "artefact_mask", "artifact_mask", "mask_path"),
+}
+TRUE_WORDS, FALSE_WORDS = ("1", "1.0", "true", "yes", "y"), ("0", "0.0", "false", "no", "n")
+# Missing files are listed up to this many in the error; the count covers all.
+MISSING_SHOWN = 5
+
+
+def _find_column(header: list[str], role: str, given: str | None, csv_path: Path) -> str | None:
+    if given is not None:
+        if given not in header:
+            raise InputError(f"{csv_path}: expected a column {given!r} for the {role}, found columns {header}")
+        return given
+    lowered = {h.strip().lower(): h for h in header}
+    return next((lowered[name] for name in COLUMN_NAMES[role] if name in lowered), None)
+
+
+def _is_binary(values: list[str]) -> bool:
+    return all(v.strip() in ("0", "1", "0.0", "1.0") for v in values)
+
+
+def _flag(value: str, row: int, column: str, csv_path: Path) -> int:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return 1
+    if word in FALSE_WORDS:
+        return 0
+    raise InputError(
+        f"{csv_path}, row {row}: expected 0/1 (or true/false, yes/no) in column {column!r}, got {value!r}"
+    )
+
+
+def _resolve(name: str, root: Path) -> Path | None:
+    path = root / name.strip()
+    if path.is_file():
+        return path
+    if not path.suffix:  # ISIC lists image ids, not file names
+        for suffix in sorted(IMAGE_SUFFIXES):
+            for candidate in (path.with_suffix(suffix), path.with_suffix(suffix.upper())):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    if not csv_path.is_file():
+        raise InputError(f"expected a CSV file at {str(csv_path)!r}, but it does not exist")
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: spreadsheet exports start with a BOM
+        reader = csv.DictReader(fh)
+        header = [h for h in (reader.fieldnames or []) if h is not None]
+        rows = list(reader)
+    if not header or not rows:
+        raise InputError(f"{csv_path}: expected a header row and one row per image, got an empty file")
+    return header, rows
+
+
+def _labels(header, rows, label_col, used, class_names, csv_path):
+    """Class names per row and the class order, from a label column or one-hot columns."""
+    if label_col is not None:
+        names = [row[label_col].strip() for row in rows]
+        empty = [i + 2 for i, n in enumerate(names) if not n]
+        if empty:
+            raise InputError(f"{csv_path}: rows {empty[:MISSING_SHOWN]} have an empty {label_col!r}; label every image")
+        order = list(class_names) if class_names is not None else sorted(set(names))
+        unknown = sorted(set(names) - set(order))
+        if unknown:
+            raise InputError(
+                f"{csv_path}: labels {unknown} are not among the classes {order}; pass class names that include "
+                "them, in the model's output order"
+            )
+        return [order.index(n) for n in names], order
+    onehot = [h for h in header if h not in used and _is_binary([row[h] for row in rows])]
+    if len(onehot) < 2:
+        raise InputError(
+            f"{csv_path}: found no label column (one of {list(COLUMN_NAMES['label'])}) and no one-hot class columns "
+            f"of 0/1 values among {header}; add a 'label' column, or name it with columns={{'label': ...}}"
+        )
+    hot = np.array([[float(row[h]) for h in onehot] for row in rows])
+    bad = np.flatnonzero(hot.sum(1) != 1)
+    if len(bad):
+        raise InputError(
+            f"{csv_path}: expected exactly one 1 per row among the class columns {onehot}, rows "
+            f"{[int(i) + 2 for i in bad[:MISSING_SHOWN]]} have {int(hot[bad[0]].sum())}; fix those rows"
+        )
+    index = hot.argmax(1)
+    if class_names is None:
+        return index.tolist(), onehot
+    order = list(class_names)
+    unknown = [c for c in onehot if c not in order and (index == onehot.index(c)).any()]
+    if unknown:
+        raise InputError(f"{csv_path}: class columns {unknown} are not among the classes {order}; pass class names "
+                         "that include them, in the model's output order")
+    return [order.index(onehot[i]) for i in index], order
+
+
+def load_manifest(
+    csv_path: str | Path,
+    class_names: Sequence[str] | None = None,
+    image_root: str | Path | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> ImageDataset:
+    """The images a CSV lists, with their labels (and artefact groups and masks when it has them).
+
+    `columns` maps a role (`image`, `label`, `group`, `mask`) to a header the defaults do not
+    recognise. Labels follow sorted class names (one-hot: the columns' order) unless `class_names`
+    gives the model's output order.
+    """
+    csv_path = Path(csv_path).resolve()
+    columns = dict(columns or {})
+    unknown_roles = sorted(set(columns) - set(COLUMN_NAMES))
+    if unknown_roles:
+        raise InputError(f"expected column roles among {sorted(COLUMN_NAMES)}, got {unknown_roles}")
+    header, rows = _read_rows(csv_path)
+    found = {role: _find_column(header, role, columns.get(role), csv_path) for role in COLUMN_NAMES}
+    if found["image"] is None:
+        raise InputError(
+            f"{csv_path}: found no image column among {header}; name it one of {list(COLUMN_NAMES['image'])}, "
+            "or pass columns={'image': ...}"
+        )
+    root = Path(image_root).resolve() if image_root is not None else csv_path.parent
+    paths = [_resolve(row[found["image"]], root) for row in rows]
+    missing = [row[found["image"]] for row, p in zip(rows, paths) if p is None]
+    if missing:
+        raise InputError(
+            f"{csv_path}: {len(missing)} of {len(rows)} listed images do not exist under {str(root)!r}, e.g. "
+            f"{missing[:MISSING_SHOWN]}; paths are relative to the CSV's folder unless an image root is given"
+        )
+    used = {c for c in found.values() if c is not None}
+    labels, order = _labels(header, rows, found["label"], used, class_names, csv_path)
+    groups = None
+    if found["group"] is not None:
+        groups = [_flag(row[found["group"]], i + 2, found["group"], csv_path) for i, row in enumerate(rows)]
+    masks = None
+    if found["mask"] is not None:
+        masks = np.empty(len(rows), dtype=object)  # paths, loaded when patch masks are asked for
+        for i, row in enumerate(rows):
+            value = row[found["mask"]].strip()
+            if value:
+                masks[i] = _resolve(value, root)
+                if masks[i] is None:
+                    raise InputError(f"{csv_path}, row {i + 2}: mask {value!r} does not exist under {str(root)!r}")
+    source = {"csv": str(csv_path)}
+    if image_root is not None:
+        source["root"] = str(root)
+    if columns:
+        source["columns"] = columns
+    return ImageDataset(paths, labels, order, groups, masks, name=csv_path.stem,
+                        source="manifest:" + json.dumps(source))
+
+
+def manifest_from_source(spec: str, class_names: Sequence[str] | None = None) -> ImageDataset:
+    """Load a CSV-listed dataset again from the JSON its `source` string records."""
+    data = json.loads(spec)
+    return load_manifest(data["csv"], class_names, data.get("root"), data.get("columns"))

@@ -1,0 +1,158 @@
+"""Images listed in a CSV: labels, artefact groups and masks load as the in-memory data they came from."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeshort.data import dataset_from_source, load_images, load_manifest
+from edgeshort.errors import ImageLoadError, InputError
+
+
+def write_listed(data, folder, rows=None, mask_column=True, group_column=True):
+    """Write `data`'s images (and artefact masks) as PNGs and a CSV listing them; returns the CSV path."""
+    (folder / "img").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    header = ["path", "label"] + (["group"] if group_column else []) + (["mask"] if mask_column else [])
+    lines = []
+    for i in range(len(data)) if rows is None else rows:
+        data.image(i).save(folder / "img" / f"{i:04d}.png")
+        line = [f"img/{i:04d}.png", data.class_names[data.labels[i]]]
+        if group_column:
+            line.append("yes" if data.groups[i] else "no")
+        if mask_column:
+            if data.masks[i].any():
+                Image.fromarray(data.masks[i].astype(np.uint8) * 255).save(folder / "masks" / f"{i:04d}.png")
+                line.append(f"masks/{i:04d}.png")
+            else:
+                line.append("")
+        lines.append(line)
+    path = folder / "test.csv"
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *lines])
+    return path
+
+
+def test_a_listed_test_set_evaluates_as_the_in_memory_one(demo_result, demo_data, tmp_path):
+    test = demo_data["test"].subset(np.arange(0, 800, 4))
+    listed = load_images(write_listed(test, tmp_path), demo_result.class_names)
+
+    assert listed.class_names == test.class_names and len(listed) == 200
+    assert np.array_equal(listed.labels, test.labels) and np.array_equal(listed.groups, test.groups)
+    assert all(np.array_equal(listed.array(i), test.array(i)) for i in range(0, 200, 17))
+    prep, grid = demo_result.adapter.preprocessing, demo_result.grid
+    assert np.array_equal(listed.patch_masks(prep, grid), test.patch_masks(prep, grid))
+
+    # The detector judges the listed files exactly as the arrays they were written from.
+    from_files = copy.copy(demo_result).evaluate(listed, out=tmp_path / "files")
+    from_arrays = copy.copy(demo_result).evaluate(test, out=tmp_path / "arrays")
+    for key in ("wga_original", "wga_ablated", "wga_dfr", "aga_dfr", "patch_precision", "patch_recall"):
+        assert from_files[key] == from_arrays[key], key
+    assert from_files["patch_recall"] > 0.8 and from_files["wga_ablated"] > from_files["wga_original"]
+
+    # A run records where its test set came from, and the report reloads it from there.
+    again = dataset_from_source(from_files["test_source"], listed.class_names)
+    assert np.array_equal(again.labels, listed.labels) and [str(p) for p in again.sources] == [
+        str(p) for p in listed.sources]
+
+
+def test_isic_one_hot_ground_truth_lists_image_ids(tmp_path):
+    (tmp_path / "images").mkdir()
+    rows = [("ISIC_0000000", 0, 1), ("ISIC_0000001", 1, 0), ("ISIC_0000002", 0, 1)]
+    for name, *_ in rows:
+        Image.new("RGB", (12, 10), (200, 120, 90)).save(tmp_path / "images" / f"{name}.jpg")
+    gt = tmp_path / "ISIC_GroundTruth.csv"
+    gt.write_text("image,MEL,NV\n" + "".join(f"{n},{a:.1f},{b:.1f}\n" for n, a, b in rows), encoding="utf-8-sig")
+
+    data = load_manifest(gt, image_root=tmp_path / "images")
+    assert data.class_names == ("MEL", "NV")  # the columns' order
+    assert data.labels.tolist() == [1, 0, 1] and data.groups is None and data.masks is None
+    assert [p.name for p in data.sources] == ["ISIC_0000000.jpg", "ISIC_0000001.jpg", "ISIC_0000002.jpg"]
+    in_model_order = load_manifest(gt, ["NV", "MEL"], image_root=tmp_path / "images")
+    assert in_model_order.labels.tolist() == [0, 1, 0]
+    again = dataset_from_source(in_model_order.source, in_model_order.class_names)
+    assert np.array_equal(again.labels, in_model_order.labels)
+
+
+def test_other_column_names_are_given_by_role(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    listing = tmp_path / "list.csv"
+    listing.write_text("scan,finding,sticker\na.png,effusion,0\nb.png,normal,1\n")
+    with pytest.raises(InputError, match=r"found no image column among \['scan', 'finding', 'sticker'\].*columns="):
+        load_manifest(listing)
+    data = load_manifest(listing, columns={"image": "scan", "label": "finding", "group": "sticker"})
+    assert data.class_names == ("effusion", "normal") and data.groups.tolist() == [0, 1]
+    assert dataset_from_source(data.source).groups.tolist() == [0, 1]
+
+
+def test_bad_listings_are_named(tmp_path):
+    for name, color in (("a.png", (10, 20, 30)), ("b.png", (30, 20, 10))):
+        Image.new("RGB", (16, 16), color).save(tmp_path / name)
+
+    def listing(text: str):
+        path = tmp_path / "list.csv"
+        path.write_text(text)
+        return path
+
+    with pytest.raises(InputError, match="expected a CSV file at .* does not exist"):
+        load_images(tmp_path / "nowhere.csv")
+    with pytest.raises(InputError, match="empty file"):
+        load_images(listing(""))
+    with pytest.raises(InputError, match=r"1 of 2 listed images do not exist .*\['c.png'\]; paths are relative"):
+        load_images(listing("path,label\na.png,x\nc.png,y\n"))
+    with pytest.raises(InputError, match=r"rows \[3\] have an empty 'label'"):
+        load_images(listing("path,label\na.png,x\nb.png,\n"))
+    with pytest.raises(InputError, match=r"labels \['y'\] are not among the classes \['x'\]"):
+        load_images(listing("path,label\na.png,x\nb.png,y\n"), ["x"])
+    with pytest.raises(InputError, match="no label column .* and no one-hot class columns"):
+        load_images(listing("path,note\na.png,blue\nb.png,red\n"))
+    with pytest.raises(InputError, match=r"exactly one 1 per row among the class columns \['p', 'q'\], rows \[3\]"):
+        load_images(listing("path,p,q\na.png,1,0\nb.png,1,1\n"))
+    with pytest.raises(InputError, match=r"row 3: expected 0/1 .* in column 'group', got 'maybe'"):
+        load_images(listing("path,label,group\na.png,x,1\nb.png,y,maybe\n"))
+    with pytest.raises(InputError, match=r"row 2: mask 'm.png' does not exist"):
+        load_images(listing("path,label,mask\na.png,x,m.png\nb.png,y,\n"))
+    with pytest.raises(InputError, match=r"expected a column 'dx' for the label"):
+        load_manifest(listing("path,label\na.png,x\n"), columns={"label": "dx"})
+    with pytest.raises(InputError, match=r"column roles among .*got \['lable'\]"):
+        load_manifest(listing("path,label\na.png,x\n"), columns={"lable": "label"})
+    # A mask must cover its own image's pixels, and an unreadable one is named.
+    Image.new("L", (20, 16)).save(tmp_path / "wide.png")
+    data = load_images(listing("path,label,mask\na.png,x,wide.png\nb.png,y,\n"))
+    with pytest.raises(InputError, match="mask .*wide.png' is 20x16 but its image .*a.png is 16x16"):
+        data.patch_masks(_prep(), (2, 2))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    data = load_images(listing("path,label,mask\na.png,x,broken.png\nb.png,y,\n"))
+    with pytest.raises(ImageLoadError, match="cannot read image .*broken.png"):
+        data.patch_masks(_prep(), (2, 2))
+
+
+def _prep():
+    from edgeshort.runtime.preprocess import Preprocessing
+
+    return Preprocessing(size=(16, 16))
+
+
+def test_detect_command_reads_csv_listings(demo_vit, demo_data, demo_result, tmp_path):
+    """`edgeshort detect --data val.csv --eval test.csv`: the demo's figures, from files a CSV lists."""
+    import json
+
+    from edgeshort.cli import main
+    from edgeshort.models.loading import save_checkpoint
+
+    model = save_checkpoint(demo_vit, tmp_path / "model.pt")
+    val_csv = write_listed(demo_data["val"], tmp_path / "val", mask_column=False)
+    test_csv = write_listed(demo_data["test"], tmp_path / "test")
+    settings = ["--num-selected", "50", "--knn-samples", "200", "--knn-negatives", "600"]  # the demo's
+    assert main(["detect", "--model", str(model), "--data", str(val_csv), "--eval", str(test_csv),
+                 "-o", str(tmp_path / "run"), "--quiet", *settings]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("shortcut_cluster_group_purity", "patch_precision", "patch_recall", "wga_original", "wga_ablated",
+                "wga_dfr"):
+        assert metrics[key] == pytest.approx(demo_result.metrics[key], abs=1e-9), key
+    assert metrics["test_source"].startswith("manifest:")
