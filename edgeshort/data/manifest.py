@@ -76,7 +76,12 @@ def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not csv_path.is_file():
         raise InputError(f"expected a CSV file at {str(csv_path)!r}, but it does not exist")
     with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: spreadsheet exports start with a BOM
-        reader = csv.DictReader(fh)
+        try:  # European spreadsheet exports separate with ';', some tools with tabs
+            dialect = csv.Sniffer().sniff(fh.readline(), delimiters=",;\t")
+        except csv.Error:
+            dialect = csv.excel
+        fh.seek(0)
+        reader = csv.DictReader(fh, dialect=dialect)
         header = [h for h in (reader.fieldnames or []) if h is not None]
         rows = list(reader)
     if not header or not rows:
