@@ -24,7 +24,8 @@ class ImageDataset:
     """Images with class labels; group labels and artefact pixel masks when known.
 
     `groups[i]` is 1 when image i carries the artefact (used only for evaluation), and
-    `masks[i]` is its (H, W) artefact pixel mask at the image's own resolution.
+    `masks[i]` is its (H, W) artefact pixel mask at the image's own resolution: an array, the
+    path of a mask image (CSV listings, loaded when asked for), or None for no artefact.
     """
 
     def __init__(
