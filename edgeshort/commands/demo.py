@@ -34,8 +34,27 @@ class _Stage:
         print(f"  ({time.perf_counter() - self.start:.1f} s)", flush=True)
 
 
-def run(args) -> int:
+def write_test_images(test, out: Path) -> Path:
+    """A sample of the test split as PNG files in `out/test_images/`, listed in `out/test_images.csv`
+    (path, label, artefact group: the form `edgeshort detect --eval` reads)."""
+    import csv
+
     import numpy as np
+
+    folder = out / "test_images"
+    folder.mkdir(exist_ok=True)
+    rows = [("path", "label", "group")]
+    for i in np.linspace(0, len(test) - 1, PREDICT_SAMPLE).round().astype(int):
+        name = f"test_{i:04d}_{test.class_names[test.labels[i]]}.png"
+        test.image(int(i)).save(folder / name)
+        rows.append((f"{folder.name}/{name}", test.class_names[test.labels[i]], int(test.groups[i])))
+    listing = out / "test_images.csv"
+    with open(listing, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return listing
+
+
+def run(args) -> int:
 
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
@@ -76,31 +95,26 @@ def run(args) -> int:
             print(f"  {backend:<12} max |logit diff| vs torch: {worst:.2e}")
 
     with _Stage("predict: the torch-free runtime on test images (edgeshort predict)"):
-        from edgeshort.cli import main as cli_main
+        import json
 
-        test = datasets["test"]
-        images_dir = out / "test_images"
-        images_dir.mkdir(exist_ok=True)
-        sample = np.linspace(0, len(test) - 1, PREDICT_SAMPLE).round().astype(int)
-        for i in sample:
-            test.image(int(i)).save(images_dir / f"test_{i:04d}_{test.class_names[test.labels[i]]}.png")
-        code = cli_main(["predict", str(out / "bundle"), str(images_dir), "-o", str(out / "predictions.jsonl"),
+        from edgeshort.cli import main as cli_main
+        from edgeshort.data import load_manifest
+
+        listing = write_test_images(datasets["test"], out)
+        code = cli_main(["predict", str(out / "bundle"), str(out / "test_images"), "-o", str(out / "predictions.jsonl"),
                          "--overlays", str(out / "overlays"), "--quiet"])
         if code:
             return code
-        offline = result.predict(test.subset(sample), progress=False)
-        import json
-
+        # The offline detector reads the same files through the CSV listing, as it would a hospital export.
+        listed = load_manifest(listing, result.class_names)
+        offline = result.predict(listed, progress=False)
         records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         by_name = {Path(r["path"]).name: r for r in records}
-        agree = sum(
-            by_name[f"test_{i:04d}_{test.class_names[test.labels[i]]}.png"]["ablated_label"]
-            == test.class_names[offline.labels("ablated")[k]]
-            for k, i in enumerate(sample)
-        )
+        agree = sum(by_name[Path(p).name]["ablated_label"] == result.class_names[label]
+                    for p, label in zip(listed.sources, offline.labels("ablated")))
         flagged = sum(bool(r["shortcut_present"]) for r in records)
         print(f"  {len(records)} images: shortcut present on {flagged}; runtime ablated labels equal the "
-              f"offline detector's on {agree}/{len(records)}")
+              f"offline detector's on {agree}/{len(records)} (offline: the same files read through {listing.name})")
         print(f"  records: {out / 'predictions.jsonl'}, overlays: {out / 'overlays'}")
 
     if not args.no_bench:

@@ -1,0 +1,33 @@
+"""`edgeshort demo`, the README's first command: the whole chain runs and leaves every output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_chain(demo_vit, tmp_path, capsys):
+    from edgeshort.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--quiet"]) == 0  # the fixture trained (and cached) its model
+    printed = capsys.readouterr().out
+    for stage in ("data", "model", "detect", "export", "predict", "bench", "report"):
+        assert f"== {stage}:" in printed, stage
+
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    assert metrics["shortcut_cluster_group_purity"] >= 0.9 and metrics["patch_recall"] >= 0.8
+    assert metrics["wga_ablated"] > metrics["wga_original"]
+    assert "worst group" in printed and f"{metrics['wga_ablated']:.3f}" in printed
+    assert json.loads((out / "bundle" / "manifest.json").read_text())["guard"]["has_dfr"]
+
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    listing = (out / "test_images.csv").read_text().splitlines()
+    assert len(records) == len(listing) - 1 == 16 and listing[0] == "path,label,group"
+    assert any(r["shortcut_present"] for r in records) and not all(r["shortcut_present"] for r in records)
+    assert "runtime ablated labels equal the offline detector's on 16/16" in printed
+    assert len(list((out / "overlays").glob("*.png"))) == 16
+    assert json.loads((out / "bench" / "bench.json").read_text())
+    assert (out / "run" / "report.html").stat().st_size > 10_000
