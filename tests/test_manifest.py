@@ -88,6 +88,8 @@ def test_other_column_names_are_given_by_role(tmp_path):
     data = load_manifest(listing, columns={"image": "scan", "label": "finding", "group": "sticker"})
     assert data.class_names == ("effusion", "normal") and data.groups.tolist() == [0, 1]
     assert dataset_from_source(data.source).groups.tolist() == [0, 1]
+    listing.write_text("path,label\na.png,3\nb.png,01\n")  # integer labels are the model's output indices
+    assert load_manifest(listing).class_names == ("0", "1", "2", "3") and load_manifest(listing).labels.tolist() == [3, 1]
     for separator in (";", "\t"):  # spreadsheet exports
         listing.write_text(f"path{separator}label\na.png{separator}x\nb.png{separator}y\n")
         assert load_manifest(listing).labels.tolist() == [0, 1]

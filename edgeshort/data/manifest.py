@@ -96,7 +96,13 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
         empty = [i + 2 for i, n in enumerate(names) if not n]
         if empty:
             raise InputError(f"{csv_path}: rows {empty[:MISSING_SHOWN]} have an empty {label_col!r}; label every image")
-        order = list(class_names) if class_names is not None else sorted(set(names))
+        if class_names is not None:
+            order = list(class_names)
+        elif all(n.isdigit() for n in names):  # integer labels are the model's output indices
+            order = [str(i) for i in range(max(int(n) for n in names) + 1)]
+            names = [str(int(n)) for n in names]
+        else:
+            order = sorted(set(names))
         unknown = sorted(set(names) - set(order))
         if unknown:
             raise InputError(
