@@ -34,9 +34,9 @@ class _Stage:
         print(f"  ({time.perf_counter() - self.start:.1f} s)", flush=True)
 
 
-def write_test_images(test, out: Path) -> Path:
+def write_test_images(test, out: Path) -> tuple[Path, Path]:
     """A sample of the test split as PNG files in `out/test_images/`, listed in `out/test_images.csv`
-    (path, label, artefact group: the form `edgeshort detect --eval` reads)."""
+    (path, label, artefact group: the form `edgeshort detect --eval` reads); -> (folder, listing)."""
     import csv
 
     import numpy as np
@@ -51,11 +51,10 @@ def write_test_images(test, out: Path) -> Path:
     listing = out / "test_images.csv"
     with open(listing, "w", newline="") as fh:
         csv.writer(fh).writerows(rows)
-    return listing
+    return folder, listing
 
 
 def run(args) -> int:
-
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
     out = Path(args.out)
@@ -100,8 +99,8 @@ def run(args) -> int:
         from edgeshort.cli import main as cli_main
         from edgeshort.data import load_manifest
 
-        listing = write_test_images(datasets["test"], out)
-        code = cli_main(["predict", str(out / "bundle"), str(out / "test_images"), "-o", str(out / "predictions.jsonl"),
+        images_dir, listing = write_test_images(datasets["test"], out)
+        code = cli_main(["predict", str(out / "bundle"), str(images_dir), "-o", str(out / "predictions.jsonl"),
                          "--overlays", str(out / "overlays"), "--quiet"])
         if code:
             return code
