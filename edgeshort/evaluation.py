@@ -105,6 +105,20 @@ def describe_change(change: dict, tables: dict[str, dict], confidence: float, ti
             f"({100 * confidence:.0f}% CI {lo:+.3f} to {hi:+.3f}, {verdict})")
 
 
+def dfr_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
+    """A warning when the retrained head lowers worst-group accuracy beyond test-set noise, with the fix.
+
+    Only a loss the paired interval puts wholly below zero counts: a head judged on a change the
+    test set cannot resolve would be chosen by noise.
+    """
+    for change in intervals["changes"]:
+        if change["from"] == "ablated" and change["to"] == "dfr" and change["worst_interval"][1] < 0:
+            return (f"the DFR head lowers worst-group accuracy on this test set "
+                    f"({describe_change(change, tables, intervals['confidence'])}); "
+                    "ship the ablated prediction instead: `edgeshort export --no-dfr` (ExportOptions(dfr=False))")
+    return None
+
+
 def format_table(results: dict[str, dict], intervals: dict | None = None) -> str:
     """A plain-text table: one row per (class, group) cell, one column per prediction kind.
 

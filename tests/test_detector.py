@@ -35,6 +35,7 @@ def test_demo_shortcut_is_found_flagged_and_mitigated(demo_result):
     # worst-group change is no real loss (the paired interval reaches above zero), and it lifts
     # the average.
     assert dfr["from"] == "ablated" and dfr["worst_interval"][1] > 0
+    assert metrics["dfr_warning"] is None  # so nothing advises leaving the head out
     assert metrics["aga_dfr"] >= metrics["aga_ablated"]
     assert metrics["warnings"] == []
     assert metrics["val_balanced_accuracy_ablated"] > metrics["val_balanced_accuracy_original"]

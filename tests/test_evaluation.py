@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeshort.errors import InputError
-from edgeshort.evaluation import bootstrap_intervals, format_table, group_accuracy
+from edgeshort.evaluation import bootstrap_intervals, dfr_loss_warning, format_table, group_accuracy
 
 
 def _balanced(n_per_cell: int, num_classes: int = 2):
@@ -75,3 +75,26 @@ def test_bad_input_is_named(kwargs, match):
     args = {"predictions": {"original": labels}, "labels": labels, "groups": groups, "num_classes": 2} | kwargs
     with pytest.raises(InputError, match=match):
         bootstrap_intervals(**args)
+
+
+def test_dfr_warning_only_for_a_worst_group_loss_beyond_noise():
+    labels, groups = _balanced(200)
+    worst_cell = np.flatnonzero((labels == 1) & (groups == 1))
+    ablated = labels.copy()
+    ablated[worst_cell[:10]] = 0
+    names = ("benign", "malignant")
+
+    def warning_for(dfr):
+        kinds = {"original": ablated, "ablated": ablated, "dfr": dfr}
+        tables = {k: group_accuracy(v, labels, groups, names) for k, v in kinds.items()}
+        return dfr_loss_warning(tables, bootstrap_intervals(kinds, labels, groups, 2))
+
+    lost = ablated.copy()
+    lost[worst_cell[10:50]] = 0  # 40 more of the worst cell's 200 wrong: far beyond noise
+    warning = warning_for(lost)
+    assert warning is not None and "-0.200" in warning and "a real loss" in warning
+    assert "edgeshort export --no-dfr" in warning
+    noise = ablated.copy()
+    noise[worst_cell[10:12]] = 0  # two images: what a test set of 200 per cell cannot resolve
+    assert warning_for(noise) is None
+    assert warning_for(labels.copy()) is None  # a gain

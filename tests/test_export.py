@@ -212,3 +212,37 @@ def test_detection_warnings_travel_with_the_bundle_to_the_edge(demo_bundle, tmp_
     with caplog.at_level("WARNING", logger="edgeshort.runtime.guard"):
         Guard.load(copy, backend="onnxruntime")
     assert "its detection run warned: ablating the flagged tokens lowers" in caplog.text
+
+
+def test_no_dfr_bundle_acts_on_the_ablated_prediction(demo_result, demo_data, tmp_path, capsys):
+    from dataclasses import replace
+
+    from edgeshort.cli import main
+    from edgeshort.runtime import Guard
+
+    # A run whose test set condemned its DFR head, as a user's may.
+    condemned = "the DFR head lowers worst-group accuracy on this test set (...)"
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "dfr_warning": condemned}))
+
+    assert main(["export", str(run), "-o", str(tmp_path / "ablated"), "--formats", "onnx", "--no-dfr", "--quiet"]) == 0
+    assert "final label: ablated prediction (the run's DFR head left out by --no-dfr)" in capsys.readouterr().out
+    bundle = load_bundle(tmp_path / "ablated")
+    assert bundle.manifest["guard"]["has_dfr"] is False and bundle.manifest["guard"]["dfr_omitted"] is True
+    assert condemned not in bundle.manifest["guard"]["warnings"]  # the advice was taken
+    assert "dfr_logits" not in bundle.manifest["graphs"]["guarded"]["outputs"]
+    test = demo_data["test"].subset(np.arange(0, 800, 10))
+    results = Guard.load(bundle, backend="onnxruntime").predict([test.image(i) for i in range(len(test))])
+    reference = demo_result.predict(test)
+    assert all(r.dfr_label is None for r in results)
+    assert [r.final_label for r in results] == [r.ablated_label for r in results] == reference.labels("ablated").tolist()
+    assert sum(r.label_changed for r in results) == int((reference.labels("ablated") != reference.labels("original")).sum()) > 0
+
+    # Shipped anyway, the head takes the test set's verdict with it.
+    shipped = export_bundle(replace(demo_result, metrics={**demo_result.metrics, "dfr_warning": condemned}),
+                            tmp_path / "dfr", ExportOptions(formats=("onnx",), progress=False, skl2onnx_check=False),
+                            calibration=demo_data["val"])
+    assert shipped.manifest["guard"]["has_dfr"] is True and shipped.manifest["guard"]["dfr_omitted"] is False
+    assert condemned in shipped.manifest["guard"]["warnings"]

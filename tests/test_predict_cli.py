@@ -69,6 +69,7 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
         assert record["flagged_patches"] >= 0 and isinstance(record["shortcut_present"], bool)
         assert len(record["logits"]) == len(names)
         assert (record["dfr_label"] is None) == (not demo_bundle.has_dfr)
+        assert record["final_label"] == (record["dfr_label"] or record["ablated_label"])
         picture = Image.open(record["overlay"])
         assert picture.mode == "RGB" and min(picture.size) >= 256
     assert len(list(overlays.glob("*.png"))) == NUM_IMAGES

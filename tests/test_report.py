@@ -177,6 +177,22 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_report_advises_leaving_out_a_dfr_head_the_test_set_condemns(demo_report, demo_result, demo_data, tmp_path):
+    import json
+    import shutil
+
+    from edgeshort.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    warning = "the DFR head lowers worst-group accuracy on this test set (...); ship the ablated prediction instead"
+    (run / "metrics.json").write_text(json.dumps({**metrics, "dfr_warning": warning}))
+    verdict = section(write_report(run, test_dataset=demo_data["test"]).read_text(), "verdict")
+    assert html.escape("The DFR head lowers worst-group accuracy on this test set") in verdict
+    assert "DFR head lowers" not in section(demo_report.read_text(), "verdict")  # the demo's head is kept
+
+
 def test_demo_report_loads_in_a_headless_browser(demo_report, tmp_path):
     done = run_chromium(demo_report, tmp_path, "--dump-dom")
     assert done.returncode == 0, done.stderr[-2000:]

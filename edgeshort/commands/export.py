@@ -11,6 +11,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--int8", action="store_true", help="also write an INT8 guarded graph (nncf)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| vs torch (default 1e-4)")
     parser.add_argument("--data", help="calibration images (default: the run's validation images)")
+    parser.add_argument("--no-dfr", action="store_true",
+                        help="leave the run's DFR head out: the final label is the ablated prediction")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -23,7 +25,7 @@ def run(args) -> int:
 
     options = ExportOptions(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
-        int8=args.int8, tolerance=args.tolerance, progress=not args.quiet,
+        int8=args.int8, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr,
     )
     calibration = load_images(args.data) if args.data else None
     bundle = export_bundle(args.run, args.out, options, calibration, overwrite=args.force)
@@ -34,6 +36,9 @@ def run(args) -> int:
         print(f"  parity {backend:<12} max |logit diff| {worst:.2e} (tolerance {parity['tolerance']:g})")
     sizes = {name: entry["bytes"] for name, entry in bundle.manifest["files"].items()}
     print("  files: " + json.dumps(sizes))
+    guard = bundle.manifest["guard"]
+    print("  final label: " + ("ablated + DFR head" if guard["has_dfr"] else "ablated prediction"
+                               + (" (the run's DFR head left out by --no-dfr)" if guard["dfr_omitted"] else "")))
     for warning in bundle.manifest["guard"]["warnings"]:
         print(f"  WARNING from the detection run: {warning}")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "shortcut_present", "flagged_patches",
+RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "shortcut_present", "flagged_patches",
                  "logits", "ablated_logits", "dfr_logits", "overlay", "error")
 # Overlays are drawn at least this many pixels on the short side, so small inputs stay readable.
 OVERLAY_MIN_SIDE = 256
@@ -100,7 +100,8 @@ def error_record(path: str, message: str) -> dict:
 def result_record(path: str, result, overlay: str | None) -> dict:
     return {
         "path": path, "label": result.class_name, "ablated_label": result.ablated_class_name,
-        "dfr_label": result.dfr_class_name, "shortcut_present": result.shortcut_present,
+        "dfr_label": result.dfr_class_name, "final_label": result.final_class_name,
+        "shortcut_present": result.shortcut_present,
         "flagged_patches": result.flagged_patches, "logits": np.asarray(result.logits, float).tolist(),
         "ablated_logits": np.asarray(result.ablated_logits, float).tolist(),
         "dfr_logits": None if result.dfr_logits is None else np.asarray(result.dfr_logits, float).tolist(),

@@ -32,6 +32,7 @@ from edgeshort.evaluation import (
     ARTEFACT_GROUP_NAMES,
     FLAG_GROUP_NAMES,
     bootstrap_intervals,
+    dfr_loss_warning,
     format_table,
     group_accuracy,
 )
@@ -45,6 +46,7 @@ PREDICTION_KINDS = ("original", "ablated", "dfr")
 # earlier test set lingers; those here are null until measured (no test set, group labels or masks).
 NULLABLE_TEST_METRICS = (
     "patch_precision", "patch_recall", *(f"{m}_{kind}" for kind in PREDICTION_KINDS for m in ("aga", "wga")),
+    "dfr_warning",
 )
 TEST_METRICS = (
     *NULLABLE_TEST_METRICS, "test_size", "test_source", "test_shortcut_present_rate", "test_changed_by_ablation_rate",
@@ -187,6 +189,10 @@ class DetectionResult:
                 metrics[f"wga_{kind}"] = tables[kind]["worst"] if kind in tables else None
             metrics["group_accuracy_intervals"] = intervals
             metrics["results_table"] = format_table(tables, intervals)
+            if "dfr" in tables:
+                metrics["dfr_warning"] = dfr_loss_warning(tables, intervals)
+                if metrics["dfr_warning"]:
+                    logger.warning("%s", metrics["dfr_warning"])
         if print_table:
             if test.groups is not None:
                 print(metrics["results_table"])

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,8 @@ class ExportOptions:
     calibration_size: int = 32
     skl2onnx_check: bool = True
     progress: bool = True
+    # False leaves the run's DFR head out: the bundle's final label is then the ablated prediction.
+    dfr: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.formats) - set(FORMATS)
@@ -197,6 +199,9 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
 
     options = options or ExportOptions()
     result = run if isinstance(run, DetectionResult) else ShortcutDetector.load(run)
+    dfr_omitted = not options.dfr and result.dfr_head is not None
+    if dfr_omitted:
+        result = replace(result, dfr_head=None)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BundleError(f"{str(out)!r} exists and is not empty; choose a new folder or pass overwrite=True (--force)")
@@ -246,7 +251,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
             t = time.perf_counter()
             int8 = quantize_guarded(staging, graphs, result, images)
             seconds["int8"] = round(time.perf_counter() - t, 3)
-        manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files)
+        manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted)
         write_manifest(staging, manifest)
         if out.exists():
             shutil.rmtree(out)
@@ -268,8 +273,9 @@ def _versions() -> dict:
     return versions
 
 
-def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files) -> dict:
+def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted) -> dict:
     cfg = result.config
+    dfr_warning = result.metrics.get("dfr_warning")
     ov_version = _versions()["openvino"]
     return {
         "edgeshort_version": __version__,
@@ -280,9 +286,12 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
             "key_layer": cfg.key_layer, "knn_k": int(result.knn.k), "knn_reference_size": int(len(result.knn.reference)),
             "dilation_radius": cfg.dilation_radius, "min_patches": cfg.min_patches,
             "saliency_scale": result.saliency_scale, "has_dfr": result.dfr_head is not None,
+            "dfr_omitted": dfr_omitted,
             "shortcut_cluster": int(result.shortcut_cluster),
-            # The detection run's own doubts (e.g. ablation that lowers validation accuracy) travel with it.
-            "warnings": list(result.metrics.get("warnings") or []),
+            # The detection run's own doubts (e.g. ablation that lowers validation accuracy) travel with
+            # it, and its test set's verdict on a DFR head the bundle ships.
+            "warnings": list(result.metrics.get("warnings") or [])
+            + ([dfr_warning] if dfr_warning and result.dfr_head is not None else []),
         },
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
         "openvino": ({"version": ov_version, "weights": options.weights, "int8": int8}

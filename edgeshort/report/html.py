@@ -363,7 +363,7 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
         if m.get("val_balanced_accuracy_ablated") is not None:
             points.append(f"Balanced validation accuracy {_num(m['val_balanced_accuracy_original'])} before ablation, "
                           f"{_num(m['val_balanced_accuracy_ablated'])} after it (a real shortcut's ablation gains).")
-        for warning in m.get("warnings") or []:
+        for warning in [*(m.get("warnings") or []), *([m["dfr_warning"]] if m.get("dfr_warning") else [])]:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
         if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
             points.append(f"Flagged patches against the true artefact patches: precision {_num(m.get('patch_precision'))}, "

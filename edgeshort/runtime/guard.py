@@ -70,10 +70,18 @@ class GuardResult:
         return int(self.flags.sum())
 
     @property
+    def final_label(self) -> int:
+        """The label to act on: the DFR head's when the bundle has one, else the ablated prediction."""
+        return self.dfr_label if self.dfr_label is not None else self.ablated_label
+
+    @property
+    def final_class_name(self) -> str:
+        return self.class_names[self.final_label]
+
+    @property
     def label_changed(self) -> bool:
-        """Whether masking the shortcut changed the prediction (the DFR one when there is a DFR head)."""
-        final = self.dfr_label if self.dfr_label is not None else self.ablated_label
-        return final != self.label
+        """Whether the guard changed the plain model's prediction."""
+        return self.final_label != self.label
 
     def to_dict(self) -> dict:
         """Plain Python types only, ready for `json.dumps`."""
@@ -86,6 +94,7 @@ class GuardResult:
             "label": self.label, "class_name": self.class_name,
             "ablated_label": self.ablated_label, "ablated_class_name": self.ablated_class_name,
             "dfr_label": self.dfr_label, "dfr_class_name": self.dfr_class_name,
+            "final_label": self.final_label, "final_class_name": self.final_class_name,
             "shortcut_present": self.shortcut_present, "flagged_patches": self.flagged_patches,
             "logits": floats(self.logits), "ablated_logits": floats(self.ablated_logits),
             "dfr_logits": floats(self.dfr_logits),
