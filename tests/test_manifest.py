@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeshort.data import dataset_from_source, load_images, load_manifest
+from edgeshort.data import dataset_from_source, load_images, load_manifest, merge_classes, parse_class_map
 from edgeshort.errors import ImageLoadError, InputError
 
 
-def write_listed(data, folder, rows=None, mask_column=True, group_column=True):
-    """Write `data`'s images (and artefact masks) as PNGs and a CSV listing them; returns the CSV path."""
+def write_listed(data, folder, rows=None, mask_column=True, group_column=True, label_text=None):
+    """Write `data`'s images (and artefact masks) as PNGs and a CSV listing them; returns the CSV path.
+
+    `label_text(i)` writes another label than the class name (e.g. a diagnosis to merge)."""
     (folder / "img").mkdir(parents=True)
     (folder / "masks").mkdir()
     header = ["path", "label"] + (["group"] if group_column else []) + (["mask"] if mask_column else [])
     lines = []
     for i in range(len(data)) if rows is None else rows:
         data.image(i).save(folder / "img" / f"{i:04d}.png")
-        line = [f"img/{i:04d}.png", data.class_names[data.labels[i]]]
+        line = [f"img/{i:04d}.png", label_text(i) if label_text else data.class_names[data.labels[i]]]
         if group_column:
             line.append("yes" if data.groups[i] else "no")
         if mask_column:
@@ -76,6 +78,43 @@ def test_isic_one_hot_ground_truth_lists_image_ids(tmp_path):
     assert in_model_order.labels.tolist() == [0, 1, 0]
     again = dataset_from_source(in_model_order.source, in_model_order.class_names)
     assert np.array_equal(again.labels, in_model_order.labels)
+
+
+def test_isic_diagnoses_merge_into_the_models_classes(tmp_path):
+    (tmp_path / "images").mkdir()
+    rows = [("ISIC_0000000", "NV"), ("ISIC_0000001", "MEL"), ("ISIC_0000002", "BKL"), ("ISIC_0000003", "BCC")]
+    for name, _ in rows:
+        Image.new("RGB", (12, 10), (200, 120, 90)).save(tmp_path / "images" / f"{name}.jpg")
+    columns = ["MEL", "NV", "BCC", "BKL", "UNK"]  # ISIC 2019's order, shortened; no image is UNK
+    gt = tmp_path / "ISIC_GroundTruth.csv"
+    gt.write_text("image," + ",".join(columns) + "\n" + "".join(
+        f"{n}," + ",".join("1.0" if c == dx else "0.0" for c in columns) + "\n" for n, dx in rows))
+    diagnoses = load_manifest(gt, image_root=tmp_path / "images")
+    class_map = parse_class_map("MEL=malignant, BCC=malignant, NV=benign, BKL=benign")
+
+    merged = merge_classes(diagnoses, class_map, ["benign", "malignant"])
+    assert merged.class_names == ("benign", "malignant") and merged.labels.tolist() == [0, 1, 0, 1]
+    assert [p.name for p in merged.sources] == [p.name for p in diagnoses.sources]
+    assert diagnoses.class_names == tuple(columns)  # the dataset merged from is unchanged
+    # Runs record the merge, so the report and export reload the merged labels.
+    assert np.array_equal(dataset_from_source(merged.source, merged.class_names).labels, merged.labels)
+    # Without the model's order the merged classes sort by name; a model listing them otherwise reorders.
+    assert merge_classes(diagnoses, class_map).class_names == ("benign", "malignant")
+    assert merge_classes(diagnoses, class_map, ["malignant", "benign"]).labels.tolist() == [1, 0, 1, 0]
+
+    with pytest.raises(InputError, match=r"does not map: BCC \(1 image\), BKL \(1 image\); map each"):
+        merge_classes(diagnoses, {"MEL": "malignant", "NV": "benign"})
+    with pytest.raises(InputError, match=r"does not map: MEL \(1 image\)"):  # a misspelt class
+        merge_classes(diagnoses, {"MELL": "malignant", "BCC": "malignant", "NV": "benign", "BKL": "benign"})
+    assert merge_classes(diagnoses, {**class_map, "SCC": "malignant"}).labels.tolist() == [0, 1, 0, 1]  # no SCC here
+    with pytest.raises(InputError, match=r"sends classes to \['malign'\], which are not among the classes"):
+        merge_classes(diagnoses, {**class_map, "MEL": "malign"}, ["benign", "malignant"])
+    with pytest.raises(InputError, match="expected the class map as DATA=MODEL pairs"):
+        parse_class_map("MEL:malignant")
+    with pytest.raises(InputError, match=r"\['NV='\] are not DATA=MODEL"):
+        parse_class_map("MEL=malignant,NV=")
+    with pytest.raises(InputError, match="gives 'MEL' twice"):
+        parse_class_map("MEL=malignant,MEL=benign")
 
 
 def test_other_column_names_are_given_by_role(tmp_path):
@@ -151,13 +190,18 @@ def test_detect_command_reads_csv_listings(demo_vit, demo_data, demo_result, tmp
     from edgeshort.models.loading import save_checkpoint
 
     model = save_checkpoint(demo_vit, tmp_path / "model.pt")
-    val_csv = write_listed(demo_data["val"], tmp_path / "val", mask_column=False)
-    test_csv = write_listed(demo_data["test"], tmp_path / "test")
+    # Listed by diagnosis, as hospital exports are: benign lesions as two diagnoses, merged back.
+    val, test = demo_data["val"], demo_data["test"]
+    val_csv = write_listed(val, tmp_path / "val", mask_column=False, label_text=lambda i: ("NV", "MEL")[val.labels[i]])
+    test_csv = write_listed(test, tmp_path / "test", label_text=lambda i: ("BKL" if i % 2 else "NV", "MEL")[
+        test.labels[i]])
     settings = ["--num-selected", "50", "--knn-samples", "200", "--knn-negatives", "600"]  # the demo's
     assert main(["detect", "--model", str(model), "--data", str(val_csv), "--eval", str(test_csv),
-                 "-o", str(tmp_path / "run"), "--quiet", *settings]) == 0
+                 "--class-map", "MEL=malignant,NV=benign,BKL=benign", "-o", str(tmp_path / "run"), "--quiet",
+                 *settings]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("shortcut_cluster_group_purity", "patch_precision", "patch_recall", "wga_original", "wga_ablated",
                 "wga_dfr"):
         assert metrics[key] == pytest.approx(demo_result.metrics[key], abs=1e-9), key
-    assert metrics["test_source"].startswith("manifest:")
+    assert metrics["test_source"].startswith("merged:")
+    assert np.array_equal(dataset_from_source(metrics["test_source"], demo_result.class_names).labels, test.labels)

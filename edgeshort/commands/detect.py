@@ -15,6 +15,8 @@ from edgeshort.detect.config import (
 )
 from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 
+CLASS_MAP_HELP = ("merge the data's classes into the model's, DATA=MODEL pairs, e.g. MEL=malignant,NV=benign,"
+                  "BKL=benign (every class with images must be mapped; --classes orders the model's classes)")
 # The settings that take a word, not a number.
 CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATIVE_CHOICES}
 
@@ -30,6 +32,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
     parser.add_argument("--classes", help="comma list of class folder names in the model's output order "
                                           "(default: sorted, as torchvision's ImageFolder)")
+    parser.add_argument("--class-map", help=CLASS_MAP_HELP)
     parser.add_argument("-o", "--out", required=True, help="run folder to write")
     parser.add_argument("--config", help="JSON file of detector settings (see DetectorConfig)")
     for f in fields(DetectorConfig):
@@ -63,7 +66,7 @@ def config_from_args(args, base: DetectorConfig | None = None) -> DetectorConfig
 
 
 def run(args) -> int:
-    from edgeshort.data import load_images
+    from edgeshort.data import load_images, parse_class_map
     from edgeshort.detect import ShortcutDetector
     from edgeshort.errors import InputError
     from edgeshort.models import load_adapter, load_model_file
@@ -71,7 +74,8 @@ def run(args) -> int:
     if args.demo:
         from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
-        fixed = [flag for flag, value in (("--classes", args.classes), ("--mean", args.mean), ("--std", args.std),
+        fixed = [flag for flag, value in (("--classes", args.classes), ("--class-map", args.class_map),
+                                          ("--mean", args.mean), ("--std", args.std),
                                           ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct),
                                           ("--crop-mode", args.crop_mode))
                  if value]
@@ -90,8 +94,9 @@ def run(args) -> int:
             args.crop_mode,
         )
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-        val = load_images(args.data, classes)
-        test = load_images(args.eval_data, classes) if args.eval_data else None
+        class_map = parse_class_map(args.class_map) if args.class_map else None
+        val = load_images(args.data, classes, class_map)
+        test = load_images(args.eval_data, classes, class_map) if args.eval_data else None
         config = config_from_args(args)
     result = ShortcutDetector(config).fit(model, val, run_dir=args.out)
     print(result.summary())

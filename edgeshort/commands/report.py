@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgeshort.commands.detect import CLASS_MAP_HELP
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="run folder written by `edgeshort detect -o RUN` (or `edgeshort demo`)")
     parser.add_argument("-o", "--out", help="HTML file to write (default: RUN/report.html)")
     parser.add_argument("--eval", dest="eval_data",
-                        help="test images (an ImageFolder tree, or ROOT/test for the seed layout): evaluate the run "
-                             "on them first (rewrites RUN/metrics.json and RUN/test_predictions.npz), then draw "
-                             "the guard's flags on them")
+                        help="test images (an ImageFolder tree, a CSV listing, or ROOT/test for the seed layout): "
+                             "evaluate the run on them first (rewrites RUN/metrics.json and RUN/test_predictions.npz), "
+                             "then draw the guard's flags on them")
+    parser.add_argument("--class-map", help=CLASS_MAP_HELP)
     parser.add_argument("--embed", action="store_true",
                         help="put every picture into the HTML as a data URI (one file to mail or attach)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -25,11 +28,12 @@ def run(args) -> int:
         # Evaluation needs the model (torch); reporting alone does not.
         from dataclasses import replace
 
-        from edgeshort.data import load_images
+        from edgeshort.data import load_images, parse_class_map
         from edgeshort.detect import ShortcutDetector
 
         result = ShortcutDetector.load(args.run)
-        test = load_images(args.eval_data, result.class_names)
+        class_map = parse_class_map(args.class_map) if args.class_map else None
+        test = load_images(args.eval_data, result.class_names, class_map)
         result.config = replace(result.config, progress=not args.quiet)
         result.evaluate(test, print_table=not args.quiet)
     out = write_report(Path(args.run), args.out, test_dataset=test, embed=args.embed)

@@ -9,6 +9,8 @@ from edgeshort.data.dataset import (
     dataset_from_source,
     load_images,
     load_seed_layout,
+    merge_classes,
+    parse_class_map,
     write_seed_layout,
 )
 from edgeshort.data.manifest import load_manifest
@@ -29,5 +31,7 @@ __all__ = [
     "load_images",
     "load_manifest",
     "load_seed_layout",
+    "merge_classes",
+    "parse_class_map",
     "write_seed_layout",
 ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -231,8 +232,6 @@ def dataset_from_source(source: str, class_names: Sequence[str] | None = None) -
 
         return manifest_from_source(rest, class_names)
     if kind == "synthetic":
-        import json
-
         from edgeshort.data.synthetic import SplitSpec, SyntheticConfig, generate_split
 
         split, _, config = rest.partition(":")
@@ -241,16 +240,24 @@ def dataset_from_source(source: str, class_names: Sequence[str] | None = None) -
             data[key] = SplitSpec(**{**data[key], "artefact_rate": tuple(data[key]["artefact_rate"])})
         synthetic = generate_split(SyntheticConfig(**data), split)
         return synthetic if class_names is None else in_class_order(synthetic, class_names)
+    if kind == "merged":
+        data = json.loads(rest)
+        return merge_classes(dataset_from_source(data["source"]), data["class_map"], class_names)
     raise InputError(f"unknown dataset source {source!r}; pass the images explicitly")
 
 
-def load_images(path: str | Path, class_names: Sequence[str] | None = None) -> ImageDataset:
+def load_images(
+    path: str | Path, class_names: Sequence[str] | None = None, class_map: Mapping[str, str] | None = None
+) -> ImageDataset:
     """An ImageFolder tree, a CSV file listing images (see `data/manifest.py`), or the seed layout when
     `path` is `ROOT/SPLIT` with `SPLIT_w(o)_patches` beside it.
 
     Labels follow the sorted folder names, as torchvision's ImageFolder, unless `class_names` gives
-    the order of the model's outputs.
+    the order of the model's outputs. `class_map` merges the data's classes into the model's (see
+    `merge_classes`); `class_names` then orders the merged classes.
     """
+    if class_map is not None:
+        return merge_classes(load_images(path), class_map, class_names)
     path = Path(path)
     if path.suffix.lower() == ".csv":
         from edgeshort.data.manifest import load_manifest
@@ -259,6 +266,58 @@ def load_images(path: str | Path, class_names: Sequence[str] | None = None) -> I
     if not path.exists() and (path.parent / f"{path.name}_wo_patches").is_dir():
         return load_seed_layout(path.parent, path.name, class_names)
     return ImageFolder(path, class_names)
+
+
+def merge_classes(
+    dataset: ImageDataset, class_map: Mapping[str, str], class_names: Sequence[str] | None = None
+) -> ImageDataset:
+    """`dataset` with its classes renamed by `class_map` (data class -> model class), several to one.
+
+    A melanoma model judged on ISIC's nine diagnoses needs e.g. MEL -> malignant and NV, BKL, ... ->
+    benign. Every class that has images must be mapped, so none is merged by accident; the merged
+    classes follow `class_names` (the model's output order) or else sort by name.
+    """
+    # Names the map gives beyond this dataset's classes are fine: one map serves every split, and a
+    # misspelt class still fails below, as unmapped.
+    class_map = {str(k): str(v) for k, v in class_map.items()}
+    counts = np.bincount(dataset.labels, minlength=len(dataset.class_names))
+    unmapped = {c: int(n) for c, n in zip(dataset.class_names, counts) if n and c not in class_map}
+    if unmapped:
+        raise InputError(
+            f"{dataset.name!r} has images of classes the class map does not map: "
+            + ", ".join(f"{c} ({n} image{'s' * (n != 1)})" for c, n in unmapped.items())
+            + "; map each to one of the model's classes, or list only the images to use"
+        )
+    targets = sorted(set(class_map.values())) if class_names is None else list(class_names)
+    stray = sorted(set(class_map.values()) - set(targets))
+    if stray:
+        raise InputError(
+            f"the class map sends classes to {stray}, which are not among the classes {targets}; "
+            "map only to the model's classes"
+        )
+    relabel = np.array([targets.index(class_map[c]) if c in class_map else -1 for c in dataset.class_names])
+    merged = copy.copy(dataset)  # keeps the dataset's kind (files, arrays) and everything else
+    merged.labels, merged.class_names = relabel[dataset.labels].astype(np.int64), tuple(targets)
+    if dataset.source is not None:
+        merged.source = "merged:" + json.dumps({"class_map": class_map, "source": dataset.source})
+    return merged
+
+
+def parse_class_map(text: str) -> dict[str, str]:
+    """'MEL=malignant,NV=benign' -> {'MEL': 'malignant', 'NV': 'benign'} (the command-line form)."""
+    pairs = [item.strip() for item in text.split(",") if item.strip()]
+    malformed = [p for p in pairs if p.count("=") != 1 or not all(side.strip() for side in p.split("="))]
+    if not pairs or malformed:
+        raise InputError(
+            f"expected the class map as DATA=MODEL pairs separated by commas, e.g. MEL=malignant,NV=benign; "
+            f"got {text!r}" + (f" ({malformed} are not DATA=MODEL)" if malformed else "")
+        )
+    class_map: dict[str, str] = {}
+    for source, target in (p.split("=") for p in pairs):
+        if source.strip() in class_map:
+            raise InputError(f"the class map gives {source.strip()!r} twice in {text!r}; map each class once")
+        class_map[source.strip()] = target.strip()
+    return class_map
 
 
 def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDataset:
