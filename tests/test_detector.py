@@ -138,6 +138,26 @@ def test_second_artefact_kind_with_no_parameter_changed(tmp_path):
 
 
 @pytest.mark.slow
+def test_clusters_that_follow_the_classes_are_named_and_class_centring_finds_the_artefact(demo_data):
+    from edgeshort.demo import DEMO_DETECTOR, DEMO_TRAIN, demo_data_config
+    from edgeshort.models.train import cached_tiny_vit
+
+    # The demo's recipe with training seed 1: this model's pooled features split by class first.
+    model = cached_tiny_vit(replace(DEMO_TRAIN, seed=1), demo_data_config("patch"), None, demo_data, progress=False)
+    pooled = ShortcutDetector(replace(DEMO_DETECTOR, progress=False)).fit(model, demo_data["val"]).metrics
+    assert pooled["cluster_class_nmi"] >= 0.3 and pooled["shortcut_cluster_group_purity"] < 0.6
+    assert [w for w in pooled["warnings"] if "follow the class labels" in w and "class_centred" in w]
+
+    centred = ShortcutDetector(replace(DEMO_DETECTOR, progress=False, cluster_space="class_centred")).fit(
+        model, demo_data["val"])
+    assert centred.metrics["cluster_class_nmi"] < 0.1
+    assert centred.metrics["shortcut_cluster_group_purity"] >= 0.9
+    assert not [w for w in centred.metrics["warnings"] if "follow the class labels" in w]
+    metrics = centred.evaluate(demo_data["test"])
+    assert metrics["wga_ablated"] > metrics["wga_original"] + 0.3
+
+
+@pytest.mark.slow
 def test_torchvision_vit_b_16_runs_through_fit(tmp_path):
     from torchvision.models import vit_b_16
 

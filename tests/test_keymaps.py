@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from edgeshort.detect import DetectorConfig, ShortcutDetector
-from edgeshort.detect.keymaps import key_distance_maps, knn_training_keys, nearest_clean_distance_maps
+from edgeshort.detect.keymaps import (
+    class_centred,
+    cluster_features,
+    key_distance_maps,
+    knn_training_keys,
+    nearest_clean_distance_maps,
+)
 from edgeshort.errors import InputError
 from edgeshort.models.tiny import TinyViT
 
@@ -71,3 +77,25 @@ def test_seed_contrast_and_negatives_remain_available():
         DetectorConfig(heatmap="median")
     with pytest.raises(InputError, match="negatives in"):
         DetectorConfig(negatives="all")
+
+
+def test_class_centring_lets_a_weaker_artefact_direction_lead_the_clusters():
+    rng = np.random.default_rng(0)
+    labels, artefact = rng.integers(0, 2, 400), rng.integers(0, 2, 400)
+    # The class moves the features far along one direction, the artefact less far along another.
+    pooled = rng.normal(0, 0.5, (400, 16)).astype(np.float32)
+    pooled[:, 0] += 8 * labels
+    pooled[:, 1] += 3 * artefact
+
+    def agreement(assignments, truth):  # 1.0 when the clusters are exactly `truth`, either way round
+        return max(np.mean(assignments == truth), np.mean(assignments != truth))
+
+    by_class = cluster_features(pooled, 2, 3, seed=0).assignments
+    centred = class_centred(pooled, labels)
+    by_artefact = cluster_features(centred, 2, 3, seed=0).assignments
+    assert agreement(by_class, labels) == 1.0 and agreement(by_class, artefact) < 0.6
+    assert agreement(by_artefact, artefact) == 1.0
+    for c in (0, 1):
+        np.testing.assert_allclose(centred[labels == c].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(centred - pooled, np.where(labels[:, None] == 1, -pooled[labels == 1].mean(0),
+                                                          -pooled[labels == 0].mean(0)), atol=1e-5)

@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from edgeshort.detect.config import (
+    CLUSTER_SPACES,
     DFR_METHODS,
     HEATMAP_CONTRASTS,
     NEGATIVE_CHOICES,
@@ -18,7 +19,8 @@ from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 CLASS_MAP_HELP = ("merge the data's classes into the model's, DATA=MODEL pairs, e.g. MEL=malignant,NV=benign,"
                   "BKL=benign (every class with images must be mapped; --classes orders the model's classes)")
 # The settings that take a word, not a number.
-CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATIVE_CHOICES}
+CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATIVE_CHOICES,
+           "cluster_space": CLUSTER_SPACES}
 
 
 def add_arguments(parser) -> None:

@@ -9,6 +9,7 @@ from edgeshort.errors import InputError
 DFR_METHODS = ("logreg", "adam", "none")
 HEATMAP_CONTRASTS = ("nearest", "mean")
 NEGATIVE_CHOICES = ("spread", "closest")
+CLUSTER_SPACES = ("pooled", "class_centred")
 # Runs written before `heatmap` and `negatives` existed used the notebook's choices.
 SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest"}
 
@@ -19,6 +20,7 @@ class DetectorConfig:
 
     n_clusters: int = 2
     pca_components: int = 3
+    cluster_space: str = "pooled"
     lambdas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     num_selected: int = 20
     knn_samples: int | None = None
@@ -47,6 +49,7 @@ class DetectorConfig:
             (self.dilation_radius >= 0, f"dilation_radius >= 0, got {self.dilation_radius}"),
             (self.min_patches >= 1, f"min_patches >= 1, got {self.min_patches}"),
             (self.dfr in DFR_METHODS, f"dfr in {DFR_METHODS}, got {self.dfr!r}"),
+            (self.cluster_space in CLUSTER_SPACES, f"cluster_space in {CLUSTER_SPACES}, got {self.cluster_space!r}"),
             (self.heatmap in HEATMAP_CONTRASTS, f"heatmap in {HEATMAP_CONTRASTS}, got {self.heatmap!r}"),
             (self.negatives in NEGATIVE_CHOICES, f"negatives in {NEGATIVE_CHOICES}, got {self.negatives!r}"),
             (self.batch_size >= 1, f"batch_size >= 1, got {self.batch_size}"),
@@ -80,6 +83,8 @@ class DetectorConfig:
 SETTING_NOTES = {
     "n_clusters": "k-means clusters",
     "pca_components": "PCA components before k-means",
+    "cluster_space": "cluster the pooled features (pooled, the seed's) or what remains once each class's mean "
+                     "is removed (class_centred), for models whose features split by class first",
     "lambdas": "weights of homogeneity, exp(-Brier dominant), 1 - exp(-Brier other)",
     "num_selected": "samples nearest each centre used for heatmaps and the KNN",
     "knn_samples": "KNN positives (None: the seed's 200 at 20 x 196 patches, scaled to this grid)",
