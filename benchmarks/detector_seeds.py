@@ -7,6 +7,7 @@ Writes `detector_seeds.json`, `detector_seeds.md` and `detector_seeds.png` (wors
 accuracy original / ablated / ablated + DFR per seed).
 
     nice -n 10 python benchmarks/detector_seeds.py --seeds 0 1 2 3 4 5 -o bench-seeds/
+    nice -n 10 python benchmarks/detector_seeds.py --cluster-space class_centred -o bench-seeds-centred/
 
 Each seed trains two models (about a minute each on one thread) unless they are cached.
 """
@@ -20,19 +21,21 @@ from pathlib import Path
 
 KEYS = ("shortcut_cluster_group_purity", "patch_precision", "patch_recall", "wga_original", "wga_ablated",
         "wga_dfr", "aga_original", "aga_ablated", "aga_dfr", "val_balanced_accuracy_original",
-        "val_balanced_accuracy_ablated")
+        "val_balanced_accuracy_ablated", "cluster_class_nmi")
 
 
-def measure(artefact: str, seed: int) -> dict:
+def measure(artefact: str, seed: int, cluster_space: str = "pooled") -> dict:
     from edgeshort.demo import DEMO_DETECTOR, DEMO_TRAIN, demo_data_config, demo_datasets
     from edgeshort.detect import ShortcutDetector
     from edgeshort.models.train import cached_tiny_vit
 
     data = demo_datasets(artefact)
     model = cached_tiny_vit(replace(DEMO_TRAIN, seed=seed), demo_data_config(artefact), None, data, progress=False)
-    result = ShortcutDetector(replace(DEMO_DETECTOR, progress=False)).fit(model, data["val"])
+    config = replace(DEMO_DETECTOR, progress=False, cluster_space=cluster_space)
+    result = ShortcutDetector(config).fit(model, data["val"])
     metrics = result.evaluate(data["test"])
-    row = {"artefact": artefact, "seed": seed, **{k: metrics[k] for k in KEYS}, "warnings": metrics["warnings"]}
+    row = {"artefact": artefact, "seed": seed, "cluster_space": cluster_space, **{k: metrics[k] for k in KEYS},
+           "warnings": metrics["warnings"]}
     row["found"] = (metrics["shortcut_cluster_group_purity"] >= 0.9 and metrics["patch_precision"] >= 0.6
                     and metrics["patch_recall"] >= 0.8)
     row["dfr_adds"] = metrics["wga_dfr"] > metrics["wga_ablated"]
@@ -48,14 +51,14 @@ def _dfr_change(r: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| artefact | seed | WGA original | ablated | + DFR | DFR change (95% CI) | purity | precision | recall "
-             "| found | warning |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| class NMI | found | warning |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['artefact']} | {r['seed']} | {r['wga_original']:.3f} | {r['wga_ablated']:.3f} | {r['wga_dfr']:.3f} "
             f"| {_dfr_change(r)} "
             f"| {r['shortcut_cluster_group_purity']:.3f} | {r['patch_precision']:.3f} | {r['patch_recall']:.3f} "
-            f"| {'yes' if r['found'] else 'no'} | {'yes' if r['warnings'] else ''} |"
+            f"| {r['cluster_class_nmi']:.2f} | {'yes' if r['found'] else 'no'} | {'yes' if r['warnings'] else ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -90,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--artefacts", nargs="+", default=["patch", "ruler"], choices=("patch", "ruler"))
+    parser.add_argument("--cluster-space", default="pooled", choices=("pooled", "class_centred"))
     parser.add_argument("-o", "--out", default="bench-seeds")
     args = parser.parse_args()
     out = Path(args.out)
@@ -97,7 +101,7 @@ def main() -> None:
     rows = []
     for artefact in args.artefacts:
         for seed in args.seeds:
-            rows.append(measure(artefact, seed))
+            rows.append(measure(artefact, seed, args.cluster_space))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     (out / "detector_seeds.json").write_text(json.dumps(rows, indent=2))
     (out / "detector_seeds.md").write_text(markdown(rows))
