@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset, as_dataset
-from edgeshort.detect.config import DetectorConfig
+from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
 from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg
 from edgeshort.detect.extract import Features, extract
 from edgeshort.detect.keymaps import (
@@ -429,12 +429,6 @@ def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.n
         )
         logger.warning("%s", warnings[-1])
     return {"val_balanced_accuracy_original": before, "val_balanced_accuracy_ablated": after, "warnings": warnings}
-
-
-# Clusters sharing this much information with the class labels follow the classes. Measured on the
-# demo's twelve trained models (two artefacts x six seeds): 0.03-0.09 where the pooled clusters
-# found the artefact, 0.31-0.58 where they split the classes instead.
-CLASS_FOLLOWING_NMI = 0.2
 
 
 def _class_following_check(assignments: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> dict:

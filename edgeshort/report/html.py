@@ -24,7 +24,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from edgeshort.detect.config import SETTING_NOTES, SETTINGS_OF_EARLIER_RUNS
+from edgeshort.detect.config import CLASS_FOLLOWING_NMI, SETTING_NOTES, SETTINGS_OF_EARLIER_RUNS
 from edgeshort.errors import InputError
 from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, describe_change
 from edgeshort.report.draw import (
@@ -332,6 +332,9 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             f"Cluster score {_num(top['score'], 4)}, a margin of <strong>{_num(margin, 4)}</strong> over "
             + (f"cluster {runner['cluster']} ({_num(runner['score'], 4)})." if runner else "the other clusters.")
         ]
+        if m.get("cluster_class_nmi") is not None:
+            points.append(f"The clusters share {_num(m['cluster_class_nmi'], 2)} normalised mutual information with "
+                          f"the class labels (from {CLASS_FOLLOWING_NMI} up they follow the classes, not an artefact).")
         purity = m.get("shortcut_cluster_group_purity")
         if purity is not None:
             points.append(f"{_pct(purity, 1)} of its members carry the artefact (group labels, used only to check "
