@@ -8,6 +8,7 @@ import torch
 
 from edgeshort.detect import DetectorConfig, ShortcutDetector
 from edgeshort.detect.keymaps import (
+    calibrated_positives,
     class_centred,
     cluster_features,
     key_distance_maps,
@@ -99,3 +100,41 @@ def test_class_centring_lets_a_weaker_artefact_direction_lead_the_clusters():
         np.testing.assert_allclose(centred[labels == c].mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(centred - pooled, np.where(labels[:, None] == 1, -pooled[labels == 1].mean(0),
                                                           -pooled[labels == 0].mean(0)), atol=1e-5)
+
+
+def _artefact_keys(rng, clean_images=200, variants=(10.0, 6.0), per_variant=40, tokens=16, d=8):
+    """Clean images of N(0, 1) keys, then images carrying one of two artefact variants on 3 tokens."""
+    keys = rng.normal(0, 1, (clean_images + per_variant * len(variants), tokens, d)).astype(np.float32)
+    variant = np.full(len(keys), -1)
+    for v, offset in enumerate(variants):
+        images = clean_images + v * per_variant + np.arange(per_variant)
+        keys[images, :3, v] += offset  # a strong and a fainter variant, along different directions
+        variant[images] = v
+    return keys, variant
+
+
+def test_calibrated_positives_represent_a_fainter_artefact_variant():
+    rng = np.random.default_rng(0)
+    keys, variant = _artefact_keys(rng)
+    assignments = (variant >= 0).astype(np.int64)  # cluster 1: the artefact images
+    chosen = calibrated_positives(keys, assignments, cluster=1, count=60, quantile=0.999, k=5, seed=0)
+    d = keys.shape[-1]
+    strong, faint = chosen.keys[:, 0] > 6, chosen.keys[:, 1] > 3.5
+    # Both variants among the positives in about their share (120 tokens each), plain tokens barely.
+    assert chosen.candidates >= 240 and chosen.candidates < 240 + 20
+    assert strong.sum() >= 20 and faint.sum() >= 20 and (strong | faint).mean() >= 0.9
+    # The seed's rule, the hottest tokens by the same heat, takes the strong variant only.
+    heat = nearest_clean_distance_maps(keys[assignments == 1], keys[assignments == 0], 5, 0).reshape(-1)
+    hottest = keys[assignments == 1].reshape(-1, d)[np.argsort(heat)[-60:]]
+    assert (hottest[:, 0] > 6).all()
+
+
+def test_calibrated_positives_report_a_cluster_without_artefact_tokens():
+    rng = np.random.default_rng(1)
+    keys = rng.normal(0, 1, (240, 16, 8)).astype(np.float32)  # nothing sets the cluster apart
+    assignments = (np.arange(240) >= 200).astype(np.int64)
+    chosen = calibrated_positives(keys, assignments, cluster=1, count=60, quantile=0.999, k=5, seed=0)
+    assert chosen.candidates < 60 and len(chosen.keys) == 60  # the hottest fill the count
+    lone = np.zeros(240, np.int64)
+    lone[0] = 1  # one image outside the cluster: no null distribution to calibrate against
+    assert calibrated_positives(keys, 1 - lone, cluster=1, count=60, quantile=0.999, k=5, seed=0) is None

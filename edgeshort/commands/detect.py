@@ -11,6 +11,7 @@ from edgeshort.detect.config import (
     DFR_METHODS,
     HEATMAP_CONTRASTS,
     NEGATIVE_CHOICES,
+    POSITIVE_CHOICES,
     SETTING_NOTES,
     DetectorConfig,
 )
@@ -20,7 +21,7 @@ CLASS_MAP_HELP = ("merge the data's classes into the model's, DATA=MODEL pairs, 
                   "BKL=benign (every class with images must be mapped; --classes orders the model's classes)")
 # The settings that take a word, not a number.
 CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATIVE_CHOICES,
-           "cluster_space": CLUSTER_SPACES}
+           "cluster_space": CLUSTER_SPACES, "positives": POSITIVE_CHOICES}
 
 
 def add_arguments(parser) -> None:
@@ -41,7 +42,8 @@ def add_arguments(parser) -> None:
         if f.name in ("progress", "lambdas"):
             continue
         choices = CHOICES.get(f.name)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=str if choices else int, choices=choices,
+        kind = str if choices else float if isinstance(f.default, float) else int
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, choices=choices,
                             default=None, help=f"{SETTING_NOTES[f.name]} (default {f.default!r})")
     parser.add_argument("--mean", help="normalisation mean the model was trained with, R,G,B in [0, 1] "
                                        "(default: the model family's)")

@@ -10,12 +10,13 @@ DFR_METHODS = ("logreg", "adam", "none")
 HEATMAP_CONTRASTS = ("nearest", "mean")
 NEGATIVE_CHOICES = ("spread", "closest")
 CLUSTER_SPACES = ("pooled", "class_centred")
+POSITIVE_CHOICES = ("calibrated", "hottest")
 # Clusters sharing this much information with the class labels follow the classes. Measured on the
 # demo's twelve trained models (two artefacts x six seeds): 0.03-0.09 where the pooled clusters
 # found the artefact, 0.30-0.58 where they split the classes instead.
 CLASS_FOLLOWING_NMI = 0.2
-# Runs written before `heatmap` and `negatives` existed used the notebook's choices.
-SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest"}
+# Runs written before `heatmap`, `negatives` and `positives` existed used the notebook's choices.
+SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest", "positives": "hottest"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class DetectorConfig:
     knn_samples: int | None = None
     knn_negatives: int | None = None
     knn_k: int = 5
+    positives: str = "calibrated"
+    positive_quantile: float = 0.999
     heatmap: str = "nearest"  # see detect/keymaps.py for both contrasts
     negatives: str = "spread"
     dilation_radius: int = 1
@@ -55,6 +58,8 @@ class DetectorConfig:
             (self.dfr in DFR_METHODS, f"dfr in {DFR_METHODS}, got {self.dfr!r}"),
             (self.cluster_space in CLUSTER_SPACES, f"cluster_space in {CLUSTER_SPACES}, got {self.cluster_space!r}"),
             (self.heatmap in HEATMAP_CONTRASTS, f"heatmap in {HEATMAP_CONTRASTS}, got {self.heatmap!r}"),
+            (self.positives in POSITIVE_CHOICES, f"positives in {POSITIVE_CHOICES}, got {self.positives!r}"),
+            (0 < self.positive_quantile < 1, f"0 < positive_quantile < 1, got {self.positive_quantile}"),
             (self.negatives in NEGATIVE_CHOICES, f"negatives in {NEGATIVE_CHOICES}, got {self.negatives!r}"),
             (self.batch_size >= 1, f"batch_size >= 1, got {self.batch_size}"),
         ]
@@ -96,6 +101,9 @@ SETTING_NOTES = {
     "knn_k": "neighbours the KNN votes with",
     "heatmap": "key heatmaps against the nearest clean keys (nearest) or the clean mean key per position "
                "(mean, the seed's)",
+    "positives": "KNN positives drawn evenly from the shortcut cluster's tokens hotter than that quantile of clean "
+                 "tokens (calibrated), or the hottest of its selected samples (hottest, the seed's)",
+    "positive_quantile": "quantile of clean tokens' heat a calibrated positive must exceed",
     "negatives": "KNN negatives spread over the clean tokens' heat ranking (spread) or the coolest "
                  "(closest, the seed's)",
     "dilation_radius": "flags grown to neighbours within this radius",

@@ -19,6 +19,7 @@ from edgeshort.detect.extract import Features, extract
 from edgeshort.detect.keymaps import (
     Clustering,
     KeyKNN,
+    calibrated_positives,
     class_centred,
     cluster_features,
     key_distance_maps,
@@ -331,9 +332,15 @@ class ShortcutDetector:
         seconds["heatmaps"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        count = cfg.knn_sample_count(adapter.num_patches)
+        chosen = None
+        if cfg.positives == "calibrated":
+            chosen = calibrated_positives(feats.keys, clustering.assignments, shortcut, count, cfg.positive_quantile,
+                                          cfg.knn_k, cfg.seed)
+        positive_warnings = _positive_check(chosen, count, cfg)
         x, y = knn_training_keys(
-            feats.keys, selected, raw_maps, shortcut, cfg.knn_sample_count(adapter.num_patches),
-            cfg.knn_negative_count(adapter.num_patches), cfg.negatives,
+            feats.keys, selected, raw_maps, shortcut, count, cfg.knn_negative_count(adapter.num_patches),
+            cfg.negatives, positives=None if chosen is None else chosen.keys,
         )
         knn = KeyKNN(x, y, cfg.knn_k)
         clean_keys = mean_keys_outside(feats.keys, clustering.assignments, shortcut).astype(np.float32)
@@ -353,7 +360,7 @@ class ShortcutDetector:
         t = time.perf_counter()
         features = _masked_head_features(result, dataset)
         accuracy = _ablation_check(result, dataset, feats.logits, features)
-        accuracy["warnings"] = chance_warnings + class_following["warnings"] + accuracy["warnings"]
+        accuracy["warnings"] = chance_warnings + class_following["warnings"] + positive_warnings + accuracy["warnings"]
         seconds["ablation_check"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -380,6 +387,8 @@ class ShortcutDetector:
             "val_shortcut_present_rate": float(present.mean()),
             **accuracy,
             "knn_reference_size": int(len(x)),
+            "knn_positive_threshold": None if chosen is None else chosen.threshold,
+            "knn_positive_candidates": None if chosen is None else chosen.candidates,
             **dict.fromkeys(NULLABLE_TEST_METRICS),
             "dfr": None if result.dfr_head is None else result.dfr_head.info,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -429,6 +438,25 @@ def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.n
         )
         logger.warning("%s", warnings[-1])
     return {"val_balanced_accuracy_original": before, "val_balanced_accuracy_ablated": after, "warnings": warnings}
+
+
+def _positive_check(chosen, count: int, cfg: DetectorConfig) -> list[str]:
+    """Warnings when calibrated positives could not be drawn as asked."""
+    warnings = []
+    if cfg.positives == "calibrated" and chosen is None:
+        warnings.append(
+            "fewer than two validation images lie outside the shortcut cluster, too few to calibrate the KNN "
+            "positives against; the hottest tokens were taken (the seed's rule). Use more validation images"
+        )
+    elif chosen is not None and chosen.candidates < count:
+        warnings.append(
+            f"only {chosen.candidates} tokens of the shortcut cluster are hotter than {cfg.positive_quantile:.1%} of "
+            f"clean tokens, fewer than the {count} KNN positives, so the hottest fill the rest: the cluster may hold "
+            "no artefact the model sees. Check its key heatmaps"
+        )
+    for warning in warnings:
+        logger.warning("%s", warning)
+    return warnings
 
 
 def _class_following_check(assignments: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> dict:

@@ -102,15 +102,66 @@ def nearest_clean_distance_maps(
     the clean images' lesion tokens, an artefact token has none, so this contrast singles out
     what the clean images never show.
     """
+    return _nearest_clean_search(clean_keys, k, seed)(keys)
+
+
+def _nearest_clean_search(clean_keys: np.ndarray, k: int, seed: int):
+    """A function (M, N_patches, d) keys -> (M, N_patches) mean distance to the `k` nearest clean keys."""
     from sklearn.neighbors import NearestNeighbors
 
-    d = keys.shape[-1]
+    d = clean_keys.shape[-1]
     pool = clean_keys.reshape(-1, d)
     if len(pool) > NEAREST_POOL_SIZE:
         pool = pool[np.random.default_rng(seed).choice(len(pool), NEAREST_POOL_SIZE, replace=False)]
     search = NearestNeighbors(n_neighbors=min(k, len(pool))).fit(pool)
-    distances, _ = search.kneighbors(keys.reshape(-1, d))
-    return distances.mean(1).reshape(keys.shape[:2]).astype(np.float32)
+
+    def distances(keys: np.ndarray) -> np.ndarray:
+        found, _ = search.kneighbors(keys.reshape(-1, d))
+        return found.mean(1).reshape(keys.shape[:2]).astype(np.float32)
+
+    return distances
+
+
+@dataclass
+class PositiveChoice:
+    keys: np.ndarray  # (count, d) the KNN's positive keys
+    threshold: float | None  # heat a clean token exceeds with probability 1 - quantile (None: not calibrated)
+    candidates: int  # shortcut-cluster tokens above the threshold
+
+
+def calibrated_positives(
+    keys: np.ndarray, assignments: np.ndarray, cluster: int, count: int, quantile: float, k: int, seed: int
+) -> PositiveChoice | None:
+    """KNN positives drawn evenly from every shortcut-cluster token hotter than clean tokens ever are.
+
+    The seed takes the `count` hottest tokens of the samples nearest the centre. When an artefact
+    comes in variants (ISIC's patches in several colours) the most distinct fills all `count` and
+    the others are never flagged. Here heat is each token's distance to its nearest keys in one half
+    of the clean images; the other half gives heat's null distribution, whose `quantile` is the
+    threshold. Every token of the cluster above it is a candidate and `count` are drawn at random, so
+    each variant is represented by its share. None when fewer than two clean images exist.
+    """
+    clean = np.flatnonzero(assignments != cluster)
+    if len(clean) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    clean = clean[rng.permutation(len(clean))]
+    pool, null_images = clean[::2], clean[1::2]
+    # The quantile needs no more null tokens than the pool holds keys.
+    null_images = null_images[: max(1, NEAREST_POOL_SIZE // keys.shape[1])]
+    heat_of = _nearest_clean_search(keys[pool], k, seed)
+    threshold = float(np.quantile(heat_of(keys[null_images]), quantile))
+    members = np.flatnonzero(assignments == cluster)
+    heat = heat_of(keys[members]).reshape(-1)
+    member_keys = keys[members].reshape(-1, keys.shape[-1])
+    above = np.flatnonzero(heat > threshold)
+    count = min(count, len(heat))
+    if len(above) >= count:  # evenly over the candidates' heat ranking: faint variants get their share
+        ranked = above[np.argsort(heat[above], kind="stable")]
+        chosen = ranked[np.linspace(0, len(ranked) - 1, count).round().astype(np.int64)]
+    else:  # too few: the hottest tokens fill the count, as the seed's rule would
+        chosen = np.argsort(heat, kind="stable")[-count:]
+    return PositiveChoice(member_keys[chosen], threshold, int(len(above)))
 
 
 def knn_training_keys(
@@ -121,12 +172,14 @@ def knn_training_keys(
     count: int,
     negative_count: int | None = None,
     negatives: str = "spread",
+    positives: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The KNN training set. Positives, as the seed: the `count` patch keys of the shortcut
     cluster's selected samples with the hottest heatmap. Negatives from the other clusters'
     selected samples: `closest` takes the coolest, as the seed; `spread` takes them evenly over
     the heatmap ranking, so lesion tokens are negatives too and the vote does not flag them for
-    lying nearer the artefact keys than plain skin."""
+    lying nearer the artefact keys than plain skin. `positives` replaces the hottest keys (see
+    `calibrated_positives`)."""
     d = keys.shape[-1]
     pos_keys = keys[selected[shortcut_cluster]].reshape(-1, d)
     pos_dist = maps[shortcut_cluster].reshape(-1)
@@ -134,7 +187,9 @@ def knn_training_keys(
     neg_dist = np.concatenate([m.reshape(-1) for c, m in enumerate(maps) if c != shortcut_cluster])
     count = min(count, len(pos_dist))
     negative_count = min(count if negative_count is None else negative_count, len(neg_dist))
-    positives = pos_keys[np.argsort(pos_dist, kind="stable")[-count:]]
+    if positives is None:
+        positives = pos_keys[np.argsort(pos_dist, kind="stable")[-count:]]
+    count = len(positives)
     ranking = np.argsort(neg_dist, kind="stable")
     if negatives == "spread":
         chosen = ranking[np.linspace(0, len(ranking) - 1, negative_count).round().astype(np.int64)]
