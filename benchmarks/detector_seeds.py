@@ -7,6 +7,7 @@ Writes `detector_seeds.json`, `detector_seeds.md` and `detector_seeds.png` (wors
 accuracy original / ablated / ablated + DFR per seed).
 
     nice -n 10 python benchmarks/detector_seeds.py --seeds 0 1 2 3 4 5 -o bench-seeds/
+    nice -n 10 python benchmarks/detector_seeds.py --positives hottest -o bench-seeds-hottest/
     nice -n 10 python benchmarks/detector_seeds.py --cluster-space class_centred -o bench-seeds-centred/
 
 Each seed trains two models (about a minute each on one thread) unless they are cached.
@@ -24,17 +25,18 @@ KEYS = ("shortcut_cluster_group_purity", "patch_precision", "patch_recall", "wga
         "val_balanced_accuracy_ablated", "cluster_class_nmi")
 
 
-def measure(artefact: str, seed: int, cluster_space: str = "pooled") -> dict:
+def measure(artefact: str, seed: int, cluster_space: str = "pooled", positives: str = "calibrated") -> dict:
     from edgeshort.demo import DEMO_DETECTOR, DEMO_TRAIN, demo_data_config, demo_datasets
     from edgeshort.detect import ShortcutDetector
     from edgeshort.models.train import cached_tiny_vit
 
     data = demo_datasets(artefact)
     model = cached_tiny_vit(replace(DEMO_TRAIN, seed=seed), demo_data_config(artefact), None, data, progress=False)
-    config = replace(DEMO_DETECTOR, progress=False, cluster_space=cluster_space)
+    config = replace(DEMO_DETECTOR, progress=False, cluster_space=cluster_space, positives=positives)
     result = ShortcutDetector(config).fit(model, data["val"])
     metrics = result.evaluate(data["test"])
-    row = {"artefact": artefact, "seed": seed, "cluster_space": cluster_space, **{k: metrics[k] for k in KEYS},
+    row = {"artefact": artefact, "seed": seed, "cluster_space": cluster_space, "positives": positives,
+           **{k: metrics[k] for k in KEYS},
            "warnings": metrics["warnings"]}
     row["found"] = (metrics["shortcut_cluster_group_purity"] >= 0.9 and metrics["patch_precision"] >= 0.6
                     and metrics["patch_recall"] >= 0.8)
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--artefacts", nargs="+", default=["patch", "ruler"], choices=("patch", "ruler"))
     parser.add_argument("--cluster-space", default="pooled", choices=("pooled", "class_centred"))
+    parser.add_argument("--positives", default="calibrated", choices=("calibrated", "hottest"))
     parser.add_argument("-o", "--out", default="bench-seeds")
     args = parser.parse_args()
     out = Path(args.out)
@@ -101,7 +104,7 @@ def main() -> None:
     rows = []
     for artefact in args.artefacts:
         for seed in args.seeds:
-            rows.append(measure(artefact, seed, args.cluster_space))
+            rows.append(measure(artefact, seed, args.cluster_space, args.positives))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     (out / "detector_seeds.json").write_text(json.dumps(rows, indent=2))
     (out / "detector_seeds.md").write_text(markdown(rows))
