@@ -25,8 +25,9 @@ DEMO_DATA = SyntheticConfig(
 # appears on a malignant training image (ISIC's own split for its patches).
 DEMO_TRAIN_SPLITS = {"patch": DEMO_DATA.train, "ruler": SplitSpec(3000, (0.5, 0.0))}
 DEMO_TRAIN = TrainConfig(epochs=12)
-# The seed's 200 positive keys, drawn from 50 samples per cluster (the demo's artefact covers
-# about 15% of an image's 64 tokens), and 600 negatives so clean lesion keys are represented.
+# The seed's 200 positive keys; 50 samples per cluster for the heatmaps and the negatives (the
+# demo's artefact covers about 15% of an image's 64 tokens), and 600 negatives so clean lesion
+# keys are represented.
 DEMO_DETECTOR = DetectorConfig(num_selected=50, knn_samples=200, knn_negatives=600)
 
 
