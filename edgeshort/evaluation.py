@@ -11,6 +11,7 @@ BOOTSTRAP_RESAMPLES = 2000
 # Groups are artefact present or not: from labels when the test set has them, else from the guard's flag.
 ARTEFACT_GROUP_NAMES = ("no artefact", "artefact")
 FLAG_GROUP_NAMES = ("not flagged", "flagged")
+KIND_TITLES = {"original": "original", "ablated": "ablated", "dfr": "ablated + DFR"}
 
 
 def group_accuracy(
@@ -114,7 +115,7 @@ def dfr_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
     for change in intervals["changes"]:
         if change["from"] == "ablated" and change["to"] == "dfr" and change["worst_interval"][1] < 0:
             return (f"the DFR head lowers worst-group accuracy on this test set "
-                    f"({describe_change(change, tables, intervals['confidence'])}); "
+                    f"({describe_change(change, tables, intervals['confidence'], KIND_TITLES)}); "
                     "ship the ablated prediction instead: `edgeshort export --no-dfr` (ExportOptions(dfr=False))")
     return None
 

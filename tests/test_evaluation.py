@@ -92,7 +92,7 @@ def test_dfr_warning_only_for_a_worst_group_loss_beyond_noise():
     lost = ablated.copy()
     lost[worst_cell[10:50]] = 0  # 40 more of the worst cell's 200 wrong: far beyond noise
     warning = warning_for(lost)
-    assert warning is not None and "-0.200" in warning and "a real loss" in warning
+    assert warning is not None and "ablated + DFR vs ablated: -0.200" in warning and "a real loss" in warning
     assert "edgeshort export --no-dfr" in warning
     noise = ablated.copy()
     noise[worst_cell[10:12]] = 0  # two images: what a test set of 200 per cell cannot resolve

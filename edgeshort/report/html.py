@@ -26,7 +26,7 @@ from PIL import Image
 
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, SETTING_NOTES, SETTINGS_OF_EARLIER_RUNS
 from edgeshort.errors import InputError
-from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, describe_change
+from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, describe_change
 from edgeshort.report.draw import (
     colourise,
     grid_to_pixels,
@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 SAMPLES_PER_CATEGORY = 4
 # Overlays of test images are drawn at least this many pixels on the short side.
 OVERLAY_SIDE = 192
-KIND_TITLES = {"original": "original", "ablated": "ablated", "dfr": "ablated + DFR"}
 STAGE_TITLES = {
     "extract": "extract features, keys and probabilities",
     "cluster": "PCA, k-means and cluster scores",
