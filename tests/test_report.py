@@ -144,6 +144,8 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
     assert f"Shortcut cluster: {demo_result.shortcut_cluster}" in verdict
     assert 'id="cluster-scores"' in verdict and "(shortcut)" in verdict
     assert f"The clusters share {demo_result.metrics['cluster_class_nmi']:.2f} normalised mutual information" in verdict
+    assert (f"spread over the {demo_result.metrics['knn_positive_candidates']:,} shortcut-cluster tokens hotter than "
+            "99.9% of held-out clean tokens") in verdict
     assert "cluster_scatter.png" in verdict
     m = demo_result.metrics
     assert (f"Balanced validation accuracy {m['val_balanced_accuracy_original']:.3f} before ablation, "

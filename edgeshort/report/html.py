@@ -339,6 +339,11 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append(f"{_pct(purity, 1)} of its members carry the artefact (group labels, used only to check "
                           "the detector)." + (' <span class="no">Most of them do not: this cluster is not the '
                                               "artefact group.</span>" if purity < 0.5 else ""))
+        if m.get("knn_positive_candidates") is not None:
+            quantile = run.config.get("positive_quantile")
+            points.append(f"The KNN's positives are spread over the {m['knn_positive_candidates']:,} shortcut-cluster "
+                          f"tokens hotter than {_pct(quantile, 1)} of held-out clean tokens (heat "
+                          f"{_num(m['knn_positive_threshold'])}).")
         if m.get("val_shortcut_present_rate") is not None:
             points.append(f"The key-KNN guard finds a shortcut in {_pct(m['val_shortcut_present_rate'], 1)} of the "
                           "validation images.")
