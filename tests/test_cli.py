@@ -50,10 +50,14 @@ def test_detect_flags_reach_every_detector_setting():
     from edgeshort.errors import InputError
 
     argv = ["detect", "--model", "m.pt", "-o", "run", "--heatmap", "mean", "--negatives", "closest", "--dfr", "adam",
-            "--knn-k", "7", "--min-patches", "3", "--quiet"]
+            "--knn-k", "7", "--min-patches", "3", "--positives", "hottest", "--positive-quantile", "0.99",
+            "--cluster-space", "class_centred", "--quiet"]
     config = config_from_args(build_parser(only="detect").parse_args(argv))
     assert (config.heatmap, config.negatives, config.dfr, config.knn_k, config.min_patches) == (
         "mean", "closest", "adam", 7, 3)
+    assert (config.positives, config.positive_quantile, config.cluster_space) == ("hottest", 0.99, "class_centred")
+    with pytest.raises(InputError, match=r"expected 0 < positive_quantile < 1, got 1.5"):
+        config_from_args(build_parser(only="detect").parse_args([*argv[:-1], "--positive-quantile", "1.5"]))
     flags = {a.dest for a in build_parser(only="detect")._subparsers._group_actions[0].choices["detect"]._actions}
     assert {f.name for f in fields(DetectorConfig)} - {"progress", "lambdas"} <= flags
     assert _channels("0.5, 0.5,0.5", "--mean") == (0.5, 0.5, 0.5)
