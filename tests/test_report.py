@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import re
@@ -314,16 +315,20 @@ def test_report_command_evaluates_then_reports(plain_run, demo_data, tmp_path):
 
     folder = tmp_path / "test-images"
     test = plain_test_set(demo_data, 24)
-    for i in range(len(test)):
-        target = folder / test.class_names[test.labels[i]]
+    for i in range(len(test)):  # folders by diagnosis, merged into the model's classes by --class-map
+        target = folder / (("BKL" if i % 3 == 0 else "NV"), "MEL")[test.labels[i]]
         target.mkdir(parents=True, exist_ok=True)
         test.image(i).save(target / f"{i:03d}.png")
     run = tmp_path / "run"
     shutil.copytree(plain_run.run_dir, run)
     out = tmp_path / "out" / "page.html"
-    assert main(["report", str(run), "-o", str(out), "--eval", str(folder), "--quiet"]) == 0
+    assert main(["report", str(run), "-o", str(out), "--eval", str(folder), "--class-map",
+                 "MEL=malignant,NV=benign,BKL=benign", "--quiet"]) == 0
     page = assert_complete(out)
-    assert json.loads((run / "metrics.json").read_text())["test_size"] == 24
+    metrics = json.loads((run / "metrics.json").read_text())
+    expected = copy.copy(plain_run).evaluate(test, out=tmp_path / "reference")
+    assert metrics["test_size"] == 24 and metrics["accuracy_ablated"] == expected["accuracy_ablated"]
+    assert metrics["test_source"].startswith("merged:")
     assert "<figure>" in section(page, "flags")
     assert (tmp_path / "out" / "page_files" / "cluster_scatter.png").is_file()
     assert main(["report", str(tmp_path / "nowhere")]) == 2
