@@ -96,12 +96,12 @@ def bootstrap_intervals(
     }
 
 
-def describe_change(change: dict, tables: dict[str, dict], confidence: float, titles: dict | None = None) -> str:
+def describe_change(change: dict, tables: dict[str, dict], confidence: float, titles: dict = KIND_TITLES) -> str:
     """One line: the worst-group change of a step, its interval, and whether test-set noise explains it."""
     delta = tables[change["to"]]["worst"] - tables[change["from"]]["worst"]
     lo, hi = change["worst_interval"]
     verdict = "a real gain" if lo > 0 else "a real loss" if hi < 0 else "within test-set noise"
-    to, of = ((titles or {}).get(k, k) for k in (change["to"], change["from"]))
+    to, of = (titles.get(k, k) for k in (change["to"], change["from"]))
     return (f"worst group, {to} vs {of}: {delta:+.3f} "
             f"({100 * confidence:.0f}% CI {lo:+.3f} to {hi:+.3f}, {verdict})")
 
@@ -115,7 +115,7 @@ def dfr_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
     for change in intervals["changes"]:
         if change["from"] == "ablated" and change["to"] == "dfr" and change["worst_interval"][1] < 0:
             return (f"the DFR head lowers worst-group accuracy on this test set "
-                    f"({describe_change(change, tables, intervals['confidence'], KIND_TITLES)}); "
+                    f"({describe_change(change, tables, intervals['confidence'])}); "
                     "ship the ablated prediction instead: `edgeshort export --no-dfr` (ExportOptions(dfr=False))")
     return None
 

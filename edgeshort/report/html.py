@@ -364,7 +364,7 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           f"Ablation changed {_pct(m['test_changed_by_ablation_rate'], 1)} of the predictions.")
         intervals, tables = m.get("group_accuracy_intervals"), m.get("group_accuracy")
         if intervals and tables:
-            steps = [describe_change(c, tables, intervals["confidence"], KIND_TITLES) for c in intervals["changes"]]
+            steps = [describe_change(c, tables, intervals["confidence"]) for c in intervals["changes"]]
             points.append("Each step on the same test images (paired bootstrap over each class and group): "
                           + "; ".join(_e(step[0].upper() + step[1:]) for step in steps) + ".")
         if m.get("val_balanced_accuracy_ablated") is not None:
