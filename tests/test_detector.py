@@ -65,6 +65,24 @@ def test_run_folder_holds_everything_and_reloads(demo_result, demo_data):
     np.testing.assert_allclose(a.dfr_logits, b.dfr_logits, atol=1e-5)
 
 
+def test_a_run_saved_before_newer_settings_reloads_with_the_rules_it_was_fitted_with(demo_result, demo_data,
+                                                                                       tmp_path):
+    import shutil
+
+    run = tmp_path / "old-run"
+    shutil.copytree(demo_result.run_dir, run)
+    meta = json.loads((run / "run.json").read_text())
+    for key in ("heatmap", "negatives", "positives", "positive_quantile", "cluster_space"):
+        del meta["config"][key]
+    (run / "run.json").write_text(json.dumps(meta))
+    old = ShortcutDetector.load(run)
+    assert (old.config.heatmap, old.config.negatives, old.config.positives) == ("mean", "closest", "hottest")
+    assert old.config.cluster_space == "pooled"  # the only clustering there was
+    subset = demo_data["test"].subset(np.arange(0, 800, 40))
+    # The guard itself is stored, not refitted: it flags as before.
+    assert np.array_equal(old.predict(subset, progress=False).flags, demo_result.predict(subset, progress=False).flags)
+
+
 def test_ablation_changes_predictions_only_where_flagged(demo_result, demo_data):
     preds = demo_result.predict(demo_data["test"].subset(np.arange(200)), progress=False)
     clean = ~preds.present
