@@ -262,7 +262,14 @@ class DetectionResult:
                 f"  cluster {s.cluster}: size {s.size}, homogeneity {s.homogeneity:.3f}, "
                 f"majority {self.class_names[s.majority_class]}, score {s.score:.4f}"
             )
-        lines += [f"WARNING: {w}" for w in self.metrics.get("warnings") or []]
+        m = self.metrics
+        if m.get("cluster_class_nmi") is not None:
+            lines.append(f"  clusters vs classes: normalised mutual information {m['cluster_class_nmi']:.2f} "
+                         f"(from {CLASS_FOLLOWING_NMI} they follow the classes)")
+        if m.get("knn_positive_candidates") is not None:
+            lines.append(f"  KNN positives spread over {m['knn_positive_candidates']:,} tokens hotter than "
+                         f"{self.config.positive_quantile:.1%} of clean tokens")
+        lines += [f"WARNING: {w}" for w in m.get("warnings") or []]
         return "\n".join(lines)
 
 
