@@ -7,8 +7,8 @@ Writes `detector_seeds.json`, `detector_seeds.md` and `detector_seeds.png` (wors
 accuracy original / ablated / ablated + DFR per seed).
 
     nice -n 10 python benchmarks/detector_seeds.py --seeds 0 1 2 3 4 5 -o bench-seeds/
-    nice -n 10 python benchmarks/detector_seeds.py --positives hottest -o bench-seeds-hottest/
-    nice -n 10 python benchmarks/detector_seeds.py --cluster-space class_centred -o bench-seeds-centred/
+    nice -n 10 python benchmarks/detector_seeds.py --cluster-space pooled -o bench-seeds-pooled/
+    nice -n 10 python benchmarks/detector_seeds.py --cluster-space pooled --positives hottest -o bench-seeds-seed/
 
 Each seed trains two models (about a minute each on one thread) unless they are cached.
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 
 KEYS = ("shortcut_cluster_group_purity", "patch_precision", "patch_recall", "wga_original", "wga_ablated",
         "wga_dfr", "aga_original", "aga_ablated", "aga_dfr", "val_balanced_accuracy_original",
-        "val_balanced_accuracy_ablated", "cluster_class_nmi")
+        "val_balanced_accuracy_ablated", "cluster_class_nmi", "cluster_space_used")
 
 
-def measure(artefact: str, seed: int, cluster_space: str = "pooled", positives: str = "calibrated") -> dict:
+def measure(artefact: str, seed: int, cluster_space: str = "auto", positives: str = "calibrated") -> dict:
     from edgeshort.demo import DEMO_DETECTOR, DEMO_TRAIN, demo_data_config, demo_datasets
     from edgeshort.detect import ShortcutDetector
     from edgeshort.models.train import cached_tiny_vit
@@ -53,14 +53,15 @@ def _dfr_change(r: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| artefact | seed | WGA original | ablated | + DFR | DFR change (95% CI) | purity | precision | recall "
-             "| class NMI | found | warning |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| clustered | class NMI | found | warning |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['artefact']} | {r['seed']} | {r['wga_original']:.3f} | {r['wga_ablated']:.3f} | {r['wga_dfr']:.3f} "
             f"| {_dfr_change(r)} "
             f"| {r['shortcut_cluster_group_purity']:.3f} | {r['patch_precision']:.3f} | {r['patch_recall']:.3f} "
-            f"| {r['cluster_class_nmi']:.2f} | {'yes' if r['found'] else 'no'} | {'yes' if r['warnings'] else ''} |"
+            f"| {r.get('cluster_space_used', r['cluster_space']).replace('_', '-')} | {r['cluster_class_nmi']:.2f} "
+            f"| {'yes' if r['found'] else 'no'} | {'yes' if r['warnings'] else ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -95,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--artefacts", nargs="+", default=["patch", "ruler"], choices=("patch", "ruler"))
-    parser.add_argument("--cluster-space", default="pooled", choices=("pooled", "class_centred"))
+    parser.add_argument("--cluster-space", default="auto", choices=("auto", "pooled", "class_centred"))
     parser.add_argument("--positives", default="calibrated", choices=("calibrated", "hottest"))
     parser.add_argument("-o", "--out", default="bench-seeds")
     args = parser.parse_args()

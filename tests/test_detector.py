@@ -157,22 +157,27 @@ def test_second_artefact_kind_with_no_parameter_changed(tmp_path):
 
 
 @pytest.mark.slow
-def test_clusters_that_follow_the_classes_are_named_and_class_centring_finds_the_artefact(demo_data):
+def test_clusters_that_follow_the_classes_are_redone_without_the_class(demo_data):
     from edgeshort.demo import DEMO_DETECTOR, DEMO_TRAIN, demo_data_config
     from edgeshort.models.train import cached_tiny_vit
 
     # The demo's recipe with training seed 1: this model's pooled features split by class first.
     model = cached_tiny_vit(replace(DEMO_TRAIN, seed=1), demo_data_config("patch"), None, demo_data, progress=False)
-    pooled = ShortcutDetector(replace(DEMO_DETECTOR, progress=False)).fit(model, demo_data["val"]).metrics
+    pooled = ShortcutDetector(replace(DEMO_DETECTOR, progress=False, cluster_space="pooled")).fit(
+        model, demo_data["val"]).metrics
     assert pooled["cluster_class_nmi"] >= 0.3 and pooled["shortcut_cluster_group_purity"] < 0.6
+    assert pooled["cluster_space_used"] == "pooled"
     assert [w for w in pooled["warnings"] if "follow the class labels" in w and "class_centred" in w]
 
-    centred = ShortcutDetector(replace(DEMO_DETECTOR, progress=False, cluster_space="class_centred")).fit(
-        model, demo_data["val"])
-    assert centred.metrics["cluster_class_nmi"] < 0.1
-    assert centred.metrics["shortcut_cluster_group_purity"] >= 0.9
-    assert not [w for w in centred.metrics["warnings"] if "follow the class labels" in w]
-    metrics = centred.evaluate(demo_data["test"])
+    # The default notices and clusters again without each class's mean; it says so.
+    auto = ShortcutDetector(replace(DEMO_DETECTOR, progress=False))
+    result = auto.fit(model, demo_data["val"])
+    metrics = result.metrics
+    assert auto.config.cluster_space == "auto" and metrics["cluster_space_used"] == "class_centred"
+    assert metrics["cluster_class_nmi"] < 0.1 and metrics["shortcut_cluster_group_purity"] >= 0.9
+    assert [w for w in metrics["warnings"] if f"follow the class labels (normalised mutual information "
+            f"{pooled['cluster_class_nmi']:.2f}), so their shortcut cluster would be a class" in w]
+    metrics = result.evaluate(demo_data["test"])
     assert metrics["wga_ablated"] > metrics["wga_original"] + 0.3
 
 

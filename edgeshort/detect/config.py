@@ -9,14 +9,14 @@ from edgeshort.errors import InputError
 DFR_METHODS = ("logreg", "adam", "none")
 HEATMAP_CONTRASTS = ("nearest", "mean")
 NEGATIVE_CHOICES = ("spread", "closest")
-CLUSTER_SPACES = ("pooled", "class_centred")
+CLUSTER_SPACES = ("auto", "pooled", "class_centred")
 POSITIVE_CHOICES = ("calibrated", "hottest")
 # Clusters sharing this much information with the class labels follow the classes. Measured on the
 # demo's twelve trained models (two artefacts x six seeds): 0.03-0.09 where the pooled clusters
 # found the artefact, 0.30-0.58 where they split the classes instead.
 CLASS_FOLLOWING_NMI = 0.2
-# Runs written before `heatmap`, `negatives` and `positives` existed used the notebook's choices.
-SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest", "positives": "hottest"}
+# Runs written before these settings existed used the notebook's choices.
+SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest", "positives": "hottest", "cluster_space": "pooled"}
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class DetectorConfig:
 
     n_clusters: int = 2
     pca_components: int = 3
-    cluster_space: str = "pooled"
+    cluster_space: str = "auto"
     lambdas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
     num_selected: int = 20
     knn_samples: int | None = None
@@ -92,8 +92,8 @@ class DetectorConfig:
 SETTING_NOTES = {
     "n_clusters": "k-means clusters",
     "pca_components": "PCA components before k-means",
-    "cluster_space": "cluster the pooled features (pooled, the seed's) or what remains once each class's mean "
-                     "is removed (class_centred), for models whose features split by class first",
+    "cluster_space": "cluster the pooled features (pooled, the seed's), what remains once each class's mean is "
+                     "removed (class_centred), or pooled unless those clusters follow the classes (auto)",
     "lambdas": "weights of homogeneity, exp(-Brier dominant), 1 - exp(-Brier other)",
     "num_selected": "samples nearest each centre used for heatmaps and the KNN",
     "knn_samples": "KNN positives (None: the seed's 200 at 20 x 196 patches, scaled to this grid)",

@@ -265,7 +265,8 @@ class DetectionResult:
         m = self.metrics
         if m.get("cluster_class_nmi") is not None:
             lines.append(f"  clusters vs classes: normalised mutual information {m['cluster_class_nmi']:.2f} "
-                         f"(from {CLASS_FOLLOWING_NMI} they follow the classes)")
+                         f"(from {CLASS_FOLLOWING_NMI} they follow the classes; clustered "
+                         f"{m.get('cluster_space_used', 'pooled').replace('_', '-')})")
         if m.get("knn_positive_candidates") is not None:
             lines.append(f"  KNN positives spread over {m['knn_positive_candidates']:,} tokens hotter than "
                          f"{self.config.positive_quantile:.1%} of clean tokens")
@@ -318,9 +319,7 @@ class ShortcutDetector:
         seconds["extract"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        space = class_centred(feats.pooled, dataset.labels) if cfg.cluster_space == "class_centred" else feats.pooled
-        clustering = cluster_features(space, cfg.n_clusters, cfg.pca_components, cfg.seed)
-        class_following = _class_following_check(clustering.assignments, dataset.labels, cfg)
+        clustering, class_following = _cluster(feats.pooled, dataset.labels, cfg)
         probs = softmax(feats.logits.astype(np.float64))
         scores = score_clusters(probs, dataset.labels, clustering.assignments, dataset.num_classes, cfg.lambdas)
         ranked = sorted(scores, key=lambda s: s.score, reverse=True)
@@ -388,6 +387,7 @@ class ShortcutDetector:
             "cluster_scores": [s.to_dict() for s in scores],
             "score_margin": float(ranked[0].score - ranked[1].score),
             "cluster_class_nmi": class_following["nmi"],
+            "cluster_space_used": class_following["space"],
             "shortcut_cluster_group_purity": (
                 float(dataset.groups[members].mean()) if dataset.groups is not None else None
             ),
@@ -466,23 +466,43 @@ def _positive_check(chosen, count: int, cfg: DetectorConfig) -> list[str]:
     return warnings
 
 
-def _class_following_check(assignments: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> dict:
-    """How much the clusters follow the class labels (normalised mutual information), and a warning
-    when they do: the shortcut cluster mixes classes by its nature, a class is not a shortcut."""
+def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> tuple[Clustering, dict]:
+    """k-means in the configured space, and how much the clusters follow the class labels.
+
+    The shortcut cluster mixes classes by its nature; clusters that follow the classes (normalised
+    mutual information >= CLASS_FOLLOWING_NMI) found the task, not an artefact. `auto` then clusters
+    again without the class means; `pooled` keeps them and warns.
+    """
     from sklearn.metrics import normalized_mutual_info_score
 
-    nmi = float(normalized_mutual_info_score(labels, assignments))
+    def clusters(space: str) -> tuple[Clustering, float]:
+        features = class_centred(pooled, labels) if space == "class_centred" else pooled
+        clustering = cluster_features(features, cfg.n_clusters, cfg.pca_components, cfg.seed)
+        return clustering, float(normalized_mutual_info_score(labels, clustering.assignments))
+
+    space = "class_centred" if cfg.cluster_space == "class_centred" else "pooled"
+    clustering, nmi = clusters(space)
     warnings = []
+    if nmi >= CLASS_FOLLOWING_NMI and cfg.cluster_space == "auto":
+        pooled_nmi = nmi
+        space = "class_centred"
+        clustering, nmi = clusters(space)
+        warnings.append(
+            f"the pooled features' clusters follow the class labels (normalised mutual information {pooled_nmi:.2f}), "
+            f"so their shortcut cluster would be a class: clustered without each class's mean instead (now {nmi:.2f}). "
+            "cluster_space='pooled' keeps the seed's clustering"
+        )
     if nmi >= CLASS_FOLLOWING_NMI:
         warnings.append(
             f"the clusters follow the class labels (normalised mutual information {nmi:.2f}), so the shortcut "
             "cluster is likely a class, not an artefact: the features' strongest direction is the class. "
-            + ("Try cluster_space='class_centred' (--cluster-space class_centred), which clusters what "
-               "remains once each class's mean is removed" if cfg.cluster_space == "pooled" else
+            + ("Try cluster_space='class_centred' (--cluster-space class_centred), which clusters what remains once "
+               "each class's mean is removed" if space == "pooled" else
                "Even without the class means they do; more clusters (n_clusters) may separate an artefact")
         )
-        logger.warning("%s", warnings[-1])
-    return {"nmi": nmi, "warnings": warnings}
+    for warning in warnings:
+        logger.warning("%s", warning)
+    return clustering, {"nmi": nmi, "space": space, "warnings": warnings}
 
 
 # A model whose validation predictions are this likely under chance agreement has not learned the

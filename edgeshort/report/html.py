@@ -332,8 +332,10 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             + (f"cluster {runner['cluster']} ({_num(runner['score'], 4)})." if runner else "the other clusters.")
         ]
         if m.get("cluster_class_nmi") is not None:
+            centred = m.get("cluster_space_used") == "class_centred"
             points.append(f"The clusters share {_num(m['cluster_class_nmi'], 2)} normalised mutual information with "
-                          f"the class labels (from {CLASS_FOLLOWING_NMI} up they follow the classes, not an artefact).")
+                          f"the class labels (from {CLASS_FOLLOWING_NMI} up they follow the classes, not an artefact)"
+                          + ("; they were found without each class's mean." if centred else "."))
         purity = m.get("shortcut_cluster_group_purity")
         if purity is not None:
             points.append(f"{_pct(purity, 1)} of its members carry the artefact (group labels, used only to check "
