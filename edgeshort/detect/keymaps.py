@@ -125,7 +125,7 @@ def _nearest_clean_search(clean_keys: np.ndarray, k: int, seed: int):
 @dataclass
 class PositiveChoice:
     keys: np.ndarray  # (count, d) the KNN's positive keys
-    threshold: float | None  # heat a clean token exceeds with probability 1 - quantile (None: not calibrated)
+    threshold: float  # heat a clean token exceeds with probability 1 - quantile
     candidates: int  # shortcut-cluster tokens above the threshold
 
 
@@ -138,8 +138,9 @@ def calibrated_positives(
     comes in variants (ISIC's patches in several colours) the most distinct fills all `count` and
     the others are never flagged. Here heat is each token's distance to its nearest keys in one half
     of the clean images; the other half gives heat's null distribution, whose `quantile` is the
-    threshold. Every token of the cluster above it is a candidate and `count` are drawn at random, so
-    each variant is represented by its share. None when fewer than two clean images exist.
+    threshold. Every token of the cluster above it is a candidate, and `count` are taken evenly over
+    the candidates' heat ranking, so each variant is represented by its share. None when fewer than
+    two clean images exist.
     """
     clean = np.flatnonzero(assignments != cluster)
     if len(clean) < 2:
