@@ -95,7 +95,8 @@ SETTING_NOTES = {
     "cluster_space": "cluster the pooled features (pooled, the seed's), what remains once each class's mean is "
                      "removed (class_centred), or pooled unless those clusters follow the classes (auto)",
     "lambdas": "weights of homogeneity, exp(-Brier dominant), 1 - exp(-Brier other)",
-    "num_selected": "samples nearest each centre used for heatmaps and the KNN",
+    "num_selected": "samples nearest each centre used for heatmaps and KNN negatives (and positives when "
+                    "positives='hottest')",
     "knn_samples": "KNN positives (None: the seed's 200 at 20 x 196 patches, scaled to this grid)",
     "knn_negatives": "KNN negatives (None: as many as positives, as the seed)",
     "knn_k": "neighbours the KNN votes with",
