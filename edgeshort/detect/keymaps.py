@@ -182,15 +182,12 @@ def knn_training_keys(
     lying nearer the artefact keys than plain skin. `positives` replaces the hottest keys (see
     `calibrated_positives`)."""
     d = keys.shape[-1]
-    pos_keys = keys[selected[shortcut_cluster]].reshape(-1, d)
-    pos_dist = maps[shortcut_cluster].reshape(-1)
+    if positives is None:
+        hottest = np.argsort(maps[shortcut_cluster].reshape(-1), kind="stable")[-count:]
+        positives = keys[selected[shortcut_cluster]].reshape(-1, d)[hottest]
     neg_keys = np.concatenate([keys[s].reshape(-1, d) for c, s in enumerate(selected) if c != shortcut_cluster])
     neg_dist = np.concatenate([m.reshape(-1) for c, m in enumerate(maps) if c != shortcut_cluster])
-    count = min(count, len(pos_dist))
-    negative_count = min(count if negative_count is None else negative_count, len(neg_dist))
-    if positives is None:
-        positives = pos_keys[np.argsort(pos_dist, kind="stable")[-count:]]
-    count = len(positives)
+    negative_count = min(len(positives) if negative_count is None else negative_count, len(neg_dist))
     ranking = np.argsort(neg_dist, kind="stable")
     if negatives == "spread":
         chosen = ranking[np.linspace(0, len(ranking) - 1, negative_count).round().astype(np.int64)]
@@ -199,7 +196,7 @@ def knn_training_keys(
     else:
         raise InputError(f"expected negatives in {NEGATIVE_CHOICES}, got {negatives!r}")
     x = np.concatenate([neg_keys[chosen], positives]).astype(np.float32)
-    y = np.concatenate([np.zeros(negative_count), np.ones(count)]).astype(np.int64)
+    y = np.concatenate([np.zeros(negative_count), np.ones(len(positives))]).astype(np.int64)
     return x, y
 
 
