@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeshort.runtime.backends import open_session
+from edgeshort.errors import InputError
+from edgeshort.runtime.backends import BACKENDS, open_session
 from edgeshort.runtime.bundle import Bundle, load_bundle
 
 logger = logging.getLogger(__name__)
@@ -135,13 +136,18 @@ def bench_bundle(
     progress: bool = True,
 ) -> dict:
     """Every figure for one bundle, as a JSON-able dict."""
+    backends = backends or list(BACKENDS)
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not batches or min(batches) < 1:
+        raise InputError(f"expected backends from {BACKENDS} and batch sizes >= 1, got backends {backends} and "
+                         f"batches {list(batches)}; e.g. --backends onnxruntime,openvino --batch 1,8")
     bundle = load_bundle(bundle_dir)
-    backends = backends or ["onnxruntime", "openvino"]
     rng = np.random.default_rng(0)
     results: dict = {"bundle": str(bundle.root), "model": bundle.manifest["model"], "machine": machine_info(),
                      "settings": {"rounds": rounds, "block": block, "threads": threads, "batches": list(batches)},
                      "size": bundle_size(bundle), "cases": []}
-    clean, flagged = _pick_images(bundle, rng)
+    # The seed-style row's torch batch takes eight.
+    clean, flagged = _pick_images(bundle, rng, max(8, *batches))
     for variant in available_variants(bundle, backends):
         for batch in batches:
             if progress:
@@ -195,7 +201,7 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
     timings = interleaved(cases, rounds, block)
     base = timings["plain"].median_ms
     return {
-        **variant, "batch": batch, "hint": hint,
+        **variant, "batch": len(images_clean), "hint": hint,
         # Share of the "clean" inputs the guard flags anyway (0 when the run's data had clean images).
         "clean_inputs_flagged": clean_present,
         "cold_start_s": cold,
@@ -206,10 +212,11 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
     }
 
 
-def _pick_images(bundle: Bundle, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Eight preprocessed images with no shortcut found, and eight with one, from the run's data.
+def _pick_images(bundle: Bundle, rng, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` preprocessed images with no shortcut found, and `count` with one, from the run's data.
 
-    Falls back to random images (flag state unknown) when the run's images are not reachable.
+    Images repeat when the data holds fewer, so every batch is as large as it says. Falls back to
+    random images (flag state unknown) when the run's images are not reachable.
     """
     h, w = bundle.preprocessing.size
     from edgeshort.data import dataset_from_source
@@ -219,7 +226,7 @@ def _pick_images(bundle: Bundle, rng) -> tuple[np.ndarray, np.ndarray]:
         meta = json.loads((Path(source_run) / "run.json").read_text())
         data = dataset_from_source(meta["data_source"], meta.get("class_names"))
     except (TypeError, OSError, KeyError, ValueError):  # no run folder or no recorded data: random inputs
-        images = rng.standard_normal((8, 3, h, w)).astype(np.float32)
+        images = rng.standard_normal((count, 3, h, w)).astype(np.float32)
         return images, images
     session = open_session(bundle.path("guarded", "onnx"), "onnxruntime")
     clean, flagged = [], []
@@ -227,12 +234,16 @@ def _pick_images(bundle: Bundle, rng) -> tuple[np.ndarray, np.ndarray]:
         present = session.run({"images": batch})["present"]
         clean += list(batch[~present])
         flagged += list(batch[present])
-        if len(clean) >= 8 and len(flagged) >= 8:
+        if len(clean) >= count and len(flagged) >= count:
             break
-    def eight(images: list) -> np.ndarray:
-        return np.stack((images * 8)[:8]) if images else rng.standard_normal((8, 3, h, w)).astype(np.float32)
 
-    return eight(clean), eight(flagged)
+    def exactly_count(images: list) -> np.ndarray:
+        if not images:
+            return rng.standard_normal((count, 3, h, w)).astype(np.float32)
+        repeats = -(-count // len(images))
+        return np.stack((images * repeats)[:count])
+
+    return exactly_count(clean), exactly_count(flagged)
 
 
 def _seed_pipeline_case(bundle, clean, flagged, rounds, block, progress) -> dict | None:

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from edgeshort.bench import bench_bundle, write_outputs
+from edgeshort.errors import InputError
 
 
 def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
-    results = bench_bundle(demo_bundle.root, backends=["onnxruntime", "openvino"], batches=(1, 2), rounds=2,
+    # 12 is more than the eight images it would otherwise pick: each batch must hold what it says.
+    results = bench_bundle(demo_bundle.root, backends=["onnxruntime", "openvino"], batches=(1, 12), rounds=2,
                            block=1, progress=False)
     paths = write_outputs(results, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["machine"]["cpu_count"] and data["size"]["total_bytes"] > 0
     rows = [c for c in data["cases"] if c["backend"] in ("onnxruntime", "openvino")]
     assert {(c["backend"], c["precision"], c["batch"]) for c in rows} >= {
-        ("onnxruntime", "f32", 1), ("onnxruntime", "f32", 2), ("openvino", "f32", 1), ("openvino", "f32", 2)}
+        ("onnxruntime", "f32", 1), ("onnxruntime", "f32", 12), ("openvino", "f32", 1), ("openvino", "f32", 12)}
     for case in rows:
         assert set(case["timings"]) >= {"plain", "guarded", "guarded+original (flagged image)"}
         if case["precision"] != "int8":
@@ -28,3 +32,9 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
     table = paths["markdown"].read_text()
     assert table.startswith("| backend | precision | batch | case |") and "Cold start" in table
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("backends, batches", [(["onnx"], (1,)), (["onnxruntime"], (0, 8)), (["onnxruntime"], ())])
+def test_bench_refuses_unknown_backends_and_empty_batches(demo_bundle, backends, batches):
+    with pytest.raises(InputError, match="expected backends from"):
+        bench_bundle(demo_bundle.root, backends=backends, batches=batches, progress=False)

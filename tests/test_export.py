@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -191,6 +193,9 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
                            calibration=demo_data["val"])
     manifest = bundle.manifest
     assert manifest["openvino"]["weights"] == "fp16"
+    # The FP16 graphs auto picks on Intel are checked against torch, within their own, recorded limits.
+    openvino = manifest["parity"]["backends"]["openvino"]
+    assert manifest["parity"]["openvino_fp16_limits"]["tolerance"] >= openvino["plain"]["logits_max_abs_diff"] > 0
     f32_bin = demo_bundle.manifest["files"]["plain.bin"]["bytes"]
     assert manifest["files"]["plain.bin"]["bytes"] < 0.6 * f32_bin
     int8 = manifest["openvino"]["int8"]
@@ -227,9 +232,22 @@ def test_no_dfr_bundle_acts_on_the_ablated_prediction(demo_result, demo_data, tm
     metrics = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").write_text(json.dumps({**metrics, "dfr_warning": condemned}))
 
-    assert main(["export", str(run), "-o", str(tmp_path / "ablated"), "--formats", "onnx", "--no-dfr", "--quiet"]) == 0
+    # Into a folder that does not exist yet, as a deployment path often is, calibrated on a plain folder
+    # of images (no class folders: parity needs only pixels).
+    out = tmp_path / "deploy" / "ablated"
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i in range(6):
+        Image.fromarray(demo_data["test"].array(i)).save(calibration / f"{i}.png")
+    assert main(["export", str(run), "-o", str(out), "--formats", "onnx", "--no-dfr", "--quiet",
+                 "--data", str(calibration)]) == 0
     assert "final label: ablated prediction (the run's DFR head left out by --no-dfr)" in capsys.readouterr().out
-    bundle = load_bundle(tmp_path / "ablated")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # readable by a service running as another user
+    assert not [p for p in out.parent.iterdir() if p.name != "ablated"]  # no staging folder left behind
+    bundle = load_bundle(out)
+    assert bundle.manifest["parity"]["calibration_size"] == 6
     assert bundle.manifest["guard"]["has_dfr"] is False and bundle.manifest["guard"]["dfr_omitted"] is True
     assert condemned not in bundle.manifest["guard"]["warnings"]  # the advice was taken
     assert "dfr_logits" not in bundle.manifest["graphs"]["guarded"]["outputs"]
@@ -246,3 +264,17 @@ def test_no_dfr_bundle_acts_on_the_ablated_prediction(demo_result, demo_data, tm
                             calibration=demo_data["val"])
     assert shipped.manifest["guard"]["has_dfr"] is True and shipped.manifest["guard"]["dfr_omitted"] is False
     assert condemned in shipped.manifest["guard"]["warnings"]
+
+
+def test_force_replaces_only_a_bundle(demo_result, tmp_path):
+    run_copy = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run_copy)
+    before = sorted(p.name for p in run_copy.iterdir())
+    with pytest.raises(BundleError, match="no manifest.json, so it is not a bundle"):
+        export_bundle(demo_result, run_copy, ExportOptions(progress=False), overwrite=True)
+    with pytest.raises(BundleError, match="exists and is not empty"):
+        export_bundle(demo_result, run_copy, ExportOptions(progress=False))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="is a file"):
+        export_bundle(demo_result, tmp_path / "file", ExportOptions(progress=False))
+    assert sorted(p.name for p in run_copy.iterdir()) == before

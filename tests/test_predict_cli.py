@@ -52,6 +52,7 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
     assert code == 1, "one file failed, so the exit code says so"
     stderr = capsys.readouterr().err
     assert "broken.png" in stderr and "cannot read image" in stderr
+    assert "skipped 1 file in the folders that are not images (.txt 1)" in stderr  # notes.txt, not silently
     records = read_jsonl(out)
     assert len(records) == NUM_IMAGES + 1
     from edgeshort.commands.predict import image_files
@@ -109,6 +110,17 @@ def test_missing_file_and_empty_folder_are_error_records(demo_bundle, image_fold
     assert "missing.png" in captured.err
 
 
+def test_json_out_is_one_array(demo_bundle, image_folder, tmp_path):
+    good = sorted(image_folder.glob("img*.png"))[:2]
+    out = tmp_path / "results.json"
+    code = main(["predict", str(demo_bundle.root), *map(str, good), str(tmp_path / "missing.png"), "--backend",
+                 "onnxruntime", "-o", str(out), "--quiet"])
+    assert code == 1
+    records = json.loads(out.read_text())
+    assert [Path(r["path"]).name for r in records] == [p.name for p in good] + ["missing.png"]
+    assert records[0]["label"] in demo_bundle.class_names and records[2]["error"]
+
+
 def read_jsonl_text(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -119,7 +131,7 @@ def test_unusable_bundle_or_options_exit_2_with_a_message(demo_bundle, image_fol
     assert main(["predict", str(demo_bundle.root), str(image_folder), "--drop-tokens"]) == 2
     assert "add --split" in capsys.readouterr().err
     assert main(["predict", str(demo_bundle.root), str(image_folder), "--out", str(tmp_path / "r.xlsx")]) == 2
-    assert "expected --out to end in .jsonl or .csv" in capsys.readouterr().err
+    assert "expected --out to end in .jsonl, .json or .csv" in capsys.readouterr().err
 
 
 def test_predict_command_runs_without_torch_sklearn_scipy_or_onnx(demo_bundle, image_folder, tmp_path,

@@ -163,6 +163,28 @@ def test_load_records_backend_and_precision(guards, demo_bundle):
     assert auto.info.backend == choose_backend("auto")
 
 
+def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, monkeypatch):
+    from edgeshort.runtime import backends
+
+    monkeypatch.setattr(backends, "is_intel_cpu", lambda: True)
+    assert backends.choose_backend("auto") == "openvino"
+    assert backends.choose_backend("auto", device="CPU") == "openvino"
+    for device in ("cpu", "cuda", "coreml"):
+        assert backends.choose_backend("auto", device=device) == "onnxruntime"
+    # An ONNX-only bundle on an Intel CPU with OpenVINO installed runs on ONNX Runtime.
+    onnx_only = tmp_path / "onnx-only"
+    shutil.copytree(demo_bundle.root, onnx_only)
+    manifest = json.loads((onnx_only / "manifest.json").read_text())
+    for graph in manifest["graphs"].values():
+        graph["files"].pop("openvino")
+    for name in [n for n in manifest["files"] if n.endswith((".xml", ".bin"))]:
+        del manifest["files"][name]
+        (onnx_only / name).unlink()
+    (onnx_only / "manifest.json").write_text(json.dumps(manifest))
+    assert Guard.load(onnx_only).info.backend == "onnxruntime"
+    assert Guard.load(demo_bundle, device="cpu").info.backend == "onnxruntime"
+
+
 def test_openvino_compiles_into_the_cache_dir(demo_bundle, test_images, guards, tmp_path):
     cached = Guard.load(demo_bundle, backend="openvino", cache_dir=tmp_path / "ov-cache")
     assert any((tmp_path / "ov-cache").iterdir()), "OpenVINO wrote no compiled blobs"
@@ -347,6 +369,12 @@ def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards,
     Image.fromarray((ramp * 255).round().astype(np.uint16)).save(low)
     as_8bit = Image.fromarray((ramp * 255).round().astype(np.uint8))
     np.testing.assert_array_equal(guard.predict(low).logits, guard.predict(as_8bit).logits)
+    # Big-endian 16-bit, as some TIFF writers store it: the same rules, not "not grayscale".
+    big_endian = Image.frombytes("I;16B", (64, 64), (ramp * 65535).astype(">u2").tobytes())
+    with pytest.raises(ImageLoadError, match=r"values 0 to 65535; converting it to RGB would clip"):
+        guard.predict(big_endian)
+    low_big_endian = Image.frombytes("I;16B", (64, 64), (ramp * 255).round().astype(">u2").tobytes())
+    np.testing.assert_array_equal(guard.predict(low_big_endian).logits, guard.predict(as_8bit).logits)
 
 
 @pytest.mark.parametrize(

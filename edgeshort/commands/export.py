@@ -10,7 +10,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weights", default="f32", choices=("f32", "fp16"), help="OpenVINO IR weight precision")
     parser.add_argument("--int8", action="store_true", help="also write an INT8 guarded graph (nncf)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| vs torch (default 1e-4)")
-    parser.add_argument("--data", help="calibration images (default: the run's validation images)")
+    parser.add_argument("--data", help="calibration images, labels not needed: a folder of images, an ImageFolder tree "
+                                       "or a CSV listing (default: the run's validation images)")
     parser.add_argument("--no-dfr", action="store_true",
                         help="leave the run's DFR head out: the final label is the ablated prediction")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
@@ -20,14 +21,14 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import json
 
-    from edgeshort.data import load_images
+    from edgeshort.data import load_unlabelled
     from edgeshort.export import ExportOptions, export_bundle
 
     options = ExportOptions(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
         int8=args.int8, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr,
     )
-    calibration = load_images(args.data) if args.data else None
+    calibration = load_unlabelled(args.data) if args.data else None
     bundle = export_bundle(args.run, args.out, options, calibration, overwrite=args.force)
     parity = bundle.manifest["parity"]
     print(f"bundle: {bundle.root}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,11 +26,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("bundle", help="bundle folder written by `edgeshort export`")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "openvino"),
-                        help="inference backend (auto: OpenVINO on Intel CPUs when installed, else ONNX Runtime)")
+                        help="inference backend (auto: OpenVINO on Intel CPUs when installed and the bundle has "
+                             "OpenVINO IR, unless --device is an ONNX Runtime one; else ONNX Runtime)")
     parser.add_argument("--device", help="OpenVINO device (CPU, GPU, AUTO) or ONNX Runtime device (cpu, cuda, coreml)")
     parser.add_argument("--threads", type=int, help="inference threads (default: the backend's choice)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default 8)")
-    parser.add_argument("-o", "--out", help="write records to this .jsonl or .csv file (default: JSONL on stdout)")
+    parser.add_argument("-o", "--out", help="write records to this .jsonl, .json (one array) or .csv file (default: JSONL on stdout)")
     parser.add_argument("--overlays", help="folder for overlay PNGs: image + saliency + flagged patches")
     parser.add_argument("--split", action="store_true", help="run embed -> guard -> encoder_head instead of the fused graph")
     parser.add_argument("--drop-tokens", action="store_true", help="with --split: remove flagged tokens instead of masking")
@@ -37,14 +39,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no summary on stderr")
 
 
-def image_files(inputs: list[str]) -> Iterator[tuple[str, str | None]]:
-    """(path, problem) for every input: files as given, folders searched recursively for images."""
+def image_files(inputs: list[str], skipped: Counter | None = None) -> Iterator[tuple[str, str | None]]:
+    """(path, problem) for every input: files as given, folders searched recursively for images.
+
+    Files in those folders that are not images are counted by suffix in `skipped`, for the summary.
+    """
     from edgeshort.runtime.preprocess import IMAGE_SUFFIXES
 
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            if skipped is not None:
+                skipped.update(p.suffix.lower() or "(no suffix)" for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
             if not found:
                 yield name, (f"expected image files ({', '.join(IMAGE_SUFFIXES)}) under the folder {name!r}, "
                              "found none; check the folder")
@@ -56,19 +64,21 @@ def image_files(inputs: list[str]) -> Iterator[tuple[str, str | None]]:
 
 
 class RecordWriter:
-    """JSONL or CSV records, to a file or stdout; CSV has one logit column per class and output."""
+    """JSONL, a JSON array (.json) or CSV records, to a file or stdout; CSV has one logit column per class and output."""
 
     def __init__(self, out: str | None, class_names: tuple[str, ...]) -> None:
         self.path = Path(out) if out else None
-        self.csv = self.path is not None and self.path.suffix.lower() == ".csv"
-        if self.path is not None and self.path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        suffix = self.path.suffix.lower() if self.path is not None else ".jsonl"
+        if suffix not in (".csv", ".jsonl", ".json"):
             from edgeshort.errors import InputError
 
-            raise InputError(f"expected --out to end in .jsonl or .csv, got {out!r}; rename it")
+            raise InputError(f"expected --out to end in .jsonl, .json or .csv, got {out!r}; rename it")
+        self.csv, self.array = suffix == ".csv", suffix == ".json"
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "w", newline="") if self.path else sys.stdout
         self._writer = None
+        self._written = 0
         if self.csv:
             logit_columns = [f"{kind}_{name}" for kind in ("logit", "ablated_logit", "dfr_logit") for name in class_names]
             columns = [f for f in RECORD_FIELDS if not f.endswith("logits")] + logit_columns
@@ -77,16 +87,22 @@ class RecordWriter:
         self.class_names = class_names
 
     def write(self, record: dict) -> None:
-        if self._writer is None:
+        if self.array:
+            # Streamed element by element, so a long run holds no records in memory.
+            self._fh.write(("[\n" if self._written == 0 else ",\n") + json.dumps(record))
+        elif self._writer is None:
             self._fh.write(json.dumps(record) + "\n")
-            return
-        row = {k: v for k, v in record.items() if not k.endswith("logits")}
-        for kind, key in (("logit", "logits"), ("ablated_logit", "ablated_logits"), ("dfr_logit", "dfr_logits")):
-            for name, value in zip(self.class_names, record.get(key) or []):
-                row[f"{kind}_{name}"] = value
-        self._writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        else:
+            row = {k: v for k, v in record.items() if not k.endswith("logits")}
+            for kind, key in (("logit", "logits"), ("ablated_logit", "ablated_logits"), ("dfr_logit", "dfr_logits")):
+                for name, value in zip(self.class_names, record.get(key) or []):
+                    row[f"{kind}_{name}"] = value
+            self._writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        self._written += 1
 
     def close(self) -> None:
+        if self.array:
+            self._fh.write("\n]\n" if self._written else "[]\n")
         if self.path is not None:
             self._fh.close()
         else:
@@ -185,8 +201,9 @@ def run(args) -> int:
         pending.clear()
 
     pending: list = []
+    skipped: Counter = Counter()
     try:
-        for entry in image_files(args.images):
+        for entry in image_files(args.images, skipped):
             pending.append(entry)
             if len(pending) >= args.batch_size:
                 flush(pending)
@@ -197,4 +214,9 @@ def run(args) -> int:
         where = f" -> {args.out}" if args.out else ""
         print(f"{counts['images']} images predicted, {counts['shortcut_present']} with a shortcut, "
               f"{counts['failed']} failed{where} ({guard.info.backend}, {guard.info.precision})", file=sys.stderr)
+        if skipped:
+            kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(skipped.items()))
+            total = sum(skipped.values())
+            print(f"skipped {total} file{'s' if total != 1 else ''} in the folders that are not images ({kinds}); "
+                  "pass a file by name to try it anyway", file=sys.stderr)
     return 1 if counts["failed"] else 0

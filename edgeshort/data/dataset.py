@@ -268,6 +268,18 @@ def load_images(
     return ImageFolder(path, class_names)
 
 
+def load_unlabelled(path: str | Path) -> ImageDataset:
+    """Images whose labels do not matter (export calibration): any form `load_images` reads, labels
+    ignored, or a plain folder of image files."""
+    path = Path(path)
+    if path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(path)!r}; check the folder")
+        return ImageDataset(files, [0] * len(files), ("unlabelled",), name=path.name)
+    return load_images(path)
+
+
 def merge_classes(
     dataset: ImageDataset, class_map: Mapping[str, str], class_names: Sequence[str] | None = None
 ) -> ImageDataset:

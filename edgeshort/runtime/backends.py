@@ -12,6 +12,7 @@ import logging
 import platform
 import queue
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +33,8 @@ ORT_DEVICE_PROVIDERS = {
     "coreml": ["CoreMLExecutionProvider", "CPUExecutionProvider"],
     "directml": ["DmlExecutionProvider", "CPUExecutionProvider"],
 }
+# Device names only ONNX Runtime has (OpenVINO's own are upper case: "CPU", "GPU", "NPU", "AUTO").
+ORT_ONLY_DEVICES = ("cuda", "coreml", "directml")
 # OpenVINO reports its inference precision as an element type; the names users pass are shorter.
 _OV_PRECISION_NAMES = {"f32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "bf16", "f16": "f16",
                        "float16": "f16"}
@@ -185,12 +188,17 @@ def is_intel_cpu() -> bool:
     return "intel" in name.lower()
 
 
-def choose_backend(backend: str) -> str:
-    """`auto`: OpenVINO on an Intel CPU when installed, else ONNX Runtime."""
+def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), device: str | None = None) -> str:
+    """`auto`: OpenVINO on an Intel CPU when it is installed and the bundle has OpenVINO IR (`formats`),
+    unless `device` names an ONNX Runtime device ("cpu", "cuda", "coreml", ...); else ONNX Runtime."""
     if backend not in ("auto", *BACKENDS):
         raise InputError(f"expected backend in {('auto', *BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
+    if "openvino" not in formats:
+        return "onnxruntime"
+    if device is not None and (device in ORT_DEVICE_PROVIDERS or device.lower() in ORT_ONLY_DEVICES):
+        return "onnxruntime"
     if is_intel_cpu():
         try:
             importlib.import_module("openvino")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     """Read and verify a bundle; raise `BundleError` naming the problem and the fix."""
     root = Path(root)
     path = root / MANIFEST
+    if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
+        raise BundleError(
+            f"{str(root)!r} is not readable by this user; give it read access (e.g. chmod -R a+rX on the folder)"
+        )
     if not path.is_file():
         raise BundleError(
             f"{str(root)!r} is not an edgeshort bundle (no {MANIFEST}); create one with `edgeshort export`"

@@ -171,7 +171,8 @@ class Guard:
     ) -> Guard:
         """Verify a bundle (format version, sha256 of every file), compile its fused graphs and warm them up.
 
-        `backend="auto"` runs OpenVINO on an Intel CPU when it is installed, else ONNX Runtime.
+        `backend="auto"` runs OpenVINO on an Intel CPU when it is installed and the bundle has OpenVINO IR,
+        unless `device` is an ONNX Runtime one; else ONNX Runtime.
         `device` is an OpenVINO device ("CPU", "GPU", "AUTO", ...) or, for ONNX Runtime, "cpu",
         "cuda" or "coreml"; `providers` sets ONNX Runtime's providers list directly. OpenVINO runs
         f32 unless `precision="bf16"`. Images over `max_pixels` are refused before decoding.
@@ -185,9 +186,9 @@ class Guard:
             raise InputError(f"expected max_pixels to be a positive integer, got {max_pixels!r}")
         if providers is not None and backend == "auto":
             backend = "onnxruntime"  # providers are ONNX Runtime's
-        chosen = choose_backend(backend)
         # A `Bundle` object is verified again: its files may have changed since it was loaded.
         loaded = load_bundle(bundle.root if isinstance(bundle, Bundle) else bundle)
+        chosen = choose_backend(backend, list(loaded.formats("guarded")), device)
         fmt = "onnx" if chosen == "onnxruntime" else "openvino"
         options = {"backend": chosen, "device": device, "threads": threads, "precision": precision,
                    "providers": list(providers) if providers else None, "cache_dir": cache_dir, "fmt": fmt}

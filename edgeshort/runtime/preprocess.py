@@ -184,6 +184,8 @@ def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
     exactly what the usual torchvision pipeline `Image.open(p).convert("RGB")` does."""
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I;16") and img.mode != "I;16":
+        img = img.convert("I")  # the byte-order variants of 16-bit TIFFs; Pillow reads their range only as "I"
     if img.mode in ("I", "I;16", "F"):
         _check_8bit_range(img, source)
     if img.mode in ("L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "F", "1"):
