@@ -21,7 +21,8 @@ def test_demo_runs_the_whole_chain(demo_vit, tmp_path, capsys):
     assert metrics["shortcut_cluster_group_purity"] >= 0.9 and metrics["patch_recall"] >= 0.8
     assert metrics["wga_ablated"] > metrics["wga_original"]
     assert "worst group" in printed and f"{metrics['wga_ablated']:.3f}" in printed
-    assert f"KNN positives spread over {metrics['knn_positive_candidates']:,} tokens hotter than 99.9%" in printed
+    assert (f"positives are spread over the {metrics['knn_positive_candidates']:,} shortcut-cluster tokens hotter "
+            "than 99.9%") in printed
     assert f"clusters vs classes: normalised mutual information {metrics['cluster_class_nmi']:.2f}" in printed
     assert json.loads((out / "bundle" / "manifest.json").read_text())["guard"]["has_dfr"]
 

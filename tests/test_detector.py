@@ -65,6 +65,27 @@ def test_run_folder_holds_everything_and_reloads(demo_result, demo_data):
     np.testing.assert_allclose(a.dfr_logits, b.dfr_logits, atol=1e-5)
 
 
+def test_fitting_again_into_a_run_folder_leaves_nothing_of_the_earlier_run(demo_result, demo_data, demo_vit,
+                                                                           tmp_path):
+    import shutil
+
+    from edgeshort.demo import DEMO_DETECTOR
+    from edgeshort.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    assert (run / "dfr_head.npz").is_file() and (run / "test_predictions.npz").is_file()
+    # A second run, without DFR and not evaluated yet, into the same folder (features reused from its cache).
+    ShortcutDetector(replace(DEMO_DETECTOR, progress=False, dfr="none", n_clusters=3)).fit(
+        demo_vit, demo_data["val"], run_dir=run)
+    for stale in ("dfr_head.npz", "test_predictions.npz", "results.csv"):
+        assert not (run / stale).exists(), stale
+    assert sorted(p.name for p in (run / "heatmaps").iterdir()) == ["cluster_0", "cluster_1", "cluster_2"]
+    assert ShortcutDetector.load(run).dfr_head is None
+    html = write_report(run).read_text()
+    assert "Overall test accuracy" not in html  # the earlier run's test figures are not this run's
+
+
 def test_a_run_saved_before_newer_settings_reloads_with_the_rules_it_was_fitted_with(demo_result, demo_data,
                                                                                        tmp_path):
     import shutil

@@ -138,3 +138,14 @@ def test_calibrated_positives_report_a_cluster_without_artefact_tokens():
     lone = np.zeros(240, np.int64)
     lone[0] = 1  # one image outside the cluster: no null distribution to calibrate against
     assert calibrated_positives(keys, 1 - lone, cluster=1, count=60, quantile=0.999, k=5, seed=0) is None
+
+
+def test_positives_are_described_as_drawn():
+    from edgeshort.detect.keymaps import describe_positives
+
+    assert describe_positives(5293, 204, 0.999, 0.2411) == (
+        "The KNN's positives are spread over the 5,293 shortcut-cluster tokens hotter than 99.9% of held-out clean "
+        "tokens (heat 0.241).")
+    # Too few tokens pass: the sentence must not claim the positives were spread over them.
+    short = describe_positives(0, 163, 0.999, 0.5)
+    assert short.startswith("Only 0 shortcut-cluster tokens are hotter") and "the hottest tokens" in short

@@ -197,6 +197,29 @@ def test_report_advises_leaving_out_a_dfr_head_the_test_set_condemns(demo_report
     assert "DFR head lowers" not in section(demo_report.read_text(), "verdict")  # the demo's head is kept
 
 
+def test_verdict_calls_a_loss_only_beyond_noise_and_names_the_clustering_space(demo_result, demo_data, tmp_path):
+    import json
+    import shutil
+
+    from edgeshort.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["cluster_space_used"] = "class_centred"
+    metrics["wga_dfr"] = metrics["wga_original"] - 0.05
+    dfr_step = next(c for c in metrics["group_accuracy_intervals"]["changes"] if c["to"] == "dfr")
+    dfr_step["worst_interval"] = [-0.2, 0.05]  # lower, but within test-set noise
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    verdict = section(write_report(run, tmp_path / "noise.html").read_text(), "verdict")
+    assert "The guard lowers it" not in verdict
+    assert "less their class's mean" in verdict and "pooled last-block features of" not in verdict
+    dfr_step["worst_interval"] = [-0.2, -0.05]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    verdict = section(write_report(run, tmp_path / "loss.html").read_text(), "verdict")
+    assert "The guard lowers it beyond test-set noise (ablated + DFR vs ablated)" in verdict
+
+
 def test_demo_report_loads_in_a_headless_browser(demo_report, tmp_path):
     done = run_chromium(demo_report, tmp_path, "--dump-dom")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -257,6 +280,7 @@ def test_report_without_test_groups_or_masks_explains_each_gap(plain_run, demo_d
     # Not evaluated: the flags and groups sections say so and how to evaluate.
     page = assert_complete(write_report(plain_run, tmp_path / "before.html"))
     assert "not evaluated" in section(page, "flags") and "--eval" in section(page, "flags")
+    assert "artefact masks" not in section(page, "flags")  # no test set at all, not one without masks
     assert "not evaluated" in section(page, "groups")
     assert "Shortcut cluster:" in section(page, "verdict")
     assert "<th>sample</th>" in section(page, "clusters")
@@ -265,7 +289,7 @@ def test_report_without_test_groups_or_masks_explains_each_gap(plain_run, demo_d
     plain_run.evaluate(test)
     page = assert_complete(write_report(plain_run.run_dir, tmp_path / "after.html", test_dataset=test))
     flags, groups = section(page, "flags"), section(page, "groups")
-    assert "no artefact masks" in flags and "<figure>" in flags
+    assert "no artefact masks" in flags and "<figure>" in flags and "<code>mask</code> column" in flags
     assert "no group labels" in flags  # rows split by the guard's own finding instead
     assert "Test accuracy (no artefact labels, so no worst group): original " in section(page, "verdict")
     # No artefact groups to measure, so the table groups by the guard's own flag, and says so.

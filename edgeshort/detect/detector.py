@@ -22,6 +22,7 @@ from edgeshort.detect.keymaps import (
     calibrated_positives,
     class_centred,
     cluster_features,
+    describe_positives,
     key_distance_maps,
     knn_training_keys,
     mean_keys_outside,
@@ -268,8 +269,8 @@ class DetectionResult:
                          f"(from {CLASS_FOLLOWING_NMI} they follow the classes; clustered "
                          f"{m.get('cluster_space_used', 'pooled').replace('_', '-')})")
         if m.get("knn_positive_candidates") is not None:
-            lines.append(f"  KNN positives spread over {m['knn_positive_candidates']:,} tokens hotter than "
-                         f"{self.config.positive_quantile:.1%} of clean tokens")
+            lines.append("  " + describe_positives(m["knn_positive_candidates"], m.get("knn_positives"),
+                                                   self.config.positive_quantile, m["knn_positive_threshold"]))
         lines += [f"WARNING: {w}" for w in m.get("warnings") or []]
         return "\n".join(lines)
 
@@ -394,6 +395,7 @@ class ShortcutDetector:
             "val_shortcut_present_rate": float(present.mean()),
             **accuracy,
             "knn_reference_size": int(len(x)),
+            "knn_positives": int(count),
             "knn_positive_threshold": None if chosen is None else chosen.threshold,
             "knn_positive_candidates": None if chosen is None else chosen.candidates,
             **dict.fromkeys(NULLABLE_TEST_METRICS),
@@ -404,9 +406,10 @@ class ShortcutDetector:
         }
         if run_dir is not None:
             t = time.perf_counter()
-            result.save(run_dir)
             from edgeshort.detect import run_io
 
+            run_io.clear_earlier_run(run_dir)
+            result.save(run_dir)
             run_io.write_pictures(result, dataset, run_dir)
             result.metrics["seconds"]["pictures"] = round(time.perf_counter() - t, 3)
             result._write_metrics(run_dir, result.metrics)

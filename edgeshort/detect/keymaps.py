@@ -221,3 +221,12 @@ class KeyKNN:
         """(B, N_patches, d) keys -> (B, N_patches) bool raw flags."""
         b, n, d = keys.shape
         return self.classifier.predict(keys.reshape(-1, d).astype(np.float32)).reshape(b, n).astype(bool)
+
+
+def describe_positives(candidates: int, positives: int | None, quantile: float, threshold: float) -> str:
+    """How the calibrated KNN positives were drawn, in one sentence (run summary and report)."""
+    hotter = f"hotter than {quantile:.1%} of held-out clean tokens (heat {threshold:.3f})"
+    if positives is None or candidates >= positives:
+        return f"The KNN's positives are spread over the {candidates:,} shortcut-cluster tokens {hotter}."
+    return (f"Only {candidates:,} shortcut-cluster tokens are {hotter}, fewer than the {positives:,} KNN positives; "
+            "the hottest tokens of the cluster's selected samples fill the rest.")

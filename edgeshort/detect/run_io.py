@@ -7,6 +7,7 @@ as `model.pt` (an edgeshort checkpoint for the tiny ViT, the whole module otherw
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,22 @@ from edgeshort.detect.scoring import ClusterScore
 from edgeshort.errors import InputError
 
 RUN_FORMAT = 1
+
+
+# What a fit writes besides the files every save rewrites: an earlier run's copies in the same folder
+# would otherwise be read back as this run's (its test predictions, pictures, report). The feature
+# cache stays: it is stamped with the model and images it came from.
+EARLIER_RUN_FILES = ("dfr_head.npz", "test_predictions.npz", "results.csv", "heatmaps", "patch_grids", "report.html",
+                     "report_files")
+
+
+def clear_earlier_run(run_dir: Path) -> None:
+    for name in EARLIER_RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def save_result(result, run_dir: Path) -> Path:
@@ -62,6 +79,8 @@ def save_result(result, run_dir: Path) -> Path:
                         k=np.int64(result.knn.k), clean_keys=result.clean_keys)
     if result.dfr_head is not None:
         np.savez_compressed(run_dir / "dfr_head.npz", weight=result.dfr_head.weight, bias=result.dfr_head.bias)
+    else:
+        (run_dir / "dfr_head.npz").unlink(missing_ok=True)
     return run_dir
 
 
@@ -97,7 +116,7 @@ def load_result(run_dir: Path, model=None):
         knn = KeyKNN(z["reference"], z["labels"], int(z["k"]))
         clean_keys = z["clean_keys"]
     dfr_head = None
-    if (run_dir / "dfr_head.npz").is_file():
+    if meta.get("dfr") is not None and (run_dir / "dfr_head.npz").is_file():
         with np.load(run_dir / "dfr_head.npz") as z:
             dfr_head = LinearHead(z["weight"], z["bias"], meta.get("dfr") or {})
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}

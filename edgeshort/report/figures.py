@@ -19,9 +19,10 @@ from edgeshort.errors import InputError
 logger = logging.getLogger(__name__)
 
 # Colour-blind-safe (Okabe-Ito) colours, cycled when there are more clusters or classes; classes
-# start elsewhere in the cycle so "cluster 0" and "class 0" never share a colour.
+# take the colours after the clusters' so no class looks like a cluster (up to eight together).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
-CLASS_OFFSET = 2
+# What the clusters were found in (metrics.json `cluster_space_used`), for titles and captions.
+CLUSTER_SPACE_TITLES = {"pooled": "Pooled features", "class_centred": "Pooled features minus their class's mean"}
 KIND_LABELS = {"original": "original", "ablated": "ablated", "dfr": "ablated + DFR"}
 KIND_COLOURS = {"original": "#999999", "ablated": "#56B4E9", "dfr": "#0072B2"}
 
@@ -43,8 +44,12 @@ def cluster_scatter(
     path: str | Path,
     centroids: np.ndarray | None = None,
     dpi: int = 150,
+    space: str = "pooled",
 ) -> Path:
-    """Two panels of the PCA projection (first two components): coloured by cluster, and by class."""
+    """Two panels of the PCA projection (first two components): coloured by cluster, and by class.
+
+    `space` names what was projected: "pooled" features, or "class_centred" ones.
+    """
     projection = np.asarray(projection, dtype=np.float64)
     assignments = np.asarray(assignments).astype(int)
     labels = np.asarray(labels).astype(int)
@@ -61,7 +66,7 @@ def cluster_scatter(
     xy = projection[order, :2]
     for ax, values, names, title, offset in (
         (axes[0], assignments[order], None, "by cluster", 0),
-        (axes[1], labels[order], list(class_names), "by class", CLASS_OFFSET),
+        (axes[1], labels[order], list(class_names), "by class", int(assignments.max()) + 1),
     ):
         for v in np.unique(values):
             sel = values == v
@@ -80,7 +85,7 @@ def cluster_scatter(
         axes[0].scatter(c[:, 0], c[:, 1], marker="X", s=110, color="white", edgecolors="black", linewidths=1.2,
                         zorder=5, label="_centres")
     axes[0].set_ylabel("PC 2")
-    fig.suptitle("Pooled features of the validation set (PCA)", fontsize=11)
+    fig.suptitle(f"{CLUSTER_SPACE_TITLES.get(space, space)} of the validation set (PCA)", fontsize=11)
     fig.tight_layout()
     return _save(fig, plt, path, dpi)
 

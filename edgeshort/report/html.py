@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, SETTING_NOTES, SETTINGS_OF_EARLIER_RUNS
+from edgeshort.detect.keymaps import describe_positives
 from edgeshort.errors import InputError
 from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, describe_change
 from edgeshort.report.draw import (
@@ -191,6 +192,8 @@ def load_run(run_dir: str | Path) -> RunData:
     if (run_dir / "test_predictions.npz").is_file():
         with np.load(run_dir / "test_predictions.npz") as z:
             predictions = {name: z[name] for name in z.files}
+        if metrics.get("test_size") != len(predictions["labels"]):
+            predictions = None  # left by another evaluation than the one metrics.json describes
     spray, problem = None, None
     spray_path = run_dir / "spray" / "report.json"
     if spray_path.is_file():
@@ -342,10 +345,8 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           "the detector)." + (' <span class="no">Most of them do not: this cluster is not the '
                                               "artefact group.</span>" if purity < 0.5 else ""))
         if m.get("knn_positive_candidates") is not None:
-            quantile = run.config.get("positive_quantile")
-            points.append(f"The KNN's positives are spread over the {m['knn_positive_candidates']:,} shortcut-cluster "
-                          f"tokens hotter than {_pct(quantile, 1)} of held-out clean tokens (heat "
-                          f"{_num(m['knn_positive_threshold'])}).")
+            points.append(_e(describe_positives(m["knn_positive_candidates"], m.get("knn_positives"),
+                                                run.config.get("positive_quantile"), m["knn_positive_threshold"])))
         if m.get("val_shortcut_present_rate") is not None:
             points.append(f"The key-KNN guard finds a shortcut in {_pct(m['val_shortcut_present_rate'], 1)} of the "
                           "validation images.")
@@ -354,11 +355,17 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             if m.get("wga_dfr") is not None:
                 chain.append(f"ablated + DFR {_num(m['wga_dfr'])}")
             avg = [_num(m.get(f"aga_{k}")) for k in ("original", "ablated", "dfr") if m.get(f"aga_{k}") is not None]
-            worse = [k for k in ("ablated", "dfr") if m.get(f"wga_{k}") is not None and m[f"wga_{k}"] < m["wga_original"]]
+            steps = (m.get("group_accuracy_intervals") or {}).get("changes")
+            if steps:  # a loss is a step whose paired interval lies wholly below zero, not any lower figure
+                losses = [f"{KIND_TITLES[c['to']]} vs {KIND_TITLES[c['from']]}" for c in steps
+                          if c["worst_interval"][1] < 0]
+            else:
+                losses = [KIND_TITLES[k] for k in ("ablated", "dfr")
+                          if m.get(f"wga_{k}") is not None and m[f"wga_{k}"] < m["wga_original"]]
             points.append(f"Worst-group accuracy on the test set: {' &rarr; '.join(chain)} "
                           f"(average {' &rarr; '.join(avg)})."
-                          + (f' <span class="no">The guard lowers it ({", ".join(KIND_TITLES[k] for k in worse)}).'
-                             "</span>" if worse else ""))
+                          + (f' <span class="no">The guard lowers it{" beyond test-set noise" if steps else ""} '
+                             f'({", ".join(losses)}).</span>' if losses else ""))
         elif m.get("accuracy_original") is not None:
             chain = [f"{KIND_TITLES[k]} {_num(m[f'accuracy_{k}'])}" for k in ("original", "ablated", "dfr")
                      if m.get(f"accuracy_{k}") is not None]
@@ -409,11 +416,15 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
     if {"projection", "assignments", "labels"} <= set(a):
         from edgeshort.report.figures import cluster_scatter
 
+        space = m.get("cluster_space_used") or "pooled"
+
         path = cluster_scatter(a["projection"], a["assignments"], a["labels"], run.class_names or
                                [str(c) for c in range(int(a["labels"].max()) + 1)], shortcut,
-                               figures / "cluster_scatter.png", a.get("centroids"))
+                               figures / "cluster_scatter.png", a.get("centroids"), space=space)
+        what = ("pooled last-block features, less their class's mean," if space == "class_centred"
+                else "pooled last-block features")
         parts.append(_figure(assets.figure(path), "cluster scatter",
-                             "PCA projection of the pooled last-block features of the validation set (the two first "
+                             f"PCA projection of the {what} of the validation set (the two first "
                              "components), coloured by k-means cluster (crosses: centres) and by class. "
                              f"<code>{_e(path.name)}</code> is written beside this page.", width=960))
     return _section("verdict", "Verdict", "".join(parts))
@@ -557,18 +568,19 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
         "the saliency (key distance to the clean clusters' mean key) and an outline "
         '(<span class="legend-swatch"></span>) around every flagged patch.</p>'
     ]
+    pred = run.predictions
     # Flag quality needs artefact masks; say so either way, it is the guard's own measurement.
     if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
         parts.append(f"<p>Against the true artefact patches of the test set: precision "
                      f"<strong>{_num(m.get('patch_precision'))}</strong>, recall "
                      f"<strong>{_num(m.get('patch_recall'))}</strong> (dilated flags).</p>")
-    else:
+    elif pred is not None:
         parts.append(_empty(
             "No flag precision or recall: the test set has no artefact masks (truth masks).",
-            "Masks come with the synthetic data (<code>edgeshort demo</code>); for your own data pass an "
-            "<code>ImageDataset</code> with <code>masks=</code> (one boolean (H, W) mask per image) to "
+            "Masks come with the synthetic data (<code>edgeshort demo</code>); for your own data add a "
+            "<code>mask</code> column to the CSV listing (a binary image of the artefact's pixels per row, empty "
+            "for none), or pass an <code>ImageDataset</code> with <code>masks=</code> to "
             "<code>result.evaluate()</code>."))
-    pred = run.predictions
     if pred is None:
         parts.append(_empty(
             "No test predictions: the run was not evaluated on a test set.",
@@ -646,14 +658,15 @@ def _groups(run: RunData, assets: Assets, figures: Path) -> str:
     if tables:
         return _section("groups", "Per-group accuracy",
                         intro + _group_table(tables, assets, figures / "group_accuracy.png", "group-accuracy"))
-    if "test_size" not in m and run.predictions is None:
+    if m.get("test_size") is None and run.predictions is None:
         why = "The run was not evaluated on a test set."
     else:
         why = ("The test set has no group labels (which images carry the artefact), so accuracy per artefact group "
                "cannot be measured.")
-    how = ("Evaluate on a test set with group labels: the seed layout <code>ROOT/test_w_patches/</code> + "
-           "<code>ROOT/test_wo_patches/</code> (<code>edgeshort report RUN --eval ROOT/test</code>), or an "
-           "<code>ImageDataset</code> with <code>groups=</code> passed to <code>result.evaluate()</code>.")
+    how = ("Evaluate on a test set with group labels: a CSV listing with a <code>group</code> column (1 = the image "
+           "carries the artefact; <code>edgeshort report RUN --eval test.csv</code>), the seed layout "
+           "<code>ROOT/test_w_patches/</code> + <code>ROOT/test_wo_patches/</code> (<code>--eval ROOT/test</code>), "
+           "or an <code>ImageDataset</code> with <code>groups=</code> passed to <code>result.evaluate()</code>.")
     flag_tables = m.get("flag_group_accuracy")
     if flag_tables:
         body = ("<p>Instead, the test images are grouped by the guard's own flag (a shortcut found or not). The "
