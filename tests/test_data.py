@@ -139,3 +139,47 @@ def test_bad_input_is_named(tmp_path):
         ImageDataset.from_arrays(np.zeros((3, 8, 8, 3), np.uint8), [0, 1], ["a", "b"])
     with pytest.raises(InputError, match=r"expected labels in \[0, 1\]"):
         ImageDataset.from_arrays(np.zeros((2, 8, 8, 3), np.uint8), [0, 2], ["a", "b"])
+
+
+def test_recorded_folder_sources_reload_from_another_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from edgeshort.data import dataset_from_source
+
+    data = generate(SyntheticConfig().with_sizes(4, 12, 8))
+    write_seed_layout({"test": data["test"]}, tmp_path / "run-a" / "data")
+    # Elsewhere, the same relative path holds other images: a relative source would load those.
+    write_seed_layout({"test": data["val"]}, tmp_path / "run-b" / "data")
+    monkeypatch.chdir(tmp_path / "run-a")
+    datasets = [load_images("data/test_w_patches", ["malignant", "benign"]), load_images("data/test")]
+    monkeypatch.chdir(tmp_path / "run-b")
+    for dataset in datasets:
+        assert Path(dataset.source.rpartition(":")[2]).is_absolute()
+        again = dataset_from_source(dataset.source, dataset.class_names)
+        assert len(again) == len(dataset) and np.array_equal(again.labels, dataset.labels)
+        assert all(np.array_equal(again.array(i), dataset.array(i)) for i in range(len(dataset)))
+
+
+def test_folders_name_what_they_skip_and_refuse_empty_classes(tmp_path, caplog):
+    from PIL import Image
+
+    for cls in ("benign", "malignant"):
+        (tmp_path / cls / "more").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "more" / "a.png")
+    (tmp_path / "benign" / "b.dcm").write_bytes(b"DICM")
+    (tmp_path / "benign" / "notes.txt").write_text("scanned 2021")
+    (tmp_path / "benign" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "benign" / "._a.png").write_bytes(b"\0")  # macOS's copy metadata, not an image
+    with caplog.at_level("WARNING", logger="edgeshort.data.dataset"):
+        data = load_images(tmp_path)
+    assert [p.name for p in data.sources] == ["a.png", "a.png"] and data.labels.tolist() == [0, 1]
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "skipped 2 file(s)" in message and "1 .dcm, 1 .txt" in message and str(tmp_path) in message
+
+    (tmp_path / "nevus").mkdir()  # a class without images would silently drop out of the evaluation
+    with pytest.raises(InputError, match=r"no images .* in the class folder '.*nevus'; add its images, or remove"):
+        load_images(tmp_path)
+    (tmp_path / "nevus" / "c.heic").write_bytes(b"\0")
+    with pytest.raises(InputError, match=r"class folder '.*nevus' \(1 other files, e.g. 'c.heic'\)"):
+        load_images(tmp_path, ["benign", "malignant", "nevus"])

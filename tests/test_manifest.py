@@ -134,6 +134,28 @@ def test_other_column_names_are_given_by_role(tmp_path):
         assert load_manifest(listing).labels.tolist() == [0, 1]
 
 
+def test_integer_labels_are_output_indices_the_class_names_name(tmp_path):
+    for name in ("ISIC_0015719", "ISIC_0052212", "ISIC_0068279"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.jpg")
+    # ISIC 2020's ground truth, as downloaded: image ids without a suffix, 0/1 targets.
+    gt = tmp_path / "ISIC_2020_Training_GroundTruth.csv"
+    gt.write_text(
+        "image_name,patient_id,sex,age_approx,anatom_site_general_challenge,diagnosis,benign_malignant,target\n"
+        "ISIC_0015719,IP_3075186,female,45.0,upper extremity,unknown,benign,0\n"
+        "ISIC_0052212,IP_2842074,female,50.0,lower extremity,nevus,benign,0\n"
+        "ISIC_0068279,IP_6890425,female,45.0,head/neck,melanoma,malignant,1\n"
+    )
+    data = load_manifest(gt)
+    assert data.class_names == ("0", "1") and data.labels.tolist() == [0, 0, 1]
+    assert [p.name for p in data.sources] == ["ISIC_0015719.jpg", "ISIC_0052212.jpg", "ISIC_0068279.jpg"]
+    named = load_images(gt, ["benign", "malignant"])  # --classes benign,malignant
+    assert named.class_names == ("benign", "malignant") and named.labels.tolist() == [0, 0, 1]
+    assert dataset_from_source(named.source, named.class_names).labels.tolist() == [0, 0, 1]
+    assert load_images(gt, ["malignant", "benign"]).labels.tolist() == [0, 0, 1]  # indices, not names
+    with pytest.raises(InputError, match=r"rows \[4\] have integer labels beyond the 1 classes \['benign'\].*row 4: 1"):
+        load_images(gt, ["benign"])
+
+
 def test_bad_listings_are_named(tmp_path):
     for name, color in (("a.png", (10, 20, 30)), ("b.png", (30, 20, 10))):
         Image.new("RGB", (16, 16), color).save(tmp_path / name)
@@ -161,6 +183,13 @@ def test_bad_listings_are_named(tmp_path):
         load_images(listing("path,label,group\na.png,x,1\nb.png,y,maybe\n"))
     with pytest.raises(InputError, match=r"row 2: mask 'm.png' does not exist"):
         load_images(listing("path,label,mask\na.png,x,m.png\nb.png,y,\n"))
+    # csv gives None for a short row's fields and files a long row's extras under None.
+    with pytest.raises(InputError, match=r"rows \[3\] have fewer fields .* row 3 has no value for 'label'"):
+        load_images(listing("path,label\na.png,x\nb.png\n"))
+    with pytest.raises(InputError, match=r"rows \[2\] have fewer fields .* row 2 has no value for 'group', 'mask'"):
+        load_images(listing("path,label,group,mask\na.png,x\nb.png,y,0,\n"))
+    with pytest.raises(InputError, match=r"rows \[3\] have more fields .* row 3 ends with \['y'\]; quote values"):
+        load_images(listing("path,label\na.png,x\nb.png,x,y\n"))
     with pytest.raises(InputError, match=r"expected a column 'dx' for the label"):
         load_manifest(listing("path,label\na.png,x\n"), columns={"label": "dx"})
     with pytest.raises(InputError, match=r"column roles among .*got \['lable'\]"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from edgeshort.runtime.preprocess import (
     map_images,
     preprocess_image,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset:
@@ -149,6 +153,29 @@ def _class_folders(root: Path) -> list[Path]:
     return folders
 
 
+def _image_files(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """Image files in `folder` (by suffix, as torchvision's ImageFolder) and the other files.
+
+    Hidden files and folders (.DS_Store, macOS's ._ copies, .ipynb_checkpoints) are in neither: they
+    are not the data, and ._x.jpg would not even load."""
+    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+
+
+def _warn_skipped(skipped: list[Path], where: Path) -> None:
+    # A warning, not an error: notes and metadata often sit beside images, but a folder of DICOM or
+    # HEIC files read as fewer images must not pass unnoticed.
+    if skipped:
+        kinds = Counter(p.suffix.lower() or "no suffix" for p in skipped)
+        log.warning(
+            "skipped %d file(s) under %r whose suffix is not an image's (%s), e.g. %s; convert them to %s to use them",
+            len(skipped), str(where), ", ".join(f"{n} {k}" for k, n in kinds.most_common()),
+            [p.name for p in skipped[:3]], ", ".join(sorted(IMAGE_SUFFIXES)),
+        )
+
+
 class ImageFolder(ImageDataset):
     """An ImageFolder-style tree (`root/<class>/<image>`), classes in sorted order as torchvision's.
 
@@ -156,23 +183,29 @@ class ImageFolder(ImageDataset):
     """
 
     def __init__(self, root: str | Path, class_names: Sequence[str] | None = None, group: int | None = None):
-        root = Path(root)
+        root = Path(root).resolve()  # the recorded source must reload from any working directory
         folders = _class_folders(root)
         names = list(class_names) if class_names is not None else [p.name for p in folders]
         if len(set(names)) != len(names):
             raise InputError(f"expected distinct class names, got {names}; name each class once")
-        paths, labels = [], []
+        paths, labels, skipped = [], [], []
         for folder in folders:
             if folder.name not in names:
                 raise InputError(
                     f"folder {str(folder)!r} is not one of the classes {names}; pass class names that include "
                     "it, in the model's output order, or move it out of the tree"
                 )
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            files, others = _image_files(folder, recursive=True)
+            if not files:  # as torchvision's ImageFolder: an empty class is a mistake, not zero images
+                raise InputError(
+                    f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folder {str(folder)!r}"
+                    + (f" ({len(others)} other files, e.g. {others[0].name!r})" if others else "")
+                    + "; add its images, or remove the folder"
+                )
             paths += files
             labels += [names.index(folder.name)] * len(files)
-        if not paths:
-            raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(root)!r}")
+            skipped += others
+        _warn_skipped(skipped, root)
         groups = None if group is None else [group] * len(paths)
         super().__init__(paths, labels, names, groups, None, name=root.name, source=f"folder:{root}")
 
@@ -196,7 +229,7 @@ def load_seed_layout(root: str | Path, split: str, class_names: Sequence[str] | 
 
     Classes are in sorted order unless `class_names` gives the model's order.
     """
-    root = Path(root)
+    root = Path(root).resolve()  # the recorded source must reload from any working directory
     without, with_ = root / f"{split}_wo_patches", root / f"{split}_w_patches"
     names = list(class_names) if class_names is not None else sorted(
         {p.name for folder in (without, with_) for p in _class_folders(folder)}
@@ -273,9 +306,10 @@ def load_unlabelled(path: str | Path) -> ImageDataset:
     ignored, or a plain folder of image files."""
     path = Path(path)
     if path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files, skipped = _image_files(path)
         if not files:
             raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(path)!r}; check the folder")
+        _warn_skipped(skipped, path)
         return ImageDataset(files, [0] * len(files), ("unlabelled",), name=path.name)
     return load_images(path)
 

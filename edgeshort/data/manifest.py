@@ -1,7 +1,8 @@
 """Labelled images listed in a CSV file: one row per image, as hospital exports and ISIC ship them.
 
 Two label forms are read:
-- a label column holding class names (`path,label[,group][,mask]`);
+- a label column holding class names (`path,label[,group][,mask]`), or integers, which are the
+  model's output indices (ISIC 2020's `image_name,...,target` with 0/1 targets);
 - one-hot class columns, as ISIC's ground-truth files (`image,MEL,NV,BCC,...` with 0/1 values):
   the classes are those columns, in their order.
 
@@ -26,7 +27,7 @@ from edgeshort.runtime.preprocess import IMAGE_SUFFIXES
 
 # Header names recognised for each role (compared case-insensitively); `columns=` names others.
 COLUMN_NAMES = {
-    "image": ("path", "image", "file", "filename", "image_path", "image_id", "isic_id"),
+    "image": ("path", "image", "file", "filename", "image_path", "image_id", "image_name", "isic_id"),
     "label": ("label", "class", "target", "diagnosis", "dx"),
     "group": ("group", "artefact", "artifact", "shortcut"),
     "mask": ("mask", "artefact_mask", "artifact_mask", "mask_path"),
@@ -86,6 +87,21 @@ def _read_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
         rows = list(reader)
     if not header or not rows:
         raise InputError(f"{csv_path}: expected a header row and one row per image, got an empty file")
+    # DictReader fills a short row's missing fields with None and files a long row's extra ones under None.
+    short = [(i + 2, [h for h in header if row[h] is None]) for i, row in enumerate(rows) if None in row.values()]
+    if short:
+        raise InputError(
+            f"{csv_path}: rows {[r for r, _ in short][:MISSING_SHOWN]} have fewer fields than the header {header}, "
+            f"row {short[0][0]} has no value for {', '.join(map(repr, short[0][1]))}; give every row a value for "
+            "each column (an empty one for none)"
+        )
+    long = [(i + 2, row[None]) for i, row in enumerate(rows) if None in row]
+    if long:
+        raise InputError(
+            f"{csv_path}: rows {[r for r, _ in long][:MISSING_SHOWN]} have more fields than the header {header}, "
+            f"row {long[0][0]} ends with {long[0][1]}; quote values that hold {dialect.delimiter!r}, or name the "
+            "extra columns in the header"
+        )
     return header, rows
 
 
@@ -96,9 +112,20 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
         empty = [i + 2 for i, n in enumerate(names) if not n]
         if empty:
             raise InputError(f"{csv_path}: rows {empty[:MISSING_SHOWN]} have an empty {label_col!r}; label every image")
+        indices = all(n.isascii() and n.isdigit() for n in names)  # integer labels are the model's output indices
+        if class_names is not None and indices:
+            order = list(class_names)
+            beyond = [(i + 2, n) for i, n in enumerate(names) if int(n) >= len(order)]
+            if beyond:
+                raise InputError(
+                    f"{csv_path}: rows {[r for r, _ in beyond][:MISSING_SHOWN]} have integer labels beyond the "
+                    f"{len(order)} classes {order} (row {beyond[0][0]}: {beyond[0][1]}); integer labels are output "
+                    "indices from 0, so pass all the model's class names in its output order"
+                )
+            return [int(n) for n in names], order
         if class_names is not None:
             order = list(class_names)
-        elif all(n.isdigit() for n in names):  # integer labels are the model's output indices
+        elif indices:
             order = [str(i) for i in range(max(int(n) for n in names) + 1)]
             names = [str(int(n)) for n in names]
         else:
