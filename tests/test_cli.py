@@ -41,7 +41,7 @@ def test_user_errors_exit_2_with_the_message(tmp_path):
     assert out.returncode == 2 and "--classes describe your own model and data; the demo's are fixed" in out.stderr
 
 
-def test_detect_flags_reach_every_detector_setting():
+def test_detect_flags_reach_every_detector_setting(tmp_path):
     from dataclasses import fields
 
     from edgeshort.cli import build_parser
@@ -58,6 +58,11 @@ def test_detect_flags_reach_every_detector_setting():
     assert (config.positives, config.positive_quantile, config.cluster_space) == ("hottest", 0.99, "class_centred")
     with pytest.raises(InputError, match=r"expected 0 < positive_quantile < 1, got 1.5"):
         config_from_args(build_parser(only="detect").parse_args([*argv[:-1], "--positive-quantile", "1.5"]))
+    for text in ("{not json", "[1, 2]"):
+        bad = tmp_path / "settings.json"
+        bad.write_text(text)
+        with pytest.raises(InputError, match=r"cannot read the settings file --config .*pass a JSON object"):
+            config_from_args(build_parser(only="detect").parse_args([*argv, "--config", str(bad)]))
     flags = {a.dest for a in build_parser(only="detect")._subparsers._group_actions[0].choices["detect"]._actions}
     assert {f.name for f in fields(DetectorConfig)} - {"progress", "lambdas"} <= flags
     assert _channels("0.5, 0.5,0.5", "--mean") == (0.5, 0.5, 0.5)

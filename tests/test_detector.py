@@ -318,6 +318,17 @@ def test_bad_input_is_a_clear_error():
         detector.fit(model, (images, torch.tensor([0, 1, 0, 1, 0])))
     with pytest.raises(InputError, match="DetectorConfig: expected n_clusters >= 2"):
         DetectorConfig(n_clusters=1)
+    with pytest.raises(InputError, match="DetectorConfig: expected dfr_subsamples >= 1"):
+        DetectorConfig(dfr_subsamples=0)
+    # Checked before extraction, not found by DFR at the end of the run.
+    with pytest.raises(InputError, match=r"at least two validation images of every class, got '1' \(1\).*--dfr none"):
+        detector.fit(model, (images, torch.tensor([0, 0, 0, 0, 0, 1])))
+    with pytest.raises(InputError, match="key_layer=99 is not an encoder block"):
+        ShortcutDetector(DetectorConfig(key_layer=99, progress=False)).fit(model, (images, torch.tensor([0, 1] * 3)))
+    torch.manual_seed(0)
+    sigmoid_model = TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2, num_classes=1).eval()
+    with pytest.raises(InputError, match=r"one output \(a sigmoid binary head\).*two logits \[-z/2, z/2\]"):
+        detector.fit(sigmoid_model, (images, torch.tensor([0, 1] * 3)), class_names=["benign", "malignant"])
 
 
 def test_naming_assembles_prompts_with_a_fake_client(tmp_path):

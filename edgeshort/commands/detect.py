@@ -15,6 +15,7 @@ from edgeshort.detect.config import (
     SETTING_NOTES,
     DetectorConfig,
 )
+from edgeshort.errors import InputError
 from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 
 CLASS_MAP_HELP = ("merge the data's classes into the model's, DATA=MODEL pairs, e.g. MEL=malignant,NV=benign,"
@@ -60,7 +61,14 @@ def add_arguments(parser) -> None:
 def config_from_args(args, base: DetectorConfig | None = None) -> DetectorConfig:
     data = (base or DetectorConfig()).to_dict()
     if args.config:
-        data.update(json.loads(Path(args.config).read_text()))
+        try:
+            settings = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as exc:
+            settings = exc
+        if not isinstance(settings, dict):
+            raise InputError(f"cannot read the settings file --config {args.config!r} ({settings}); pass a JSON "
+                             "object of detector settings, e.g. a run's config.json")
+        data.update(settings)
     for f in fields(DetectorConfig):
         value = getattr(args, f.name, None)
         if value is not None:
@@ -72,7 +80,6 @@ def config_from_args(args, base: DetectorConfig | None = None) -> DetectorConfig
 def run(args) -> int:
     from edgeshort.data import load_images, parse_class_map
     from edgeshort.detect import ShortcutDetector
-    from edgeshort.errors import InputError
     from edgeshort.models import load_adapter, load_model_file
 
     if args.demo:
@@ -116,8 +123,6 @@ def run(args) -> int:
 
 def _channels(text: str | None, flag: str) -> tuple[float, float, float] | None:
     """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5); Preprocessing checks the values."""
-    from edgeshort.errors import InputError
-
     if text is None:
         return None
     try:
@@ -128,7 +133,6 @@ def _channels(text: str | None, flag: str) -> tuple[float, float, float] | None:
 
 def _crop_pct(text: str | None):
     """'0.875' -> 0.875, 'none' -> None (stretch), absent -> keep the family's; Preprocessing checks the range."""
-    from edgeshort.errors import InputError
     from edgeshort.models.base import KEEP
 
     if text is None:

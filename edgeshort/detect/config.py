@@ -62,6 +62,7 @@ class DetectorConfig:
             (0 < self.positive_quantile < 1, f"0 < positive_quantile < 1, got {self.positive_quantile}"),
             (self.negatives in NEGATIVE_CHOICES, f"negatives in {NEGATIVE_CHOICES}, got {self.negatives!r}"),
             (self.batch_size >= 1, f"batch_size >= 1, got {self.batch_size}"),
+            (self.dfr_subsamples >= 1, f"dfr_subsamples >= 1, got {self.dfr_subsamples}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,7 +110,7 @@ SETTING_NOTES = {
                  "(closest, the seed's)",
     "dilation_radius": "flags grown to neighbours within this radius",
     "min_patches": "flagged patches needed for 'shortcut present' (the seed's 'more than one')",
-    "key_layer": "encoder block whose keys are used",
+    "key_layer": "encoder block whose key projection, applied to the patch embeddings (the seed's), gives the keys",
     "dfr": "last-layer retraining method",
     "dfr_subsamples": "balanced subsamples DFR averages over",
     "batch_size": "images per forward pass",

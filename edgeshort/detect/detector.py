@@ -563,6 +563,11 @@ def _check_dataset(dataset: ImageDataset, adapter: ViTAdapter, cfg: DetectorConf
             f"expected labels of at least two classes, got only class {classes.tolist()}; "
             "the cluster score compares classes, so pass a validation set with every class"
         )
+    if adapter.num_classes == 1:
+        raise InputError(
+            "the model has one output (a sigmoid binary head); the detector and DFR need one logit per class. "
+            "Wrap its head as two logits [-z/2, z/2] (a softmax over them equals the sigmoid of z) and pass that model"
+        )
     if dataset.num_classes != adapter.num_classes:
         raise InputError(
             f"expected {adapter.num_classes} classes (the model's head), got {dataset.num_classes} "
@@ -573,3 +578,18 @@ def _check_dataset(dataset: ImageDataset, adapter: ViTAdapter, cfg: DetectorConf
             f"expected at least n_clusters={cfg.n_clusters} samples, got {len(dataset)}; "
             "add images or lower n_clusters"
         )
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    if cfg.dfr != "none" and counts.min() < 2:
+        # DFR balances (class, shortcut found) groups of at least two images; checked before the long work.
+        few = ", ".join(f"{dataset.class_names[c]!r} ({counts[c]})" for c in np.flatnonzero(counts < 2))
+        raise InputError(
+            f"DFR needs at least two validation images of every class, got {few}; add images of those classes "
+            "or skip DFR (dfr='none', --dfr none)"
+        )
+    try:
+        adapter.key_weights(cfg.key_layer)
+    except IndexError as exc:
+        raise InputError(
+            f"key_layer={cfg.key_layer} is not an encoder block of this model; use -1 (the last, the seed's) or "
+            "another block index"
+        ) from exc

@@ -89,9 +89,12 @@ def usable_groups(labels: np.ndarray, present: np.ndarray, num_classes: int, min
     usable = [g for g in range(2 * num_classes) if (groups == g).sum() >= min_size]
     classes = {g // 2 for g in usable}
     if len(classes) < num_classes:
+        missing = sorted(set(range(num_classes)) - classes)
+        sizes = {c: [int((groups == 2 * c + flag).sum()) for flag in (0, 1)] for c in missing}
         raise InputError(
-            f"DFR needs samples of every class, got classes {sorted(classes)} of {num_classes}; "
-            "use a validation set with all classes"
+            f"DFR needs, for every class, a group (shortcut found / not found) of at least {min_size} validation "
+            f"images; classes {missing} have groups of {sizes} images. Add validation images of those classes "
+            "or skip DFR (dfr='none', --dfr none)"
         )
     return usable
 
