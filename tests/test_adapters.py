@@ -203,6 +203,79 @@ def test_loading_from_files(tmp_path, images):
         load_model_file(tmp_path / "missing.pt")
 
 
+TIMM_SMALL = dict(img_size=IMAGE, patch_size=8, depth=1)
+
+
+def _small_timm_vit():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, **TIMM_SMALL).eval()
+    with torch.no_grad():  # timm zero-inits some tensors; random values test more
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def test_training_checkpoints_load_with_arch(tmp_path, images):
+    """timm's train.py layout (its own 'arch' name, 'module.' prefix) and the common wrappers load with --arch."""
+    import argparse
+
+    model = _small_timm_vit()
+    state = model.state_dict()
+    timm_train = {
+        "epoch": 7, "arch": "vit_tiny_patch16_224", "version": 2, "optimizer": {"state": {}},
+        "args": argparse.Namespace(model="vit_tiny_patch16_224"),
+        "state_dict": {f"module.{k}": v for k, v in state.items()},
+    }
+    torch.save(timm_train, tmp_path / "timm_train.pt")
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "generic.pt")
+    torch.save({"model": state}, tmp_path / "model.pt")
+    torch.save({"model_state_dict": state, "optimizer_state_dict": {}}, tmp_path / "msd.pt")
+    with torch.no_grad():
+        expected = model(images)
+        for name in ("timm_train", "generic", "model", "msd"):
+            loaded = load_model_file(tmp_path / f"{name}.pt", arch="timm:vit_tiny_patch16_224", **TIMM_SMALL)
+            assert loaded.head.out_features == 3  # from the head's weights
+            torch.testing.assert_close(loaded(images), expected, rtol=0, atol=0)
+
+    with pytest.raises(UnsupportedModelError, match="pass the architecture.*--arch timm:vit_tiny_patch16_224"):
+        load_model_file(tmp_path / "timm_train.pt")
+    with pytest.raises(UnsupportedModelError, match="--arch"):
+        load_model_file(tmp_path / "generic.pt")
+    with pytest.raises(UnsupportedModelError, match=r"12 missing keys \(blocks\.1\..*0 unexpected keys"):
+        load_model_file(tmp_path / "generic.pt", arch="timm:vit_tiny_patch16_224", img_size=IMAGE, patch_size=8,
+                        depth=2)
+    with pytest.raises(UnsupportedModelError, match=r"tensors have another shape \(file vs architecture: pos_embed"):
+        load_model_file(tmp_path / "generic.pt", arch="timm:vit_tiny_patch16_224", patch_size=8, depth=1)
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_weights.pt")
+    with pytest.raises(UnsupportedModelError, match="no state dict under 'state_dict', 'model_state_dict', 'model'"):
+        load_model_file(tmp_path / "no_weights.pt")
+
+
+def test_unknown_architecture_names_are_clear_errors():
+    from edgeshort.models import build_architecture
+
+    pytest.importorskip("timm")
+    with pytest.raises(UnsupportedModelError, match=r"timm has no model named 'vit_tinny_patch16_224'.*"
+                                                    r"did you mean vit_tiny_patch16_224.*timm\.list_models\('vit\*'\)"):
+        build_architecture("timm:vit_tinny_patch16_224", num_classes=3)
+    with pytest.raises(UnsupportedModelError, match="this torchvision has: vit_b_16"):
+        build_architecture("torchvision:vit_q_16", num_classes=3)
+
+
+def test_detect_cli_names_arch_problems(tmp_path, capsys):
+    from edgeshort.cli import main
+
+    torch.save({"epoch": 1, "state_dict": _small_timm_vit().state_dict()}, tmp_path / "ckpt.pt")
+    argv = ["detect", "--model", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path), "-o", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "pass the architecture too" in capsys.readouterr().err
+    assert main([*argv, "--arch", "timm:vit_tinny"]) == 2
+    err = capsys.readouterr().err
+    assert "timm has no model named 'vit_tinny'" in err and "timm.list_models('vit*')" in err
+
+
 def test_a_timm_model_gets_timms_own_evaluation_transform(caplog):
     """resolve_data_config + create_transform: mean, std, filter and the centre crop of the model's config."""
     timm = pytest.importorskip("timm")

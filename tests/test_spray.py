@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -474,6 +475,49 @@ def test_cli_reports_bad_input(tmp_path, capsys) -> None:
     np.save(tmp_path / "flat.npy", np.ones((10, 8)))
     assert _cli(["--heatmaps", str(tmp_path / "flat.npy"), "--out", str(tmp_path)]) == 2
     assert "expected heatmaps of shape (N, H, W)" in capsys.readouterr().err
+
+
+def test_cli_checks_out_and_flags_before_fitting(tmp_path, capsys, monkeypatch) -> None:
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fit ran")
+
+    monkeypatch.setattr(SpRAyDetector, "fit", no_fit)
+    np.save(tmp_path / "h.npy", np.ones((40, 8, 8)))
+    heatmaps = ["--heatmaps", str(tmp_path / "h.npy")]
+    (tmp_path / "taken.txt").write_text("x")
+    assert _cli([*heatmaps, "-o", str(tmp_path / "taken.txt")]) == 2
+    assert "expected --out to be a folder, got the existing file" in capsys.readouterr().err
+    assert _cli([*heatmaps, "-o", str(tmp_path / "taken.txt" / "sub")]) == 2
+    assert "got the existing file" in capsys.readouterr().err
+
+    out = ["-o", str(tmp_path / "out")]
+    for flags, message in [
+        (["--per-class"], "expected --labels with --per-class, got none; do pass --labels LABELS.npy or drop --per-class"),
+        (["--cluster-selection", "fixed"], "do pass --n-clusters K or use --cluster-selection auto"),
+        (["--cluster-selection", "eigengap", "--n-clusters", "3"], "do drop --n-clusters"),
+        (["--n-clusters", "0"], "expected --n-clusters to be a positive int"),
+        (["--n-clusters", "41"], "expected at least --n-clusters 41 heatmaps, got 40"),
+        (["--max-clusters", "1"], "expected --max-clusters >= 2"),
+        (["--downsample-size", "1"], "expected --downsample-size >= 2"),
+    ]:
+        assert _cli([*heatmaps, *out, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and not re.search(r"\w=|_", err), flags  # flags, not Python arguments
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_explains_folders_and_object_arrays(tmp_path, capsys) -> None:
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    np.save(folder / "heatmaps.npy", np.ones((40, 8, 8)))
+    assert _cli(["--heatmaps", str(folder), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "got the folder" in err and "(it holds heatmaps.npy)" in err and "pass the .npy file itself" in err
+
+    np.save(tmp_path / "labels.npy", np.array(["a", 1] * 20, dtype=object), allow_pickle=True)
+    argv = ["--heatmaps", str(folder / "heatmaps.npy"), "--labels", str(tmp_path / "labels.npy"), "-o", str(tmp_path)]
+    assert _cli(argv) == 2
+    assert "do re-save it with np.save(path, labels.astype(str))" in capsys.readouterr().err
 
 
 def test_imports_stay_light() -> None:

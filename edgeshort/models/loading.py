@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,23 @@ def build_architecture(arch: str, num_classes: int, **kwargs: Any):
         import torchvision.models as tvm
 
         if not name.startswith("vit_") or not hasattr(tvm, name):
+            valid = ", ".join(n for n in tvm.list_models(module=tvm) if n.startswith("vit_"))
             raise UnsupportedModelError(
-                f"expected a torchvision ViT builder like 'torchvision:vit_b_16', got {arch!r}"
+                f"expected a torchvision ViT builder like 'torchvision:vit_b_16', got {arch!r}; "
+                f"this torchvision has: {valid}"
             )
         return getattr(tvm, name)(weights=None, num_classes=num_classes, **kwargs)
     if family == "timm":
         from edgeshort._optional import require
 
         timm = require("timm", "timm")
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UnsupportedModelError(
+                f"timm has no model named {name!r} (from {arch!r}); {hint}"
+                "list the valid names with python -c \"import timm; print(timm.list_models('vit*'))\""
+            )
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     raise UnsupportedModelError(
         f"expected an architecture 'tiny', 'torchvision:NAME' or 'timm:NAME', got {arch!r}; "
@@ -83,8 +93,73 @@ def build_architecture(arch: str, num_classes: int, **kwargs: Any):
     )
 
 
+# Where training scripts keep the weights in a checkpoint dict (timm's train.py, common loops).
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+# Added by DataParallel / DistributedDataParallel and by torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _is_edgeshort_checkpoint(obj: dict) -> bool:
+    """save_checkpoint's layout: an edgeshort architecture name ('tiny', 'timm:NAME', ...) and its weights."""
+    arch = obj.get("arch")
+    if not isinstance(arch, str) or not _is_state_dict(obj.get("state_dict")):
+        return False
+    return arch == "tiny" or (":" in arch and arch.partition(":")[0] in ("torchvision", "timm"))
+
+
+def _strip_wrapper_prefixes(state: dict) -> dict:
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _examples(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def _build_and_load(arch: str, state: dict, arch_kwargs: dict, path: Path):
+    """Build `arch` and load `state` into it; the class count comes from the head if not given."""
+    state = _strip_wrapper_prefixes(state)
+    kwargs = dict(arch_kwargs)
+    if "num_classes" not in kwargs:
+        head = [v for k, v in state.items() if k.endswith("head.weight") or k.endswith("classifier.weight")]
+        kwargs["num_classes"] = int(head[-1].shape[0]) if head else 1000
+    model = build_architecture(arch, **kwargs)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    fix = "check that the architecture (CLI: --arch) is the one the weights were trained as"
+    if missing or unexpected:
+        raise UnsupportedModelError(
+            f"the state dict in {str(path)!r} does not fit architecture {arch!r}: "
+            f"{len(missing)} missing keys ({_examples(missing) or 'none'}), "
+            f"{len(unexpected)} unexpected keys ({_examples(unexpected) or 'none'}); {fix}"
+        )
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
+    ]
+    if shapes:
+        raise UnsupportedModelError(
+            f"the state dict in {str(path)!r} does not fit architecture {arch!r}: {len(shapes)} tensors have "
+            f"another shape (file vs architecture: {_examples(shapes)}); {fix}, incl. its size, patch and image size"
+        )
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: Any):
-    """Load a model saved as a whole module, an edgeshort checkpoint, or a state dict (+ `arch`)."""
+    """Load a model saved as a whole module, an edgeshort checkpoint, or a state dict (+ `arch`).
+
+    A state dict may sit in a training checkpoint under 'state_dict', 'model_state_dict' or 'model'
+    (timm's train.py and most training loops); a DataParallel 'module.' prefix is removed.
+    """
     import torch
 
     path = Path(path)
@@ -99,29 +174,43 @@ def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: An
         ) from exc
     if isinstance(obj, torch.nn.Module):
         return obj.eval()
-    if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
-        model = build_architecture(obj["arch"], **obj.get("arch_kwargs", {}))
-        model.load_state_dict(obj["state_dict"])
-        return model.eval()
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        if arch is None:
+    if isinstance(obj, dict) and _is_edgeshort_checkpoint(obj):
+        if arch is not None and arch != obj["arch"]:
             raise UnsupportedModelError(
-                f"{str(path)!r} holds a state dict; pass the architecture too, e.g. "
-                "arch='torchvision:vit_b_16' (CLI: --arch)"
+                f"{str(path)!r} is an edgeshort checkpoint of architecture {obj['arch']!r}, not {arch!r}; "
+                "drop --arch, the file names its own"
             )
-        head = [v for k, v in obj.items() if k.endswith("head.weight") or k.endswith("classifier.weight")]
-        num_classes = int(head[-1].shape[0]) if head else arch_kwargs.pop("num_classes", 1000)
-        model = build_architecture(arch, num_classes=num_classes, **arch_kwargs)
-        try:
-            model.load_state_dict(obj)
-        except RuntimeError as exc:
-            raise UnsupportedModelError(
-                f"the state dict in {str(path)!r} does not fit architecture {arch!r}: {exc}"
-            ) from exc
-        return model.eval()
+        return _build_and_load(obj["arch"], obj["state_dict"], {**obj.get("arch_kwargs", {}), **arch_kwargs}, path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), torch.nn.Module):
+        return obj["model"].eval()
+    if isinstance(obj, dict):
+        state = obj if _is_state_dict(obj) else next((obj[k] for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
+        if state is not None:
+            if arch is None:
+                named = obj.get("arch")
+                example = f"timm:{named}" if isinstance(named, str) and _timm_knows(named) else "torchvision:vit_b_16"
+                raise UnsupportedModelError(
+                    f"{str(path)!r} holds a state dict; pass the architecture too, e.g. "
+                    f"arch={example!r} (CLI: --arch {example})"
+                )
+            return _build_and_load(arch, state, arch_kwargs, path)
+        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        raise UnsupportedModelError(
+            f"{str(path)!r} holds a dict with keys {keys}, not a model: no state dict under "
+            f"{', '.join(repr(k) for k in STATE_DICT_KEYS)}; save the module (torch.save(model)) or "
+            "its state dict (torch.save(model.state_dict()))"
+        )
     raise UnsupportedModelError(
         f"{str(path)!r} holds a {type(obj).__name__}, not a model; save the module or its state dict"
     )
+
+
+def _timm_knows(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return timm.is_model(name)
 
 
 def save_checkpoint(model, path: str | Path) -> Path:

@@ -35,11 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-resolution", action="store_true", help="report mean heatmaps at input resolution")
 
 
+# How to re-save an array numpy stored as Python objects, per input.
+RESAVE = {
+    "heatmaps": "np.save(path, heatmaps.astype(np.float32))",
+    "labels": "np.save(path, labels.astype(str)), or labels.astype(int) for class ids",
+}
+
+
 def _load_array(path: Path, what: str):
     import numpy as np
 
     from edgeshort.errors import InputError
 
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.npy"))[:5]
+        inside = f" (it holds {', '.join(found)})" if found else ""
+        raise InputError(
+            f"expected {what} as one .npy file, got the folder {path}{inside}; do pass the .npy file itself"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"expected {what} file at {path}, got no such file; do check the path")
     if path.suffix != ".npy":
@@ -47,7 +60,42 @@ def _load_array(path: Path, what: str):
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
+        if "Object arrays" in str(exc):
+            raise InputError(
+                f"expected {what} as a plain array, got {path.name} saved as Python objects (which are not "
+                f"loaded, for safety); do re-save it with {RESAVE[what]}"
+            ) from None
         raise InputError(f"expected a numeric .npy file for {what}, got one numpy cannot read ({exc}); do re-save it") from exc
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flag combinations the detector would reject, worded as flags (before any loading or fitting)."""
+    from edgeshort.errors import InputError
+
+    if args.per_class and args.labels is None:
+        raise InputError("expected --labels with --per-class, got none; do pass --labels LABELS.npy or drop --per-class")
+    if args.n_clusters is not None and args.n_clusters < 1:
+        raise InputError(f"expected --n-clusters to be a positive int, got {args.n_clusters}; do pass e.g. 3")
+    if args.cluster_selection == "fixed" and args.n_clusters is None:
+        raise InputError(
+            "expected --n-clusters with --cluster-selection fixed, got none; do pass --n-clusters K "
+            "or use --cluster-selection auto"
+        )
+    if args.cluster_selection == "eigengap" and args.n_clusters is not None:
+        raise InputError(
+            "expected no --n-clusters with --cluster-selection eigengap, got one; do drop --n-clusters "
+            "or use --cluster-selection fixed (or auto)"
+        )
+    if args.max_clusters < 2:
+        raise InputError(f"expected --max-clusters >= 2, got {args.max_clusters}; do raise it")
+    if args.downsample_size < 2:
+        raise InputError(f"expected --downsample-size >= 2, got {args.downsample_size}; do use e.g. 32")
+    # The first existing path up from --out must be a folder, or the outputs cannot be written after the fit.
+    existing = next(p for p in (args.out, *args.out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(
+            f"expected --out to be a folder, got the existing file {existing}; do pass a new or existing folder"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,8 +106,14 @@ def run(args: argparse.Namespace) -> int:
     from edgeshort.spray.detector import SpRAyDetector
 
     try:
+        _check_flags(args)
         heatmaps = _load_array(args.heatmaps, "heatmaps")
         labels = _load_array(args.labels, "labels") if args.labels is not None else None
+        if args.n_clusters is not None and heatmaps.ndim >= 1 and args.n_clusters > len(heatmaps):
+            raise InputError(
+                f"expected at least --n-clusters {args.n_clusters} heatmaps, got {len(heatmaps)}; "
+                "do pass more heatmaps or a smaller --n-clusters"
+            )
         detector = SpRAyDetector(
             affinity=args.affinity,
             cluster_selection=args.cluster_selection,
