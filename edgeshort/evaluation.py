@@ -96,11 +96,29 @@ def bootstrap_intervals(
     }
 
 
+# A percentile bootstrap over a cell of a few images has a degenerate interval (three images all
+# fixed give +1.000 to +1.000), so below this size a step is not called a gain or a loss.
+MIN_CELL_FOR_VERDICT = 10
+
+
+def change_verdict(change: dict, tables: dict[str, dict]) -> str:
+    """"gain" or "loss" when the paired worst-group interval excludes zero, else "noise"; "too few"
+    when the smallest (class, group) cell is too small for the interval to mean anything."""
+    sizes = [cell["n"] for cell in tables[change["to"]]["cells"] if cell["n"]]
+    if not sizes or min(sizes) < MIN_CELL_FOR_VERDICT:
+        return "too few"
+    lo, hi = change["worst_interval"]
+    return "gain" if lo > 0 else "loss" if hi < 0 else "noise"
+
+
 def describe_change(change: dict, tables: dict[str, dict], confidence: float, titles: dict = KIND_TITLES) -> str:
     """One line: the worst-group change of a step, its interval, and whether test-set noise explains it."""
     delta = tables[change["to"]]["worst"] - tables[change["from"]]["worst"]
     lo, hi = change["worst_interval"]
-    verdict = "a real gain" if lo > 0 else "a real loss" if hi < 0 else "within test-set noise"
+    verdict = {
+        "gain": "a real gain", "loss": "a real loss", "noise": "within test-set noise",
+        "too few": f"too few images in the smallest cell (under {MIN_CELL_FOR_VERDICT}) to tell from noise",
+    }[change_verdict(change, tables)]
     to, of = (titles.get(k, k) for k in (change["to"], change["from"]))
     return (f"worst group, {to} vs {of}: {delta:+.3f} "
             f"({100 * confidence:.0f}% CI {lo:+.3f} to {hi:+.3f}, {verdict})")
@@ -113,7 +131,7 @@ def dfr_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
     test set cannot resolve would be chosen by noise.
     """
     for change in intervals["changes"]:
-        if change["from"] == "ablated" and change["to"] == "dfr" and change["worst_interval"][1] < 0:
+        if change["from"] == "ablated" and change["to"] == "dfr" and change_verdict(change, tables) == "loss":
             return (f"the DFR head lowers worst-group accuracy on this test set "
                     f"({describe_change(change, tables, intervals['confidence'])}); "
                     "ship the ablated prediction instead: `edgeshort export --no-dfr` (ExportOptions(dfr=False))")

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from edgeshort.errors import InputError
-from edgeshort.evaluation import bootstrap_intervals, dfr_loss_warning, format_table, group_accuracy
+from edgeshort.evaluation import (
+    MIN_CELL_FOR_VERDICT,
+    bootstrap_intervals,
+    change_verdict,
+    describe_change,
+    dfr_loss_warning,
+    format_table,
+    group_accuracy,
+)
 
 
 def _balanced(n_per_cell: int, num_classes: int = 2):
@@ -98,3 +106,20 @@ def test_dfr_warning_only_for_a_worst_group_loss_beyond_noise():
     noise[worst_cell[10:12]] = 0  # two images: what a test set of 200 per cell cannot resolve
     assert warning_for(noise) is None
     assert warning_for(labels.copy()) is None  # a gain
+
+
+def test_a_cell_of_a_few_images_is_not_called_a_gain():
+    """Three images of a cell all fixed give a bootstrap interval of +1 to +1; that is no finding."""
+    labels, groups = _balanced(3)
+    before = labels.copy()
+    before[(labels == 1) & (groups == 1)] = 0
+    kinds = {"original": before, "ablated": labels}
+    tables = {k: group_accuracy(v, labels, groups, ("a", "b")) for k, v in kinds.items()}
+    change = bootstrap_intervals(kinds, labels, groups, 2)["changes"][0]
+    assert change["worst_interval"] == [1.0, 1.0]
+    assert change_verdict(change, tables) == "too few"
+    assert "too few images in the smallest cell" in describe_change(change, tables, 0.95)
+    big_labels, big_groups = _balanced(MIN_CELL_FOR_VERDICT)
+    big = {"original": np.where((big_labels == 1) & (big_groups == 1), 0, big_labels), "ablated": big_labels}
+    big_tables = {k: group_accuracy(v, big_labels, big_groups, ("a", "b")) for k, v in big.items()}
+    assert change_verdict(bootstrap_intervals(big, big_labels, big_groups, 2)["changes"][0], big_tables) == "gain"

@@ -27,7 +27,7 @@ from PIL import Image
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, SETTING_NOTES, SETTINGS_OF_EARLIER_RUNS
 from edgeshort.detect.keymaps import describe_positives
 from edgeshort.errors import InputError
-from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, describe_change
+from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, change_verdict, describe_change
 from edgeshort.report.draw import (
     colourise,
     grid_to_pixels,
@@ -356,9 +356,9 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                 chain.append(f"ablated + DFR {_num(m['wga_dfr'])}")
             avg = [_num(m.get(f"aga_{k}")) for k in ("original", "ablated", "dfr") if m.get(f"aga_{k}") is not None]
             steps = (m.get("group_accuracy_intervals") or {}).get("changes")
-            if steps:  # a loss is a step whose paired interval lies wholly below zero, not any lower figure
+            if steps and m.get("group_accuracy"):  # a loss beyond test-set noise, not any lower figure
                 losses = [f"{KIND_TITLES[c['to']]} vs {KIND_TITLES[c['from']]}" for c in steps
-                          if c["worst_interval"][1] < 0]
+                          if change_verdict(c, m["group_accuracy"]) == "loss"]
             else:
                 losses = [KIND_TITLES[k] for k in ("ablated", "dfr")
                           if m.get(f"wga_{k}") is not None and m[f"wga_{k}"] < m["wga_original"]]
