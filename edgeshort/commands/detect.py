@@ -27,7 +27,8 @@ CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATI
 
 def add_arguments(parser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model file: a saved module, an edgeshort checkpoint, or a state dict (+ --arch)")
+    src.add_argument("--model", help="model file: a saved module, an edgeshort checkpoint, or a state dict or training "
+                          "checkpoint ({'state_dict': ...}, timm's train.py) with --arch")
     src.add_argument("--demo", nargs="?", const="patch", choices=("patch", "ruler"),
                      help="use the built-in synthetic data and tiny ViT (artefact kind, default patch)")
     parser.add_argument("--arch", help="architecture of a state-dict file, e.g. torchvision:vit_b_16 or timm:NAME")
