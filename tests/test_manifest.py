@@ -102,6 +102,17 @@ def test_isic_diagnoses_merge_into_the_models_classes(tmp_path):
     assert merge_classes(diagnoses, class_map).class_names == ("benign", "malignant")
     assert merge_classes(diagnoses, class_map, ["malignant", "benign"]).labels.tolist() == [1, 0, 1, 0]
 
+    # The CLI's --image-root: the ground-truth CSV away from its image folder, merged in one call.
+    from edgeshort.cli import build_parser
+    from edgeshort.data import load_images
+
+    args = build_parser(only="detect").parse_args(
+        ["detect", "--model", "m.pt", "--data", str(gt), "--image-root", str(tmp_path / "images"), "-o", "run"])
+    loaded = load_images(args.data, ["benign", "malignant"], class_map, args.image_root)
+    assert loaded.labels.tolist() == [0, 1, 0, 1] and loaded.sources[0].parent == (tmp_path / "images").resolve()
+    with pytest.raises(InputError, match="is a folder; leave it out"):
+        load_images(tmp_path / "images", image_root=tmp_path)
+
     with pytest.raises(InputError, match=r"does not map: BCC \(1 image\), BKL \(1 image\); map each"):
         merge_classes(diagnoses, {"MEL": "malignant", "NV": "benign"})
     with pytest.raises(InputError, match=r"does not map: MEL \(1 image\)"):  # a misspelt class

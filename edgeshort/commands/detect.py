@@ -18,6 +18,8 @@ from edgeshort.detect.config import (
 from edgeshort.errors import InputError
 from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 
+IMAGE_ROOT_HELP = ("folder the CSV listing's image paths are relative to (default: the CSV's folder), e.g. ISIC's "
+                   "image folder beside its ground-truth CSV")
 CLASS_MAP_HELP = ("merge the data's classes into the model's, DATA=MODEL pairs, e.g. MEL=malignant,NV=benign,"
                   "BKL=benign (every class with images must be mapped; --classes orders the model's classes)")
 # The settings that take a word, not a number.
@@ -35,6 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", help="validation images: an ImageFolder tree, a CSV listing images and labels "
                         "(path,label[,group][,mask], or ISIC's one-hot ground truth), or ROOT/val for the seed layout")
     parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
+    parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
     parser.add_argument("--classes", help="comma list of class folder names in the model's output order "
                                           "(default: sorted, as torchvision's ImageFolder)")
     parser.add_argument("--class-map", help=CLASS_MAP_HELP)
@@ -87,6 +90,7 @@ def run(args) -> int:
         from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
         fixed = [flag for flag, value in (("--classes", args.classes), ("--class-map", args.class_map),
+                                          ("--image-root", args.image_root),
                                           ("--mean", args.mean), ("--std", args.std),
                                           ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct),
                                           ("--crop-mode", args.crop_mode))
@@ -107,8 +111,8 @@ def run(args) -> int:
         )
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         class_map = parse_class_map(args.class_map) if args.class_map else None
-        val = load_images(args.data, classes, class_map)
-        test = load_images(args.eval_data, classes, class_map) if args.eval_data else None
+        val = load_images(args.data, classes, class_map, args.image_root)
+        test = load_images(args.eval_data, classes, class_map, args.image_root) if args.eval_data else None
         config = config_from_args(args)
     result = ShortcutDetector(config).fit(model, val, run_dir=args.out)
     print(result.summary())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeshort.commands.detect import CLASS_MAP_HELP
+from edgeshort.commands.detect import CLASS_MAP_HELP, IMAGE_ROOT_HELP
 
 
 def add_arguments(parser) -> None:
@@ -15,6 +15,7 @@ def add_arguments(parser) -> None:
                              "evaluate the run on them first (rewrites RUN/metrics.json and RUN/test_predictions.npz), "
                              "then draw the guard's flags on them")
     parser.add_argument("--class-map", help=CLASS_MAP_HELP)
+    parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
     parser.add_argument("--embed", action="store_true",
                         help="put every picture into the HTML as a data URI (one file to mail or attach)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -33,7 +34,7 @@ def run(args) -> int:
 
         result = ShortcutDetector.load(args.run)
         class_map = parse_class_map(args.class_map) if args.class_map else None
-        test = load_images(args.eval_data, result.class_names, class_map)
+        test = load_images(args.eval_data, result.class_names, class_map, args.image_root)
         result.config = replace(result.config, progress=not args.quiet)
         result.evaluate(test, print_table=not args.quiet)
     out = write_report(Path(args.run), args.out, test_dataset=test, embed=args.embed)

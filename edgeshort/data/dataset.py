@@ -280,22 +280,27 @@ def dataset_from_source(source: str, class_names: Sequence[str] | None = None) -
 
 
 def load_images(
-    path: str | Path, class_names: Sequence[str] | None = None, class_map: Mapping[str, str] | None = None
+    path: str | Path, class_names: Sequence[str] | None = None, class_map: Mapping[str, str] | None = None,
+    image_root: str | Path | None = None,
 ) -> ImageDataset:
     """An ImageFolder tree, a CSV file listing images (see `data/manifest.py`), or the seed layout when
     `path` is `ROOT/SPLIT` with `SPLIT_w(o)_patches` beside it.
 
     Labels follow the sorted folder names, as torchvision's ImageFolder, unless `class_names` gives
     the order of the model's outputs. `class_map` merges the data's classes into the model's (see
-    `merge_classes`); `class_names` then orders the merged classes.
+    `merge_classes`); `class_names` then orders the merged classes. `image_root` is the folder a
+    CSV listing's paths are relative to (default: the CSV's own folder).
     """
     if class_map is not None:
-        return merge_classes(load_images(path), class_map, class_names)
+        return merge_classes(load_images(path, image_root=image_root), class_map, class_names)
     path = Path(path)
     if path.suffix.lower() == ".csv":
         from edgeshort.data.manifest import load_manifest
 
-        return load_manifest(path, class_names)
+        return load_manifest(path, class_names, image_root=image_root)
+    if image_root is not None:
+        raise InputError(f"an image root applies to a CSV listing, but {str(path)!r} is a folder; leave it out "
+                         "(--image-root), or pass the CSV file")
     if not path.exists() and (path.parent / f"{path.name}_wo_patches").is_dir():
         return load_seed_layout(path.parent, path.name, class_names)
     return ImageFolder(path, class_names)
