@@ -98,6 +98,11 @@ def test_seed_layout_round_trip(tmp_path):
     assert {loaded.array(i).tobytes() for i in range(8)} == originals
     folder = load_images(tmp_path / "val_w_patches")
     assert folder.groups is None and len(folder) == int(data["val"].groups.sum())
+    # A (class, artefact) cell may be empty in the seed layout (ISIC has no patched malignant lesion).
+    for image in (tmp_path / "test_w_patches" / "malignant").iterdir():
+        image.unlink()
+    cells = load_images(tmp_path / "test")
+    assert len(cells) == 8 - int(((data["test"].groups == 1) & (data["test"].labels == 1)).sum())
 
 
 def test_class_order_follows_the_model_when_given(tmp_path):

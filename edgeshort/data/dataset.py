@@ -182,7 +182,8 @@ class ImageFolder(ImageDataset):
     `class_names` may be given to fix the label order across several folders.
     """
 
-    def __init__(self, root: str | Path, class_names: Sequence[str] | None = None, group: int | None = None):
+    def __init__(self, root: str | Path, class_names: Sequence[str] | None = None, group: int | None = None,
+                 allow_empty: bool = False):
         root = Path(root).resolve()  # the recorded source must reload from any working directory
         folders = _class_folders(root)
         names = list(class_names) if class_names is not None else [p.name for p in folders]
@@ -196,7 +197,7 @@ class ImageFolder(ImageDataset):
                     "it, in the model's output order, or move it out of the tree"
                 )
             files, others = _image_files(folder, recursive=True)
-            if not files:  # as torchvision's ImageFolder: an empty class is a mistake, not zero images
+            if not files and not allow_empty:  # as torchvision's: an empty class is a mistake, not zero images
                 raise InputError(
                     f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folder {str(folder)!r}"
                     + (f" ({len(others)} other files, e.g. {others[0].name!r})" if others else "")
@@ -234,7 +235,9 @@ def load_seed_layout(root: str | Path, split: str, class_names: Sequence[str] | 
     names = list(class_names) if class_names is not None else sorted(
         {p.name for folder in (without, with_) for p in _class_folders(folder)}
     )
-    merged = concat([ImageFolder(without, names, group=0), ImageFolder(with_, names, group=1)], name=split)
+    # A (class, artefact) cell may hold no images, e.g. no patched malignant lesion, as in ISIC.
+    merged = concat([ImageFolder(without, names, group=0, allow_empty=True),
+                     ImageFolder(with_, names, group=1, allow_empty=True)], name=split)
     merged.source = f"seed:{split}:{root}"
     return merged
 
