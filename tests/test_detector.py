@@ -314,6 +314,8 @@ def test_bad_input_is_a_clear_error():
         ShortcutDetector(DetectorConfig(n_clusters=3, progress=False)).fit(model, (images[:2], torch.tensor([0, 1])))
     with pytest.raises(InputError, match=r"expected images of shape \(B, 3, 32, 32\).*got \(6, 3, 40, 40\)"):
         detector.fit(model, (torch.randn(6, 3, 40, 40), torch.tensor([0, 1] * 3)))
+    with pytest.raises(InputError, match=r"got \(6, 1, 32, 32\); bring them to 3 channels"):
+        detector.fit(model, (torch.randn(6, 1, 32, 32), torch.tensor([0, 1] * 3)))
     with pytest.raises(InputError, match="one label per image, got 6 images and 5 labels"):
         detector.fit(model, (images, torch.tensor([0, 1, 0, 1, 0])))
     with pytest.raises(InputError, match="DetectorConfig: expected n_clusters >= 2"):

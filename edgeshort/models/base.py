@@ -108,11 +108,11 @@ class ViTAdapter(ABC):
     def check_images(self, images: torch.Tensor) -> None:
         """Raise a clear error unless `images` is (B, C, H, W) at the model's input size."""
         expected = self.image_size
-        if images.ndim != 4 or tuple(images.shape[-2:]) != tuple(expected):
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != tuple(expected):
             raise InputError(
                 f"expected images of shape (B, 3, {expected[0]}, {expected[1]}) for this {self.family} model, "
-                f"got {tuple(images.shape)}; resize them to {expected[0]}x{expected[1]} "
-                "(edgeshort's datasets do this from the adapter's preprocessing)"
+                f"got {tuple(images.shape)}; bring them to 3 channels (grayscale repeated) at {expected[0]}x"
+                f"{expected[1]} (edgeshort's datasets do this from the adapter's preprocessing)"
             )
 
     def _check_keep(self, tokens: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
