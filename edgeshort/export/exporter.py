@@ -5,6 +5,7 @@ batch axis (a batch-1 example silently fixes the batch at 1). OpenVINO IR is con
 ONNX file (converting the torch module directly fails on torchvision's ViT) and saved with f32
 weights unless FP16 is asked for. Parity is measured with the runtime's own backends, so what
 was checked is exactly what will run; a bundle whose parity exceeds tolerance is not written.
+OpenVINO graphs with FP16 weights are checked too, within looser limits the manifest records.
 """
 
 from __future__ import annotations
