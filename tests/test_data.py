@@ -188,3 +188,23 @@ def test_folders_name_what_they_skip_and_refuse_empty_classes(tmp_path, caplog):
     (tmp_path / "nevus" / "c.heic").write_bytes(b"\0")
     with pytest.raises(InputError, match=r"class folder '.*nevus' \(1 other files, e.g. 'c.heic'\)"):
         load_images(tmp_path, ["benign", "malignant", "nevus"])
+
+
+def test_calibration_images_need_no_labels(tmp_path):
+    from edgeshort.data import load_unlabelled
+
+    data = generate(SyntheticConfig().with_sizes(4, 12, 8))
+    write_seed_layout({"val": data["val"]}, tmp_path / "seed")
+    assert len(load_unlabelled(tmp_path / "seed" / "val")) == 12  # ROOT/SPLIT of the seed layout
+    assert len(load_unlabelled(tmp_path / "seed")) == 12  # every image under a folder, however nested
+    (tmp_path / "seed" / "val_w_patches" / "empty_class").mkdir()  # labels do not matter, so neither does this
+    assert len(load_unlabelled(tmp_path / "seed" / "val_w_patches")) == int(data["val"].groups.sum())
+    files = sorted((tmp_path / "seed").rglob("*.png"))
+    listing = tmp_path / "seed" / "calibration.csv"
+    listing.write_text("path\n" + "".join(f"{p.relative_to(tmp_path / 'seed')}\n" for p in files[:5]))
+    unlabelled = load_unlabelled(listing)
+    assert len(unlabelled) == 5 and unlabelled.class_names == ("unlabelled",)
+    (tmp_path / "nothing" / "val_w_patches" / "a").mkdir(parents=True)
+    (tmp_path / "nothing" / "val_wo_patches" / "a").mkdir(parents=True)
+    with pytest.raises(InputError, match="found no images .* check the split name"):
+        load_images(tmp_path / "nothing" / "val")

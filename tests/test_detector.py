@@ -85,6 +85,16 @@ def test_fitting_again_into_a_run_folder_leaves_nothing_of_the_earlier_run(demo_
     html = write_report(run).read_text()
     assert "Overall test accuracy" not in html  # the earlier run's test figures are not this run's
 
+    # A folder that is not a run keeps everything, whatever its files are called.
+    from edgeshort.detect.run_io import clear_earlier_run
+
+    project = tmp_path / "project"
+    (project / "heatmaps").mkdir(parents=True)
+    for name in ("heatmaps/gradcam.npy", "results.csv", "report.html"):
+        (project / name).write_text("mine")
+    clear_earlier_run(project)
+    assert all((project / name).read_text() == "mine" for name in ("heatmaps/gradcam.npy", "results.csv", "report.html"))
+
 
 def test_a_run_saved_before_newer_settings_reloads_with_the_rules_it_was_fitted_with(demo_result, demo_data,
                                                                                        tmp_path):

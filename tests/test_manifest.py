@@ -163,6 +163,9 @@ def test_integer_labels_are_output_indices_the_class_names_name(tmp_path):
     assert named.class_names == ("benign", "malignant") and named.labels.tolist() == [0, 0, 1]
     assert dataset_from_source(named.source, named.class_names).labels.tolist() == [0, 0, 1]
     assert load_images(gt, ["malignant", "benign"]).labels.tolist() == [0, 0, 1]  # indices, not names
+    # Classes named by the digits themselves map by name: an index reading would flip them silently.
+    assert load_images(gt, ["1", "0"]).labels.tolist() == [1, 1, 0]
+    assert load_images(gt, ["0", "1"]).labels.tolist() == [0, 0, 1]
     with pytest.raises(InputError, match=r"rows \[4\] have integer labels beyond the 1 classes \['benign'\].*row 4: 1"):
         load_images(gt, ["benign"])
 

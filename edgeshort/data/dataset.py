@@ -22,7 +22,7 @@ from edgeshort.runtime.preprocess import (
     preprocess_image,
 )
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class ImageDataset:
@@ -169,7 +169,7 @@ def _warn_skipped(skipped: list[Path], where: Path) -> None:
     # HEIC files read as fewer images must not pass unnoticed.
     if skipped:
         kinds = Counter(p.suffix.lower() or "no suffix" for p in skipped)
-        log.warning(
+        logger.warning(
             "skipped %d file(s) under %r whose suffix is not an image's (%s), e.g. %s; convert them to %s to use them",
             len(skipped), str(where), ", ".join(f"{n} {k}" for k, n in kinds.most_common()),
             [p.name for p in skipped[:3]], ", ".join(sorted(IMAGE_SUFFIXES)),
@@ -238,6 +238,9 @@ def load_seed_layout(root: str | Path, split: str, class_names: Sequence[str] | 
     # A (class, artefact) cell may hold no images, e.g. no patched malignant lesion, as in ISIC.
     merged = concat([ImageFolder(without, names, group=0, allow_empty=True),
                      ImageFolder(with_, names, group=1, allow_empty=True)], name=split)
+    if not len(merged):
+        raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(without)!r} or "
+                         f"{str(with_)!r}; check the split name and the folders")
     merged.source = f"seed:{split}:{root}"
     return merged
 
@@ -309,17 +312,21 @@ def load_images(
     return ImageFolder(path, class_names)
 
 
-def load_unlabelled(path: str | Path) -> ImageDataset:
-    """Images whose labels do not matter (export calibration): any form `load_images` reads, labels
-    ignored, or a plain folder of image files."""
+def load_unlabelled(path: str | Path, image_root: str | Path | None = None) -> ImageDataset:
+    """Images whose labels do not matter (export calibration): every image under a folder (flat, a
+    class tree or the seed's layout), or the images a CSV lists, with or without a label column."""
     path = Path(path)
-    if path.is_dir() and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
-        files, skipped = _image_files(path)
-        if not files:
-            raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {str(path)!r}; check the folder")
-        _warn_skipped(skipped, path)
-        return ImageDataset(files, [0] * len(files), ("unlabelled",), name=path.name)
-    return load_images(path)
+    if path.suffix.lower() == ".csv":
+        from edgeshort.data.manifest import load_manifest
+
+        return load_manifest(path, image_root=image_root, labelled=False)
+    if not path.is_dir():  # ROOT/SPLIT of the seed's layout, or a path that load_images explains
+        return load_images(path)
+    files, skipped = _image_files(path, recursive=True)
+    if not files:
+        raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(path)!r}; check the folder")
+    _warn_skipped(skipped, path)
+    return ImageDataset(files, [0] * len(files), ("unlabelled",), name=path.name)
 
 
 def merge_classes(

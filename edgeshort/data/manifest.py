@@ -113,7 +113,8 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
         if empty:
             raise InputError(f"{csv_path}: rows {empty[:MISSING_SHOWN]} have an empty {label_col!r}; label every image")
         indices = all(n.isascii() and n.isdigit() for n in names)  # integer labels are the model's output indices
-        if class_names is not None and indices:
+        # ...unless they are the class names themselves (classes named "0" and "1", or a run's recorded names).
+        if class_names is not None and indices and not set(names) <= set(class_names):
             order = list(class_names)
             beyond = [(i + 2, n) for i, n in enumerate(names) if int(n) >= len(order)]
             if beyond:
@@ -166,12 +167,13 @@ def load_manifest(
     class_names: Sequence[str] | None = None,
     image_root: str | Path | None = None,
     columns: Mapping[str, str] | None = None,
+    labelled: bool = True,
 ) -> ImageDataset:
     """The images a CSV lists, with their labels (and artefact groups and masks when it has them).
 
     `columns` maps a role (`image`, `label`, `group`, `mask`) to a header the defaults do not
     recognise. Labels follow sorted class names (one-hot: the columns' order) unless `class_names`
-    gives the model's output order.
+    gives the model's output order. `labelled=False` reads the images only (export calibration).
     """
     csv_path = Path(csv_path).resolve()
     columns = dict(columns or {})
@@ -193,6 +195,8 @@ def load_manifest(
             f"{csv_path}: {len(missing)} of {len(rows)} listed images do not exist under {str(root)!r}, e.g. "
             f"{missing[:MISSING_SHOWN]}; paths are relative to the CSV's folder unless an image root is given"
         )
+    if not labelled:
+        return ImageDataset(paths, [0] * len(paths), ("unlabelled",), name=csv_path.stem)
     used = {c for c in found.values() if c is not None}
     labels, order = _labels(header, rows, found["label"], used, class_names, csv_path)
     groups = None

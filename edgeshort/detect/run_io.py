@@ -24,17 +24,20 @@ RUN_FORMAT = 1
 # What a fit writes besides the files every save rewrites: an earlier run's copies in the same folder
 # would otherwise be read back as this run's (its test predictions, pictures, report). The feature
 # cache stays: it is stamped with the model and images it came from.
-EARLIER_RUN_FILES = ("dfr_head.npz", "test_predictions.npz", "results.csv", "heatmaps", "patch_grids", "report.html",
-                     "report_files")
+EARLIER_RUN_FILES = ("dfr_head.npz", "test_predictions.npz", "results.csv", "report.html")
+EARLIER_RUN_FOLDERS = ("heatmaps/cluster_*", "patch_grids/cluster_*", "report_files")
 
 
 def clear_earlier_run(run_dir: Path) -> None:
+    """Remove what an earlier detection run wrote here; a folder that is not a run is left alone."""
+    if not (run_dir / "run.json").is_file():
+        return
     for name in EARLIER_RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        (run_dir / name).unlink(missing_ok=True)
+    for pattern in EARLIER_RUN_FOLDERS:
+        for path in run_dir.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
 
 
 def save_result(result, run_dir: Path) -> Path:
