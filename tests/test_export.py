@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgeshort.errors import BundleError, InputError, UnsupportedModelError
+from edgeshort.errors import BundleError, InputError, ParityError, UnsupportedModelError
 from edgeshort.export import ExportOptions, export_bundle
 from edgeshort.runtime.backends import open_session
 from edgeshort.runtime.bundle import load_bundle
@@ -188,7 +188,8 @@ def test_vit_b_16_bundle_matches_torch(tmp_path):
 
 
 @pytest.mark.slow
-def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_data, demo_bundle, tmp_path):
+def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_data, demo_bundle, tmp_path,
+                                                            monkeypatch):
     bundle = export_bundle(demo_result, tmp_path / "small", ExportOptions(weights="fp16", int8=True, progress=False),
                            calibration=demo_data["val"])
     manifest = bundle.manifest
@@ -201,6 +202,14 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
     int8 = manifest["openvino"]["int8"]
     assert int8["graph"] == "guarded_int8" and int8["calibration_size"] == 32
     assert int8["top1_agreement_ablated"] >= 0.9 and int8["flag_agreement"] >= 0.95
+    # FP16 graphs off torch by more than their limit are refused, with the way out.
+    from edgeshort.export import exporter
+
+    monkeypatch.setattr(exporter, "FP16_TOLERANCE", 0.0)
+    with pytest.raises(ParityError, match=r"openvino/.*logits_max_abs_diff[\s\S]*export with --weights f32"):
+        export_bundle(demo_result, tmp_path / "strict", ExportOptions(weights="fp16", progress=False, tolerance=0.0,
+                                                                      skl2onnx_check=False), calibration=demo_data["val"])
+    assert not (tmp_path / "strict").exists()
     session = open_session(bundle.path("guarded_int8", "openvino"), "openvino")
     images = np.stack([x for _, b in demo_data["test"].subset(np.arange(8)).batches(bundle.preprocessing, 8) for x in b])
     assert session.run({"images": images})["ablated_logits"].shape == (8, 2)

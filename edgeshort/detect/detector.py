@@ -395,7 +395,7 @@ class ShortcutDetector:
             "val_shortcut_present_rate": float(present.mean()),
             **accuracy,
             "knn_reference_size": int(len(x)),
-            "knn_positives": int(count),
+            "knn_positives": int((y == 1).sum()),
             "knn_positive_threshold": None if chosen is None else chosen.threshold,
             "knn_positive_candidates": None if chosen is None else chosen.candidates,
             **dict.fromkeys(NULLABLE_TEST_METRICS),

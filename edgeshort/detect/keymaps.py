@@ -229,4 +229,4 @@ def describe_positives(candidates: int, positives: int | None, quantile: float, 
     if positives is None or candidates >= positives:
         return f"The KNN's positives are spread over the {candidates:,} shortcut-cluster tokens {hotter}."
     return (f"Only {candidates:,} shortcut-cluster tokens are {hotter}, fewer than the {positives:,} KNN positives; "
-            "the hottest tokens of the cluster's selected samples fill the rest.")
+            "the hottest tokens of the shortcut cluster's images fill the rest.")

@@ -36,7 +36,8 @@ OPSET = 20
 IR_VERSION = 10
 DEFAULT_TOLERANCE = 1e-4
 # FP16 weights keep 11 significant bits, so OpenVINO's outputs move off torch's: measured on the demo,
-# logits by up to 0.045 and one flag of 2,048 where a token sits at the KNN's vote boundary.
+# logits by 0.002 on its 32 calibration images and up to 0.045 over 800 test images, where one flag
+# of 2,048 flipped at the KNN's vote boundary. A larger --tolerance raises this limit too.
 FP16_TOLERANCE = 0.1
 FP16_MISMATCH_SHARE = 0.02
 
@@ -166,7 +167,8 @@ def _run_graph(session, graph: str, images: np.ndarray, ref: dict, batch: int) -
 def _parity(root: Path, graphs: dict, formats, images, ref: dict, tolerance, fp16_openvino: bool = False) -> dict:
     report: dict = {"tolerance": tolerance, "calibration_size": int(len(images)), "backends": {}}
     if fp16_openvino:
-        report["openvino_fp16_limits"] = {"tolerance": FP16_TOLERANCE, "mismatch_share": FP16_MISMATCH_SHARE}
+        report["openvino_fp16_limits"] = {"tolerance": max(FP16_TOLERANCE, tolerance),
+                                          "mismatch_share": FP16_MISMATCH_SHARE}
     failures = []
     for fmt in formats:
         backend = "onnxruntime" if fmt == "onnx" else "openvino"
@@ -183,7 +185,7 @@ def _parity(root: Path, graphs: dict, formats, images, ref: dict, tolerance, fp1
             for key, value in figures.items():
                 if fp16:
                     limit = (FP16_MISMATCH_SHARE * ref[key.removesuffix("_mismatches")].size
-                             if key.endswith("_mismatches") else FP16_TOLERANCE)
+                             if key.endswith("_mismatches") else max(FP16_TOLERANCE, tolerance))
                 else:
                     limit = 0 if key.endswith("_mismatches") else (
                         tolerance if "logits" in key or key.startswith("tokens") else max(tolerance, 1e-3))
@@ -255,9 +257,12 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
             if knn_check["mismatches_vs_sklearn"]:
                 parity["failures"].append(f"skl2onnx KNN: {knn_check['mismatches_vs_sklearn']} flags differ")
         if parity["failures"]:
+            fp16_failed = options.weights == "fp16" and any(f.startswith("openvino/") for f in parity["failures"])
             raise ParityError(
                 "the exported graphs do not reproduce the torch model within tolerance; bundle not written:\n  "
                 + "\n  ".join(parity["failures"])
+                + ("\n  the OpenVINO graphs have FP16 weights: export with --weights f32, or accept the difference "
+                   "with a larger --tolerance" if fp16_failed else "")
             )
         int8 = None
         if options.int8:
