@@ -271,8 +271,8 @@ def test_fewer_samples_than_clusters() -> None:
     ("params", "message"),
     [
         ({"affinity": "euclid"}, r"expected affinity in .*got 'euclid'"),
-        ({"cluster_selection": "fixed"}, r"expected n_clusters with cluster_selection='fixed', got None"),
-        ({"cluster_selection": "eigengap", "n_clusters": 3}, r"expected n_clusters=None"),
+        ({"cluster_selection": "fixed"}, r"expected n_clusters with cluster_selection 'fixed', got none"),
+        ({"cluster_selection": "eigengap", "n_clusters": 3}, r"expected no n_clusters with cluster_selection 'eigengap'"),
         ({"max_clusters": 1}, r"expected max_clusters to be an int >= 2, got 1"),
         ({"per_class": True}, r"expected labels with per_class=True, got None"),
     ],
@@ -493,12 +493,12 @@ def test_cli_checks_out_and_flags_before_fitting(tmp_path, capsys, monkeypatch) 
     out = ["-o", str(tmp_path / "out")]
     for flags, message in [
         (["--per-class"], "expected --labels with --per-class, got none; do pass --labels LABELS.npy or drop --per-class"),
-        (["--cluster-selection", "fixed"], "do pass --n-clusters K or use --cluster-selection auto"),
+        (["--cluster-selection", "fixed"], "do pass --n-clusters or use --cluster-selection 'auto'"),
         (["--cluster-selection", "eigengap", "--n-clusters", "3"], "do drop --n-clusters"),
         (["--n-clusters", "0"], "expected --n-clusters to be a positive int"),
         (["--n-clusters", "41"], "expected at least --n-clusters 41 heatmaps, got 40"),
-        (["--max-clusters", "1"], "expected --max-clusters >= 2"),
-        (["--downsample-size", "1"], "expected --downsample-size >= 2"),
+        (["--max-clusters", "1"], "expected --max-clusters to be an int >= 2"),
+        (["--downsample-size", "1"], "expected --downsample-size to be an int >= 2"),
     ]:
         assert _cli([*heatmaps, *out, *flags]) == 2
         err = capsys.readouterr().err

@@ -44,15 +44,14 @@ def image_files(inputs: list[str], skipped: Counter | None = None) -> Iterator[t
 
     Files in those folders that are not images are counted by suffix in `skipped`, for the summary.
     """
-    from edgeshort.runtime.preprocess import IMAGE_SUFFIXES
+    from edgeshort.runtime.preprocess import IMAGE_SUFFIXES, list_image_files
 
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-            found = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            found, others = list_image_files(path, recursive=True)
             if skipped is not None:
-                skipped.update(p.suffix.lower() or "(no suffix)" for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+                skipped.update(p.suffix.lower() or "no suffix" for p in others)
             if not found:
                 yield name, (f"expected image files ({', '.join(IMAGE_SUFFIXES)}) under the folder {name!r}, "
                              "found none; check the folder")

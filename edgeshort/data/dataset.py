@@ -17,6 +17,7 @@ from edgeshort.runtime.preprocess import (
     IMAGE_SUFFIXES,
     Preprocessing,
     as_pil,
+    list_image_files,
     load_image,
     map_images,
     preprocess_image,
@@ -153,17 +154,6 @@ def _class_folders(root: Path) -> list[Path]:
     return folders
 
 
-def _image_files(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
-    """Image files in `folder` (by suffix, as torchvision's ImageFolder) and the other files.
-
-    Hidden files and folders (.DS_Store, macOS's ._ copies, .ipynb_checkpoints) are in neither: they
-    are not the data, and ._x.jpg would not even load."""
-    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-
-
 def _warn_skipped(skipped: list[Path], where: Path) -> None:
     # A warning, not an error: notes and metadata often sit beside images, but a folder of DICOM or
     # HEIC files read as fewer images must not pass unnoticed.
@@ -196,7 +186,7 @@ class ImageFolder(ImageDataset):
                     f"folder {str(folder)!r} is not one of the classes {names}; pass class names that include "
                     "it, in the model's output order, or move it out of the tree"
                 )
-            files, others = _image_files(folder, recursive=True)
+            files, others = list_image_files(folder, recursive=True)
             if not files and not allow_empty:  # as torchvision's: an empty class is a mistake, not zero images
                 raise InputError(
                     f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folder {str(folder)!r}"
@@ -322,7 +312,7 @@ def load_unlabelled(path: str | Path, image_root: str | Path | None = None) -> I
         return load_manifest(path, image_root=image_root, labelled=False)
     if not path.is_dir():  # ROOT/SPLIT of the seed's layout, or a path that load_images explains
         return load_images(path)
-    files, skipped = _image_files(path, recursive=True)
+    files, skipped = list_image_files(path, recursive=True)
     if not files:
         raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(path)!r}; check the folder")
     _warn_skipped(skipped, path)

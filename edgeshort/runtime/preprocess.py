@@ -39,6 +39,17 @@ THREADED_MIN_PIXELS = 256 * 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def list_image_files(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """Image files in `folder` (by suffix, as torchvision's ImageFolder) and the other files.
+
+    Hidden files and folders (.DS_Store, macOS's ._ copies, .ipynb_checkpoints) are in neither: they
+    are not the data, and ._x.jpg would not even load."""
+    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How an image becomes the model's input: resize (and crop) to `size` (H, W), scale to [0, 1], normalise.

@@ -68,28 +68,19 @@ def _load_array(path: Path, what: str):
         raise InputError(f"expected a numeric .npy file for {what}, got one numpy cannot read ({exc}); do re-save it") from exc
 
 
+FLAG_NAMES = {"n_clusters": "--n-clusters", "cluster_selection": "--cluster-selection", "max_clusters": "--max-clusters",
+              "downsample_size": "--downsample-size"}
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     """The flag combinations the detector would reject, worded as flags (before any loading or fitting)."""
     from edgeshort.errors import InputError
 
     if args.per_class and args.labels is None:
         raise InputError("expected --labels with --per-class, got none; do pass --labels LABELS.npy or drop --per-class")
-    if args.n_clusters is not None and args.n_clusters < 1:
-        raise InputError(f"expected --n-clusters to be a positive int, got {args.n_clusters}; do pass e.g. 3")
-    if args.cluster_selection == "fixed" and args.n_clusters is None:
-        raise InputError(
-            "expected --n-clusters with --cluster-selection fixed, got none; do pass --n-clusters K "
-            "or use --cluster-selection auto"
-        )
-    if args.cluster_selection == "eigengap" and args.n_clusters is not None:
-        raise InputError(
-            "expected no --n-clusters with --cluster-selection eigengap, got one; do drop --n-clusters "
-            "or use --cluster-selection fixed (or auto)"
-        )
-    if args.max_clusters < 2:
-        raise InputError(f"expected --max-clusters >= 2, got {args.max_clusters}; do raise it")
-    if args.downsample_size < 2:
-        raise InputError(f"expected --downsample-size >= 2, got {args.downsample_size}; do use e.g. 32")
+    from edgeshort.spray.detector import check_cluster_settings
+
+    check_cluster_settings(args.cluster_selection, args.n_clusters, args.max_clusters, args.downsample_size, FLAG_NAMES)
     # The first existing path up from --out must be a folder, or the outputs cannot be written after the fit.
     existing = next(p for p in (args.out, *args.out.absolute().parents) if p.exists())
     if not existing.is_dir():

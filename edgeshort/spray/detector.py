@@ -99,6 +99,29 @@ def _purity(values: np.ndarray | None, members: np.ndarray) -> tuple[float | Non
     return float(counts[best] / counts.sum()), _plain(kinds[best]), count_map
 
 
+# How each setting is named in errors: as a Python argument, or (the CLI passes these) as its flag.
+PARAMETER_NAMES = {"n_clusters": "n_clusters", "cluster_selection": "cluster_selection", "max_clusters": "max_clusters",
+                   "downsample_size": "downsample_size"}
+
+
+def check_cluster_settings(cluster_selection, n_clusters, max_clusters, downsample_size,
+                           names: dict[str, str] = PARAMETER_NAMES) -> None:
+    """The rules on SpRAy's cluster settings, in one place; `names` words them for the caller."""
+    n, selection = names["n_clusters"], names["cluster_selection"]
+    if n_clusters is not None and (not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1):
+        raise InputError(f"expected {n} to be a positive int or None, got {n_clusters!r}; do pass e.g. 3")
+    if cluster_selection == "fixed" and n_clusters is None:
+        raise InputError(f"expected {n} with {selection} 'fixed', got none; do pass {n} or use {selection} 'auto'")
+    if cluster_selection == "eigengap" and n_clusters is not None:
+        raise InputError(f"expected no {n} with {selection} 'eigengap', got {n_clusters}; do drop {n} or use "
+                         f"{selection} 'fixed' (or 'auto') to set the number yourself")
+    if not isinstance(max_clusters, (int, np.integer)) or max_clusters < 2:
+        raise InputError(f"expected {names['max_clusters']} to be an int >= 2, got {max_clusters!r}; do raise it")
+    if downsample_size is not None and (not isinstance(downsample_size, (int, np.integer)) or downsample_size < 2):
+        raise InputError(f"expected {names['downsample_size']} to be an int >= 2 or None, got {downsample_size!r}; "
+                         "do use e.g. 32")
+
+
 class SpRAyDetector(BaseEstimator):
     """Spectral Relevance Analysis: cluster explanation heatmaps to find Clever Hans behaviour.
 
@@ -181,26 +204,7 @@ class SpRAyDetector(BaseEstimator):
             raise InputError(
                 f"expected cluster_selection in {CLUSTER_SELECTIONS}, got {self.cluster_selection!r}; do pick one"
             )
-        if self.n_clusters is not None and (not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1):
-            raise InputError(f"expected n_clusters to be a positive int or None, got {self.n_clusters!r}; do fix it")
-        if self.cluster_selection == "fixed" and self.n_clusters is None:
-            raise InputError(
-                "expected n_clusters with cluster_selection='fixed', got None; "
-                "do pass n_clusters=K or use cluster_selection='auto'"
-            )
-        if self.cluster_selection == "eigengap" and self.n_clusters is not None:
-            raise InputError(
-                f"expected n_clusters=None with cluster_selection='eigengap', got {self.n_clusters}; "
-                "do use cluster_selection='fixed' (or 'auto') to set the number yourself"
-            )
-        if not isinstance(self.max_clusters, (int, np.integer)) or self.max_clusters < 2:
-            raise InputError(f"expected max_clusters to be an int >= 2, got {self.max_clusters!r}; do raise it")
-        if self.downsample_size is not None and (
-            not isinstance(self.downsample_size, (int, np.integer)) or self.downsample_size < 2
-        ):
-            raise InputError(
-                f"expected downsample_size to be an int >= 2 or None, got {self.downsample_size!r}; do use e.g. 32"
-            )
+        check_cluster_settings(self.cluster_selection, self.n_clusters, self.max_clusters, self.downsample_size)
         if self.n_neighbors is not None and (not isinstance(self.n_neighbors, (int, np.integer)) or self.n_neighbors < 1):
             raise InputError(f"expected n_neighbors to be a positive int or None, got {self.n_neighbors!r}; do fix it")
         if self.gamma is not None and (not isinstance(self.gamma, (int, float, np.number)) or not self.gamma > 0):
