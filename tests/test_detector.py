@@ -396,8 +396,13 @@ def test_ablation_that_removes_the_object_is_reported(caplog):
     with caplog.at_level("WARNING"):
         checked = _ablation_check(result, data, right, collapsed)
     assert checked["val_balanced_accuracy_ablated"] == 0.5
-    assert "lowers balanced validation accuracy from 1.000 to 0.500" in checked["warnings"][0]
-    assert "not an artefact" in caplog.text
+    assert "lowers balanced validation accuracy from 1.000 to 0.500, chance level (0.500)" in checked["warnings"][0]
+    assert "or the model learned little besides the artefact (likely when" in caplog.text
+    # Above chance, neither cause is favoured.
+    half = right.copy()
+    half[:6] = [1.0, 0.0]
+    checked = _ablation_check(result, data, right, half)
+    assert "chance" not in checked["warnings"][0] and "flags parts of the object, or" in checked["warnings"][0]
 
 
 def test_a_model_at_or_below_chance_is_called_out(caplog):

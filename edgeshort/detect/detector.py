@@ -441,10 +441,16 @@ def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.n
     )
     warnings = []
     if after < before - ABLATION_HARM_TOLERANCE:
+        chance = 1 / dataset.num_classes
+        # Two causes look alike here; a model that saw only the artefact falls to chance without it.
+        at_chance = after <= chance + ABLATION_HARM_TOLERANCE
         warnings.append(
-            f"ablating the flagged tokens lowers balanced validation accuracy from {before:.3f} to {after:.3f}: "
-            "the KNN flags parts of the object, not an artefact. Check the key heatmaps of the shortcut cluster "
-            "before exporting; the model may not lean on an artefact at all"
+            f"ablating the flagged tokens lowers balanced validation accuracy from {before:.3f} to {after:.3f}"
+            f"{f', chance level ({chance:.3f})' if at_chance else ''}: either the KNN flags parts of the object, "
+            "or the model learned little besides the artefact"
+            f"{' (likely when ablation leaves it at chance)' if at_chance else ''}. Check the key heatmaps and the "
+            "flag pictures before exporting: flags on the object mean this is not an artefact; flags on the artefact "
+            "alone mean the model needs retraining without it (DFR only reweights features the model already has)"
         )
         logger.warning("%s", warnings[-1])
     return {"val_balanced_accuracy_original": before, "val_balanced_accuracy_ablated": after, "warnings": warnings}
