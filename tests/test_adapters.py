@@ -246,8 +246,20 @@ def test_training_checkpoints_load_with_arch(tmp_path, images):
     with pytest.raises(UnsupportedModelError, match=r"12 missing keys \(blocks\.1\..*0 unexpected keys"):
         load_model_file(tmp_path / "generic.pt", arch="timm:vit_tiny_patch16_224", img_size=IMAGE, patch_size=8,
                         depth=2)
-    with pytest.raises(UnsupportedModelError, match=r"tensors have another shape \(file vs architecture: pos_embed"):
-        load_model_file(tmp_path / "generic.pt", arch="timm:vit_tiny_patch16_224", patch_size=8, depth=1)
+    # Fine-tuned at another square size than the architecture's 224: the size is read from the weights.
+    with torch.no_grad():
+        at_trained_size = load_model_file(tmp_path / "generic.pt", arch="timm:vit_tiny_patch16_224", patch_size=8,
+                                          depth=1)
+        torch.testing.assert_close(at_trained_size(images), expected, rtol=0, atol=0)
+    import timm
+
+    wide = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=(32, 48), patch_size=8,
+                             depth=1)
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(UnsupportedModelError, match=r"another shape \(file vs architecture: pos_embed.*img_size=\(H, W\)"):
+        load_model_file(tmp_path / "wide.pt", arch="timm:vit_tiny_patch16_224", patch_size=8, depth=1)
+    assert load_model_file(tmp_path / "wide.pt", arch="timm:vit_tiny_patch16_224", patch_size=8, depth=1,
+                           img_size=(32, 48)).patch_embed.img_size == (32, 48)
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_weights.pt")
     with pytest.raises(UnsupportedModelError, match="no state dict under 'state_dict', 'model_state_dict', 'model'"):
         load_model_file(tmp_path / "no_weights.pt")
@@ -304,3 +316,16 @@ def test_a_timm_model_gets_timms_own_evaluation_transform(caplog):
     with caplog.at_level("WARNING"):
         assert load_adapter(model).preprocessing.crop_mode == "center"
     assert "crop_mode 'border' is not supported" in caplog.text
+
+
+def test_torchvision_state_dict_fine_tuned_at_another_size_loads(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, num_classes=2, image_size=64).eval()
+    torch.save(model.state_dict(), tmp_path / "vit64.pt")
+    loaded = load_model_file(tmp_path / "vit64.pt", arch="torchvision:vit_b_16")
+    assert loaded.image_size == 64
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

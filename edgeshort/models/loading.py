@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,30 @@ def _examples(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
 
 
+# Where each family keeps its position embeddings, and the keyword that sets its input size.
+POSITION_EMBEDDINGS = {"timm": ("pos_embed", "img_size"), "torchvision": ("encoder.pos_embedding", "image_size")}
+
+
+def _trained_image_size(arch: str, state: dict, model, kwargs: dict) -> tuple[str, int] | None:
+    """(keyword, size) of the square input the weights' position embeddings were trained at, when it is
+    not the size `model` was built for; None when they agree, or the size was given or cannot be told."""
+    family = arch.partition(":")[0]
+    if family not in POSITION_EMBEDDINGS:
+        return None
+    key, keyword = POSITION_EMBEDDINGS[family]
+    if keyword in kwargs or key not in state or state[key].shape == model.state_dict()[key].shape:
+        return None
+    if family == "timm":
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        patch = model.patch_embed.patch_size[0]
+    else:
+        prefix, patch = 1, model.patch_size
+    side = math.isqrt(max(int(state[key].shape[1]) - prefix, 0))
+    if side < 1 or side * side != int(state[key].shape[1]) - prefix:
+        return None  # not a square grid: the shape error below says to give the size
+    return keyword, side * patch
+
+
 def _build_and_load(arch: str, state: dict, arch_kwargs: dict, path: Path):
     """Build `arch` and load `state` into it; the class count comes from the head if not given."""
     state = _strip_wrapper_prefixes(state)
@@ -132,6 +157,10 @@ def _build_and_load(arch: str, state: dict, arch_kwargs: dict, path: Path):
         head = [v for k, v in state.items() if k.endswith("head.weight") or k.endswith("classifier.weight")]
         kwargs["num_classes"] = int(head[-1].shape[0]) if head else 1000
     model = build_architecture(arch, **kwargs)
+    trained_size = _trained_image_size(arch, state, model, kwargs)
+    if trained_size is not None:  # fine-tuned at another resolution than the architecture's default
+        kwargs[trained_size[0]] = trained_size[1]
+        model = build_architecture(arch, **kwargs)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -148,7 +177,8 @@ def _build_and_load(arch: str, state: dict, arch_kwargs: dict, path: Path):
     if shapes:
         raise UnsupportedModelError(
             f"the state dict in {str(path)!r} does not fit architecture {arch!r}: {len(shapes)} tensors have "
-            f"another shape (file vs architecture: {_examples(shapes)}); {fix}, incl. its size, patch and image size"
+            f"another shape (file vs architecture: {_examples(shapes)}); {fix}, incl. its size and patch size (a square input size is read from the weights; another one is "
+            "given in Python: load_model_file(path, arch, img_size=(H, W)), torchvision: image_size=)"
         )
     model.load_state_dict(state)
     return model.eval()
