@@ -71,6 +71,9 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
         assert len(record["logits"]) == len(names)
         assert (record["dfr_label"] is None) == (not demo_bundle.has_dfr)
         assert record["final_label"] == (record["dfr_label"] or record["ablated_label"])
+        final = np.asarray(record["dfr_logits"] or record["ablated_logits"])
+        assert record["final_probability"] == pytest.approx(np.exp(final).max() / np.exp(final).sum())
+        assert record["warning"] is None or record["warning"].startswith("flags cover")
         picture = Image.open(record["overlay"])
         assert picture.mode == "RGB" and min(picture.size) >= 256
     assert len(list(overlays.glob("*.png"))) == NUM_IMAGES

@@ -588,3 +588,23 @@ def test_fuzzed_files_give_a_result_or_a_documented_error(guards, tmp_path_facto
     path = tmp_path_factory.mktemp("fuzz") / f"file{suffix}"
     path.write_bytes(prefix + body)
     _outcome(guards["onnxruntime"], path)
+
+
+def test_result_gives_the_final_probability_and_warns_when_flags_cover_most_of_the_image():
+    grid = np.zeros((4, 4), bool)
+
+    def result(flagged: int, dfr_logits=None) -> GuardResult:
+        flags = grid.copy()
+        flags.flat[:flagged] = True
+        return GuardResult(
+            logits=np.array([2.0, 0.0]), label=0, class_name="a", ablated_logits=np.array([0.0, np.log(3.0)]),
+            ablated_label=1, ablated_class_name="b", dfr_logits=dfr_logits, dfr_label=None if dfr_logits is None else 0,
+            dfr_class_name=None if dfr_logits is None else "a", flags=flags, raw_flags=flags, saliency=grid * 0.0,
+            shortcut_present=flagged > 0, class_names=("a", "b"))
+
+    assert result(3).final_probability == pytest.approx(0.75)  # softmax of the ablated logits, label b
+    assert result(3, np.array([np.log(4.0), 0.0])).final_probability == pytest.approx(0.8)  # the DFR head's
+    assert result(8).warning is None  # half the patches: still a plausible artefact
+    warned = result(9)
+    assert warned.warning.startswith("flags cover 9 of 16 patches") and warned.to_dict()["warning"] == warned.warning
+    json.dumps(warned.to_dict())

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "shortcut_present", "flagged_patches",
-                 "logits", "ablated_logits", "dfr_logits", "overlay", "error")
+RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "final_probability", "shortcut_present",
+                 "flagged_patches", "warning", "logits", "ablated_logits", "dfr_logits", "overlay", "error")
 # Overlays are drawn at least this many pixels on the short side, so small inputs stay readable.
 OVERLAY_MIN_SIDE = 256
 
@@ -116,8 +116,9 @@ def result_record(path: str, result, overlay: str | None) -> dict:
     return {
         "path": path, "label": result.class_name, "ablated_label": result.ablated_class_name,
         "dfr_label": result.dfr_class_name, "final_label": result.final_class_name,
-        "shortcut_present": result.shortcut_present,
-        "flagged_patches": result.flagged_patches, "logits": np.asarray(result.logits, float).tolist(),
+        "final_probability": result.final_probability, "shortcut_present": result.shortcut_present,
+        "flagged_patches": result.flagged_patches, "warning": result.warning,
+        "logits": np.asarray(result.logits, float).tolist(),
         "ablated_logits": np.asarray(result.ablated_logits, float).tolist(),
         "dfr_logits": None if result.dfr_logits is None else np.asarray(result.dfr_logits, float).tolist(),
         "overlay": overlay, "error": None,
@@ -163,7 +164,7 @@ def run(args) -> int:
                        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     writer = RecordWriter(args.out, guard.class_names)
     overlays = OverlayWriter(args.overlays, guard.preprocessing) if args.overlays else None
-    counts = {"images": 0, "shortcut_present": 0, "failed": 0}
+    counts = {"images": 0, "shortcut_present": 0, "failed": 0, "warned": 0}
 
     def fail(path: str, message: str) -> None:
         print(f"edgeshort predict: {path}: {message}", file=sys.stderr)
@@ -197,6 +198,7 @@ def run(args) -> int:
             writer.write(result_record(path, result, overlay))
             counts["images"] += 1
             counts["shortcut_present"] += int(result.shortcut_present)
+            counts["warned"] += int(result.warning is not None)
         pending.clear()
 
     pending: list = []
@@ -213,6 +215,9 @@ def run(args) -> int:
         where = f" -> {args.out}" if args.out else ""
         print(f"{counts['images']} images predicted, {counts['shortcut_present']} with a shortcut, "
               f"{counts['failed']} failed{where} ({guard.info.backend}, {guard.info.precision})", file=sys.stderr)
+        if counts["warned"]:
+            print(f"{counts['warned']} with flags over most of the image: see their records' warning and review "
+                  "them by hand", file=sys.stderr)
         if skipped:
             kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(skipped.items()))
             total = sum(skipped.values())

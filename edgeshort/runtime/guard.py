@@ -40,6 +40,10 @@ def _frozen(array: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+# Share of an image's patches flagged above which a result carries a warning.
+MOST_PATCHES = 0.5
+
+
 @dataclass(frozen=True, eq=False)
 class GuardResult:
     """What the guarded model says about one image.
@@ -83,6 +87,29 @@ class GuardResult:
         """Whether the guard changed the plain model's prediction."""
         return self.final_label != self.label
 
+    @property
+    def final_logits(self) -> np.ndarray:
+        return self.dfr_logits if self.dfr_logits is not None else self.ablated_logits
+
+    @property
+    def final_probability(self) -> float:
+        """Softmax probability of the final label: the model's confidence, not a calibrated risk."""
+        z = np.asarray(self.final_logits, dtype=np.float64)
+        p = np.exp(z - z.max())
+        return float(p[self.final_label] / p.sum())
+
+    @property
+    def warning(self) -> str | None:
+        """A reason to distrust the guarded prediction, or None."""
+        share = self.flagged_patches / self.flags.size
+        if share > MOST_PATCHES:
+            # Artefacts cover a few patches; flags over most of an image point at an image unlike the
+            # validation data (another modality, a corrupt scan), and the ablated label rests on few tokens.
+            return (f"flags cover {self.flagged_patches} of {self.flags.size} patches: the image may be unlike the "
+                    "images the guard was fitted on, and the guarded prediction rests on the few patches left; "
+                    "review it by hand")
+        return None
+
     def to_dict(self) -> dict:
         """Plain Python types only, ready for `json.dumps`."""
 
@@ -95,6 +122,7 @@ class GuardResult:
             "ablated_label": self.ablated_label, "ablated_class_name": self.ablated_class_name,
             "dfr_label": self.dfr_label, "dfr_class_name": self.dfr_class_name,
             "final_label": self.final_label, "final_class_name": self.final_class_name,
+            "final_probability": self.final_probability, "warning": self.warning,
             "shortcut_present": self.shortcut_present, "flagged_patches": self.flagged_patches,
             "logits": floats(self.logits), "ablated_logits": floats(self.ablated_logits),
             "dfr_logits": floats(self.dfr_logits),
