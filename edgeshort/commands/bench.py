@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per case (default 10)")
     parser.add_argument("--block", type=int, default=5, help="calls per block (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: the backend's)")
-    parser.add_argument("--quick", action="store_true", help="few rounds, tiny demo model only (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="few rounds (3 x 3 calls per case); without BUNDLE, the demo's bundle")
     parser.add_argument("--no-seed-pipeline", action="store_true", help="skip the torch + scikit-learn row")
     parser.add_argument("-o", "--out", default="bench", help="output folder for bench.json/.md/.png")
 
