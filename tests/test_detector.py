@@ -417,7 +417,12 @@ def test_a_model_at_or_below_chance_is_called_out(caplog):
     with caplog.at_level("WARNING"):
         (warning,) = _chance_check(right[:, [1, 2, 0]], labels, names)
     assert "less than chance" in warning and "class order ['bcc', 'melanoma', 'nevus']" in warning
+    assert "(CLI: --classes NAME,NAME,...)" in warning
     assert warning in caplog.text
+    # Two classes swapped: the warning spells out the other order.
+    two = np.arange(100) % 2
+    (swapped,) = _chance_check(np.eye(2)[1 - two], two, ("melanoma", "other"))
+    assert "(CLI: --classes other,melanoma)" in swapped
     # Outputs unrelated to the images (wrong weights or preprocessing), or one class for all.
     (warning,) = _chance_check(rng.normal(0, 1, (300, 3)), labels, names)
     assert "no better than chance" in warning and "preprocessing" in warning

@@ -540,7 +540,8 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names) -> list[s
         f"the model's validation predictions agree with the labels {'less' if below else 'no better'} than chance "
         f"(accuracy {right / n:.3f}, {chance:.3f} by chance on {n} images), so its clusters and flags cannot "
         "point at a shortcut. "
-        + (f"Check that the data's class order {list(class_names)} is the model's output order"
+        + (f"Check that the data's class order {list(class_names)} is the model's output order; if not, give "
+           f"that order (CLI: --classes {','.join(reversed(class_names)) if k == 2 else 'NAME,NAME,...'})"
            if below else "Check the weights and the preprocessing (image size, mean, std and crop) the model was trained "
            f"with, and that the data's class order {list(class_names)} is the model's output order")
     )
