@@ -282,6 +282,15 @@ def test_cached_features_are_reused_only_for_the_same_model_input(tmp_path, capl
     assert not fit(load_adapter(_small_model()))[1]
 
 
+def test_dilation_grows_flags_by_the_same_share_of_the_image_on_any_grid():
+    config = DetectorConfig()
+    # The seed's 1 patch at 14 x 14 (vit_b_16 at 224); a 6 x 6 grid's patch is already a sixth of the image.
+    assert [config.dilation_for((g, g)) for g in (4, 6, 7, 8, 14, 24, 37)] == [0, 0, 1, 1, 1, 2, 3]
+    assert DetectorConfig(dilation_radius=2).dilation_for((6, 6)) == 2
+    with pytest.raises(InputError, match="dilation_radius >= 0 or None"):
+        DetectorConfig(dilation_radius=-1)
+
+
 def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
     from edgeshort.data import ImageDataset
     from edgeshort.models import load_adapter
@@ -295,6 +304,7 @@ def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
     result = ShortcutDetector(config).fit(adapter, data, run_dir=tmp_path)
     reloaded = ShortcutDetector.load(tmp_path)
     assert reloaded.adapter.preprocessing == adapter.preprocessing
+    assert result.config.dilation_radius == reloaded.config.dilation_radius == 0  # 4 x 4 grid: the radius it used
     logits = result.predict(data, progress=False).logits
     np.testing.assert_allclose(reloaded.predict(data, progress=False).logits, logits, atol=1e-5)
     # The family's default feeds the model other numbers, so the reload must not fall back to it,

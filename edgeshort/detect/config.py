@@ -35,7 +35,7 @@ class DetectorConfig:
     positive_quantile: float = 0.999
     heatmap: str = "nearest"  # see detect/keymaps.py for both contrasts
     negatives: str = "spread"
-    dilation_radius: int = 1
+    dilation_radius: int | None = None
     min_patches: int = 2
     key_layer: int = -1
     dfr: str = "logreg"
@@ -53,7 +53,8 @@ class DetectorConfig:
             (self.knn_samples is None or self.knn_samples >= 1, f"knn_samples >= 1, got {self.knn_samples}"),
             (self.knn_negatives is None or self.knn_negatives >= 1, f"knn_negatives >= 1, got {self.knn_negatives}"),
             (self.knn_k >= 1, f"knn_k >= 1, got {self.knn_k}"),
-            (self.dilation_radius >= 0, f"dilation_radius >= 0, got {self.dilation_radius}"),
+            (self.dilation_radius is None or self.dilation_radius >= 0,
+             f"dilation_radius >= 0 or None, got {self.dilation_radius}"),
             (self.min_patches >= 1, f"min_patches >= 1, got {self.min_patches}"),
             (self.dfr in DFR_METHODS, f"dfr in {DFR_METHODS}, got {self.dfr!r}"),
             (self.cluster_space in CLUSTER_SPACES, f"cluster_space in {CLUSTER_SPACES}, got {self.cluster_space!r}"),
@@ -72,6 +73,13 @@ class DetectorConfig:
         if self.knn_samples is not None:
             return self.knn_samples
         return max(self.knn_k, round(200 * self.num_selected * num_patches / (20 * 196)))
+
+    def dilation_for(self, grid: tuple[int, int]) -> int:
+        """The radius flags grow by: as set, or the seed's 1 patch at 14 x 14 scaled to this grid, so the
+        grown area is the same share of the image (0 on grids under 7 x 7, where one patch is a sixth)."""
+        if self.dilation_radius is not None:
+            return self.dilation_radius
+        return int(min(grid) / 14 + 0.5)
 
     def knn_negative_count(self, num_patches: int) -> int:
         return self.knn_negatives if self.knn_negatives is not None else self.knn_sample_count(num_patches)
@@ -108,7 +116,8 @@ SETTING_NOTES = {
     "positive_quantile": "quantile of clean tokens' heat a calibrated positive must exceed",
     "negatives": "KNN negatives spread over the clean tokens' heat ranking (spread) or the coolest "
                  "(closest, the seed's)",
-    "dilation_radius": "flags grown to neighbours within this radius",
+    "dilation_radius": "flags grown to neighbours within this radius (None: the seed's 1 at 14 x 14 patches, "
+                       "scaled to this grid)",
     "min_patches": "flagged patches needed for 'shortcut present' (the seed's 'more than one')",
     "key_layer": "encoder block whose key projection, applied to the patch embeddings (the seed's), gives the keys",
     "dfr": "last-layer retraining method",

@@ -6,7 +6,7 @@ import csv
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -304,8 +304,9 @@ class ShortcutDetector:
         return run_io.load_result(Path(run_dir), model)
 
     def fit(self, model, val, run_dir: str | Path | None = None, class_names=None) -> DetectionResult:
-        cfg = self.config
         adapter = load_adapter(model)
+        # Settings that depend on the model are fixed here, so the run, the report and the bundle record them.
+        cfg = replace(self.config, dilation_radius=self.config.dilation_for(adapter.grid))
         if class_names is None and isinstance(val, tuple):
             class_names = [str(c) for c in range(adapter.num_classes)]
         dataset = as_dataset(val, class_names)
