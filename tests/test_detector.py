@@ -305,6 +305,9 @@ def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
     reloaded = ShortcutDetector.load(tmp_path)
     assert reloaded.adapter.preprocessing == adapter.preprocessing
     assert result.config.dilation_radius == reloaded.config.dilation_radius == 0  # 4 x 4 grid: the radius it used
+    # The run says what it fed the model, so a wrong crop or normalisation shows before the results do.
+    assert result.summary().startswith("model: tiny ViT, input 32x32 (crop 0.8 (center), bicubic, mean (0.2, 0.3, "
+                                       "0.4), std (0.9, 0.8, 0.7)), 4x4 patches, flags grown by 0")
     logits = result.predict(data, progress=False).logits
     np.testing.assert_allclose(reloaded.predict(data, progress=False).logits, logits, atol=1e-5)
     # The family's default feeds the model other numbers, so the reload must not fall back to it,

@@ -257,7 +257,12 @@ class DetectionResult:
         return self.run_dir
 
     def summary(self) -> str:
-        lines = [f"shortcut cluster: {self.shortcut_cluster} (margin {self.metrics.get('score_margin', 0):.3f})"]
+        prep = self.adapter.preprocessing
+        crop = "stretched" if prep.crop_pct is None else f"crop {prep.crop_pct:g} ({prep.crop_mode})"
+        lines = [f"model: {self.adapter.family} ViT, input {prep.size[0]}x{prep.size[1]} ({crop}, {prep.interpolation}, "
+                 f"mean {tuple(round(m, 3) for m in prep.mean)}, std {tuple(round(v, 3) for v in prep.std)}), "
+                 f"{self.grid[0]}x{self.grid[1]} patches, flags grown by {self.config.dilation_radius}",
+                 f"shortcut cluster: {self.shortcut_cluster} (margin {self.metrics.get('score_margin', 0):.3f})"]
         for s in self.scores:
             lines.append(
                 f"  cluster {s.cluster}: size {s.size}, homogeneity {s.homogeneity:.3f}, "
@@ -556,8 +561,10 @@ def _masked_head_features(result: DetectionResult, dataset: ImageDataset) -> np.
 
     adapter, cfg = result.adapter, result.config
     out = []
+    batches = dataset.batches(adapter.preprocessing, cfg.batch_size)
+    total = -(-len(dataset) // cfg.batch_size)
     with torch.inference_mode():
-        for _, images in dataset.batches(adapter.preprocessing, cfg.batch_size):
+        for _, images in progress_bar(batches, cfg.progress, f"ablating {dataset.name}", total):
             tokens = adapter.embed(torch.from_numpy(images))
             keep = result.guard_tokens(tokens)[-1]
             out.append(adapter.head_features(tokens, keep).numpy())
