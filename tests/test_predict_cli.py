@@ -124,6 +124,15 @@ def test_json_out_is_one_array(demo_bundle, image_folder, tmp_path):
     assert records[0]["label"] in demo_bundle.class_names and records[2]["error"]
 
 
+def test_overlays_of_large_photos_stay_screen_sized(demo_bundle, demo_data, tmp_path):
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(demo_data["test"].array(0)).resize((2048, 1536)).save(photo)
+    code = main(["predict", str(demo_bundle.root), str(photo), "--backend", "onnxruntime", "--overlays",
+                 str(tmp_path / "overlays"), "-o", str(tmp_path / "r.jsonl"), "--quiet"])
+    assert code == 0
+    assert max(Image.open(tmp_path / "overlays" / "photo.png").size) == 1024
+
+
 def read_jsonl_text(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

@@ -19,8 +19,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import json
-
     from edgeshort.data import load_unlabelled
     from edgeshort.export import ExportOptions, export_bundle
 
@@ -35,8 +33,10 @@ def run(args) -> int:
     for backend, graphs in parity["backends"].items():
         worst = max((v for g in graphs.values() for k, v in g.items() if "logits" in k), default=0.0)
         print(f"  parity {backend:<12} max |logit diff| {worst:.2e} (tolerance {parity['tolerance']:g})")
-    sizes = {name: entry["bytes"] for name, entry in bundle.manifest["files"].items()}
-    print("  files: " + json.dumps(sizes))
+    files = bundle.manifest["files"]
+    total = sum(entry["bytes"] for entry in files.values())
+    print(f"  files: {len(files)}, {total / 2**20:.1f} MiB: "
+          + ", ".join(f"{name} {entry['bytes'] / 2**20:.1f}" for name, entry in files.items()))
     guard = bundle.manifest["guard"]
     print("  final label: " + ("ablated + DFR head" if guard["has_dfr"] else "ablated prediction"
                                + (" (the run's DFR head left out by --no-dfr)" if guard["dfr_omitted"] else "")))

@@ -18,8 +18,10 @@ import numpy as np
 
 RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "final_probability", "shortcut_present",
                  "flagged_patches", "warning", "logits", "ablated_logits", "dfr_logits", "overlay", "error")
-# Overlays are drawn at least this many pixels on the short side, so small inputs stay readable.
+# Overlays are drawn at least this many pixels on the short side, so small inputs stay readable, and
+# at most this many on the long side, so a 12-MP photo's outlines are not too thin to see on a screen.
 OVERLAY_MIN_SIDE = 256
+OVERLAY_MAX_SIDE = 1024
 
 
 def add_arguments(parser) -> None:
@@ -135,9 +137,14 @@ class OverlayWriter:
         self._used: set[str] = set()
 
     def write(self, path: str, image, result) -> str:
+        from PIL import Image
+
         from edgeshort.report.draw import guard_overlay
 
-        pixels = np.asarray(self.preprocessing.seen_part(image).convert("RGB"))
+        seen = self.preprocessing.seen_part(image).convert("RGB")
+        if max(seen.size) > OVERLAY_MAX_SIDE:
+            seen.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+        pixels = np.asarray(seen)
         scale = max(1, -(-OVERLAY_MIN_SIDE // max(1, min(pixels.shape[:2]))))
         picture = guard_overlay(pixels, result.saliency, result.flags, scale=scale)
         stem = Path(path).stem or "image"
