@@ -21,7 +21,7 @@ import numpy as np
 
 from edgeshort.errors import InputError
 from edgeshort.runtime.backends import BACKENDS, open_session
-from edgeshort.runtime.bundle import Bundle, load_bundle
+from edgeshort.runtime.bundle import FUSED_GRAPHS, Bundle, load_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,9 @@ def bench_bundle(
         raise InputError(f"expected backends from {BACKENDS} and batch sizes >= 1, got backends {backends} and "
                          f"batches {list(batches)}; e.g. --backends onnxruntime,openvino --batch 1,8")
     bundle = load_bundle(bundle_dir)
+    if not bundle.has_graphs(FUSED_GRAPHS):
+        raise InputError(f"bench times the fused graphs {list(FUSED_GRAPHS)}, which {str(bundle.root)!r} was exported "
+                         "without (--graphs split); export a bundle with --graphs all or fused to benchmark")
     rng = np.random.default_rng(0)
     results: dict = {"bundle": str(bundle.root), "model": bundle.manifest["model"], "machine": machine_info(),
                      "settings": {"rounds": rounds, "block": block, "threads": threads, "batches": list(batches)},

@@ -287,3 +287,35 @@ def test_force_replaces_only_a_bundle(demo_result, tmp_path):
     with pytest.raises(BundleError, match="is a file"):
         export_bundle(demo_result, tmp_path / "file", ExportOptions(progress=False))
     assert sorted(p.name for p in run_copy.iterdir()) == before
+
+
+def test_a_bundle_of_one_path_is_smaller_and_runs_that_path(demo_result, demo_data, demo_bundle, tmp_path):
+    from edgeshort.bench import bench_bundle
+    from edgeshort.runtime import Guard
+
+    images = np.stack([demo_data["test"].array(i) for i in range(0, 800, 40)])
+    expected = Guard.load(demo_bundle, backend="onnxruntime").predict(images)
+    sizes = {}
+    for graphs, kept in (("fused", {"guarded", "plain"}), ("split", {"embed", "guard", "encoder_head"})):
+        bundle = export_bundle(demo_result, tmp_path / graphs, ExportOptions(formats=("onnx",), graphs=graphs,
+                                                                             progress=False),
+                               calibration=demo_data["val"])
+        assert set(bundle.manifest["graphs"]) == kept
+        sizes[graphs] = sum(entry["bytes"] for entry in bundle.manifest["files"].values())
+        guard = Guard.load(bundle, backend="onnxruntime")
+        assert set(guard.info.compiled) == kept
+        results = guard.predict(images)  # the path the bundle has
+        assert [r.final_label for r in results] == [r.final_label for r in expected]
+        assert [r.flagged_patches for r in results] == [r.flagged_patches for r in expected]
+        np.testing.assert_allclose([r.logits for r in results], [r.logits for r in expected], atol=1e-4)
+        other = "split" if graphs == "fused" else "fused"
+        with pytest.raises(BundleError, match=f"path='{other}' needs the graphs .* --graphs all"):
+            guard.predict(images[:1], path=other)
+    assert sizes["split"] < sizes["fused"]  # one copy of the encoder's weights instead of two
+    # Older runtimes expect the fused graphs: a bundle without them says it needs a newer one.
+    assert load_bundle(tmp_path / "split").manifest["format"] == 3
+    assert load_bundle(tmp_path / "fused").manifest["format"] < 3
+    with pytest.raises(InputError, match="bench times the fused graphs"):
+        bench_bundle(tmp_path / "split", progress=False)
+    with pytest.raises(InputError, match="INT8 quantises the fused guarded graph"):
+        ExportOptions(graphs="split", int8=True)

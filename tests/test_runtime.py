@@ -401,10 +401,10 @@ def test_bad_arguments_are_refused(guards, demo_bundle, test_images):
     guard = guards["onnxruntime"]
     with pytest.raises(InputError, match="expected batch_size to be a positive integer, got 0"):
         guard.predict(test_images[:2], batch_size=0)
-    with pytest.raises(InputError, match=r"expected path in \('fused', 'split'\), got 'fast'"):
+    with pytest.raises(InputError, match=r"expected path in \('fused', 'split'\) or None, got 'fast'"):
         guard.predict(test_images[:2], path="fast")
     with pytest.raises(InputError, match="drop_tokens=True needs the split graphs; pass path='split'"):
-        guard.predict(test_images[:2], drop_tokens=True)
+        guard.predict(test_images[:2], path="fused", drop_tokens=True)
     with pytest.raises(InputError, match="expected a file path, a PIL image or a numpy array, got bytes"):
         guard.predict(b"\x89PNG")
     with pytest.raises(InputError, match="expected backend in"):

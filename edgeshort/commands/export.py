@@ -9,6 +9,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--formats", default="onnx,openvino", help="comma list of onnx,openvino (default both)")
     parser.add_argument("--weights", default="f32", choices=("f32", "fp16"), help="OpenVINO IR weight precision")
     parser.add_argument("--int8", action="store_true", help="also write an INT8 guarded graph (nncf)")
+    parser.add_argument("--graphs", default="all", choices=("all", "fused", "split"),
+                        help="graphs to ship: all (default), fused (guarded + plain) or split (embed + guard + "
+                             "encoder_head); each graph with the encoder carries its weights, so fused is 2/3 and "
+                             "split 1/3 of the size of all")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| vs torch (default 1e-4)")
     parser.add_argument("--data", help="calibration images, labels not needed: a folder of images, an ImageFolder tree "
                                        "or a CSV listing (default: the run's validation images)")
@@ -24,7 +28,7 @@ def run(args) -> int:
 
     options = ExportOptions(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
-        int8=args.int8, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr,
+        int8=args.int8, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
     )
     calibration = load_unlabelled(args.data) if args.data else None
     bundle = export_bundle(args.run, args.out, options, calibration, overwrite=args.force)

@@ -194,7 +194,7 @@ def run(args) -> int:
 
         loaded = map_images(load, [path for path, _ in pending], args.threads)
         images = [image for image, _ in loaded if image is not None]
-        results = iter(guard.predict(images, batch_size=args.batch_size, path="split" if args.split else "fused",
+        results = iter(guard.predict(images, batch_size=args.batch_size, path="split" if args.split else None,
                                      drop_tokens=args.drop_tokens) if images else ())
         for (path, _), (image, problem) in zip(pending, loaded):
             if problem is not None:

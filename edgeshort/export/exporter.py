@@ -26,11 +26,12 @@ from edgeshort._version import __version__
 from edgeshort.errors import BundleError, InputError, ParityError
 from edgeshort.export.graphs import graph_specs
 from edgeshort.runtime.backends import open_session
-from edgeshort.runtime.bundle import GRAPHS, MANIFEST, load_bundle, write_manifest
+from edgeshort.runtime.bundle import FUSED_GRAPHS, GRAPHS, MANIFEST, SPLIT_GRAPHS, load_bundle, write_manifest
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "openvino")
+GRAPH_SETS = {"all": FUSED_GRAPHS + SPLIT_GRAPHS, "fused": FUSED_GRAPHS, "split": SPLIT_GRAPHS}
 OPSET = 20
 # IR 10 (opset <= 21) is read by every onnxruntime since 1.18; onnx's own default may be newer.
 IR_VERSION = 10
@@ -53,8 +54,15 @@ class ExportOptions:
     progress: bool = True
     # False leaves the run's DFR head out: the bundle's final label is then the ablated prediction.
     dfr: bool = True
+    # Which graphs to ship (GRAPH_SETS): each graph holding the encoder carries its weights, so "fused"
+    # or "split" make a smaller bundle that runs one path only.
+    graphs: str = "all"
 
     def __post_init__(self) -> None:
+        if self.graphs not in GRAPH_SETS:
+            raise InputError(f"expected graphs in {tuple(GRAPH_SETS)}, got {self.graphs!r}")
+        if self.int8 and self.graphs == "split":
+            raise InputError("INT8 quantises the fused guarded graph; export with graphs 'all' or 'fused'")
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats or "onnx" not in self.formats:
             raise InputError(f"expected formats from {FORMATS} including 'onnx', got {self.formats}")
@@ -201,9 +209,11 @@ def _knn_cross_check(root: Path, ref: dict) -> dict:
     session = open_session(root / "knn_skl2onnx.onnx", "onnxruntime")
     keys = ref["keys"].reshape(-1, ref["keys"].shape[-1]).astype(np.float32)
     labels = session.run({"keys": keys})["label"].reshape(ref["raw_flags"].shape).astype(bool)
-    guard = open_session(root / "guard.onnx", "onnxruntime").run({"tokens": ref["tokens"]})["raw_flags"]
-    return {"patches": int(labels.size), "mismatches_vs_sklearn": int((labels != ref["raw_flags"]).sum()),
-            "mismatches_vs_guard_graph": int((labels != guard).sum())}
+    report = {"patches": int(labels.size), "mismatches_vs_sklearn": int((labels != ref["raw_flags"]).sum())}
+    if (root / "guard.onnx").is_file():
+        guard = open_session(root / "guard.onnx", "onnxruntime").run({"tokens": ref["tokens"]})["raw_flags"]
+        report["mismatches_vs_guard_graph"] = int((labels != guard).sum())
+    return report
 
 
 def export_bundle(run, out: str | Path, options: ExportOptions | None = None, calibration=None,
@@ -228,7 +238,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
     staging = out.parent / f".{out.name}.partial-{os.getpid()}-{time.time_ns()}"
     staging.mkdir()
     try:
-        specs = graph_specs(result)
+        specs = {name: spec for name, spec in graph_specs(result).items() if name in GRAPH_SETS[options.graphs]}
         graphs = {}
         for name, (module, example, input_names, output_names, dynamic) in specs.items():
             t = time.perf_counter()

@@ -17,7 +17,7 @@ from edgeshort.errors import BundleError
 from edgeshort.runtime.preprocess import Preprocessing
 
 # The newest format this edgeshort reads. 2 added the centre crop (`crop_pct` in the preprocessing).
-BUNDLE_FORMAT = 2
+BUNDLE_FORMAT = 3
 MANIFEST = "manifest.json"
 # The graphs of a bundle and what they compute; every one is in ONNX and, optionally, OpenVINO IR.
 GRAPHS = {
@@ -28,6 +28,9 @@ GRAPHS = {
     "encoder_head": "tokens + keep mask -> logits (+ DFR logits)",
     "guarded_int8": "the guarded graph quantised to INT8 (OpenVINO IR only, optional)",
 }
+# The two ways to run the guard; a bundle holds either or both (`edgeshort export --graphs`).
+FUSED_GRAPHS = ("guarded", "plain")
+SPLIT_GRAPHS = ("embed", "guard", "encoder_head")
 
 
 def sha256_file(path: Path) -> str:
@@ -68,8 +71,17 @@ class Bundle:
     def formats(self, graph: str) -> dict[str, str]:
         return self.manifest["graphs"].get(graph, {}).get("files", {})
 
+    def has_graphs(self, graphs: tuple[str, ...]) -> bool:
+        return all(g in self.manifest["graphs"] for g in graphs)
+
     def path(self, graph: str, fmt: str) -> Path:
         files = self.formats(graph)
+        if graph not in self.manifest["graphs"]:
+            raise BundleError(
+                f"bundle {str(self.root)!r} has no graph {graph!r} (it has {sorted(self.manifest['graphs'])}); "
+                "run it on the graphs it has (fused: guarded + plain, split: embed + guard + encoder_head) or "
+                "re-export with `edgeshort export RUN -o BUNDLE --graphs all`"
+            )
         if fmt not in files:
             have = ", ".join(f"{g}: {sorted(v.get('files', {}))}" for g, v in self.manifest["graphs"].items())
             raise BundleError(
@@ -84,7 +96,10 @@ class Bundle:
 
 def _format_needed(manifest: dict) -> int:
     """The oldest format that reads this bundle right, so older runtimes keep loading what they can."""
-    # Format 1 readers know no crop and would silently stretch a cropping model's input.
+    # Format 2 readers expect the fused graphs; format 1 readers also know no crop and would silently
+    # stretch a cropping model's input.
+    if not all(g in manifest["graphs"] for g in FUSED_GRAPHS):
+        return 3
     return 2 if manifest["model"]["preprocessing"].get("crop_pct") is not None else 1
 
 

@@ -22,16 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from edgeshort.errors import InputError
+from edgeshort.errors import BundleError, InputError
 from edgeshort.runtime.backends import BACKENDS, PRECISIONS, Session, choose_backend, open_session
-from edgeshort.runtime.bundle import Bundle, load_bundle
+from edgeshort.runtime.bundle import FUSED_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
 from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, map_images, preprocess_image
 
 logger = logging.getLogger(__name__)
 
 PATHS = ("fused", "split")
-FUSED_GRAPHS = ("guarded", "plain")
-SPLIT_GRAPHS = ("embed", "guard", "encoder_head")
 
 
 def _frozen(array: np.ndarray, dtype) -> np.ndarray:
@@ -197,7 +195,8 @@ class Guard:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         cache_dir: str | Path | None = None,
     ) -> Guard:
-        """Verify a bundle (format version, sha256 of every file), compile its fused graphs and warm them up.
+        """Verify a bundle (format version, sha256 of every file), compile its graphs and warm them up:
+        the fused ones, or the split ones in a bundle exported without them (`--graphs split`).
 
         `backend="auto"` runs OpenVINO on an Intel CPU when it is installed and the bundle has OpenVINO IR,
         unless `device` is an ONNX Runtime one; else ONNX Runtime.
@@ -216,15 +215,16 @@ class Guard:
             backend = "onnxruntime"  # providers are ONNX Runtime's
         # A `Bundle` object is verified again: its files may have changed since it was loaded.
         loaded = load_bundle(bundle.root if isinstance(bundle, Bundle) else bundle)
-        chosen = choose_backend(backend, list(loaded.formats("guarded")), device)
+        graphs = FUSED_GRAPHS if loaded.has_graphs(FUSED_GRAPHS) else SPLIT_GRAPHS
+        chosen = choose_backend(backend, list(loaded.formats(graphs[0])), device)
         fmt = "onnx" if chosen == "onnxruntime" else "openvino"
         options = {"backend": chosen, "device": device, "threads": threads, "precision": precision,
                    "providers": list(providers) if providers else None, "cache_dir": cache_dir, "fmt": fmt}
         guard = cls(loaded, chosen, options, {}, max_pixels)
         warmup = 0.0
-        for graph in FUSED_GRAPHS:
+        for graph in graphs:
             warmup += guard._compile(graph)
-        description = guard._sessions["guarded"].description
+        description = guard._sessions[graphs[0]].description
         guard.info = GuardInfo(
             bundle=str(loaded.root), backend=chosen, precision=description.get("precision", precision),
             device=description.get("device", device),
@@ -232,7 +232,7 @@ class Guard:
             threads=threads, backend_version=str(description.get("version")),
             load_seconds=round(time.perf_counter() - start, 4), warmup_seconds=round(warmup, 4),
             input_size=tuple(guard.preprocessing.size), class_names=guard.class_names, has_dfr=loaded.has_dfr,
-            compiled=FUSED_GRAPHS,
+            compiled=graphs,
         )
         logger.info("loaded %s on %s (%s) in %.2f s", loaded.root, chosen, guard.info.precision,
                     guard.info.load_seconds)
@@ -339,19 +339,29 @@ class Guard:
 
     # -- prediction -------------------------------------------------------------------------
     def predict(
-        self, images: Any, batch_size: int = 8, path: str = "fused", drop_tokens: bool = False
+        self, images: Any, batch_size: int = 8, path: str | None = None, drop_tokens: bool = False
     ) -> GuardResult | list[GuardResult]:
         """Guarded predictions for one image (-> one result) or a list / stacked batch (-> a list).
 
         Accepts file paths, PIL images, uint8 (H, W[, C]) arrays, or float32 arrays already
         preprocessed as (3, H, W) / (B, 3, H, W). Images are processed `batch_size` at a time.
-        `path="split"` runs embed -> guard -> encoder_head; `drop_tokens=True` (split only) removes
+        `path="fused"` runs the fused graphs, `path="split"` embed -> guard -> encoder_head; None
+        takes the fused ones when the bundle has them. `drop_tokens=True` (split only) removes
         flagged tokens instead of masking them, one image at a time.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"expected batch_size to be a positive integer, got {batch_size!r}")
+        if path is None:
+            path = "split" if drop_tokens or not self.bundle.has_graphs(FUSED_GRAPHS) else "fused"
         if path not in PATHS:
-            raise InputError(f"expected path in {PATHS}, got {path!r}")
+            raise InputError(f"expected path in {PATHS} or None, got {path!r}")
+        graphs = FUSED_GRAPHS if path == "fused" else SPLIT_GRAPHS
+        if not self.bundle.has_graphs(graphs):
+            raise BundleError(
+                f"path={path!r} needs the graphs {list(graphs)}, which this bundle was exported without (it has "
+                f"{sorted(self.bundle.manifest['graphs'])}); use the other path, or re-export with "
+                "`edgeshort export RUN -o BUNDLE --graphs all`"
+            )
         if drop_tokens and path != "split":
             raise InputError("drop_tokens=True needs the split graphs; pass path='split' (the fused graph masks tokens)")
         items, single = self._expand(images)
