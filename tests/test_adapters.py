@@ -329,3 +329,60 @@ def test_torchvision_state_dict_fine_tuned_at_another_size_loads(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_a_transformers_save_pretrained_folder_loads_with_its_preprocessing_and_class_names(tmp_path):
+    import json
+
+    from edgeshort.models import load_adapter_file
+
+    torch.manual_seed(0)
+    model = _transformers().eval()
+    model.config.id2label = {0: "nevus", 1: "melanoma", 2: "bcc"}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({
+        "do_normalize": True, "image_mean": [0.4, 0.45, 0.5], "image_std": [0.2, 0.25, 0.3], "resample": 3,
+        "size": {"height": IMAGE, "width": IMAGE}}))
+    adapter = load_adapter_file(tmp_path / "hf")
+    prep = adapter.preprocessing
+    assert (prep.mean, prep.std, prep.interpolation) == ((0.4, 0.45, 0.5), (0.2, 0.25, 0.3), "bicubic")
+    assert adapter.class_names == ("nevus", "melanoma", "bcc")
+    x = torch.randn(2, 3, IMAGE, IMAGE)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.model(x).logits, model(x).logits)
+    # transformers' placeholder names say nothing about the order.
+    model.config.id2label = {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert load_adapter(model).class_names is None
+    # Its weights alone, or its state dict, name the folder as the way to load it.
+    with pytest.raises(UnsupportedModelError, match="save_pretrained folder"):
+        load_model_file(tmp_path / "hf" / "model.safetensors")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(UnsupportedModelError, match="transformers ViT's state dict; pass the model's save_pretrained"):
+        load_model_file(tmp_path / "sd.pt", arch="torchvision:vit_b_16")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnsupportedModelError, match="folder without config.json"):
+        load_model_file(tmp_path / "empty")
+
+
+def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from edgeshort.cli import main
+
+    torch.manual_seed(0)
+    model = _transformers().eval()
+    model.config.id2label = {0: "nevus", 1: "melanoma", 2: "bcc"}
+    model.save_pretrained(tmp_path / "hf")
+    rng = np.random.default_rng(0)
+    for name in ("bcc", "melanoma", "nevus"):  # sorted folder order differs from the model's
+        (tmp_path / "val" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (IMAGE, IMAGE, 3), dtype=np.uint8)).save(tmp_path / "val" / name / f"{i}.png")
+    code = main(["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run"),
+                 "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet"])
+    assert code == 0
+    assert "classes in the model's output order (its id2label): nevus, melanoma, bcc" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["class_names"] == ["nevus", "melanoma", "bcc"]

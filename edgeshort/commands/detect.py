@@ -83,8 +83,9 @@ def config_from_args(args, base: DetectorConfig | None = None) -> DetectorConfig
 
 def run(args) -> int:
     from edgeshort.data import load_images, parse_class_map
+    from edgeshort.data.dataset import in_class_order
     from edgeshort.detect import ShortcutDetector
-    from edgeshort.models import load_adapter, load_model_file
+    from edgeshort.models import load_adapter_file
 
     if args.demo:
         from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
@@ -105,13 +106,18 @@ def run(args) -> int:
     else:
         if not args.data:
             raise InputError("expected --data VAL with --model; pass the validation image folder or CSV listing")
-        model = load_adapter(load_model_file(args.model, arch=args.arch)).set_preprocessing(
+        model = load_adapter_file(args.model, arch=args.arch).set_preprocessing(
             _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation, _crop_pct(args.crop_pct),
             args.crop_mode,
         )
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         class_map = parse_class_map(args.class_map) if args.class_map else None
         val = load_images(args.data, classes, class_map, args.image_root)
+        if classes is None and model.class_names and set(model.class_names) == set(val.class_names):
+            # The model names its outputs (transformers' id2label) and the data has the same classes.
+            classes = list(model.class_names)
+            val = in_class_order(val, classes)
+            print(f"classes in the model's output order (its id2label): {', '.join(classes)}")
         test = load_images(args.eval_data, classes, class_map, args.image_root) if args.eval_data else None
         config = config_from_args(args)
     result = ShortcutDetector(config).fit(model, val, run_dir=args.out)

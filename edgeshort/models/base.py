@@ -57,6 +57,11 @@ class ViTAdapter(ABC):
     def embed_dim(self) -> int:
         return self.head_linear().in_features
 
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class names the model carries in its output order, when it carries real ones."""
+        return None
+
     # -- the interface --------------------------------------------------------------------
     @abstractmethod
     def embed(self, images: torch.Tensor) -> torch.Tensor:

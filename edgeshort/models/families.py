@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -209,6 +210,15 @@ class TransformersViTAdapter(ViTAdapter):
         self.preprocessing = Preprocessing(
             size=_pair(cfg.image_size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
         )
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        labels = getattr(self.model.config, "id2label", None) or {}
+        names = tuple(str(labels[i]) for i in sorted(labels, key=int))
+        # transformers names unnamed classes LABEL_0, LABEL_1, ...: those say nothing about the order.
+        if len(names) != self.num_classes or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+            return None
+        return names
 
     @staticmethod
     def _projections(layer) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:

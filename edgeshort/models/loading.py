@@ -14,6 +14,8 @@ SUPPORTED = (
     "edgeshort TinyViT, torchvision VisionTransformer (e.g. vit_b_16), timm VisionTransformer "
     "(incl. register / distillation tokens), transformers ViTForImageClassification"
 )
+TRANSFORMERS_FIX = ("pass the model's save_pretrained folder (config.json + weights: --model DIR), or save the "
+                    "whole module with torch.save(model)")
 
 
 def _module_root(model: Any) -> str:
@@ -30,7 +32,7 @@ def load_adapter(model: Any) -> ViTAdapter:
     if isinstance(model, ViTAdapter):
         return model
     if isinstance(model, (str, Path)):
-        return load_adapter(load_model_file(model))
+        return load_adapter_file(model)
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(
             f"expected a torch nn.Module, a ViTAdapter or a model file path, got {type(model).__name__}; "
@@ -90,7 +92,7 @@ def build_architecture(arch: str, num_classes: int, **kwargs: Any):
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     raise UnsupportedModelError(
         f"expected an architecture 'tiny', 'torchvision:NAME' or 'timm:NAME', got {arch!r}; "
-        "for transformers, save the whole module (torch.save(model)) and load that file"
+        f"for transformers, {TRANSFORMERS_FIX}"
     )
 
 
@@ -184,6 +186,53 @@ def _build_and_load(arch: str, state: dict, arch_kwargs: dict, path: Path):
     return model.eval()
 
 
+# transformers' resample codes (PIL's) for the filters Preprocessing knows.
+_RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _load_pretrained_folder(path: Path):
+    """A transformers `save_pretrained` folder (config.json + weights), read from disk only."""
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(
+            f"{str(path)!r} is a folder without config.json; pass a model file, or a transformers "
+            "save_pretrained folder"
+        )
+    from edgeshort._optional import require
+
+    transformers = require("transformers", "transformers")
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"transformers cannot load the folder {str(path)!r}: {exc}") from exc
+    return model.eval()
+
+
+def folder_preprocessing(path: str | Path) -> dict | None:
+    """set_preprocessing arguments from a transformers folder's preprocessor_config.json, if it has one:
+    the normalisation and resize filter its image processor applies (the size is the model's)."""
+    config_path = Path(path) / "preprocessor_config.json"
+    if not config_path.is_file():
+        return None
+    import json
+
+    config = json.loads(config_path.read_text())
+    prep: dict = {}
+    if config.get("do_normalize", True) and "image_mean" in config and "image_std" in config:
+        prep["mean"], prep["std"] = tuple(config["image_mean"]), tuple(config["image_std"])
+    elif not config.get("do_normalize", True):
+        prep["mean"], prep["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if config.get("resample") in _RESAMPLE_NAMES:
+        prep["interpolation"] = _RESAMPLE_NAMES[config["resample"]]
+    return prep
+
+
+def load_adapter_file(path: str | Path, arch: str | None = None) -> ViTAdapter:
+    """The adapter of a saved model, with the preprocessing its folder records (transformers)."""
+    adapter = load_adapter(load_model_file(path, arch=arch))
+    prep = folder_preprocessing(path) if Path(path).is_dir() else None
+    return adapter.set_preprocessing(**prep) if prep else adapter
+
+
 def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: Any):
     """Load a model saved as a whole module, an edgeshort checkpoint, or a state dict (+ `arch`).
 
@@ -193,8 +242,12 @@ def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: An
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        return _load_pretrained_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist; check the path")
+    if path.suffix == ".safetensors":
+        raise UnsupportedModelError(f"{str(path)!r} holds weights without their architecture; {TRANSFORMERS_FIX}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -216,6 +269,8 @@ def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: An
     if isinstance(obj, dict):
         state = obj if _is_state_dict(obj) else next((obj[k] for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
         if state is not None:
+            if any(k.startswith(("vit.", "module.vit.")) for k in state):
+                raise UnsupportedModelError(f"{str(path)!r} holds a transformers ViT's state dict; {TRANSFORMERS_FIX}")
             if arch is None:
                 named = obj.get("arch")
                 example = f"timm:{named}" if isinstance(named, str) and _timm_knows(named) else "torchvision:vit_b_16"

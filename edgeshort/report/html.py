@@ -377,8 +377,10 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append("Each step on the same test images (paired bootstrap over each class and group): "
                           + "; ".join(_e(step[0].upper() + step[1:]) for step in steps) + ".")
         if m.get("val_balanced_accuracy_ablated") is not None:
+            gains = m["val_balanced_accuracy_ablated"] >= m["val_balanced_accuracy_original"]
             points.append(f"Balanced validation accuracy {_num(m['val_balanced_accuracy_original'])} before ablation, "
-                          f"{_num(m['val_balanced_accuracy_ablated'])} after it (a real shortcut's ablation gains).")
+                          f"{_num(m['val_balanced_accuracy_ablated'])} after it"
+                          + (" (a real shortcut's ablation gains or keeps it)." if gains else " (see the warning)."))
         for warning in [*(m.get("warnings") or []), *([m["dfr_warning"]] if m.get("dfr_warning") else [])]:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
         if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
