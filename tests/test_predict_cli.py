@@ -133,6 +133,33 @@ def test_overlays_of_large_photos_stay_screen_sized(demo_bundle, demo_data, tmp_
     assert max(Image.open(tmp_path / "overlays" / "photo.png").size) == 1024
 
 
+def test_odd_file_names_and_bad_outputs(demo_bundle, demo_data, tmp_path, capsys, monkeypatch):
+    import os
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    pixels = Image.fromarray(demo_data["test"].array(0))
+    latin1 = os.fsdecode(bytes(folder) + b"/caf\xe9.png")  # not UTF-8, as old Windows shares write names
+    pixels.save(latin1)
+    pixels.save(folder / "=cmd.png")
+    out = tmp_path / "r.csv"
+    assert main(["predict", str(demo_bundle.root), str(folder), "--backend", "onnxruntime", "-o", str(out), "--quiet"]) == 0
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    names = sorted(Path(r["path"].lstrip("'")).name for r in rows)
+    assert names == ["=cmd.png", "caf\\xe9.png"]
+    monkeypatch.chdir(folder)  # a name given as it is, the cell's first character
+    assert main(["predict", str(demo_bundle.root), "=cmd.png", "--backend", "onnxruntime", "-o",
+                 str(tmp_path / "one.csv"), "--quiet"]) == 0
+    with open(tmp_path / "one.csv", newline="") as fh:
+        assert next(csv.DictReader(fh))["path"] == "'=cmd.png"  # text, not a spreadsheet formula
+    # An --overlays path that is a file is refused before the earlier results in --out are touched.
+    before = out.read_text()
+    assert main(["predict", str(demo_bundle.root), str(folder), "--backend", "onnxruntime", "-o", str(out),
+                 "--overlays", str(folder / "=cmd.png")]) == 2
+    assert "cannot write the outputs" in capsys.readouterr().err and out.read_text() == before
+
+
 def read_jsonl_text(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

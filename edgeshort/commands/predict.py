@@ -98,7 +98,7 @@ class RecordWriter:
             for kind, key in (("logit", "logits"), ("ablated_logit", "ablated_logits"), ("dfr_logit", "dfr_logits")):
                 for name, value in zip(self.class_names, record.get(key) or []):
                     row[f"{kind}_{name}"] = value
-            self._writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            self._writer.writerow({k: _spreadsheet_safe(v) for k, v in row.items()})
         self._written += 1
 
     def close(self) -> None:
@@ -110,13 +110,28 @@ class RecordWriter:
             self._fh.flush()
 
 
+def _spreadsheet_safe(value):
+    """A CSV cell a spreadsheet shows as text: a leading =, +, - or @ would make it a formula."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        return "'" + value
+    return value
+
+
+def printable(path: str) -> str:
+    """A file name as text any JSON or CSV reader takes: bytes that are not UTF-8 (Python keeps them as
+    lone surrogates) are written as \\xNN escapes instead of stopping the writer."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def error_record(path: str, message: str) -> dict:
-    return {**dict.fromkeys(RECORD_FIELDS), "path": path, "error": message}
+    return {**dict.fromkeys(RECORD_FIELDS), "path": printable(path), "error": printable(message)}
 
 
 def result_record(path: str, result, overlay: str | None) -> dict:
     return {
-        "path": path, "label": result.class_name, "ablated_label": result.ablated_class_name,
+        "path": printable(path), "label": result.class_name, "ablated_label": result.ablated_class_name,
         "dfr_label": result.dfr_class_name, "final_label": result.final_class_name,
         "final_probability": result.final_probability, "shortcut_present": result.shortcut_present,
         "flagged_patches": result.flagged_patches, "warning": result.warning,
@@ -169,8 +184,12 @@ def run(args) -> int:
         raise InputError(f"expected --batch-size of at least 1, got {args.batch_size}")
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
                        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
-    writer = RecordWriter(args.out, guard.class_names)
-    overlays = OverlayWriter(args.overlays, guard.preprocessing) if args.overlays else None
+    try:  # both outputs are made before either is written, so a bad one costs no earlier results
+        overlays = OverlayWriter(args.overlays, guard.preprocessing) if args.overlays else None
+        writer = RecordWriter(args.out, guard.class_names)
+    except OSError as exc:
+        raise InputError(f"cannot write the outputs ({exc}); choose an --out file and an --overlays folder "
+                         "you can write, not an existing file for the folder") from exc
     counts = {"images": 0, "shortcut_present": 0, "failed": 0, "warned": 0}
 
     def fail(path: str, message: str) -> None:
