@@ -236,6 +236,9 @@ def _pick_images(bundle: Bundle, rng, count: int) -> tuple[np.ndarray, np.ndarra
         meta = json.loads((Path(source_run) / "run.json").read_text())
         data = dataset_from_source(meta["data_source"], meta.get("class_names"))
     except (TypeError, OSError, KeyError, ValueError):  # no run folder or no recorded data: random inputs
+        logger.warning("the bundle's source run %r or its images are not reachable, so the benchmark feeds random "
+                       "inputs, which the guard may flag: the clean-image rows then time flagged images "
+                       "(bench.json clean_inputs_flagged says how many)", source_run)
         images = rng.standard_normal((count, 3, h, w)).astype(np.float32)
         return images, images
     session = open_session(bundle.path("guarded", "onnx"), "onnxruntime")

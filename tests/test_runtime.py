@@ -183,6 +183,12 @@ def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, m
     (onnx_only / "manifest.json").write_text(json.dumps(manifest))
     assert Guard.load(onnx_only).info.backend == "onnxruntime"
     assert Guard.load(demo_bundle, device="cpu").info.backend == "onnxruntime"
+    # OpenVINO's own device names choose it on any CPU; its "CPU" may be spelt in lower case.
+    monkeypatch.setattr(backends, "is_intel_cpu", lambda: False)
+    assert backends.choose_backend("auto") == "onnxruntime"
+    for device in ("AUTO", "NPU", "HETERO:GPU,CPU"):
+        assert backends.choose_backend("auto", device=device) == "openvino"
+    assert Guard.load(demo_bundle, backend="openvino", device="cpu").info.device == "CPU"
 
 
 def test_openvino_compiles_into_the_cache_dir(demo_bundle, test_images, guards, tmp_path):
@@ -607,4 +613,5 @@ def test_result_gives_the_final_probability_and_warns_when_flags_cover_most_of_t
     assert result(8).warning is None  # half the patches: still a plausible artefact
     warned = result(9)
     assert warned.warning.startswith("flags cover 9 of 16 patches") and warned.to_dict()["warning"] == warned.warning
+    assert "saw none of the image, so do not use it" in result(16).warning
     json.dumps(warned.to_dict())

@@ -348,7 +348,7 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
         "knn_cross_check": knn_check,
         "extra_files": extra_files,
         "seconds": seconds,
-        "source_run": str(result.run_dir) if result.run_dir else None,
+        "source_run": str(Path(result.run_dir).resolve()) if result.run_dir else None,
     }
 
 

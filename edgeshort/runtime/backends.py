@@ -131,7 +131,7 @@ class OpenVINOSession(Session):
         if precision not in PRECISIONS:
             raise InputError(f"expected precision in {PRECISIONS}, got {precision!r}")
         core = ov.Core()
-        device = device or "CPU"
+        device = (device or "CPU").upper()  # OpenVINO's names are upper case; "cpu" means its "CPU"
         if device not in core.available_devices and device.split(":")[0] not in ("AUTO", "MULTI", "HETERO"):
             raise InputError(
                 f"expected an OpenVINO device from {core.available_devices}, got {device!r}"
@@ -189,8 +189,9 @@ def is_intel_cpu() -> bool:
 
 
 def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), device: str | None = None) -> str:
-    """`auto`: OpenVINO on an Intel CPU when it is installed and the bundle has OpenVINO IR (`formats`),
-    unless `device` names an ONNX Runtime device ("cpu", "cuda", "coreml", ...); else ONNX Runtime."""
+    """`auto`: OpenVINO when it is installed and the bundle has OpenVINO IR (`formats`), on an Intel CPU
+    or for an OpenVINO device ("GPU", "NPU", "AUTO", ...), unless `device` names an ONNX Runtime
+    device ("cpu", "cuda", "coreml", ...); else ONNX Runtime."""
     if backend not in ("auto", *BACKENDS):
         raise InputError(f"expected backend in {('auto', *BACKENDS)}, got {backend!r}")
     if backend != "auto":
@@ -199,7 +200,9 @@ def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), 
         return "onnxruntime"
     if device is not None and (device in ORT_DEVICE_PROVIDERS or device.lower() in ORT_ONLY_DEVICES):
         return "onnxruntime"
-    if is_intel_cpu():
+    # OpenVINO's own device names (its "CPU" is also ONNX Runtime's, so it decides nothing).
+    asks_openvino = device is not None and device.split(":")[0] in ("GPU", "NPU", "AUTO", "HETERO", "MULTI")
+    if asks_openvino or is_intel_cpu():
         try:
             importlib.import_module("openvino")
             return "openvino"

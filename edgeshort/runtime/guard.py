@@ -100,6 +100,9 @@ class GuardResult:
     def warning(self) -> str | None:
         """A reason to distrust the guarded prediction, or None."""
         share = self.flagged_patches / self.flags.size
+        if share == 1:
+            return (f"flags cover all {self.flags.size} patches: the guarded prediction saw none of the image, so do "
+                    "not use it; the image is likely unlike the images the guard was fitted on")
         if share > MOST_PATCHES:
             # Artefacts cover a few patches; flags over most of an image point at an image unlike the
             # validation data (another modality, a corrupt scan), and the ablated label rests on few tokens.
