@@ -22,6 +22,7 @@ import numpy as np
 from edgeshort.errors import InputError
 from edgeshort.runtime.backends import BACKENDS, open_session
 from edgeshort.runtime.bundle import FUSED_GRAPHS, Bundle, load_bundle
+from edgeshort.runtime.guard import Guard
 
 logger = logging.getLogger(__name__)
 
@@ -194,20 +195,17 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
         "guarded+original (flagged image)": guarded_with_original,
     }
     cold = {"plain": round(cold_plain, 3), "guarded": round(cold_guarded, 3)}
-    if variant["precision"] != "int8":
-        from edgeshort.runtime import Guard
-
-        # The runtime end to end: its original prediction for a clean image costs no second pass.
-        # The bundle's detection warnings are logged once per load; bench_bundle has shown them once already.
-        guard_logger = logging.getLogger("edgeshort.runtime.guard")
-        level = guard_logger.level
-        guard_logger.setLevel(logging.ERROR)
-        try:
-            guard = Guard.load(bundle.root, variant["backend"], threads=threads, precision=variant["precision"])
-        finally:
-            guard_logger.setLevel(level)
-        cold["Guard.load (verify + compile + warm up)"] = round(guard.info.load_seconds, 3)
-        cases["Guard.predict (clean image)"] = lambda: guard.predict(images_clean, batch_size=batch)
+    # The runtime end to end: its original prediction for a clean image costs no second pass.
+    # The bundle's detection warnings are logged once per load; bench_bundle has shown them once already.
+    guard_logger = logging.getLogger("edgeshort.runtime.guard")
+    level = guard_logger.level
+    guard_logger.setLevel(logging.ERROR)
+    try:
+        guard = Guard.load(bundle.root, variant["backend"], threads=threads, precision=variant["precision"])
+    finally:
+        guard_logger.setLevel(level)
+    cold["Guard.load (verify + compile + warm up)"] = round(guard.info.load_seconds, 3)
+    cases["Guard.predict (clean image)"] = lambda: guard.predict(images_clean, batch_size=batch)
     timings = interleaved(cases, rounds, block)
     base = timings["plain"].median_ms
     return {

@@ -210,6 +210,19 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
         export_bundle(demo_result, tmp_path / "strict", ExportOptions(weights="fp16", progress=False, tolerance=0.0,
                                                                       skl2onnx_check=False), calibration=demo_data["val"])
     assert not (tmp_path / "strict").exists()
+    # The runtime runs the INT8 guarded graph on request, and says when it cannot.
+    from edgeshort.runtime import Guard
+
+    test = np.stack([demo_data["test"].array(i) for i in range(0, 800, 20)])
+    int8_guard = Guard.load(bundle, precision="int8")
+    assert int8_guard.info.precision == "int8" and int8_guard.info.backend == "openvino"
+    f32_labels = [r.final_label for r in Guard.load(bundle, backend="openvino").predict(test)]
+    agree = np.mean([r.final_label for r in int8_guard.predict(test)] == np.array(f32_labels))
+    assert agree >= 0.9
+    with pytest.raises(BundleError, match="has no INT8 graph; export it with .* --int8"):
+        Guard.load(demo_bundle, precision="int8")
+    with pytest.raises(InputError, match="the INT8 graph is OpenVINO IR"):
+        Guard.load(bundle, backend="onnxruntime", precision="int8")
     session = open_session(bundle.path("guarded_int8", "openvino"), "openvino")
     images = np.stack([x for _, b in demo_data["test"].subset(np.arange(8)).batches(bundle.preprocessing, 8) for x in b])
     assert session.run({"images": images})["ablated_logits"].shape == (8, 2)

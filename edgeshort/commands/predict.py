@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
                              "OpenVINO IR, unless --device is an ONNX Runtime one; else ONNX Runtime)")
     parser.add_argument("--device", help="OpenVINO device (CPU, GPU, AUTO) or ONNX Runtime device (cpu, cuda, coreml)")
     parser.add_argument("--threads", type=int, help="inference threads (default: the backend's choice)")
+    parser.add_argument("--precision", default="f32", choices=("f32", "bf16", "int8"),
+                        help="OpenVINO inference precision: f32 (default), bf16 on CPUs that have it, or the "
+                             "bundle's INT8 guarded graph (export --int8)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default 8)")
     parser.add_argument("-o", "--out", help="write records to this .jsonl, .json (one array) or .csv file (default: JSONL on stdout)")
     parser.add_argument("--overlays", help="folder for overlay PNGs: image + saliency + flagged patches")
@@ -183,7 +186,7 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise InputError(f"expected --batch-size of at least 1, got {args.batch_size}")
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
-                       max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+                       precision=args.precision, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     try:  # both outputs are made before either is written, so a bad one costs no earlier results
         overlays = OverlayWriter(args.overlays, guard.preprocessing) if args.overlays else None
         writer = RecordWriter(args.out, guard.class_names)

@@ -30,6 +30,7 @@ from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, map_images,
 logger = logging.getLogger(__name__)
 
 PATHS = ("fused", "split")
+GUARD_PRECISIONS = (*PRECISIONS, "int8")
 
 
 def _frozen(array: np.ndarray, dtype) -> np.ndarray:
@@ -205,11 +206,12 @@ class Guard:
         unless `device` is an ONNX Runtime one; else ONNX Runtime.
         `device` is an OpenVINO device ("CPU", "GPU", "AUTO", ...) or, for ONNX Runtime, "cpu",
         "cuda" or "coreml"; `providers` sets ONNX Runtime's providers list directly. OpenVINO runs
-        f32 unless `precision="bf16"`. Images over `max_pixels` are refused before decoding.
+        f32 unless `precision="bf16"`; `precision="int8"` runs the bundle's INT8 guarded graph (`export
+        --int8`, OpenVINO) with the other graphs in f32. Images over `max_pixels` are refused before decoding.
         """
         start = time.perf_counter()
-        if precision not in PRECISIONS:
-            raise InputError(f"expected precision in {PRECISIONS}, got {precision!r}")
+        if precision not in GUARD_PRECISIONS:
+            raise InputError(f"expected precision in {GUARD_PRECISIONS}, got {precision!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise InputError(f"expected threads to be a positive integer or None, got {threads!r}")
         if not isinstance(max_pixels, int) or max_pixels < 1:
@@ -219,17 +221,27 @@ class Guard:
         # A `Bundle` object is verified again: its files may have changed since it was loaded.
         loaded = load_bundle(bundle.root if isinstance(bundle, Bundle) else bundle)
         graphs = FUSED_GRAPHS if loaded.has_graphs(FUSED_GRAPHS) else SPLIT_GRAPHS
+        int8 = precision == "int8"
+        if int8:
+            if "guarded_int8" not in loaded.manifest["graphs"]:
+                raise BundleError(f"{str(loaded.root)!r} has no INT8 graph; export it with `edgeshort export RUN -o "
+                                  "BUNDLE --int8`, or run precision 'f32'")
+            if backend == "onnxruntime":
+                raise InputError("the INT8 graph is OpenVINO IR; use backend 'openvino' (or 'auto') for precision int8")
+            backend = "openvino"
         chosen = choose_backend(backend, list(loaded.formats(graphs[0])), device)
         fmt = "onnx" if chosen == "onnxruntime" else "openvino"
-        options = {"backend": chosen, "device": device, "threads": threads, "precision": precision,
-                   "providers": list(providers) if providers else None, "cache_dir": cache_dir, "fmt": fmt}
+        options = {"backend": chosen, "device": device, "threads": threads, "precision": "f32" if int8 else precision,
+                   "providers": list(providers) if providers else None, "cache_dir": cache_dir, "fmt": fmt,
+                   "int8": int8}
         guard = cls(loaded, chosen, options, {}, max_pixels)
         warmup = 0.0
         for graph in graphs:
             warmup += guard._compile(graph)
         description = guard._sessions[graphs[0]].description
         guard.info = GuardInfo(
-            bundle=str(loaded.root), backend=chosen, precision=description.get("precision", precision),
+            bundle=str(loaded.root), backend=chosen,
+            precision="int8" if int8 else description.get("precision", precision),
             device=description.get("device", device),
             providers=tuple(description["providers"]) if description.get("providers") else None,
             threads=threads, backend_version=str(description.get("version")),
@@ -246,7 +258,8 @@ class Guard:
     def _compile(self, graph: str) -> float:
         """Compile one graph and run it once on zeros; returns the warm-up seconds."""
         o = self._options
-        session = open_session(self.bundle.path(graph, o["fmt"]), o["backend"], o["device"], o["threads"],
+        stored = "guarded_int8" if graph == "guarded" and o["int8"] else graph
+        session = open_session(self.bundle.path(stored, o["fmt"]), o["backend"], o["device"], o["threads"],
                                o["precision"], o["providers"], cache_dir=o["cache_dir"])
         h, w = self.preprocessing.size
         images = np.zeros((1, 3, h, w), np.float32)
