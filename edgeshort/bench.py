@@ -303,14 +303,24 @@ def _seed_pipeline_cases(bundle, clean, flagged, rounds, block, progress) -> lis
             for name, batch in (("seed-style (per image)", 1), ("torch eager batch 8", len(batch8)))]
 
 
+# A p90 this many times the median means the timings were disturbed (another process, throttling).
+NOISY_P90 = 2.0
+
+
 def markdown_table(results: dict) -> str:
     lines = ["| backend | precision | batch | case | median ms | p90 ms | ratio vs plain | images/s |",
              "|---|---|---|---|---|---|---|---|"]
+    noisy = 0
     for case in results["cases"]:
         for name, t in case["timings"].items():
             ratio = case.get("ratio_vs_plain", {}).get(name, "")
-            lines.append(f"| {case['backend']} | {case['precision']} | {case['batch']} | {name} | "
+            mark = " *" if t["p90_ms"] > NOISY_P90 * t["median_ms"] else ""
+            noisy += bool(mark)
+            lines.append(f"| {case['backend']} | {case['precision']} | {case['batch']} | {name}{mark} | "
                          f"{t['median_ms']:.3f} | {t['p90_ms']:.3f} | {ratio} | {case['images_per_s'][name]} |")
+    if noisy:
+        lines += ["", f"\\* p90 over {NOISY_P90:g}x the median: the machine was busy; rerun with more --rounds "
+                      "on an idle machine before trusting those rows' ratios."]
     cold = [f"{c['backend']} {c['precision']} batch {c['batch']}: "
             + ", ".join(f"{name} {sec} s" for name, sec in c["cold_start_s"].items())
             for c in results["cases"] if "cold_start_s" in c]
@@ -338,7 +348,8 @@ def chart(results: dict, path: Path) -> Path | None:
     ax.barh(range(len(labels)), values, color="#3b7dd8")
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("median ms per image (lower is better)")
+    ax.set_xscale("log")  # the seed-style row is far slower than the rest, which a linear axis would hide
+    ax.set_xlabel("median ms per image (log scale, lower is better)")
     ax.set_title(f"edgeshort bench: {results['model']['family']} ViT, grid {results['model']['grid']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -38,3 +38,19 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
 def test_bench_refuses_unknown_backends_and_empty_batches(demo_bundle, backends, batches):
     with pytest.raises(InputError, match="expected backends from"):
         bench_bundle(demo_bundle.root, backends=backends, batches=batches, progress=False)
+
+
+def test_rows_with_disturbed_timings_are_marked():
+    from edgeshort.bench import markdown_table
+
+    def timing(median, p90):
+        return {"median_ms": median, "p90_ms": p90}
+
+    results = {"size": {"total_bytes": 2**20}, "peak_rss_mb": 10, "cases": [{
+        "backend": "onnxruntime", "precision": "f32", "batch": 1,
+        "timings": {"plain": timing(1.0, 1.2), "guarded": timing(1.0, 5.0)},
+        "ratio_vs_plain": {"plain": 1.0, "guarded": 1.0}, "images_per_s": {"plain": 1000, "guarded": 1000}}]}
+    table = markdown_table(results)
+    assert "| guarded * |" in table and "| plain |" in table and "p90 over 2x the median" in table
+    results["cases"][0]["timings"]["guarded"] = timing(1.0, 1.5)
+    assert "*" not in markdown_table(results)

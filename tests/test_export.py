@@ -73,7 +73,16 @@ def test_bundle_round_trip_rejects_tampering_and_newer_formats(demo_bundle, tmp_
     with pytest.raises(BundleError, match="bundle format 99 is newer than this edgeshort reads"):
         load_bundle(copy)
     manifest["format"] = 1
+    manifest["guard"]["has_dfr"] = not manifest["guard"]["has_dfr"]  # hand-edited: its graphs say otherwise
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="says has_dfr .* the manifest was edited"):
+        load_bundle(copy)
+    manifest["guard"]["has_dfr"] = not manifest["guard"]["has_dfr"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    from edgeshort.runtime import Guard
+    from edgeshort.runtime.bundle import sha256_file
+
+    assert Guard.load(copy, backend="onnxruntime").info.manifest_sha256 == sha256_file(copy / "manifest.json")
 
     data = bytearray((copy / "plain.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -36,7 +36,9 @@ def run(args) -> int:
     print(f"bundle: {bundle.root}")
     for backend, graphs in parity["backends"].items():
         worst = max((v for g in graphs.values() for k, v in g.items() if "logits" in k), default=0.0)
-        print(f"  parity {backend:<12} max |logit diff| {worst:.2e} (tolerance {parity['tolerance']:g})")
+        fp16 = parity.get("openvino_fp16_limits") if backend == "openvino" else None
+        limit = f"FP16 weights, limit {fp16['tolerance']:g}" if fp16 else f"tolerance {parity['tolerance']:g}"
+        print(f"  parity {backend:<12} max |logit diff| {worst:.2e} ({limit})")
     files = bundle.manifest["files"]
     total = sum(entry["bytes"] for entry in files.values())
     print(f"  files: {len(files)}, {total / 2**20:.1f} MiB: "

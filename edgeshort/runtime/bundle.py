@@ -149,6 +149,12 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     for key in ("model", "class_names", "guard", "graphs", "files"):
         if key not in manifest:
             raise BundleError(f"{str(path)!r} lacks {key!r}; re-export the bundle")
+    has_dfr = bool(manifest["guard"].get("has_dfr"))
+    for graph in ("guarded", "encoder_head"):
+        outputs = manifest["graphs"].get(graph, {}).get("outputs")
+        if outputs is not None and ("dfr_logits" in outputs) != has_dfr:
+            raise BundleError(f"{str(path)!r} says has_dfr {has_dfr}, but its {graph} graph "
+                              f"{'lacks' if has_dfr else 'has'} a DFR output: the manifest was edited; re-export the bundle")
     if verify_hashes:
         for name, entry in manifest["files"].items():
             file = root / name

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgeshort.errors import BundleError, InputError
 from edgeshort.runtime.backends import BACKENDS, PRECISIONS, Session, choose_backend, open_session
-from edgeshort.runtime.bundle import FUSED_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
+from edgeshort.runtime.bundle import FUSED_GRAPHS, MANIFEST, SPLIT_GRAPHS, Bundle, load_bundle, sha256_file
 from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, map_images, preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,8 @@ class GuardInfo:
     class_names: tuple[str, ...]
     has_dfr: bool
     compiled: tuple[str, ...] = field(default_factory=tuple)
+    # Names the bundle in audit logs: its files' hashes are in the manifest, verified at load.
+    manifest_sha256: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,7 +249,7 @@ class Guard:
             threads=threads, backend_version=str(description.get("version")),
             load_seconds=round(time.perf_counter() - start, 4), warmup_seconds=round(warmup, 4),
             input_size=tuple(guard.preprocessing.size), class_names=guard.class_names, has_dfr=loaded.has_dfr,
-            compiled=graphs,
+            compiled=graphs, manifest_sha256=sha256_file(loaded.root / MANIFEST),
         )
         logger.info("loaded %s on %s (%s) in %.2f s", loaded.root, chosen, guard.info.precision,
                     guard.info.load_seconds)
