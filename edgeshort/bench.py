@@ -22,7 +22,7 @@ import numpy as np
 from edgeshort.errors import InputError
 from edgeshort.runtime.backends import BACKENDS, open_session
 from edgeshort.runtime.bundle import FUSED_GRAPHS, Bundle, load_bundle
-from edgeshort.runtime.guard import Guard
+from edgeshort.runtime.guard import Guard, log_run_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +150,8 @@ def bench_bundle(
     results: dict = {"bundle": str(bundle.root), "model": bundle.manifest["model"], "machine": machine_info(),
                      "settings": {"rounds": rounds, "block": block, "threads": threads, "batches": list(batches)},
                      "size": bundle_size(bundle), "cases": []}
+    log_run_warnings(bundle)
     # The seed-style row's torch batch takes eight.
-    for warning in bundle.manifest["guard"].get("warnings") or []:
-        logger.warning("%s: its detection run warned: %s", bundle.root, warning)
     clean, flagged = _pick_images(bundle, rng, max(8, *batches))
     for variant in available_variants(bundle, backends):
         for batch in batches:

@@ -316,7 +316,12 @@ def load_unlabelled(path: str | Path, image_root: str | Path | None = None) -> I
     if not files:
         raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(path)!r}; check the folder")
     _warn_skipped(skipped, path)
-    return ImageDataset(files, [0] * len(files), ("unlabelled",), name=path.name)
+    return unlabelled(files, path.name)
+
+
+def unlabelled(paths: Sequence, name: str) -> ImageDataset:
+    """Images under one placeholder class: for work that needs only their pixels (export calibration)."""
+    return ImageDataset(paths, [0] * len(paths), ("unlabelled",), name=name)
 
 
 def merge_classes(

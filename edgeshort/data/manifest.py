@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeshort.data.dataset import ImageDataset
+from edgeshort.data.dataset import ImageDataset, unlabelled
 from edgeshort.errors import InputError
 from edgeshort.runtime.preprocess import IMAGE_SUFFIXES
 
@@ -196,7 +196,7 @@ def load_manifest(
             f"{missing[:MISSING_SHOWN]}; paths are relative to the CSV's folder unless an image root is given"
         )
     if not labelled:
-        return ImageDataset(paths, [0] * len(paths), ("unlabelled",), name=csv_path.stem)
+        return unlabelled(paths, csv_path.stem)
     used = {c for c in found.values() if c is not None}
     labels, order = _labels(header, rows, found["label"], used, class_names, csv_path)
     groups = None

@@ -229,7 +229,7 @@ def folder_preprocessing(path: str | Path) -> dict | None:
 def load_adapter_file(path: str | Path, arch: str | None = None) -> ViTAdapter:
     """The adapter of a saved model, with the preprocessing its folder records (transformers)."""
     adapter = load_adapter(load_model_file(path, arch=arch))
-    prep = folder_preprocessing(path) if Path(path).is_dir() else None
+    prep = folder_preprocessing(path)
     return adapter.set_preprocessing(**prep) if prep else adapter
 
 
@@ -269,7 +269,7 @@ def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: An
     if isinstance(obj, dict):
         state = obj if _is_state_dict(obj) else next((obj[k] for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
         if state is not None:
-            if any(k.startswith(("vit.", "module.vit.")) for k in state):
+            if any(k.startswith("vit.") for k in _strip_wrapper_prefixes(state)):
                 raise UnsupportedModelError(f"{str(path)!r} holds a transformers ViT's state dict; {TRANSFORMERS_FIX}")
             if arch is None:
                 named = obj.get("arch")

@@ -72,7 +72,7 @@ class Bundle:
         return self.manifest["graphs"].get(graph, {}).get("files", {})
 
     def has_graphs(self, graphs: tuple[str, ...]) -> bool:
-        return all(g in self.manifest["graphs"] for g in graphs)
+        return _has_graphs(self.manifest, graphs)
 
     def path(self, graph: str, fmt: str) -> Path:
         files = self.formats(graph)
@@ -94,11 +94,15 @@ class Bundle:
         return list(self.manifest["graphs"][graph]["outputs"])
 
 
+def _has_graphs(manifest: dict, graphs: tuple[str, ...]) -> bool:
+    return all(g in manifest["graphs"] for g in graphs)
+
+
 def _format_needed(manifest: dict) -> int:
     """The oldest format that reads this bundle right, so older runtimes keep loading what they can."""
     # Format 2 readers expect the fused graphs; format 1 readers also know no crop and would silently
     # stretch a cropping model's input.
-    if not all(g in manifest["graphs"] for g in FUSED_GRAPHS):
+    if not _has_graphs(manifest, FUSED_GRAPHS):
         return 3
     return 2 if manifest["model"]["preprocessing"].get("crop_pct") is not None else 1
 

@@ -39,6 +39,12 @@ def _frozen(array: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+def log_run_warnings(bundle: Bundle) -> None:
+    """Log the detection run's own doubts, which travel in the bundle's manifest."""
+    for warning in bundle.manifest["guard"].get("warnings") or []:
+        logger.warning("%s: its detection run warned: %s", bundle.root, warning)
+
+
 # Share of an image's patches flagged above which a result carries a warning.
 MOST_PATCHES = 0.5
 
@@ -253,8 +259,7 @@ class Guard:
         )
         logger.info("loaded %s on %s (%s) in %.2f s", loaded.root, chosen, guard.info.precision,
                     guard.info.load_seconds)
-        for warning in loaded.manifest["guard"].get("warnings") or []:
-            logger.warning("%s: its detection run warned: %s", loaded.root, warning)
+        log_run_warnings(loaded)
         return guard
 
     def _compile(self, graph: str) -> float:
