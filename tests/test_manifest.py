@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,8 @@ def test_detect_command_reads_csv_listings(demo_vit, demo_data, demo_result, tmp
         assert metrics[key] == pytest.approx(demo_result.metrics[key], abs=1e-9), key
     assert metrics["test_source"].startswith("merged:")
     assert np.array_equal(dataset_from_source(metrics["test_source"], demo_result.class_names).labels, test.labels)
+    # The cluster pictures name the validation file each one shows.
+    samples = json.loads((tmp_path / "run" / "heatmaps" / "cluster_0" / "samples.json").read_text())
+    with np.load(tmp_path / "run" / "clusters.npz") as arrays:
+        assert [s["index"] for s in samples] == arrays["selected_0"][:len(samples)].tolist()
+    assert len(samples) == 8 and all(Path(s["file"]).is_file() for s in samples)

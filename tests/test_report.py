@@ -353,7 +353,10 @@ def test_report_command_evaluates_then_reports(plain_run, demo_data, tmp_path):
     expected = copy.copy(plain_run).evaluate(test, out=tmp_path / "reference")
     assert metrics["test_size"] == 24 and metrics["accuracy_ablated"] == expected["accuracy_ablated"]
     assert metrics["test_source"].startswith("merged:")
-    assert "<figure>" in section(page, "flags")
+    flags = section(page, "flags")
+    assert "<figure>" in flags
+    shown = re.findall(r'<span class="file" title="([^"]+)">([^<]+)</span>', flags)  # the file, not an index
+    assert shown and all(Path(full).is_file() and Path(full).name == name for full, name in shown)
     assert (tmp_path / "out" / "page_files" / "cluster_scatter.png").is_file()
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 

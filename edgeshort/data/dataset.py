@@ -89,6 +89,11 @@ class ImageDataset:
     def array(self, index: int) -> np.ndarray:
         return np.asarray(self.image(index))
 
+    def file_name(self, index: int) -> str | None:
+        """The file image `index` is read from, as listed; None for an image held in memory."""
+        source = self.sources[index]
+        return str(source) if isinstance(source, (str, Path)) else None
+
     def batches(self, prep: Preprocessing, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(indices, float32 (B, 3, H, W)) batches preprocessed for a model."""
         for start in range(0, len(self), batch_size):

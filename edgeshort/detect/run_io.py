@@ -146,6 +146,10 @@ def write_pictures(result, dataset, run_dir: Path, per_cluster: int = 8) -> None
         grid_dir = run_dir / "patch_grids" / f"cluster_{c}"
         heat_dir.mkdir(parents=True, exist_ok=True)
         grid_dir.mkdir(parents=True, exist_ok=True)
+        # Which validation file each picture shows, so a user can open the original.
+        (heat_dir / "samples.json").write_text(json.dumps(
+            [{"rank": rank, "index": int(i), "file": dataset.file_name(int(i))}
+             for rank, i in enumerate(idx[:per_cluster])], indent=2))
         for rank, (i, heat) in enumerate(zip(idx[:per_cluster], maps[:per_cluster])):
             image = np.asarray(result.adapter.preprocessing.model_view(dataset.image(int(i))))
             heat = heat.reshape(grid)

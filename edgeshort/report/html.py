@@ -98,6 +98,7 @@ td.worst { color: var(--bad); font-weight: 600; }
 .cluster-row figure.mean { margin: 30px 0 0; width: 124px; flex: none; }
 .cluster-row figure.mean img { width: 124px; height: auto; image-rendering: pixelated; display: block; }
 .strip .label { font-size: 0.75rem; color: var(--muted); line-height: 1.2; }
+.file { word-break: break-all; }
 .scroll { overflow-x: auto; }
 .gallery { display: flex; flex-wrap: wrap; gap: 14px; margin: 8px 0 12px; }
 .gallery figure { margin: 0; width: 228px; }
@@ -432,6 +433,21 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
     return _section("verdict", "Verdict", "".join(parts))
 
 
+def _source(file: str | None, index: int) -> str:
+    """An image's file name, its full path on hover; its index when it was held in memory."""
+    if not file:
+        return f"#{index}"
+    return f'<span class="file" title="{_e(file)}">{_e(Path(file).name)}</span>'
+
+
+def _sample_files(run: RunData, c: int) -> dict[int, str | None]:
+    """The validation file behind each of cluster c's pictures (rank -> file), as the fit recorded them."""
+    path = run.run_dir / "heatmaps" / f"cluster_{c}" / "samples.json"
+    if not path.is_file():
+        return {}
+    return {int(row["rank"]): row.get("file") for row in json.loads(path.read_text())}
+
+
 def _cluster_pictures(run: RunData, c: int, dataset_loader: Callable[[], object | None]):
     """(image, overlay, patch grid) per sample nearest centre c: the run's PNGs, else drawn from the images."""
     heat_dir = run.run_dir / "heatmaps" / f"cluster_{c}"
@@ -504,6 +520,7 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
                              f"<figcaption>mean key heatmap of the {n} images nearest the centre</figcaption></figure>")
         selected = run.arrays[f"selected_{c}"]
         pictures, note = _cluster_pictures(run, c, dataset_loader)
+        files = _sample_files(run, c)
         if pictures:
             header, row_img, row_overlay, row_grid = [], [], [], []
             for r, (image, overlay, patches) in enumerate(pictures):
@@ -513,7 +530,7 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
                     label = _e(run.class_name(int(labels[i])))
                     if groups is not None:
                         label += f"<br>{_e(ARTEFACT_GROUP_NAMES[int(groups[i])] if int(groups[i]) < 2 else groups[i])}"
-                header.append(f'<td class="label">#{i if i is not None else r}<br>{label}</td>')
+                header.append(f'<td class="label">{_source(files.get(r), i if i is not None else r)}<br>{label}</td>')
                 for row, pic, kind in ((row_img, image, "image"), (row_overlay, overlay, "heatmap"),
                                        (row_grid, patches, "patches")):
                     if isinstance(pic, Path) and not pic.is_file():
@@ -636,7 +653,7 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
             picture = guard_overlay(pixels, pred["saliency"][i], pred["flags"][i], scale=scale)
             src = assets.add(f"flags/test_{i}.png", picture)
 
-            head = f"#{i} · true <strong>{_e(run.class_name(labels[i]))}</strong>" + (
+            head = f"{_source(test_dataset.file_name(i), i)} · true <strong>{_e(run.class_name(labels[i]))}</strong>" + (
                 f" · {ARTEFACT_GROUP_NAMES[int(groups[i])]}" if has_groups and int(groups[i]) < 2 else "")
             kinds = [("original", original[i]), ("ablated", ablated[i])]
             if guarded_key == "dfr_logits":
