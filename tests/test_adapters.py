@@ -256,13 +256,50 @@ def test_training_checkpoints_load_with_arch(tmp_path, images):
     wide = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=(32, 48), patch_size=8,
                              depth=1)
     torch.save(wide.state_dict(), tmp_path / "wide.pt")
-    with pytest.raises(UnsupportedModelError, match=r"another shape \(file vs architecture: pos_embed.*img_size=\(H, W\)"):
+    with pytest.raises(UnsupportedModelError, match=r"another shape \(file vs architecture: pos_embed.*--img-size HxW.*image_size=\(H, W\)"):
         load_model_file(tmp_path / "wide.pt", arch="timm:vit_tiny_patch16_224", patch_size=8, depth=1)
     assert load_model_file(tmp_path / "wide.pt", arch="timm:vit_tiny_patch16_224", patch_size=8, depth=1,
                            img_size=(32, 48)).patch_embed.img_size == (32, 48)
     torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "no_weights.pt")
     with pytest.raises(UnsupportedModelError, match="no state dict under 'state_dict', 'model_state_dict', 'model'"):
         load_model_file(tmp_path / "no_weights.pt")
+
+
+def test_detect_loads_a_state_dict_fine_tuned_at_a_non_square_size(tmp_path, capsys):
+    """--img-size HxW builds the architecture at the size its weights were fine-tuned at."""
+    timm = pytest.importorskip("timm")
+    from edgeshort.cli import main
+    from edgeshort.models import load_adapter_file
+
+    torch.manual_seed(0)
+    wide = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=(32, 48), depth=1).eval()
+    torch.save({"epoch": 1, "state_dict": wide.state_dict()}, tmp_path / "wide.pt")
+    wide_args = ["--model", str(tmp_path / "wide.pt"), "--arch", "timm:vit_tiny_patch16_224"]
+    # depth 1 is not the architecture's 12: the size is right, so the error is about the depth.
+    argv = ["detect", *wide_args, "--img-size", "32x48", "--data", str(tmp_path / "none"), "-o", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "missing keys (blocks.1." in capsys.readouterr().err
+    full = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=(32, 48)).eval()
+    torch.save(full.state_dict(), tmp_path / "wide.pt")
+    adapter = load_adapter_file(tmp_path / "wide.pt", "timm:vit_tiny_patch16_224", image_size=(32, 48))
+    assert adapter.grid == (2, 3) and adapter.preprocessing.size == (32, 48)
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.model(images), full(images), rtol=0, atol=0)
+    assert main(argv) == 2  # the model loads; the missing data is what stops the run
+    assert "does not exist" in capsys.readouterr().err
+    assert main(argv[:-6] + argv[-4:]) == 2  # without --img-size the size mismatch names the flag
+    assert "--img-size HxW" in capsys.readouterr().err
+
+    torch.save(full, tmp_path / "module.pt")
+    with pytest.raises(InputError, match="holds a whole model, built with its own img_size.*drop them"):
+        load_adapter_file(tmp_path / "module.pt", "timm:vit_tiny_patch16_224", image_size=(32, 48))
+    with pytest.raises(InputError, match="applies to a timm or torchvision state dict"):
+        load_adapter_file(tmp_path / "module.pt", image_size=32)
+    with pytest.raises(InputError, match="square inputs only, got 32x48"):
+        load_adapter_file(tmp_path / "wide.pt", "torchvision:vit_b_16", image_size=(32, 48))
+    assert main(["detect", *wide_args, "--img-size", "32 by 48", "--data", "x", "-o", "r"]) == 2
+    assert "expected --img-size as N or HxW" in capsys.readouterr().err
 
 
 def test_unknown_architecture_names_are_clear_errors():

@@ -34,6 +34,8 @@ def add_arguments(parser) -> None:
     src.add_argument("--demo", nargs="?", const="patch", choices=("patch", "ruler"),
                      help="use the built-in synthetic data and tiny ViT (artefact kind, default patch)")
     parser.add_argument("--arch", help="architecture of a state-dict file, e.g. torchvision:vit_b_16 or timm:NAME")
+    parser.add_argument("--img-size", help="input size the state dict was fine-tuned at, N or HxW (default: read "
+                                           "from its position embeddings when square, else the architecture's)")
     parser.add_argument("--data", help="validation images: an ImageFolder tree, a CSV listing images and labels "
                         "(path,label[,group][,mask], or ISIC's one-hot ground truth), or ROOT/val for the seed layout")
     parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
@@ -91,7 +93,7 @@ def run(args) -> int:
         from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
         fixed = [flag for flag, value in (("--classes", args.classes), ("--class-map", args.class_map),
-                                          ("--image-root", args.image_root),
+                                          ("--image-root", args.image_root), ("--img-size", args.img_size),
                                           ("--mean", args.mean), ("--std", args.std),
                                           ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct),
                                           ("--crop-mode", args.crop_mode))
@@ -106,7 +108,7 @@ def run(args) -> int:
     else:
         if not args.data:
             raise InputError("expected --data VAL with --model; pass the validation image folder or CSV listing")
-        model = load_adapter_file(args.model, arch=args.arch).set_preprocessing(
+        model = load_adapter_file(args.model, arch=args.arch, image_size=_image_size(args.img_size)).set_preprocessing(
             _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation, _crop_pct(args.crop_pct),
             args.crop_mode,
         )
@@ -140,6 +142,20 @@ def _channels(text: str | None, flag: str) -> tuple[float, float, float] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"expected {flag} as three numbers R,G,B, e.g. 0.5,0.5,0.5; got {text!r}") from None
+
+
+def _image_size(text: str | None) -> int | tuple[int, int] | None:
+    """'384' -> 384, '384x512' -> (384, 512): height by width, as timm's img_size."""
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise InputError(f"expected --img-size as N or HxW in pixels, e.g. 384 or 384x512; got {text!r}")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
 
 def _crop_pct(text: str | None):

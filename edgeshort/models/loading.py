@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edgeshort.errors import UnsupportedModelError
+from edgeshort.errors import InputError, UnsupportedModelError
 from edgeshort.models.base import ViTAdapter
 
 SUPPORTED = (
@@ -179,8 +179,8 @@ def _build_and_load(arch: str, state: dict, arch_kwargs: dict, path: Path):
     if shapes:
         raise UnsupportedModelError(
             f"the state dict in {str(path)!r} does not fit architecture {arch!r}: {len(shapes)} tensors have "
-            f"another shape (file vs architecture: {_examples(shapes)}); {fix}, incl. its size and patch size (a square input size is read from the weights; another one is "
-            "given in Python: load_model_file(path, arch, img_size=(H, W)), torchvision: image_size=)"
+            f"another shape (file vs architecture: {_examples(shapes)}); {fix}, incl. its size and patch size (a square input size is read from the weights; give another one "
+            "as --img-size HxW, in Python load_adapter_file(path, arch, image_size=(H, W)))"
         )
     model.load_state_dict(state)
     return model.eval()
@@ -226,11 +226,36 @@ def folder_preprocessing(path: str | Path) -> dict | None:
     return prep
 
 
-def load_adapter_file(path: str | Path, arch: str | None = None) -> ViTAdapter:
-    """The adapter of a saved model, with the preprocessing its folder records (transformers)."""
-    adapter = load_adapter(load_model_file(path, arch=arch))
+def load_adapter_file(path: str | Path, arch: str | None = None,
+                      image_size: int | tuple[int, int] | None = None) -> ViTAdapter:
+    """The adapter of a saved model, with the preprocessing its folder records (transformers).
+
+    `image_size` is the input size a timm or torchvision state dict was fine-tuned at; a square one
+    is read from its position embeddings, so only a non-square size needs giving (CLI: --img-size).
+    """
+    adapter = load_adapter(load_model_file(path, arch=arch, **_image_size_argument(arch, image_size)))
     prep = folder_preprocessing(path)
     return adapter.set_preprocessing(**prep) if prep else adapter
+
+
+def _image_size_argument(arch: str | None, image_size) -> dict:
+    """The architecture keyword that builds `arch` at `image_size` (timm img_size, torchvision image_size)."""
+    if image_size is None:
+        return {}
+    family = (arch or "").partition(":")[0]
+    if family not in POSITION_EMBEDDINGS:
+        raise InputError(
+            f"an input size applies to a timm or torchvision state dict loaded with an architecture (--arch), "
+            f"not to {'architecture ' + repr(arch) if arch else 'a file without --arch'}; a saved module, checkpoint "
+            "or transformers folder knows its size: drop the size"
+        )
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if family == "torchvision":
+        if height != width:
+            raise InputError(f"torchvision's VisionTransformer takes square inputs only, got {height}x{width}; "
+                             "fine-tune it at a square size, or use a timm ViT")
+        return {"image_size": height}
+    return {"img_size": (height, width)}
 
 
 def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: Any):
@@ -243,6 +268,7 @@ def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: An
 
     path = Path(path)
     if path.is_dir():
+        _refuse_arch_kwargs(path, arch_kwargs)
         return _load_pretrained_folder(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist; check the path")
@@ -256,6 +282,7 @@ def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: An
             "save one with torch.save(model) or torch.save(model.state_dict())"
         ) from exc
     if isinstance(obj, torch.nn.Module):
+        _refuse_arch_kwargs(path, arch_kwargs)
         return obj.eval()
     if isinstance(obj, dict) and _is_edgeshort_checkpoint(obj):
         if arch is not None and arch != obj["arch"]:
@@ -265,6 +292,7 @@ def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: An
             )
         return _build_and_load(obj["arch"], obj["state_dict"], {**obj.get("arch_kwargs", {}), **arch_kwargs}, path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), torch.nn.Module):
+        _refuse_arch_kwargs(path, arch_kwargs)
         return obj["model"].eval()
     if isinstance(obj, dict):
         state = obj if _is_state_dict(obj) else next((obj[k] for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
@@ -288,6 +316,15 @@ def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: An
     raise UnsupportedModelError(
         f"{str(path)!r} holds a {type(obj).__name__}, not a model; save the module or its state dict"
     )
+
+
+def _refuse_arch_kwargs(path: Path, arch_kwargs: dict) -> None:
+    """A whole saved model is built already: architecture arguments would be silently ignored."""
+    if arch_kwargs:
+        raise InputError(
+            f"{str(path)!r} holds a whole model, built with its own {', '.join(sorted(arch_kwargs))}; "
+            "architecture arguments (CLI: --img-size) apply to state dicts only: drop them"
+        )
 
 
 def _timm_knows(name: str) -> bool:
