@@ -42,9 +42,9 @@ def colourise(values: np.ndarray, lo: float | None = None, hi: float | None = No
 
 
 def grid_to_pixels(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a (gh, gw) patch grid to (H, W): each patch covers its pixels."""
+    """Nearest-neighbour upsampling of a (gh, gw[, C]) patch grid to (H, W[, C]): each patch covers its pixels."""
     h, w = size
-    gh, gw = grid.shape
+    gh, gw = grid.shape[:2]
     rows = np.minimum(np.arange(h) * gh // h, gh - 1)
     cols = np.minimum(np.arange(w) * gw // w, gw - 1)
     return grid[rows[:, None], cols[None, :]]
@@ -78,7 +78,7 @@ def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> 
     """An RGB image with a (gh, gw) heat grid (values in [0, 1]) blended over it."""
     image = _check_image(image)
     heat = _check_grid(heat, image, "heat")
-    coloured = colourise(grid_to_pixels(heat, image.shape[:2]), 0.0, 1.0)
+    coloured = grid_to_pixels(colourise(heat, 0.0, 1.0), image.shape[:2])  # colour the cells, then spread them
     return (image.astype(np.float32) * (1 - alpha) + coloured.astype(np.float32) * alpha).astype(np.uint8)
 
 
