@@ -97,7 +97,7 @@ def _logits(model, x):
 def test_forward_tokens_reproduces_model(model, images):
     adapter = load_adapter(model)
     tokens = adapter.embed(images)
-    assert tokens.shape == (3, adapter.num_tokens, adapter.embed_dim if adapter.family != "timm" or not adapter.distilled else 32)
+    assert tokens.shape == (3, adapter.num_tokens, adapter.embed_dim) and adapter.embed_dim == 32
     assert (tokens.shape[1] - adapter.num_prefix) == adapter.grid[0] * adapter.grid[1] == 16
     diff = (adapter.forward_tokens(tokens) - _logits(model, images)).abs().max().item()
     assert diff <= 1e-5

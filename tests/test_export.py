@@ -196,6 +196,55 @@ def test_vit_b_16_bundle_matches_torch(tmp_path):
     assert bundle.grid == (14, 14)
 
 
+def _timm_family(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, **kw)
+
+
+def _timm_distilled_family():
+    from timm.models.deit import VisionTransformerDistilled
+
+    return VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+
+def _transformers_family():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=64, num_labels=3))
+
+
+@pytest.mark.parametrize("build", [_timm_family, lambda: _timm_family(reg_tokens=2), _timm_distilled_family,
+                                   _transformers_family], ids=["timm", "timm-registers", "deit-distilled",
+                                                               "transformers"])
+def test_every_family_exports_a_bundle_that_matches_torch(build, tmp_path):
+    """Each adapter family's graphs (plain, guarded, split) export and agree with torch on both backends."""
+    pytest.importorskip("timm")
+    from edgeshort.detect import DetectorConfig, ShortcutDetector
+
+    torch.manual_seed(0)
+    model = build().eval()
+    images, labels = torch.randn(12, 3, 32, 32), torch.arange(12) % 3
+    config = DetectorConfig(num_selected=3, knn_samples=12, progress=False, min_patches=1, dfr="none")
+    result = ShortcutDetector(config).fit(model, (images, labels))
+    bundle = export_bundle(result, tmp_path / "bundle", ExportOptions(progress=False, calibration_size=12),
+                           calibration=(images, labels))
+    parity = bundle.manifest["parity"]
+    assert parity["passed"] and set(parity["backends"]) == {"onnxruntime", "openvino"}
+    for graphs in parity["backends"].values():
+        assert set(graphs) == {"guarded", "plain", "embed", "guard", "encoder_head"}
+        for graph, figures in graphs.items():
+            for key, value in figures.items():
+                assert value <= (0 if key.endswith("_mismatches") else TOLERANCE), (graph, key, value)
+    from edgeshort.runtime import Guard
+
+    edge = Guard.load(tmp_path / "bundle", backend="onnxruntime").predict(list(images.numpy()))  # preprocessed
+    with torch.no_grad():
+        np.testing.assert_allclose(np.stack([r.logits for r in edge]), result.adapter.forward_tokens(result.adapter.embed(images)).numpy(),
+                                   atol=TOLERANCE)
+
+
 @pytest.mark.slow
 def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_data, demo_bundle, tmp_path,
                                                             monkeypatch):

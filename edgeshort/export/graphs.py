@@ -65,8 +65,13 @@ class EmbedGraph(nn.Module):
 
 
 class PlainGraph(EmbedGraph):
+    def __init__(self, adapter) -> None:
+        super().__init__(adapter)
+        # A submodule, so its weights export with the graph (a distilled model's merged head is no model part).
+        self.head = adapter.head_linear()
+
     def forward(self, images):
-        return self.adapter.forward_tokens(self.adapter.embed(images))
+        return self.adapter.forward_tokens(self.adapter.embed(images), head=self.head)
 
 
 class GuardGraph(nn.Module):

@@ -55,6 +55,12 @@ class ViTAdapter(ABC):
 
     @property
     def embed_dim(self) -> int:
+        """Width of a token (the key projection's input)."""
+        return int(self.key_weights()[0].shape[1])
+
+    @property
+    def head_width(self) -> int:
+        """Width of the head's input: the token width, twice it for a distilled model's two tokens."""
         return self.head_linear().in_features
 
     @property
@@ -159,6 +165,7 @@ class ViTAdapter(ABC):
             "num_prefix": self.num_prefix,
             "num_heads": self.num_heads,
             "embed_dim": self.embed_dim,
+            "head_width": self.head_width,
             "num_classes": self.num_classes,
             "preprocessing": self.preprocessing.to_dict(),
         }

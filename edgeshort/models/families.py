@@ -138,6 +138,7 @@ class TimmViTAdapter(ViTAdapter):
                 "create it with dynamic_img_size=False"
             )
         self.distilled = getattr(model, "dist_token", None) is not None
+        self._merged_head = None  # the cls and distillation heads as one layer (head_linear)
         self.num_prefix = model.num_prefix_tokens
         self.grid = tuple(model.patch_embed.grid_size)
         self.num_heads = model.blocks[0].attn.num_heads
@@ -182,12 +183,15 @@ class TimmViTAdapter(ViTAdapter):
     def head_linear(self):
         if not self.distilled:
             return self.model.head
-        head, dist = self.model.head, self.model.head_dist
-        merged = nn.Linear(head.in_features * 2, head.out_features)
-        with torch.no_grad():
-            merged.weight.copy_(torch.cat([head.weight, dist.weight], dim=1) / 2)
-            merged.bias.copy_((head.bias + dist.bias) / 2)
-        return merged
+        # Built once: every caller (export graphs, DFR, predictions) shares one layer.
+        if self._merged_head is None:
+            head, dist = self.model.head, self.model.head_dist
+            merged = nn.Linear(head.in_features * 2, head.out_features).requires_grad_(False)
+            with torch.no_grad():
+                merged.weight.copy_(torch.cat([head.weight, dist.weight], dim=1) / 2)
+                merged.bias.copy_((head.bias + dist.bias) / 2)
+            self._merged_head = merged.eval()
+        return self._merged_head
 
     def key_weights(self, layer=-1):
         attn = self.model.blocks[layer].attn
