@@ -142,6 +142,9 @@ def bench_bundle(
     if unknown or not batches or min(batches) < 1:
         raise InputError(f"expected backends from {BACKENDS} and batch sizes >= 1, got backends {backends} and "
                          f"batches {list(batches)}; e.g. --backends onnxruntime,openvino --batch 1,8")
+    if rounds < 1 or block < 1:  # a median needs timings: checked before the minutes of work
+        raise InputError(f"expected at least 1 round and 1 call per block, got rounds {rounds} and block {block}; "
+                         "e.g. --rounds 10 --block 5")
     bundle = load_bundle(bundle_dir)
     if not bundle.has_graphs(FUSED_GRAPHS):
         raise InputError(f"bench times the fused graphs {list(FUSED_GRAPHS)}, which {str(bundle.root)!r} was exported "
@@ -188,8 +191,10 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
         if out["present"].any():
             plain.run({"images": images_flagged[out["present"]]})
 
+    # An INT8 bundle has no INT8 plain graph: its guarded graph is timed against the f32 plain one.
+    plain_name = "plain (f32)" if variant["precision"] == "int8" else "plain"
     cases = {
-        "plain": lambda: plain.run({"images": images_clean}),
+        plain_name: lambda: plain.run({"images": images_clean}),
         "guarded": lambda: guarded.run({"images": images_clean}),
         "guarded+original (flagged image)": guarded_with_original,
     }
@@ -206,7 +211,7 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
     cold["Guard.load (verify + compile + warm up)"] = round(guard.info.load_seconds, 3)
     cases["Guard.predict (clean image)"] = lambda: guard.predict(images_clean, batch_size=batch)
     timings = interleaved(cases, rounds, block)
-    base = timings["plain"].median_ms
+    base = timings[plain_name].median_ms
     return {
         **variant, "batch": len(images_clean), "hint": hint,
         # Share of the "clean" inputs the guard flags anyway (0 when the run's data had clean images).

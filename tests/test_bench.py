@@ -24,7 +24,7 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
         assert set(case["timings"]) >= {"plain", "guarded", "guarded+original (flagged image)"}
         if case["precision"] != "int8":
             assert "Guard.predict (clean image)" in case["timings"]
-        assert case["ratio_vs_plain"]["plain"] == 1.0
+        assert case["ratio_vs_plain"]["plain" if case["precision"] != "int8" else "plain (f32)"] == 1.0
         assert all(t["n"] == 2 and t["median_ms"] > 0 for t in case["timings"].values())
         assert case["cold_start_s"]["guarded"] > 0
     torch_rows = {name: c["batch"] for c in data["cases"] if c["backend"] == "torch" for name in c["timings"]}
@@ -38,6 +38,17 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
 def test_bench_refuses_unknown_backends_and_empty_batches(demo_bundle, backends, batches):
     with pytest.raises(InputError, match="expected backends from"):
         bench_bundle(demo_bundle.root, backends=backends, batches=batches, progress=False)
+
+
+def test_bench_refuses_what_it_cannot_time_before_timing(demo_bundle, tmp_path, capsys):
+    from edgeshort.cli import main
+
+    for flag, value in (("--rounds", "0"), ("--block", "0")):
+        assert main(["bench", str(demo_bundle.root), flag, value, "-o", str(tmp_path)]) == 2
+        assert "expected at least 1 round and 1 call per block" in capsys.readouterr().err
+    assert main(["bench", str(demo_bundle.root), "--batch", "1,a", "-o", str(tmp_path)]) == 2
+    assert "expected --batch as a comma list of whole numbers" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_rows_with_disturbed_timings_are_marked():

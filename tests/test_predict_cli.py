@@ -171,6 +171,9 @@ def test_unusable_bundle_or_options_exit_2_with_a_message(demo_bundle, image_fol
     assert "add --split" in capsys.readouterr().err
     assert main(["predict", str(demo_bundle.root), str(image_folder), "--out", str(tmp_path / "r.xlsx")]) == 2
     assert "expected --out to end in .jsonl, .json or .csv" in capsys.readouterr().err
+    for flag in ("--max-pixels", "--threads", "--batch-size"):  # 0 is refused, not read as "the default"
+        assert main(["predict", str(demo_bundle.root), str(image_folder), flag, "0"]) == 2
+        assert f"expected {flag} of at least 1, got 0" in capsys.readouterr().err
 
 
 def test_predict_command_runs_without_torch_sklearn_scipy_or_onnx(demo_bundle, image_folder, tmp_path,

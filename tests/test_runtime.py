@@ -182,10 +182,13 @@ def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, m
         (onnx_only / name).unlink()
     (onnx_only / "manifest.json").write_text(json.dumps(manifest))
     assert Guard.load(onnx_only).info.backend == "onnxruntime"
+    with pytest.raises(InputError, match="has no OpenVINO IR, and only OpenVINO runs bf16.*--formats onnx,openvino"):
+        Guard.load(onnx_only, precision="bf16")
     assert Guard.load(demo_bundle, device="cpu").info.backend == "onnxruntime"
     # OpenVINO's own device names choose it on any CPU; its "CPU" may be spelt in lower case.
     monkeypatch.setattr(backends, "is_intel_cpu", lambda: False)
     assert backends.choose_backend("auto") == "onnxruntime"
+    assert Guard.load(demo_bundle, precision="bf16").info.backend == "openvino"  # bf16 on any CPU that has it
     for device in ("AUTO", "NPU", "HETERO:GPU,CPU"):
         assert backends.choose_backend("auto", device=device) == "openvino"
     assert Guard.load(demo_bundle, backend="openvino", device="cpu").info.device == "CPU"

@@ -11,31 +11,37 @@ def add_arguments(parser) -> None:
     parser.add_argument("bundle", nargs="?", help=f"bundle folder (with --quick, default {DEMO_BUNDLE})")
     parser.add_argument("--backends", default="onnxruntime,openvino", help="comma list (default both)")
     parser.add_argument("--batch", default="1,8", help="comma list of batch sizes (default 1,8)")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per case (default 10)")
-    parser.add_argument("--block", type=int, default=5, help="calls per block (default 5)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per case (default 10, 3 with --quick)")
+    parser.add_argument("--block", type=int, help="calls per block (default 5, 3 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: the backend's)")
-    parser.add_argument("--quick", action="store_true", help="few rounds (3 x 3 calls per case); without BUNDLE, the demo's bundle")
+    parser.add_argument("--quick", action="store_true", help="few rounds (3 x 3 calls per case, unless --rounds/--block say otherwise); "
+                        "without BUNDLE, the demo's bundle")
     parser.add_argument("--no-seed-pipeline", action="store_true", help="skip the torch + scikit-learn row")
-    parser.add_argument("-o", "--out", default="bench", help="output folder for bench.json/.md/.png")
+    parser.add_argument("-o", "--out", default="bench", help="output folder for bench.json/.md/.png (default bench)")
 
 
 def run(args) -> int:
     from edgeshort.bench import bench_bundle, write_outputs
+    from edgeshort.errors import InputError
 
-    rounds, block = (3, 3) if args.quick else (args.rounds, args.block)
+    default = 3 if args.quick else None
+    rounds = args.rounds if args.rounds is not None else default or 10
+    block = args.block if args.block is not None else default or 5
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise InputError(f"expected --batch as a comma list of whole numbers, e.g. 1,8; got {args.batch!r}") from None
     bundle = args.bundle
     if bundle is None and args.quick and Path(DEMO_BUNDLE).is_dir():
         bundle = DEMO_BUNDLE
     if bundle is None:
-        from edgeshort.errors import InputError
-
         raise InputError(
             f"expected a BUNDLE folder (or --quick after `edgeshort demo`, which writes {DEMO_BUNDLE}); "
             "create one with `edgeshort export RUN -o BUNDLE`"
         )
     results = bench_bundle(
         bundle, [b.strip() for b in args.backends.split(",") if b.strip()],
-        tuple(int(b) for b in args.batch.split(",")), rounds, block, args.threads,
+        batches, rounds, block, args.threads,
         seed_pipeline=not args.no_seed_pipeline,
     )
     paths = write_outputs(results, Path(args.out))

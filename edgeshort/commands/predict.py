@@ -28,9 +28,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("bundle", help="bundle folder written by `edgeshort export`")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "openvino"),
-                        help="inference backend (auto: OpenVINO on Intel CPUs when installed and the bundle has "
-                             "OpenVINO IR, unless --device is an ONNX Runtime one; else ONNX Runtime)")
-    parser.add_argument("--device", help="OpenVINO device (CPU, GPU, AUTO) or ONNX Runtime device (cpu, cuda, coreml)")
+                        help="inference backend (auto: OpenVINO when installed and the bundle has OpenVINO IR, on "
+                             "Intel CPUs, for --device GPU/NPU/AUTO or --precision bf16/int8; else ONNX Runtime)")
+    parser.add_argument("--device", help="OpenVINO device (CPU, GPU, NPU, AUTO) or ONNX Runtime device (cpu, cuda, "
+                                         "coreml, directml); CPU alone leaves the backend to --backend")
     parser.add_argument("--threads", type=int, help="inference threads (default: the backend's choice)")
     parser.add_argument("--precision", default="f32", choices=("f32", "bf16", "int8"),
                         help="OpenVINO inference precision: f32 (default), bf16 on CPUs that have it, or the "
@@ -40,7 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overlays", help="folder for overlay PNGs: image + saliency + flagged patches")
     parser.add_argument("--split", action="store_true", help="run embed -> guard -> encoder_head instead of the fused graph")
     parser.add_argument("--drop-tokens", action="store_true", help="with --split: remove flagged tokens instead of masking")
-    parser.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (default 50 million)")
+    parser.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (default 50 "
+                                                         "million)")
     parser.add_argument("--quiet", action="store_true", help="no summary on stderr")
 
 
@@ -183,10 +185,12 @@ def run(args) -> int:
 
     if args.drop_tokens and not args.split:
         raise InputError("--drop-tokens works on the split graphs; add --split")
-    if args.batch_size < 1:
-        raise InputError(f"expected --batch-size of at least 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads),
+                        ("--max-pixels", args.max_pixels)):
+        if value is not None and value < 1:
+            raise InputError(f"expected {flag} of at least 1, got {value}")
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
-                       precision=args.precision, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+                       precision=args.precision, max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels)
     try:  # both outputs are made before either is written, so a bad one costs no earlier results
         overlays = OverlayWriter(args.overlays, guard.preprocessing) if args.overlays else None
         writer = RecordWriter(args.out, guard.class_names)

@@ -216,7 +216,7 @@ def open_session(path: Path, backend: str, device=None, threads=None, precision=
     if backend == "onnxruntime":
         if precision != "f32":
             raise InputError(
-                f"expected precision 'f32' with ONNX Runtime, got {precision!r}; use backend='openvino' for bf16"
+                f"expected precision 'f32' with ONNX Runtime, got {precision!r}; use backend='openvino' (CLI: --backend openvino) for bf16"
             )
         return OnnxRuntimeSession(path, ort_providers(providers, device), threads)
     if backend == "openvino":

@@ -210,8 +210,9 @@ class Guard:
         """Verify a bundle (format version, sha256 of every file), compile its graphs and warm them up:
         the fused ones, or the split ones in a bundle exported without them (`--graphs split`).
 
-        `backend="auto"` runs OpenVINO on an Intel CPU when it is installed and the bundle has OpenVINO IR,
-        unless `device` is an ONNX Runtime one; else ONNX Runtime.
+        `backend="auto"` runs OpenVINO when it is installed and the bundle has OpenVINO IR, on an Intel CPU,
+        for an OpenVINO-only device ("GPU", "NPU", "AUTO", ...) or for precision bf16 or int8 (on any CPU),
+        unless `device` is an ONNX Runtime one; else ONNX Runtime ("CPU" alone decides nothing).
         `device` is an OpenVINO device ("CPU", "GPU", "AUTO", ...) or, for ONNX Runtime, "cpu",
         "cuda" or "coreml"; `providers` sets ONNX Runtime's providers list directly. OpenVINO runs
         f32 unless `precision="bf16"`; `precision="int8"` runs the bundle's INT8 guarded graph (`export
@@ -236,6 +237,11 @@ class Guard:
                                   "BUNDLE --int8`, or run precision 'f32'")
             if backend == "onnxruntime":
                 raise InputError("the INT8 graph is OpenVINO IR; use backend 'openvino' (or 'auto') for precision int8")
+            backend = "openvino"
+        if precision == "bf16" and backend == "auto":  # only OpenVINO runs bf16, on any CPU that has it
+            if "openvino" not in loaded.formats(graphs[0]):
+                raise InputError(f"{str(loaded.root)!r} has no OpenVINO IR, and only OpenVINO runs bf16; export the "
+                                 "bundle with --formats onnx,openvino, or run precision 'f32'")
             backend = "openvino"
         chosen = choose_backend(backend, list(loaded.formats(graphs[0])), device)
         fmt = "onnx" if chosen == "onnxruntime" else "openvino"
