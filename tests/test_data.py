@@ -124,7 +124,7 @@ def test_class_order_follows_the_model_when_given(tmp_path):
     assert renumbered.groups is in_sorted_order.groups and in_sorted_order.class_names == ("benign", "malignant")
     with pytest.raises(InputError, match=r"\['benign'\] not among them"):
         as_dataset(in_sorted_order, ("malignant", "nevus"))
-    with pytest.raises(InputError, match="is not one of the classes .*pass class names that include it"):
+    with pytest.raises(InputError, match=r"is not one of the classes .*--class-map benign=malignant,\.\.\..*pass class names that include it"):
         load_images(tmp_path / "test", ["malignant"])
     with pytest.raises(InputError, match="distinct class names"):
         load_images(tmp_path / "test_w_patches", ["benign", "benign"])

@@ -123,6 +123,10 @@ def test_runs_that_cannot_be_exported_fail_clearly(demo_result, demo_data, tmp_p
 
     with pytest.raises(InputError, match="expected formats"):
         ExportOptions(formats=("tflite",))
+    with pytest.raises(InputError, match="FP16 weights are OpenVINO IR's.*add 'openvino'"):
+        ExportOptions(formats=("onnx",), weights="fp16")
+    with pytest.raises(InputError, match="expected a tolerance above 0.*got -1"):
+        ExportOptions(tolerance=-1)
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "x").write_text("x")
@@ -265,7 +269,7 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
 
     monkeypatch.setattr(exporter, "FP16_TOLERANCE", 0.0)
     with pytest.raises(ParityError, match=r"openvino/.*logits_max_abs_diff[\s\S]*export with --weights f32"):
-        export_bundle(demo_result, tmp_path / "strict", ExportOptions(weights="fp16", progress=False, tolerance=0.0,
+        export_bundle(demo_result, tmp_path / "strict", ExportOptions(weights="fp16", progress=False, tolerance=1e-9,
                                                                       skl2onnx_check=False), calibration=demo_data["val"])
     assert not (tmp_path / "strict").exists()
     # The runtime runs the INT8 guarded graph on request, and says when it cannot.

@@ -21,7 +21,7 @@ from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 IMAGE_ROOT_HELP = ("folder the CSV listing's image paths are relative to (default: the CSV's folder), e.g. ISIC's "
                    "image folder beside its ground-truth CSV")
 CLASS_MAP_HELP = ("merge the data's classes into the model's, DATA=MODEL pairs, e.g. MEL=malignant,NV=benign,"
-                  "BKL=benign (every class with images must be mapped; --classes orders the model's classes)")
+                  "BKL=benign (every class with images must be mapped)")
 # The settings that take a word, not a number.
 CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATIVE_CHOICES,
            "cluster_space": CLUSTER_SPACES, "positives": POSITIVE_CHOICES}
@@ -40,8 +40,9 @@ def add_arguments(parser) -> None:
                         "(path,label[,group][,mask], or ISIC's one-hot ground truth), or ROOT/val for the seed layout")
     parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
     parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
-    parser.add_argument("--classes", help="comma list of class folder names in the model's output order "
-                                          "(default: sorted, as torchvision's ImageFolder)")
+    parser.add_argument("--classes", help="comma list of the model's classes in its output order, named as the "
+                                          "class folders or --class-map targets (default: sorted, as torchvision's "
+                                          "ImageFolder)")
     parser.add_argument("--class-map", help=CLASS_MAP_HELP)
     parser.add_argument("-o", "--out", required=True, help="run folder to write")
     parser.add_argument("--config", help="JSON file of detector settings (see DetectorConfig)")

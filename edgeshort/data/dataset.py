@@ -188,8 +188,9 @@ class ImageFolder(ImageDataset):
         for folder in folders:
             if folder.name not in names:
                 raise InputError(
-                    f"folder {str(folder)!r} is not one of the classes {names}; pass class names that include "
-                    "it, in the model's output order, or move it out of the tree"
+                    f"folder {str(folder)!r} is not one of the classes {names}; merge it into one of them "
+                    f"(CLI: --class-map {folder.name}={names[0]},...), pass class names that include it, in the "
+                    "model's output order, or move it out of the tree"
                 )
             files, others = list_image_files(folder, recursive=True)
             if not files and not allow_empty:  # as torchvision's: an empty class is a mistake, not zero images

@@ -142,7 +142,8 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
     if len(onehot) < 2:
         raise InputError(
             f"{csv_path}: found no label column (one of {list(COLUMN_NAMES['label'])}) and no one-hot class columns "
-            f"of 0/1 values among {header}; add a 'label' column, or name it with columns={{'label': ...}}"
+            f"of 0/1 values among {header}; rename the label column's header to 'label' (Python: or pass "
+            "columns={{'label': ...}})"
         )
     hot = np.array([[float(row[h]) for h in onehot] for row in rows])
     bad = np.flatnonzero(hot.sum(1) != 1)
@@ -184,8 +185,8 @@ def load_manifest(
     found = {role: _find_column(header, role, columns.get(role), csv_path) for role in COLUMN_NAMES}
     if found["image"] is None:
         raise InputError(
-            f"{csv_path}: found no image column among {header}; name it one of {list(COLUMN_NAMES['image'])}, "
-            "or pass columns={'image': ...}"
+            f"{csv_path}: found no image column among {header}; rename its header to one of "
+            f"{list(COLUMN_NAMES['image'])} (Python: or pass columns={{'image': ...}})"
         )
     root = Path(image_root).resolve() if image_root is not None else csv_path.parent
     paths = [_resolve(row[found["image"]], root) for row in rows]
@@ -193,7 +194,7 @@ def load_manifest(
     if missing:
         raise InputError(
             f"{csv_path}: {len(missing)} of {len(rows)} listed images do not exist under {str(root)!r}, e.g. "
-            f"{missing[:MISSING_SHOWN]}; paths are relative to the CSV's folder unless an image root is given"
+            f"{missing[:MISSING_SHOWN]}; paths are relative to the CSV's folder unless an image root (--image-root) is given"
         )
     if not labelled:
         return unlabelled(paths, csv_path.stem)

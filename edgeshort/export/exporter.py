@@ -70,6 +70,12 @@ class ExportOptions:
             raise InputError(f"expected weights 'f32' or 'fp16', got {self.weights!r}")
         if self.int8 and "openvino" not in self.formats:
             raise InputError("INT8 quantisation writes OpenVINO IR; add 'openvino' to the formats")
+        if self.weights == "fp16" and "openvino" not in self.formats:
+            raise InputError("FP16 weights are OpenVINO IR's (ONNX graphs stay f32); add 'openvino' to the formats "
+                             "or drop the fp16 weights")
+        if not self.tolerance > 0:
+            raise InputError(f"expected a tolerance above 0 (the largest |logit difference| to accept), got "
+                             f"{self.tolerance}; e.g. 1e-4")
 
 
 def _export_onnx(name, module, example, input_names, output_names, dynamic, path: Path) -> None:

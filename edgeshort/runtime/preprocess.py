@@ -82,6 +82,12 @@ class Preprocessing:
                 raise InputError(f"expected {name} as three finite numbers (R, G, B), got {values!r}")
         if min(self.std) <= 0:
             raise InputError(f"expected a positive std for every channel, got {self.std!r}")
+        if min(self.mean) < 0 or max(self.mean) > 1 or max(self.std) > 1:
+            # Pixels are scaled to [0, 1] first (as torchvision's ToTensor), so a statistic outside it is on 0-255.
+            raise InputError(
+                f"expected mean and std on the 0-1 pixel scale (ImageNet's mean is 0.485,0.456,0.406), got mean "
+                f"{self.mean!r} and std {self.std!r}; values from the 0-255 scale are divided by 255"
+            )
         if self.interpolation not in INTERPOLATIONS:
             raise InputError(
                 f"expected interpolation in {sorted(INTERPOLATIONS)}, got {self.interpolation!r}; "
