@@ -172,6 +172,22 @@ def test_dfr_that_stops_before_converging_says_so_once(monkeypatch, caplog):
     assert head.weight.shape == (3, 16) and np.isfinite(head.weight).all()
 
 
+def test_dfr_on_groups_too_small_to_trust_is_a_run_warning():
+    from edgeshort.detect import dfr
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(120, 16)).astype(np.float32)
+    labels = np.arange(120) % 2
+    balanced = (np.arange(120) // 2) % 2 == 1  # 30 images in each (class, flag) group
+    assert dfr.small_group_warning(dfr.fit_dfr_logreg(features, labels, balanced, 2, subsamples=2)) is None
+    rare = np.zeros(120, bool)
+    rare[[1, 3, 5, 7]] = True  # the guard flagged four images of class 1 only
+    head = dfr.fit_dfr_logreg(features, labels, rare, 2, subsamples=2)
+    warning = dfr.small_group_warning(head)
+    assert head.info["group_size"] == 4
+    assert "at 4 validation images each, fewer than 10" in warning and "--dfr none" in warning
+
+
 @pytest.mark.slow
 def test_second_artefact_kind_with_no_parameter_changed(tmp_path):
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model

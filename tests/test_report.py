@@ -161,6 +161,10 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
     assert clusters.count("cluster 0 sample") == 3 * written
     flags = section(page, "flags")
     assert "precision" in flags and flags.count("<figure>") >= 4
+    # A caption says what was masked: nothing for an image whose flags stayed under min_patches.
+    captions = re.findall(r"</table>([^<]*)</figcaption>", flags)
+    assert captions and all(("masked after dilation" in c) == c.endswith("shortcut present") for c in captions)
+    assert any("shortcut present" in c for c in captions) and any("shortcut absent" in c for c in captions)
     groups = section(page, "groups")
     assert 'id="group-accuracy"' in groups and "worst group" in groups and "ablated + DFR" in groups
     assert "group_accuracy.png" in groups
@@ -319,10 +323,17 @@ def test_report_shows_a_spray_result_in_the_run(plain_run, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(plain_run.run_dir, run)
+    from edgeshort.detect import ShortcutDetector
+
+    # The detector's key heatmaps, from the reloaded run, as SpRAy takes them.
+    maps, labels, indices = ShortcutDetector.load(run).key_heatmap_grids()
     with np.load(run / "clusters.npz") as z:
-        maps = np.concatenate([z["heatmaps_0"], z["heatmaps_1"]]).reshape(-1, *plain_run.grid)
-        labels = np.concatenate([z["labels"][z["selected_0"]], z["labels"][z["selected_1"]]])
-    spray = SpRAyDetector(n_clusters=2, downsample_size=None).fit(heatmaps=maps, labels=labels)
+        assert np.array_equal(maps, np.concatenate([z["heatmaps_0"], z["heatmaps_1"]]).reshape(-1, *plain_run.grid))
+        assert np.array_equal(labels, z["labels"][indices])
+        groups = z["present"][indices].astype(int)
+    with pytest.raises(InputError, match=r"flat patch grids.*key_heatmap_grids\(\)"):
+        SpRAyDetector().fit(heatmaps=maps.reshape(len(maps), -1), labels=labels)
+    spray = SpRAyDetector(n_clusters=2, downsample_size=None).fit(heatmaps=maps, labels=labels, group_labels=groups)
     (run / "spray").mkdir()
     (run / "spray" / "report.json").write_text(json.dumps(spray.get_report()))
     spray.save_representative_heatmaps(run / "spray" / "representative_heatmaps.png")
@@ -330,6 +341,7 @@ def test_report_shows_a_spray_result_in_the_run(plain_run, tmp_path):
     body = section(page, "spray")
     assert "Clever Hans: risk" in body and 'id="spray-clusters"' in body
     assert body.count("SpRAy cluster") == 2 and "representative_heatmaps.png" in body
+    assert len(re.findall(r"<td>(no artefact|artefact) \(\d\.\d{3}\)</td>", body)) == 2  # the group, by name
     assert "SpRAy: risk" in section(page, "verdict")
     assert all(src.startswith("data:image/png;base64,") for src in image_sources(page))
 

@@ -100,6 +100,25 @@ def test_clean_sets_get_no_flag_above_low(labelled: bool, per_class: bool, affin
         assert not detector.shortcut_detected_
 
 
+def test_empty_maps_do_not_make_the_rest_of_their_class_look_concentrated() -> None:
+    """CAMs that come out empty (all relevance negative) are no reference for focus. Class 0: 60%
+    empty maps, the rest a lesion-centred blob; class 1: broad blobs anywhere. Nothing is a shortcut."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32]
+
+    def blob(cy, cx, sigma):
+        return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+
+    maps = np.zeros((400, 32, 32), np.float32)
+    labels = np.repeat([0, 1], 200)
+    for i in range(120, 200):  # class 0's non-empty 40%: the lesion in the middle
+        maps[i] = blob(16 + rng.normal(0, 1), 16 + rng.normal(0, 1), 4)
+    for i in range(200, 400):
+        maps[i] = blob(*rng.uniform(8, 24, 2), 9)
+    detector = SpRAyDetector().fit(maps, labels)
+    assert risk_rank(detector.risk_level_) <= risk_rank("low"), detector.summary()
+
+
 def test_eigengap_never_exceeds_max_clusters() -> None:
     data = make_spray_heatmaps(300, 32, 0.1, seed=2)
     for max_clusters in (2, 3, 5):

@@ -14,7 +14,7 @@ import numpy as np
 from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset, as_dataset
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
-from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg
+from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg, small_group_warning
 from edgeshort.detect.extract import Features, extract
 from edgeshort.detect.keymaps import (
     Clustering,
@@ -104,6 +104,14 @@ class DetectionResult:
     @property
     def grid(self) -> tuple[int, int]:
         return self.adapter.grid
+
+    def key_heatmap_grids(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every cluster's key heatmaps as (N, gh, gw) maps, with their class labels and validation
+        indices: what `SpRAyDetector().fit(heatmaps=maps, labels=labels)` takes, so both detectors
+        can look at one model."""
+        maps = np.concatenate([h.reshape(-1, *self.grid) for h in self.heatmaps])
+        indices = np.concatenate([s[: len(h)] for s, h in zip(self.selected, self.heatmaps)]).astype(np.int64)
+        return maps, self.val_labels[indices], indices
 
     def guard_keys(self, keys: np.ndarray):
         """Keys (B, N, d) -> raw KNN flags, flags to exclude (B, gh, gw), shortcut present (B,), saliency."""
@@ -386,6 +394,9 @@ class ShortcutDetector:
                 result.dfr_head = fit_dfr_adam(
                     features, dataset.labels, present, dataset.num_classes, adapter.head_linear(), seed=cfg.seed
                 )
+            small = small_group_warning(result.dfr_head)
+            if small:
+                accuracy["warnings"].append(small)
         seconds["dfr"] = time.perf_counter() - t
 
         members = clustering.assignments == shortcut
@@ -505,7 +516,7 @@ def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> tup
         warnings.append(
             f"the pooled features' clusters follow the class labels (normalised mutual information {pooled_nmi:.2f}), "
             f"so their shortcut cluster would be a class: clustered without each class's mean instead (now {nmi:.2f}). "
-            "cluster_space='pooled' keeps the seed's clustering"
+            "cluster_space='pooled' (--cluster-space pooled) keeps the seed's clustering"
         )
     if nmi >= CLASS_FOLLOWING_NMI:
         warnings.append(

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 DFR_MAX_ITER = 2000
+# Below this many images in its smallest balanced group, a DFR head is fitted on too few to trust.
+DFR_MIN_GROUP = 10
 
 
 @dataclass
@@ -97,6 +99,17 @@ def usable_groups(labels: np.ndarray, present: np.ndarray, num_classes: int, min
             "or skip DFR (dfr='none', --dfr none)"
         )
     return usable
+
+
+def small_group_warning(head: LinearHead) -> str | None:
+    """A run warning when DFR balanced its groups at fewer than DFR_MIN_GROUP images each."""
+    size = head.info["group_size"]
+    if size >= DFR_MIN_GROUP:
+        return None
+    return (f"DFR balanced its (class, shortcut found / not found) groups at {size} validation images each, fewer than "
+            f"{DFR_MIN_GROUP}: its head is fitted on {size * len(head.info['groups'])} images per subsample and may "
+            "be noise. Add validation images to the smallest group (often a class the guard rarely flags), or "
+            "leave DFR out (--dfr none at detect, --no-dfr at export)")
 
 
 def fit_dfr_logreg(

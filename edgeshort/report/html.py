@@ -659,9 +659,14 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
             if guarded_key == "dfr_logits":
                 kinds.append(("ablated + DFR", guarded[i]))
             preds = "".join(f"<tr><td>{name}</td><td>{_mark(run, p, labels[i])}</td></tr>" for name, p in kinds)
-            tail = (f"{_plural(int(pred['raw_flags'][i].sum()), 'patch', 'patches')} flagged "
-                    f"({int(pred['flags'][i].sum())} after dilation) · shortcut "
-                    f"{'present' if pred['present'][i] else 'absent'}")
+            raw = int(pred["raw_flags"][i].sum())
+            if pred["present"][i]:
+                tail = (f"{_plural(raw, 'patch', 'patches')} flagged ({int(pred['flags'][i].sum())} masked after "
+                        "dilation) · shortcut present")
+            else:  # too few flags to count as a shortcut: nothing is masked, whatever the raw count
+                tail = (f"{_plural(raw, 'patch', 'patches')} flagged, fewer than min_patches "
+                        f"{run.config.get('min_patches', '?')}: nothing masked · shortcut absent" if raw
+                        else "no patch flagged · shortcut absent")
             figures.append(f"<figure>{_img(src, f'test image {i} with flags')}<figcaption>{head}"
                            f'<table class="preds">{preds}</table>{tail}</figcaption></figure>')
         parts.append(f'<div class="gallery">{"".join(figures)}</div>')
@@ -732,7 +737,8 @@ def _group_table(tables: dict, assets: Assets, figure_path: Path, table_id: str)
 def _spray(run: RunData, assets: Assets) -> str:
     intro = ("<p>SpRAy (Lapuschkin et al., 2019) clusters explanation heatmaps and flags clusters that look like "
              "Clever Hans behaviour: a label-pure minority of a class whose relevance is concentrated elsewhere.</p>")
-    how = ("Fit <code>SpRAyDetector().fit(heatmaps=..., labels=...)</code> (for example on this run's key heatmaps) "
+    how = ("Fit <code>SpRAyDetector().fit(heatmaps=..., labels=...)</code> (for example on this run's key heatmaps: <code>maps, labels, _ = "
+           "ShortcutDetector.load(RUN).key_heatmap_grids()</code>) "
            "and save <code>get_report()</code> as <code>RUN/spray/report.json</code> with its heatmap grid PNG beside "
            "it (<code>edgeshort spray</code> writes both).")
     if run.spray is None:
@@ -758,14 +764,16 @@ def _spray(run: RunData, assets: Assets) -> str:
     for note in hans.get("notes") or []:
         parts.append(f'<p class="meta">{_e(note)}</p>')
     if clusters:
-        headers = ["cluster", "size", "share", "majority label", "label purity", "group purity", "focus", "risk"]
+        # The majority group is named: "0.925" alone reads as artefact purity when it is mostly clean images.
+        headers = ["cluster", "size", "share", "majority label", "label purity", "majority group (share)", "focus",
+                   "risk"]
         rows = []
         for c in clusters:
             label = c.get("majority_label")
             if isinstance(label, (int, np.integer)) and run.class_names and 0 <= int(label) < len(run.class_names):
                 label = run.class_names[int(label)]
             rows.append([_e(c.get("cluster_id")), _num(c.get("size")), _pct(c.get("fraction"), 1),
-                         _e("–" if label is None else label), _num(c.get("label_purity")), _num(c.get("group_purity")),
+                         _e("–" if label is None else label), _num(c.get("label_purity")), _majority_group(c),
                          _num(c.get("focus_mean")),
                          f'<td class="risk-{_e(c.get("risk_level", "none"))}">{_e(c.get("risk_level", "none"))}</td>'])
         parts.append(_table(headers, rows, "spray-clusters", text_columns=(0, 3)))
@@ -791,6 +799,15 @@ def _spray(run: RunData, assets: Assets) -> str:
         src = assets.add(f"spray/{png.name}", png)
         parts.append(_figure(src, f"SpRAy {png.stem}", f"<code>spray/{_e(png.name)}</code> from the run folder."))
     return _section("spray", "SpRAy", "".join(parts))
+
+
+def _majority_group(cluster: dict) -> str:
+    """A SpRAy cluster's majority group by name, with its share: "no artefact (0.925)"."""
+    share, group = cluster.get("group_purity"), cluster.get("group_majority")
+    if share is None:
+        return "–"
+    name = ARTEFACT_GROUP_NAMES[int(group)] if str(group) in ("0", "1") else group
+    return f"{_e(name)} ({_num(share)})"
 
 
 def _setting(value) -> str:

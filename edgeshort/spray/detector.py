@@ -43,7 +43,9 @@ def _to_numpy(array: Any, name: str) -> np.ndarray:
 def _check_heatmaps(heatmaps: Any) -> np.ndarray:
     maps = _to_numpy(heatmaps, "heatmaps")
     if maps.ndim != 3:
-        hint = " (squeeze the channel axis)" if maps.ndim == 4 and 1 in (maps.shape[1], maps.shape[-1]) else ""
+        hint = " (squeeze the channel axis)" if maps.ndim == 4 and 1 in (maps.shape[1], maps.shape[-1]) else (
+            " (flat patch grids: reshape them to (N, gh, gw); a detection result gives its key heatmaps so with "
+            "result.key_heatmap_grids())" if maps.ndim == 2 else "")
         raise InputError(
             f"expected heatmaps of shape (N, H, W), got shape {tuple(maps.shape)}; do pass one 2-D map per "
             f"sample{hint}"
@@ -285,7 +287,8 @@ class SpRAyDetector(BaseEstimator):
             logger.warning("%d of %d heatmaps have no positive relevance; they cluster together", empty.sum(), n)
 
         cluster_labels, scopes, runs = self._cluster(features, class_values)
-        self._summarise(maps, small, stats, cluster_labels, scopes, runs, label_values, group_values, class_values)
+        self._summarise(maps, small, stats, cluster_labels, scopes, runs, label_values, group_values, class_values,
+                        empty)
         self.silhouette_ = self._silhouette(features, cluster_labels)
 
         self.heatmaps_ = maps
@@ -371,7 +374,8 @@ class SpRAyDetector(BaseEstimator):
         return cluster_labels, scopes, runs
 
     # ------------------------------------------------------------------ summaries
-    def _summarise(self, maps, small, stats, cluster_labels, scopes, runs, label_values, group_values, class_values):
+    def _summarise(self, maps, small, stats, cluster_labels, scopes, runs, label_values, group_values, class_values,
+                   empty):
         n = maps.shape[0]
         k = len(scopes)
         criteria = self.criteria or CleverHansCriteria()
@@ -389,7 +393,8 @@ class SpRAyDetector(BaseEstimator):
                 in_class = label_values == majority
             else:
                 in_class = np.ones(n, dtype=bool)
-            reference = in_class & ~members
+            # Empty maps count as spread evenly: as a reference they would make any real focus look concentrated.
+            reference = in_class & ~members & ~empty
             class_size = int(in_class.sum())
             class_share = float((members & in_class).sum() / max(class_size, 1))
             flag = assess_cluster(

@@ -352,8 +352,9 @@ class GradCAMHeatmaps:
         constant = flat.max(axis=1) - flat.min(axis=1) <= 1e-6
         if constant.any():
             logger.warning(
-                "%d of %d CAMs are constant (no gradient reached the target layer's patch positions); "
-                "an earlier layer may explain more",
+                "%d of %d CAMs are constant: no gradient reached the target layer's patch positions, or the "
+                "class evidence there is negative everywhere and the CAM's ReLU zeroes it; another layer or "
+                "cam_method (hirescam, layercam) may explain more",
                 int(constant.sum()),
                 n,
             )
