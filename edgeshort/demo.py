@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeshort.data import ImageDataset, SplitSpec, SyntheticConfig, generate
-from edgeshort.detect.config import DetectorConfig
+from edgeshort.detect.config import DEMO_DETECTOR, DetectorConfig  # noqa: F401 (DEMO_DETECTOR: the demo's)
 from edgeshort.models.train import TrainConfig, cached_tiny_vit
 
 # ISIC-like: the artefact on half the benign training images and on 3% of malignant ones, those
@@ -28,7 +28,6 @@ DEMO_TRAIN = TrainConfig(epochs=12)
 # The seed's 200 positive keys; 50 samples per cluster for the heatmaps and the negatives (the
 # demo's artefact covers about 15% of an image's 64 tokens), and 600 negatives so clean lesion
 # keys are represented.
-DEMO_DETECTOR = DetectorConfig(num_selected=50, knn_samples=200, knn_negatives=600)
 
 
 def demo_data_config(artefact: str = "patch") -> SyntheticConfig:

@@ -126,6 +126,8 @@ def test_eigengap_never_exceeds_max_clusters() -> None:
         assert 2 <= detector.n_clusters_ <= max_clusters
     fixed = SpRAyDetector(cluster_selection="fixed", n_clusters=4).fit(data.heatmaps)
     assert fixed.n_clusters_ == 4 and set(np.unique(fixed.labels_)) == {0, 1, 2, 3}
+    assert "4 clusters (fixed)" in SpRAyDetector(n_clusters=4).fit(data.heatmaps).summary()  # auto with a count
+    assert "clusters (eigengap)" in SpRAyDetector().fit(data.heatmaps).summary()
 
 
 def test_eigengap_rule() -> None:
@@ -293,6 +295,7 @@ def test_fewer_samples_than_clusters() -> None:
         ({"cluster_selection": "fixed"}, r"expected n_clusters with cluster_selection 'fixed', got none"),
         ({"cluster_selection": "eigengap", "n_clusters": 3}, r"expected no n_clusters with cluster_selection 'eigengap'"),
         ({"max_clusters": 1}, r"expected max_clusters to be an int >= 2, got 1"),
+        ({"n_clusters": 1}, r"expected n_clusters to be an int >= 2 or None, got 1"),
         ({"per_class": True}, r"expected labels with per_class=True, got None"),
     ],
 )
@@ -514,7 +517,7 @@ def test_cli_checks_out_and_flags_before_fitting(tmp_path, capsys, monkeypatch) 
         (["--per-class"], "expected --labels with --per-class, got none; do pass --labels LABELS.npy or drop --per-class"),
         (["--cluster-selection", "fixed"], "do pass --n-clusters or use --cluster-selection 'auto'"),
         (["--cluster-selection", "eigengap", "--n-clusters", "3"], "do drop --n-clusters"),
-        (["--n-clusters", "0"], "expected --n-clusters to be a positive int"),
+        (["--n-clusters", "0"], "expected --n-clusters to be an int >= 2"),
         (["--n-clusters", "41"], "expected at least --n-clusters 41 heatmaps, got 40"),
         (["--max-clusters", "1"], "expected --max-clusters to be an int >= 2"),
         (["--downsample-size", "1"], "expected --downsample-size to be an int >= 2"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgeshort.detect.config import (
     CLUSTER_SPACES,
+    DEMO_DETECTOR,
     DFR_METHODS,
     HEATMAP_CONTRASTS,
     NEGATIVE_CHOICES,
@@ -32,7 +33,10 @@ def add_arguments(parser) -> None:
     src.add_argument("--model", help="model file: a saved module, an edgeshort checkpoint, or a state dict or training "
                           "checkpoint ({'state_dict': ...}, timm's train.py) with --arch")
     src.add_argument("--demo", nargs="?", const="patch", choices=("patch", "ruler"),
-                     help="use the built-in synthetic data and tiny ViT (artefact kind, default patch)")
+                     help="use the built-in synthetic data and tiny ViT (artefact kind, default patch); its "
+                          "settings, unless given: " + ", ".join(
+                              f"{f.name}={getattr(DEMO_DETECTOR, f.name)!r}" for f in fields(DetectorConfig)
+                              if getattr(DEMO_DETECTOR, f.name) != getattr(DetectorConfig(), f.name)))
     parser.add_argument("--arch", help="architecture of a state-dict file, e.g. torchvision:vit_b_16 or timm:NAME")
     parser.add_argument("--img-size", help="input size the state dict was fine-tuned at, N or HxW (default: read "
                                            "from its position embeddings when square, else the architecture's)")
@@ -91,7 +95,7 @@ def run(args) -> int:
     from edgeshort.models import load_adapter_file
 
     if args.demo:
-        from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
+        from edgeshort.demo import demo_datasets, demo_model
 
         fixed = [flag for flag, value in (("--classes", args.classes), ("--class-map", args.class_map),
                                           ("--image-root", args.image_root), ("--img-size", args.img_size),

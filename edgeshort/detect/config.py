@@ -98,6 +98,9 @@ class DetectorConfig:
         return cls(**data)
 
 
+# The demo's detector: more samples per cluster and KNN keys than the defaults, for its 800 images.
+DEMO_DETECTOR = DetectorConfig(num_selected=50, knn_samples=200, knn_negatives=600)
+
 SETTING_NOTES = {
     "n_clusters": "k-means clusters",
     "pca_components": "PCA components before k-means",

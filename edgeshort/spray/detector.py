@@ -110,8 +110,9 @@ def check_cluster_settings(cluster_selection, n_clusters, max_clusters, downsamp
                            names: dict[str, str] = PARAMETER_NAMES) -> None:
     """The rules on SpRAy's cluster settings, in one place; `names` words them for the caller."""
     n, selection = names["n_clusters"], names["cluster_selection"]
-    if n_clusters is not None and (not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1):
-        raise InputError(f"expected {n} to be a positive int or None, got {n_clusters!r}; do pass e.g. 3")
+    if n_clusters is not None and (not isinstance(n_clusters, (int, np.integer)) or n_clusters < 2):
+        # One cluster is the whole set: there is no minority group to flag.
+        raise InputError(f"expected {n} to be an int >= 2 or None, got {n_clusters!r}; do pass e.g. 3")
     if cluster_selection == "fixed" and n_clusters is None:
         raise InputError(f"expected {n} with {selection} 'fixed', got none; do pass {n} or use {selection} 'auto'")
     if cluster_selection == "eigengap" and n_clusters is not None:
@@ -554,6 +555,12 @@ class SpRAyDetector(BaseEstimator):
             params["heatmap_generator"] = getattr(generator, "__name__", type(generator).__name__)
         return params
 
+    def _selection_used(self) -> str:
+        """How the cluster count was chosen: "auto" with a given count is a fixed one."""
+        if self.cluster_selection == "auto":
+            return "fixed" if self.n_clusters is not None else "eigengap"
+        return self.cluster_selection
+
     def summary(self) -> str:
         """A readable multi-line account of the clusters and the Clever Hans flags."""
         self._check_fitted()
@@ -565,7 +572,7 @@ class SpRAyDetector(BaseEstimator):
         k_text = f"k={runs[0].n_neighbors}" if runs and runs[0].n_neighbors else "dense"
         lines = [
             f"SpRAy: {n} heatmaps {h}x{w} -> {ph}x{pw}, affinity={self.affinity} ({graph}, {k_text}), "
-            f"{self.n_clusters_} clusters ({self.cluster_selection}{', per class' if self.per_class else ''})",
+            f"{self.n_clusters_} clusters ({self._selection_used()}{', per class' if self.per_class else ''})",
             f"Risk: {self.risk_level_.upper()}"
             + (
                 f" - shortcut suspected in cluster(s) {', '.join(map(str, self.clever_hans_['flagged_clusters']))}"
