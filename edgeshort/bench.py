@@ -198,7 +198,7 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
         "guarded": lambda: guarded.run({"images": images_clean}),
         "guarded+original (flagged image)": guarded_with_original,
     }
-    cold = {"plain": round(cold_plain, 3), "guarded": round(cold_guarded, 3)}
+    cold = {plain_name: round(cold_plain, 3), "guarded": round(cold_guarded, 3)}
     # The runtime end to end: its original prediction for a clean image costs no second pass.
     # The bundle's detection warnings are logged once per load; bench_bundle has shown them once already.
     guard_logger = logging.getLogger("edgeshort.runtime.guard")

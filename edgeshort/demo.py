@@ -1,4 +1,5 @@
-"""The built-in demo: its data, its tiny ViT and its detector settings, in one place.
+"""The built-in demo: its data, its tiny ViT and its detector settings (DEMO_DETECTOR, kept beside
+DetectorConfig so the CLI can show it without torch), in one place.
 
 `edgeshort demo`, `edgeshort detect --demo` and the tests all use these, so what the tests
 prove is what the demo shows.
@@ -25,9 +26,6 @@ DEMO_DATA = SyntheticConfig(
 # appears on a malignant training image (ISIC's own split for its patches).
 DEMO_TRAIN_SPLITS = {"patch": DEMO_DATA.train, "ruler": SplitSpec(3000, (0.5, 0.0))}
 DEMO_TRAIN = TrainConfig(epochs=12)
-# The seed's 200 positive keys; 50 samples per cluster for the heatmaps and the negatives (the
-# demo's artefact covers about 15% of an image's 64 tokens), and 600 negatives so clean lesion
-# keys are represented.
 
 
 def demo_data_config(artefact: str = "patch") -> SyntheticConfig:

@@ -126,6 +126,8 @@ def test_class_order_follows_the_model_when_given(tmp_path):
         as_dataset(in_sorted_order, ("malignant", "nevus"))
     with pytest.raises(InputError, match=r"is not one of the classes .*--class-map benign=malignant,\.\.\..*pass class names that include it"):
         load_images(tmp_path / "test", ["malignant"])
+    with pytest.raises(InputError, match="expected at least one class name, got none"):
+        load_images(tmp_path / "test", [])
     with pytest.raises(InputError, match="distinct class names"):
         load_images(tmp_path / "test_w_patches", ["benign", "benign"])
 

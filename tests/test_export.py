@@ -225,6 +225,7 @@ def _transformers_family():
 def test_every_family_exports_a_bundle_that_matches_torch(build, tmp_path):
     """Each adapter family's graphs (plain, guarded, split) export and agree with torch on both backends."""
     pytest.importorskip("timm")
+    pytest.importorskip("transformers")
     from edgeshort.detect import DetectorConfig, ShortcutDetector
 
     torch.manual_seed(0)
@@ -288,6 +289,14 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
     session = open_session(bundle.path("guarded_int8", "openvino"), "openvino")
     images = np.stack([x for _, b in demo_data["test"].subset(np.arange(8)).batches(bundle.preprocessing, 8) for x in b])
     assert session.run({"images": images})["ablated_logits"].shape == (8, 2)
+    # bench times the INT8 guarded graph against the f32 plain one, and says so.
+    from edgeshort.bench import bench_bundle
+
+    timed = bench_bundle(bundle.root, backends=["openvino"], batches=(1,), rounds=1, block=1, seed_pipeline=False,
+                         progress=False)
+    int8_row = next(c for c in timed["cases"] if c["precision"] == "int8")
+    assert {"plain (f32)", "guarded"} <= set(int8_row["timings"]) and "plain" not in int8_row["timings"]
+    assert "plain (f32)" in int8_row["cold_start_s"] and int8_row["ratio_vs_plain"]["plain (f32)"] == 1.0
 
 
 def test_detection_warnings_travel_with_the_bundle_to_the_edge(demo_bundle, tmp_path, caplog):
@@ -314,7 +323,9 @@ def test_no_dfr_bundle_acts_on_the_ablated_prediction(demo_result, demo_data, tm
     run = tmp_path / "run"
     shutil.copytree(demo_result.run_dir, run)
     metrics = json.loads((run / "metrics.json").read_text())
-    (run / "metrics.json").write_text(json.dumps({**metrics, "dfr_warning": condemned}))
+    few = "DFR balanced its (class, shortcut found / not found) groups at 4 validation images each (...)"
+    (run / "metrics.json").write_text(json.dumps({**metrics, "dfr_warning": condemned, "dfr_fit_warning": few,
+                                                  "warnings": [*metrics["warnings"], few]}))
 
     # Into a folder that does not exist yet, as a deployment path often is, calibrated on a plain folder
     # of images (no class folders: parity needs only pixels).
@@ -334,6 +345,7 @@ def test_no_dfr_bundle_acts_on_the_ablated_prediction(demo_result, demo_data, tm
     assert bundle.manifest["parity"]["calibration_size"] == 6
     assert bundle.manifest["guard"]["has_dfr"] is False and bundle.manifest["guard"]["dfr_omitted"] is True
     assert condemned not in bundle.manifest["guard"]["warnings"]  # the advice was taken
+    assert few not in bundle.manifest["guard"]["warnings"]  # a head fitted on few images is not shipped
     assert "dfr_logits" not in bundle.manifest["graphs"]["guarded"]["outputs"]
     test = demo_data["test"].subset(np.arange(0, 800, 10))
     results = Guard.load(bundle, backend="onnxruntime").predict([test.image(i) for i in range(len(test))])

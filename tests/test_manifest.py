@@ -136,6 +136,9 @@ def test_other_column_names_are_given_by_role(tmp_path):
     listing.write_text("scan,finding,sticker\na.png,effusion,0\nb.png,normal,1\n")
     with pytest.raises(InputError, match=r"found no image column among \['scan', 'finding', 'sticker'\].*columns="):
         load_manifest(listing)
+    with pytest.raises(InputError) as caught:
+        load_manifest(listing, columns={"image": "scan"})
+    assert "rename the label column's header to 'label' (Python: or pass columns={'label': ...})" in str(caught.value)
     data = load_manifest(listing, columns={"image": "scan", "label": "finding", "group": "sticker"})
     assert data.class_names == ("effusion", "normal") and data.groups.tolist() == [0, 1]
     assert dataset_from_source(data.source).groups.tolist() == [0, 1]

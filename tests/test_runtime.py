@@ -189,6 +189,8 @@ def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, m
     monkeypatch.setattr(backends, "is_intel_cpu", lambda: False)
     assert backends.choose_backend("auto") == "onnxruntime"
     assert Guard.load(demo_bundle, precision="bf16").info.backend == "openvino"  # bf16 on any CPU that has it
+    with pytest.raises(InputError, match="bf16 runs on OpenVINO only, and 'cuda' is an ONNX Runtime device"):
+        Guard.load(demo_bundle, precision="bf16", device="cuda")
     for device in ("AUTO", "NPU", "HETERO:GPU,CPU"):
         assert backends.choose_backend("auto", device=device) == "openvino"
     assert Guard.load(demo_bundle, backend="openvino", device="cpu").info.device == "CPU"

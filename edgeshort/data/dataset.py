@@ -182,6 +182,9 @@ class ImageFolder(ImageDataset):
         root = Path(root).resolve()  # the recorded source must reload from any working directory
         folders = _class_folders(root)
         names = list(class_names) if class_names is not None else [p.name for p in folders]
+        if not names:
+            raise InputError("expected at least one class name, got none; pass the model's classes in its output "
+                             "order (CLI: --classes benign,malignant), or none to use the folder names")
         if len(set(names)) != len(names):
             raise InputError(f"expected distinct class names, got {names}; name each class once")
         paths, labels, skipped = [], [], []

@@ -143,7 +143,7 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
         raise InputError(
             f"{csv_path}: found no label column (one of {list(COLUMN_NAMES['label'])}) and no one-hot class columns "
             f"of 0/1 values among {header}; rename the label column's header to 'label' (Python: or pass "
-            "columns={{'label': ...}})"
+            "columns={'label': ...})"
         )
     hot = np.array([[float(row[h]) for h in onehot] for row in rows])
     bad = np.flatnonzero(hot.sum(1) != 1)

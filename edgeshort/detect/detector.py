@@ -396,7 +396,9 @@ class ShortcutDetector:
                 )
             small = small_group_warning(result.dfr_head)
             if small:
+                logger.warning("%s", small)
                 accuracy["warnings"].append(small)
+                accuracy["dfr_fit_warning"] = small  # so a bundle without the head can leave it out
         seconds["dfr"] = time.perf_counter() - t
 
         members = clustering.assignments == shortcut

@@ -149,7 +149,7 @@ def write_pictures(result, dataset, run_dir: Path, per_cluster: int = 8) -> None
         # Which validation file each picture shows, so a user can open the original.
         (heat_dir / "samples.json").write_text(json.dumps(
             [{"rank": rank, "index": int(i), "file": dataset.file_name(int(i))}
-             for rank, i in enumerate(idx[:per_cluster])], indent=2))
+             for rank, (i, _) in enumerate(zip(idx[:per_cluster], maps[:per_cluster]))], indent=2))
         for rank, (i, heat) in enumerate(zip(idx[:per_cluster], maps[:per_cluster])):
             image = np.asarray(result.adapter.preprocessing.model_view(dataset.image(int(i))))
             heat = heat.reshape(grid)

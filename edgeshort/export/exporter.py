@@ -69,13 +69,14 @@ class ExportOptions:
         if self.weights not in ("f32", "fp16"):
             raise InputError(f"expected weights 'f32' or 'fp16', got {self.weights!r}")
         if self.int8 and "openvino" not in self.formats:
-            raise InputError("INT8 quantisation writes OpenVINO IR; add 'openvino' to the formats")
+            raise InputError("INT8 quantisation writes OpenVINO IR; add 'openvino' to the formats "
+                             "(CLI: --formats onnx,openvino)")
         if self.weights == "fp16" and "openvino" not in self.formats:
             raise InputError("FP16 weights are OpenVINO IR's (ONNX graphs stay f32); add 'openvino' to the formats "
-                             "or drop the fp16 weights")
+                             "(CLI: --formats onnx,openvino) or keep f32 weights (--weights f32)")
         if not self.tolerance > 0:
             raise InputError(f"expected a tolerance above 0 (the largest |logit difference| to accept), got "
-                             f"{self.tolerance}; e.g. 1e-4")
+                             f"{self.tolerance}; e.g. 1e-4 (CLI: --tolerance 1e-4)")
 
 
 def _export_onnx(name, module, example, input_names, output_names, dynamic, path: Path) -> None:
@@ -341,7 +342,8 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
             "shortcut_cluster": int(result.shortcut_cluster),
             # The detection run's own doubts (e.g. ablation that lowers validation accuracy) travel with
             # it, and its test set's verdict on a DFR head the bundle ships.
-            "warnings": list(result.metrics.get("warnings") or [])
+            "warnings": [w for w in result.metrics.get("warnings") or []
+                         if result.dfr_head is not None or w != result.metrics.get("dfr_fit_warning")]
             + ([dfr_warning] if dfr_warning and result.dfr_head is not None else []),
         },
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION},

@@ -764,7 +764,7 @@ def _spray(run: RunData, assets: Assets) -> str:
     for note in hans.get("notes") or []:
         parts.append(f'<p class="meta">{_e(note)}</p>')
     if clusters:
-        # The majority group is named: "0.925" alone reads as artefact purity when it is mostly clean images.
+        # The majority group is shown: "0.925" alone reads as artefact purity when it is mostly group 0.
         headers = ["cluster", "size", "share", "majority label", "label purity", "majority group (share)", "focus",
                    "risk"]
         rows = []
@@ -802,12 +802,12 @@ def _spray(run: RunData, assets: Assets) -> str:
 
 
 def _majority_group(cluster: dict) -> str:
-    """A SpRAy cluster's majority group by name, with its share: "no artefact (0.925)"."""
+    """A SpRAy cluster's majority group label with its share, "group 0 (0.925)": the label is the
+    caller's own (artefact truth, or the guard's flags), so it is shown as given."""
     share, group = cluster.get("group_purity"), cluster.get("group_majority")
     if share is None:
         return "–"
-    name = ARTEFACT_GROUP_NAMES[int(group)] if str(group) in ("0", "1") else group
-    return f"{_e(name)} ({_num(share)})"
+    return f"group {_e(group)} ({_num(share)})"
 
 
 def _setting(value) -> str:

@@ -188,6 +188,11 @@ def is_intel_cpu() -> bool:
     return "intel" in name.lower()
 
 
+def is_onnxruntime_device(device: str | None) -> bool:
+    """Whether `device` names an ONNX Runtime device ("cpu", "cuda", "coreml", ...); OpenVINO's are upper case."""
+    return device is not None and (device in ORT_DEVICE_PROVIDERS or device.lower() in ORT_ONLY_DEVICES)
+
+
 def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), device: str | None = None) -> str:
     """`auto`: OpenVINO when it is installed and the bundle has OpenVINO IR (`formats`), on an Intel CPU
     or for an OpenVINO device ("GPU", "NPU", "AUTO", ...), unless `device` names an ONNX Runtime
@@ -198,7 +203,7 @@ def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), 
         return backend
     if "openvino" not in formats:
         return "onnxruntime"
-    if device is not None and (device in ORT_DEVICE_PROVIDERS or device.lower() in ORT_ONLY_DEVICES):
+    if is_onnxruntime_device(device):
         return "onnxruntime"
     # OpenVINO's own device names (its "CPU" is also ONNX Runtime's, so it decides nothing).
     asks_openvino = device is not None and device.split(":")[0] in ("GPU", "NPU", "AUTO", "HETERO", "MULTI")

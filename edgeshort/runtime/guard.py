@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from edgeshort.errors import BundleError, InputError
-from edgeshort.runtime.backends import BACKENDS, PRECISIONS, Session, choose_backend, open_session
+from edgeshort.runtime.backends import (
+    BACKENDS,
+    PRECISIONS,
+    Session,
+    choose_backend,
+    is_onnxruntime_device,
+    open_session,
+)
 from edgeshort.runtime.bundle import FUSED_GRAPHS, MANIFEST, SPLIT_GRAPHS, Bundle, load_bundle, sha256_file
 from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, map_images, preprocess_image
 
@@ -234,11 +241,14 @@ class Guard:
         if int8:
             if "guarded_int8" not in loaded.manifest["graphs"]:
                 raise BundleError(f"{str(loaded.root)!r} has no INT8 graph; export it with `edgeshort export RUN -o "
-                                  "BUNDLE --int8`, or run precision 'f32'")
+                                  "BUNDLE --int8`, or run precision 'f32' (CLI: --precision f32)")
             if backend == "onnxruntime":
                 raise InputError("the INT8 graph is OpenVINO IR; use backend 'openvino' (or 'auto') for precision int8")
             backend = "openvino"
         if precision == "bf16" and backend == "auto":  # only OpenVINO runs bf16, on any CPU that has it
+            if is_onnxruntime_device(device):
+                raise InputError(f"precision bf16 runs on OpenVINO only, and {device!r} is an ONNX Runtime device; "
+                                 "drop the device (CLI: --device) or run precision 'f32'")
             if "openvino" not in loaded.formats(graphs[0]):
                 raise InputError(f"{str(loaded.root)!r} has no OpenVINO IR, and only OpenVINO runs bf16; export the "
                                  "bundle with --formats onnx,openvino, or run precision 'f32'")

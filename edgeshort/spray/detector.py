@@ -394,7 +394,7 @@ class SpRAyDetector(BaseEstimator):
                 in_class = label_values == majority
             else:
                 in_class = np.ones(n, dtype=bool)
-            # Empty maps count as spread evenly: as a reference they would make any real focus look concentrated.
+            # Empty maps are left out of the reference: their hot area of 1 would make any focus look concentrated.
             reference = in_class & ~members & ~empty
             class_size = int(in_class.sum())
             class_share = float((members & in_class).sum() / max(class_size, 1))
