@@ -224,13 +224,20 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
     }
 
 
+def _random_pixels(rng, count: int, prep) -> np.ndarray:
+    """`count` random images, normalised as the bundle's model expects (the runtime refuses other ranges)."""
+    h, w = prep.size
+    pixels = rng.uniform(0.0, 1.0, (count, 3, h, w))
+    mean, std = np.asarray(prep.mean)[:, None, None], np.asarray(prep.std)[:, None, None]
+    return ((pixels - mean) / std).astype(np.float32)
+
+
 def _pick_images(bundle: Bundle, rng, count: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` preprocessed images with no shortcut found, and `count` with one, from the run's data.
 
     Images repeat when the data holds fewer, so every batch is as large as it says. Falls back to
     random images (flag state unknown) when the run's images are not reachable.
     """
-    h, w = bundle.preprocessing.size
     from edgeshort.data import dataset_from_source
 
     source_run = bundle.manifest.get("source_run")
@@ -241,7 +248,7 @@ def _pick_images(bundle: Bundle, rng, count: int) -> tuple[np.ndarray, np.ndarra
         logger.warning("the bundle's source run %r or its images are not reachable, so the benchmark feeds random "
                        "inputs, which the guard may flag: the clean-image rows then time flagged images "
                        "(bench.json clean_inputs_flagged says how many)", source_run)
-        images = rng.standard_normal((count, 3, h, w)).astype(np.float32)
+        images = _random_pixels(rng, count, bundle.preprocessing)
         return images, images
     session = open_session(bundle.path("guarded", "onnx"), "onnxruntime")
     clean, flagged = [], []
@@ -254,7 +261,7 @@ def _pick_images(bundle: Bundle, rng, count: int) -> tuple[np.ndarray, np.ndarra
 
     def exactly_count(images: list) -> np.ndarray:
         if not images:
-            return rng.standard_normal((count, 3, h, w)).astype(np.float32)
+            return _random_pixels(rng, count, bundle.preprocessing)
         repeats = -(-count // len(images))
         return np.stack((images * repeats)[:count])
 

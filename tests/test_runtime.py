@@ -401,11 +401,25 @@ def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards,
         (np.zeros((64, 64, 3), np.int16), r"expected a uint8 \(H, W, C\) image or a float32 preprocessed"),
         (np.zeros((0, 64, 3), np.uint8), r"expected a non-empty image"),
         (np.full((3, 64, 64), np.nan, np.float32), r"expected finite values, got NaN or infinity"),
+        # Skipped normalisation: 0-255 floats would be answered near chance.
+        (np.full((3, 64, 64), 200.0, np.float32), r"expected pixels normalised with the bundle's mean .* got values "
+                                                  r"from 200 to 200; normalise as \(x / 255 - mean\) / std"),
     ],
 )
 def test_bad_arrays_are_refused_with_what_to_do(guards, array, message):
     with pytest.raises(InputError, match=message):
         guards["onnxruntime"].predict(array)
+
+
+def test_normalised_arrays_at_the_edge_of_their_range_are_accepted(guards, test_images):
+    """Preprocessed arrays reach the ends of the normalised range (and a little past, after bicubic)."""
+    guard = guards["onnxruntime"]
+    mean, std = np.asarray(guard.preprocessing.mean), np.asarray(guard.preprocessing.std)
+    white = ((np.ones((3, *guard.preprocessing.size)) - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+    overshoot = white * 1.05
+    assert len(guard.predict([white, -white * 0, overshoot])) == 3
+    as_file = guard.predict(test_images[0])
+    np.testing.assert_allclose(guard.predict(guard.preprocess(test_images[0])[0]).logits, as_file.logits, atol=1e-5)
 
 
 def test_bad_arguments_are_refused(guards, demo_bundle, test_images):

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 PATHS = ("fused", "split")
 GUARD_PRECISIONS = (*PRECISIONS, "int8")
+# How far (as a share of the normalised range) a preprocessed array may stray: bicubic resizing overshoots.
+NORMALISED_MARGIN = 0.1
 
 
 def _frozen(array: np.ndarray, dtype) -> np.ndarray:
@@ -355,7 +357,8 @@ class Guard:
         if x.shape[0] != 3:
             raise InputError(
                 f"{source}: expected 3 channels first in a preprocessed array, got shape {x.shape}; "
-                "transpose HWC to CHW, or pass raw pixels as uint8 (H, W, C)"
+                "transpose HWC to CHW (and normalise with the bundle's mean and std), or pass raw pixels as uint8 "
+                "(H, W, C)"
             )
         if x.shape[1:] != (h, w):
             raise InputError(
@@ -364,6 +367,19 @@ class Guard:
             )
         if not np.isfinite(x).all():
             raise InputError(f"{source}: expected finite values, got NaN or infinity; check the preprocessing")
+        # Normalised pixels lie in [(0 - mean) / std, (1 - mean) / std] per channel; a resize filter may
+        # overshoot a little. Far outside is an un-normalised (0-255 or 0-1) array: silently near chance.
+        mean, std = np.asarray(self.preprocessing.mean), np.asarray(self.preprocessing.std)
+        lo, hi = -mean / std, (1 - mean) / std
+        margin = NORMALISED_MARGIN * (hi - lo)
+        low, high = x.reshape(3, -1).min(1), x.reshape(3, -1).max(1)
+        if (low < lo - margin).any() or (high > hi + margin).any():
+            raise InputError(
+                f"{source}: expected pixels normalised with the bundle's mean {tuple(self.preprocessing.mean)} and std "
+                f"{tuple(self.preprocessing.std)} (per channel within {np.round(lo, 2).tolist()} to "
+                f"{np.round(hi, 2).tolist()}), got values from {float(low.min()):.3g} to {float(high.max()):.3g}; "
+                "normalise as (x / 255 - mean) / std, or pass the uint8 image to have it preprocessed"
+            )
         return np.ascontiguousarray(x)
 
     def preprocess(self, images: Any) -> np.ndarray:
