@@ -66,7 +66,7 @@ def test_run_folder_holds_everything_and_reloads(demo_result, demo_data):
 
 
 def test_fitting_again_into_a_run_folder_leaves_nothing_of_the_earlier_run(demo_result, demo_data, demo_vit,
-                                                                           tmp_path):
+                                                                           tmp_path, monkeypatch):
     import shutil
 
     from edgeshort.demo import DEMO_DETECTOR
@@ -84,6 +84,27 @@ def test_fitting_again_into_a_run_folder_leaves_nothing_of_the_earlier_run(demo_
     assert ShortcutDetector.load(run).dfr_head is None
     html = write_report(run).read_text()
     assert "Overall test accuracy" not in html  # the earlier run's test figures are not this run's
+
+    # Interrupted while saving (Ctrl-C as knn.npz is written): the folder is refused, not read back as a
+    # mix of two runs, and the next fit clears what is left of the earlier one.
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(demo_result.run_dir, interrupted)
+    save = np.savez_compressed
+
+    def ctrl_c_at_knn(path, *args, **kwargs):
+        if str(path).endswith("knn.npz"):
+            raise KeyboardInterrupt
+        return save(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "savez_compressed", ctrl_c_at_knn)
+    second = ShortcutDetector(replace(DEMO_DETECTOR, progress=False, dfr="none", n_clusters=3))
+    with pytest.raises(KeyboardInterrupt):
+        second.fit(demo_vit, demo_data["val"], run_dir=interrupted)
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="no run.json.*if a fit was interrupted here, fit again"):
+        ShortcutDetector.load(interrupted)
+    second.fit(demo_vit, demo_data["val"], run_dir=interrupted)
+    assert not (interrupted / "test_predictions.npz").exists() and ShortcutDetector.load(interrupted).dfr_head is None
 
     # A folder that is not a run keeps everything, whatever its files are called.
     from edgeshort.detect.run_io import clear_earlier_run
@@ -186,6 +207,34 @@ def test_dfr_on_groups_too_small_to_trust_is_a_run_warning():
     warning = dfr.small_group_warning(head)
     assert head.info["group_size"] == 4
     assert "at 4 validation images each, fewer than 10" in warning and "--dfr none" in warning
+
+
+def test_a_result_refuses_weights_it_was_not_fitted_on_and_leaves_the_models_mode(tmp_path):
+    """The result holds the caller's model object: training it further, or loading the run with another
+    model, would let an old guard judge new weights. The model's train/eval flags come back as they were."""
+    from edgeshort.data import ImageDataset
+    from edgeshort.export import export_bundle
+    from edgeshort.models.tiny import TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2).train()
+    rng = np.random.default_rng(0)
+    data = ImageDataset.from_arrays(rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8), np.arange(16) % 2,
+                                    ("a", "b"))
+    result = ShortcutDetector(DetectorConfig(progress=False, num_selected=4, knn_samples=8)).fit(
+        model, data, run_dir=tmp_path / "run")
+    assert model.training and all(m.training for m in model.modules())  # as the caller left it
+    before = result.predict(data).logits
+    assert model.training
+    with torch.no_grad():
+        model.head.weight.add_(0.1)  # one more training step
+    with pytest.raises(InputError, match="weights changed since this result was fitted.*ShortcutDetector.load"):
+        result.predict(data)
+    with pytest.raises(InputError, match="weights changed since this result was fitted"):
+        export_bundle(result, tmp_path / "bundle")
+    with pytest.raises(InputError, match=r"other weights \(sha256 .*\) than .* was fitted on"):
+        ShortcutDetector.load(tmp_path / "run", model=model)
+    np.testing.assert_allclose(ShortcutDetector.load(tmp_path / "run").predict(data).logits, before, atol=1e-6)
 
 
 @pytest.mark.slow

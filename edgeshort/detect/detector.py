@@ -15,7 +15,7 @@ from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset, as_dataset
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
 from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg, small_group_warning
-from edgeshort.detect.extract import Features, extract
+from edgeshort.detect.extract import Features, extract, weights_fingerprint
 from edgeshort.detect.keymaps import (
     Clustering,
     KeyKNN,
@@ -99,6 +99,20 @@ class DetectionResult:
     metrics: dict = field(default_factory=dict)
     run_dir: Path | None = None
     data_source: str | None = None  # how to reload the validation images (export calibrates on them)
+    weights_sha256: str | None = None  # the weights the clusters, KNN and DFR head were fitted on
+
+    def check_weights(self) -> None:
+        """Refuse to predict with weights other than those fitted: the result holds the caller's model
+        object, and clusters, KNN and DFR head of old weights would judge new ones."""
+        if self.weights_sha256 is None:
+            return
+        now = weights_fingerprint(self.adapter.model)
+        if now != self.weights_sha256:
+            raise InputError(
+                f"the model's weights changed since this result was fitted (sha256 {self.weights_sha256[:12]}... "
+                f"then, {now[:12]}... now); its clusters, KNN and DFR head belong to the old weights. Fit again, "
+                "or reload the run (ShortcutDetector.load(RUN)) for the weights it was fitted on"
+            )
 
     # -- the guard ------------------------------------------------------------------------
     @property
@@ -133,9 +147,13 @@ class DetectionResult:
         return keys, raw, flags, present, saliency, keep
 
     def predict(self, data, batch_size: int | None = None, progress: bool | None = None) -> Predictions:
-        """Plain, ablated and ablated+DFR predictions, flags and saliency for a dataset."""
+        """Plain, ablated and ablated+DFR predictions, flags and saliency for a dataset (the model runs in
+        eval mode; its train/eval flags are restored afterwards)."""
         import torch
 
+        from edgeshort._torch_state import preserved_model_state
+
+        self.check_weights()
         dataset = as_dataset(data, self.class_names)
         batch_size = batch_size or self.config.batch_size
         progress = self.config.progress if progress is None else progress
@@ -144,7 +162,8 @@ class DetectionResult:
         dfr = None if self.dfr_head is None else self.dfr_head.to_torch()
         out: dict[str, list] = {k: [] for k in ("logits", "ablated", "dfr", "raw", "flags", "present", "saliency")}
         total = (len(dataset) + batch_size - 1) // batch_size
-        with torch.inference_mode():
+        with preserved_model_state(adapter.model), torch.inference_mode():
+            adapter.model.eval()
             for _, images in progress_bar(dataset.batches(adapter.preprocessing, batch_size), progress,
                                           f"predicting {dataset.name}", total):
                 tokens = adapter.embed(torch.from_numpy(images))
@@ -258,10 +277,11 @@ class DetectionResult:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> Path:
+        """Write this result to a run folder (reloadable with `ShortcutDetector.load`) and return it."""
         from edgeshort.detect import run_io
 
+        self._write_metrics(Path(run_dir), self.metrics)  # before run.json, which marks the run complete
         self.run_dir = run_io.save_result(self, Path(run_dir))
-        self._write_metrics(self.run_dir, self.metrics)
         return self.run_dir
 
     def summary(self) -> str:
@@ -317,7 +337,23 @@ class ShortcutDetector:
         return run_io.load_result(Path(run_dir), model)
 
     def fit(self, model, val, run_dir: str | Path | None = None, class_names=None) -> DetectionResult:
+        """Detect the shortcut `model` learned, on the labelled validation set `val`.
+
+        `model`: a torch ViT (torchvision, timm, transformers, edgeshort's tiny) or its adapter; it runs
+        in eval mode, and its train/eval flags are restored afterwards. `val`: an ImageDataset, an image
+        folder or CSV path (see `edgeshort.data.load_images`), or an (images, labels) tuple of preprocessed
+        tensors. `run_dir`: a folder to write the run to (config, arrays, pictures, KNN, DFR head,
+        metrics), reloadable with `ShortcutDetector.load`. `class_names`: the model's classes in output
+        order, for tuples (else named 0..C-1) or to order a folder's classes.
+        """
+        from edgeshort._torch_state import preserved_model_state
+
+        with preserved_model_state(getattr(model, "model", model)):
+            return self._fit(model, val, run_dir, class_names)
+
+    def _fit(self, model, val, run_dir, class_names) -> DetectionResult:
         adapter = load_adapter(model)
+        weights = weights_fingerprint(adapter.model)
         # Settings that depend on the model are fixed here, so the run, the report and the bundle record them.
         cfg = replace(self.config, dilation_radius=self.config.dilation_for(adapter.grid))
         if class_names is None and isinstance(val, tuple):
@@ -376,6 +412,7 @@ class ShortcutDetector:
             shortcut_cluster=shortcut, clustering=clustering, selected=selected, heatmaps=heatmaps, knn=knn,
             clean_keys=clean_keys, saliency_scale=saliency_scale, dfr_head=None, val_labels=dataset.labels,
             val_groups=dataset.groups, val_present=present, run_dir=run_dir, data_source=dataset.source,
+            weights_sha256=weights,
         )
 
         t = time.perf_counter()

@@ -37,12 +37,18 @@ class Features:
             return cls(data["pooled"], data["keys"], data["logits"])
 
 
+def weights_fingerprint(model) -> str:
+    """sha256 of a model's weights (every state-dict tensor, in order)."""
+    h = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(adapter: ViTAdapter, dataset: ImageDataset, key_layer: int) -> str:
     """Hash of everything the features depend on: the model's weights and preprocessing, the
     images (pixels, or each file's path, size and modification time) and labels, and the key layer."""
-    h = hashlib.sha256()
-    for tensor in adapter.model.state_dict().values():
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h = hashlib.sha256(weights_fingerprint(adapter.model).encode())
     h.update(json.dumps(adapter.preprocessing.to_dict(), sort_keys=True).encode())
     h.update(dataset.labels.tobytes())
     h.update(str(key_layer).encode())

@@ -29,8 +29,9 @@ EARLIER_RUN_FOLDERS = ("heatmaps/cluster_*", "patch_grids/cluster_*", "report_fi
 
 
 def clear_earlier_run(run_dir: Path) -> None:
-    """Remove what an earlier detection run wrote here; a folder that is not a run is left alone."""
-    if not (run_dir / "run.json").is_file():
+    """Remove what an earlier detection run wrote here, finished or interrupted (its clusters.npz is
+    written before run.json); a folder that is not a run is left alone."""
+    if not ((run_dir / "run.json").is_file() or (run_dir / "clusters.npz").is_file()):
         return
     for name in EARLIER_RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
@@ -47,6 +48,9 @@ def save_result(result, run_dir: Path) -> Path:
     from edgeshort.models.tiny import TinyViT
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    # run.json marks a complete run: gone while the files change, written last, so an interrupted
+    # save leaves a folder `load` refuses rather than one that mixes two runs.
+    (run_dir / "run.json").unlink(missing_ok=True)
     model = result.adapter.model
     if isinstance(model, TinyViT):
         save_checkpoint(model, run_dir / "model.pt")
@@ -64,8 +68,8 @@ def save_result(result, run_dir: Path) -> Path:
         "clustering": {"feature_min": c.feature_min, "feature_max": c.feature_max},
         "dfr": None if result.dfr_head is None else result.dfr_head.info,
         "data_source": result.data_source,
+        "model_sha256": result.weights_sha256,
     }
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     (run_dir / "config.json").write_text(json.dumps(result.config.to_dict(), indent=2))
     (run_dir / "clusters.json").write_text(json.dumps(
         {"shortcut_cluster": int(result.shortcut_cluster), "scores": meta["scores"],
@@ -84,6 +88,7 @@ def save_result(result, run_dir: Path) -> Path:
         np.savez_compressed(run_dir / "dfr_head.npz", weight=result.dfr_head.weight, bias=result.dfr_head.bias)
     else:
         (run_dir / "dfr_head.npz").unlink(missing_ok=True)
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=2))
     return run_dir
 
 
@@ -93,11 +98,23 @@ def load_result(run_dir: Path, model=None):
 
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
-        raise InputError(f"{str(run_dir)!r} is not a detection run folder (no run.json); run `edgeshort detect` first")
+        raise InputError(f"{str(run_dir)!r} is not a detection run folder (no run.json); fit with run_dir= or "
+                         "result.save(RUN) (CLI: edgeshort detect -o RUN), or, if a fit was interrupted here, fit again")
     meta = json.loads(meta_path.read_text())
     if meta.get("format", 0) > RUN_FORMAT:
         raise InputError(f"run format {meta['format']} is newer than this edgeshort reads ({RUN_FORMAT}); upgrade")
     adapter = load_adapter(model if model is not None else run_dir / "model.pt")
+    fitted = meta.get("model_sha256")
+    if model is not None and fitted:
+        from edgeshort.detect.extract import weights_fingerprint
+
+        given = weights_fingerprint(adapter.model)
+        if given != fitted:
+            raise InputError(
+                f"the model given has other weights (sha256 {given[:12]}...) than {str(run_dir)!r} was fitted on "
+                f"({fitted[:12]}...); its clusters, KNN and DFR head would judge a model they never saw. Load the "
+                "run without a model (its model.pt), or fit this model again"
+            )
     saved = meta.get("model", {}).get("preprocessing")
     if saved:  # the run's normalisation, which may differ from the family's default
         adapter.set_preprocessing(saved["mean"], saved["std"], saved["interpolation"], saved.get("crop_pct"),
@@ -129,7 +146,7 @@ def load_result(run_dir: Path, model=None):
         clustering=clustering, selected=selected, heatmaps=heatmaps, knn=knn, clean_keys=clean_keys,
         saliency_scale=float(meta["saliency_scale"]), dfr_head=dfr_head, val_labels=labels,
         val_groups=groups if groups.size else None, val_present=present, metrics=metrics, run_dir=run_dir,
-        data_source=meta.get("data_source"),
+        data_source=meta.get("data_source"), weights_sha256=fitted,
     )
 
 

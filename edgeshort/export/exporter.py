@@ -230,6 +230,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
 
     options = options or ExportOptions()
     result = run if isinstance(run, DetectionResult) else ShortcutDetector.load(run)
+    result.check_weights()  # a bundle of new weights with an old guard would pass its own parity check
     dfr_omitted = not options.dfr and result.dfr_head is not None
     if dfr_omitted:
         result = replace(result, dfr_head=None)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgeshort._optional import require
+from edgeshort._torch_state import preserved_model_state
 from edgeshort.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -38,27 +39,6 @@ Head = str | int | Callable[[Any], Any] | None
 
 
 # ---------------------------------------------------------------------- model state
-@contextlib.contextmanager
-def preserved_model_state(*modules: Any) -> Iterator[None]:
-    """Restore train/eval flags, `requires_grad` and `.grad` of every (sub)module on exit.
-
-    Exceptions propagate unchanged; the restore runs in `finally`.
-    """
-    torch = require("torch", "offline")
-    modules = tuple(m for m in modules if isinstance(m, torch.nn.Module))
-    training = [(sub, sub.training) for module in modules for sub in module.modules()]
-    params = {id(p): p for module in modules for p in module.parameters()}
-    saved = [(p, p.requires_grad, p.grad) for p in params.values()]
-    try:
-        yield
-    finally:
-        for sub, flag in training:
-            sub.training = flag  # per module: `train()` would recurse and overwrite children
-        for param, requires_grad, grad in saved:
-            param.requires_grad_(requires_grad)
-            param.grad = grad
-
-
 @contextlib.contextmanager
 def released(cam: Any) -> Iterator[Any]:
     """Remove the CAM's hooks and drop its tensors on exit, without swallowing errors."""
