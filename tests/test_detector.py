@@ -394,12 +394,21 @@ def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
             load_adapter(model).set_preprocessing(crop_pct=bad)
 
 
-def test_bad_input_is_a_clear_error():
+def test_bad_input_is_a_clear_error(caplog):
     model = _small_model()
     images = torch.randn(6, 3, 32, 32)
     detector = ShortcutDetector(DetectorConfig(progress=False, num_selected=2, knn_samples=4))
-    with pytest.raises(InputError, match="at least two classes"):
+    with pytest.raises(InputError, match="at least two classes"), caplog.at_level("WARNING"):
         detector.fit(model, (images, torch.zeros(6, dtype=torch.long)))
+    assert "pass fit(..., class_names=[...])" in caplog.text  # tensors carry no class names
+    # Settings of the wrong type are refused when made, not deep inside a fit.
+    for bad, message in (({"n_clusters": "3"}, "n_clusters as a whole number, got '3'"),
+                         ({"num_selected": 20.5}, "num_selected as a whole number, got 20.5"),
+                         ({"knn_k": True}, "knn_k as a whole number, got True"),
+                         ({"progress": "no"}, "progress as True or False, got 'no'")):
+        with pytest.raises(InputError, match=message):
+            DetectorConfig(**bad)
+    assert DetectorConfig(lambdas=[1, 0, 0], knn_samples=None).lambdas == (1.0, 0.0, 0.0)
     with pytest.raises(InputError, match="at least n_clusters=3 samples, got 2"):
         ShortcutDetector(DetectorConfig(n_clusters=3, progress=False)).fit(model, (images[:2], torch.tensor([0, 1])))
     with pytest.raises(InputError, match=r"expected images of shape \(B, 3, 32, 32\).*got \(6, 3, 40, 40\)"):

@@ -357,7 +357,8 @@ def test_no_dfr_bundle_acts_on_the_ablated_prediction(demo_result, demo_data, tm
     # Shipped anyway, the head takes the test set's verdict with it.
     shipped = export_bundle(replace(demo_result, metrics={**demo_result.metrics, "dfr_warning": condemned}),
                             tmp_path / "dfr", ExportOptions(formats=("onnx",), progress=False, skl2onnx_check=False),
-                            calibration=demo_data["val"])
+                            calibration=calibration)  # in Python too, a plain folder of images calibrates
+    assert shipped.manifest["parity"]["calibration_size"] == 6
     assert shipped.manifest["guard"]["has_dfr"] is True and shipped.manifest["guard"]["dfr_omitted"] is False
     assert condemned in shipped.manifest["guard"]["warnings"]
 

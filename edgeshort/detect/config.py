@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
+
 from edgeshort.errors import InputError
 
 DFR_METHODS = ("logreg", "adam", "none")
@@ -45,6 +47,21 @@ class DetectorConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # Types first: a float or string count would fail deep inside the fit, after the slow steps.
+        whole = ("n_clusters", "pca_components", "num_selected", "knn_samples", "knn_negatives", "knn_k",
+                 "dilation_radius", "min_patches", "key_layer", "dfr_subsamples", "batch_size", "seed")
+        optional = ("knn_samples", "knn_negatives", "dilation_radius")
+        for name in whole:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) and not (
+                    value is None and name in optional):
+                raise InputError(f"DetectorConfig: expected {name} as a whole number"
+                                 f"{' or None' if name in optional else ''}, got {value!r}")
+        if not isinstance(self.progress, bool):
+            raise InputError(f"DetectorConfig: expected progress as True or False, got {self.progress!r}")
+        if not isinstance(self.positive_quantile, (int, float)) or isinstance(self.positive_quantile, bool):
+            raise InputError(f"DetectorConfig: expected positive_quantile as a number, got {self.positive_quantile!r}")
+        object.__setattr__(self, "lambdas", tuple(float(v) for v in self.lambdas))  # frozen: hashable, JSON-able
         checks = [
             (self.n_clusters >= 2, f"n_clusters >= 2, got {self.n_clusters}"),
             (self.pca_components >= 1, f"pca_components >= 1, got {self.pca_components}"),
@@ -131,3 +148,6 @@ SETTING_NOTES = {
     "seed": "random seed",
     "progress": "progress bars",
 }
+
+# help(DetectorConfig) lists what each setting means.
+DetectorConfig.__doc__ += "\n\nSettings:\n" + "\n".join(f"    {name}: {note}" for name, note in SETTING_NOTES.items())

@@ -285,6 +285,8 @@ class DetectionResult:
         return self.run_dir
 
     def summary(self) -> str:
+        """The run in a few lines: what the model was fed, the clusters and their scores, the guard's
+        flags and, once evaluated, the per-group accuracy; warnings last."""
         prep = self.adapter.preprocessing
         crop = "stretched" if prep.crop_pct is None else f"crop {prep.crop_pct:g} ({prep.crop_mode})"
         lines = [f"model: {self.adapter.family} ViT, input {prep.size[0]}x{prep.size[1]} ({crop}, {prep.interpolation}, "
@@ -332,6 +334,8 @@ class ShortcutDetector:
 
     @staticmethod
     def load(run_dir: str | Path, model=None) -> DetectionResult:
+        """The result a fit wrote to `run_dir`, with its model (`model.pt`), or with `model` when given:
+        the same weights, e.g. already in memory (other weights are refused)."""
         from edgeshort.detect import run_io
 
         return run_io.load_result(Path(run_dir), model)
@@ -358,6 +362,8 @@ class ShortcutDetector:
         cfg = replace(self.config, dilation_radius=self.config.dilation_for(adapter.grid))
         if class_names is None and isinstance(val, tuple):
             class_names = [str(c) for c in range(adapter.num_classes)]
+            logger.warning("the classes are named %s; pass fit(..., class_names=[...]) in the model's output order "
+                           "for names the run, report and bundle can show", ", ".join(class_names))
         dataset = as_dataset(val, class_names)
         _check_dataset(dataset, adapter, cfg)
         run_dir = Path(run_dir) if run_dir is not None else None

@@ -45,6 +45,15 @@ FP16_MISMATCH_SHARE = 0.02
 
 @dataclass(frozen=True)
 class ExportOptions:
+    """How `export_bundle` writes a bundle (each option is also an `edgeshort export` flag).
+
+    formats: "onnx" and optionally "openvino" (IR); weights: OpenVINO IR weights "f32" or "fp16"
+    (checked within looser limits); int8: add an nncf-quantised guarded graph (OpenVINO);
+    tolerance: the largest |logit difference| from torch accepted; calibration_size: images in the
+    parity check; skl2onnx_check: cross-check the KNN graph against skl2onnx's; progress: show
+    progress; dfr: ship the run's DFR head; graphs: "all", "fused" or "split" (see GRAPH_SETS).
+    """
+
     formats: tuple[str, ...] = FORMATS
     weights: str = "f32"  # OpenVINO IR weights: "f32" or "fp16"
     int8: bool = False
@@ -123,9 +132,10 @@ def _skl2onnx_knn(result, path: Path, opset: int = 15) -> None:
 
 
 def _calibration_images(result, dataset, size: int) -> np.ndarray:
-    from edgeshort.data import as_dataset
+    from edgeshort.data import as_dataset, load_unlabelled
 
-    dataset = as_dataset(dataset)  # only the pixels count: the labels may name other classes, or none
+    # Only the pixels count: a path may be a plain folder or a CSV without labels, as on the CLI.
+    dataset = load_unlabelled(dataset) if isinstance(dataset, (str, Path)) else as_dataset(dataset)
     idx = np.linspace(0, len(dataset) - 1, min(size, len(dataset))).round().astype(int)
     # Keep both flagged and clean images in the batch so the parity covers the masked path.
     return np.stack([x for _, batch in dataset.subset(idx).batches(result.adapter.preprocessing, 64) for x in batch])
@@ -225,7 +235,14 @@ def _knn_cross_check(root: Path, ref: dict) -> dict:
 
 def export_bundle(run, out: str | Path, options: ExportOptions | None = None, calibration=None,
                   overwrite: bool = False):
-    """Write a verified bundle for a detection run (a run folder or a `DetectionResult`)."""
+    """Write a verified bundle for a detection run (a run folder or a `DetectionResult`) to `out`.
+
+    `options`: formats, weights, INT8, tolerance, graphs and DFR (see `ExportOptions`). `calibration`:
+    the images the parity check runs (an ImageDataset, an image folder or CSV listing, labels not
+    needed, or an (images, labels) tuple); by default the run's validation images. `overwrite`
+    replaces an existing bundle (never another folder). The bundle is refused, and not written, when
+    a backend's outputs differ from torch by more than the tolerance.
+    """
     from edgeshort.detect import DetectionResult, ShortcutDetector
 
     options = options or ExportOptions()
