@@ -388,5 +388,5 @@ def _resolve_calibration(result):
             return dataset_from_source(source, result.class_names)
     raise InputError(
         "the run does not record where its validation images are; pass calibration images "
-        "(CLI: --data VAL) so the export can check parity"
+        "(export_bundle(..., calibration=IMAGES); CLI: --data VAL) so the export can check parity"
     )

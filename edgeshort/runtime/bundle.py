@@ -136,7 +136,7 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
         )
     if not path.is_file():
         raise BundleError(
-            f"{str(root)!r} is not an edgeshort bundle (no {MANIFEST}); create one with `edgeshort export`"
+            f"{str(root)!r} is not an edgeshort bundle (no {MANIFEST}); create one with `edgeshort export RUN -o BUNDLE` (Python: edgeshort.export.export_bundle)"
         )
     try:
         manifest = json.loads(path.read_text())
