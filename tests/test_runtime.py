@@ -443,7 +443,7 @@ def test_bad_arguments_are_refused(guards, demo_bundle, test_images):
 
 
 def test_folder_without_manifest_is_not_a_bundle(tmp_path):
-    with pytest.raises(BundleError, match="is not an edgeshort bundle .*create one with `edgeshort export`"):
+    with pytest.raises(BundleError, match="is not an edgeshort bundle .*create one with `edgeshort export RUN -o BUNDLE`"):
         Guard.load(tmp_path)
 
 
