@@ -174,11 +174,24 @@ def test_a_models_own_preprocessing_reaches_the_edge(tmp_path):
     assert abs(overlay.width / overlay.height - 1) < 0.05  # the whole image is 37/45 = 0.82 (to the pixel)
 
 
+def _fitted_and_exported(model, images, labels, config, out):
+    """Fit on preprocessed tensors, export on both backends calibrated on all of them; parity must pass."""
+    from edgeshort.detect import ShortcutDetector
+
+    names = [f"class {c}" for c in range(int(labels.max()) + 1)]
+    result = ShortcutDetector(config).fit(model, (images, labels), class_names=names)
+    bundle = export_bundle(result, out, ExportOptions(progress=False, calibration_size=len(images)),
+                           calibration=(images, labels))
+    parity = bundle.manifest["parity"]
+    assert parity["passed"] and set(parity["backends"]) == {"onnxruntime", "openvino"}
+    return result, bundle, parity
+
+
 def test_vit_b_16_bundle_matches_torch(tmp_path):
     """The seed's architecture: ORT and OpenVINO f32 match torch within 1e-4 (plain and masked, batch 1 and 3)."""
     from torchvision.models import vit_b_16
 
-    from edgeshort.detect import DetectorConfig, ShortcutDetector
+    from edgeshort.detect import DetectorConfig
 
     torch.manual_seed(0)
     model = vit_b_16(weights=None, num_classes=2).eval()
@@ -187,11 +200,7 @@ def test_vit_b_16_bundle_matches_torch(tmp_path):
     images = torch.randn(6, 3, 224, 224)
     labels = torch.tensor([0, 1] * 3)
     config = DetectorConfig(num_selected=3, knn_samples=60, progress=False, batch_size=3, min_patches=1)
-    result = ShortcutDetector(config).fit(model, (images, labels))
-    bundle = export_bundle(result, tmp_path / "vit", ExportOptions(progress=False, calibration_size=6),
-                           calibration=(images, labels))
-    parity = bundle.manifest["parity"]
-    assert parity["passed"] and set(parity["backends"]) == {"onnxruntime", "openvino"}
+    result, bundle, parity = _fitted_and_exported(model, images, labels, config, tmp_path / "vit")
     for graphs in parity["backends"].values():
         assert graphs["plain"]["logits_max_abs_diff"] <= TOLERANCE
         assert graphs["encoder_head"]["logits_max_abs_diff"] <= TOLERANCE  # masked inputs
@@ -226,17 +235,13 @@ def test_every_family_exports_a_bundle_that_matches_torch(build, tmp_path):
     """Each adapter family's graphs (plain, guarded, split) export and agree with torch on both backends."""
     pytest.importorskip("timm")
     pytest.importorskip("transformers")
-    from edgeshort.detect import DetectorConfig, ShortcutDetector
+    from edgeshort.detect import DetectorConfig
 
     torch.manual_seed(0)
     model = build().eval()
     images, labels = torch.rand(12, 3, 32, 32) * 2 - 1, torch.arange(12) % 3  # normalised with mean = std = 0.5
     config = DetectorConfig(num_selected=3, knn_samples=12, progress=False, min_patches=1, dfr="none")
-    result = ShortcutDetector(config).fit(model, (images, labels))
-    bundle = export_bundle(result, tmp_path / "bundle", ExportOptions(progress=False, calibration_size=12),
-                           calibration=(images, labels))
-    parity = bundle.manifest["parity"]
-    assert parity["passed"] and set(parity["backends"]) == {"onnxruntime", "openvino"}
+    result, bundle, parity = _fitted_and_exported(model, images, labels, config, tmp_path / "bundle")
     for graphs in parity["backends"].values():
         assert set(graphs) == {"guarded", "plain", "embed", "guard", "encoder_head"}
         for graph, figures in graphs.items():
