@@ -143,6 +143,20 @@ def test_ablation_changes_predictions_only_where_flagged(demo_result, demo_data)
     assert changed.any() and not changed[clean].any()
 
 
+
+def test_predict_takes_images_without_labels(demo_result, demo_data, tmp_path):
+    """A list of images, or a plain folder of them, predicts as the same images in a dataset do."""
+    test = demo_data["test"].subset(np.arange(0, 800, 100))
+    expected = demo_result.predict(test, progress=False)
+    for i in range(len(test)):
+        test.image(i).save(tmp_path / f"{i}.png")
+    from_list = demo_result.predict([test.image(i) for i in range(len(test))], progress=False)
+    from_folder = demo_result.predict(tmp_path, progress=False)
+    for got in (from_list, from_folder):
+        np.testing.assert_allclose(got.logits, expected.logits, atol=1e-5)
+        assert np.array_equal(got.flags, expected.flags)
+
+
 def test_a_test_set_without_artefact_labels_is_judged_by_the_guards_flags(demo_result, demo_data, tmp_path, capsys):
     import copy
 

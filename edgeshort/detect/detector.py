@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeshort._progress import progress_bar
-from edgeshort.data import ImageDataset, as_dataset
+from edgeshort.data import ImageDataset, as_dataset, load_unlabelled
+from edgeshort.data.dataset import unlabelled
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
 from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg, small_group_warning
 from edgeshort.detect.extract import Features, extract, weights_fingerprint
@@ -147,14 +148,21 @@ class DetectionResult:
         return keys, raw, flags, present, saliency, keep
 
     def predict(self, data, batch_size: int | None = None, progress: bool | None = None) -> Predictions:
-        """Plain, ablated and ablated+DFR predictions, flags and saliency for a dataset (the model runs in
-        eval mode; its train/eval flags are restored afterwards)."""
+        """Plain, ablated and ablated+DFR predictions, flags and saliency for `data`: a dataset, an (images,
+        labels) tuple of preprocessed tensors, an image folder or CSV listing (labels not needed), or a list
+        of images (PIL images, uint8 arrays or file paths). The model runs in eval mode; its train/eval
+        flags are restored afterwards."""
         import torch
 
         from edgeshort._torch_state import preserved_model_state
 
         self.check_weights()
-        dataset = as_dataset(data, self.class_names)
+        if isinstance(data, (str, Path)):  # only pixels count here: a plain folder will do
+            dataset = load_unlabelled(data)
+        elif isinstance(data, list):
+            dataset = unlabelled(data, "images")
+        else:
+            dataset = as_dataset(data, self.class_names)
         batch_size = batch_size or self.config.batch_size
         progress = self.config.progress if progress is None else progress
         adapter = self.adapter
