@@ -304,7 +304,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
             from edgeshort.export.quantize import quantize_guarded
 
             t = time.perf_counter()
-            int8 = quantize_guarded(staging, graphs, result, images)
+            int8 = quantize_guarded(staging, graphs, result, images, options.progress)
             seconds["int8"] = round(time.perf_counter() - t, 3)
         manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted)
         write_manifest(staging, manifest)

@@ -6,6 +6,8 @@ share of flag-grid cells that stay the same, on the calibration images.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +18,33 @@ from edgeshort.runtime.backends import open_session
 INT8_GRAPH = "guarded_int8"
 
 
-def quantize_guarded(root: Path, graphs: dict, result, images: np.ndarray) -> dict:
+@contextlib.contextmanager
+def _quiet_nncf(quiet: bool):
+    """nncf draws its progress bars on rich's global console and logs at INFO; --quiet silences both."""
+    if not quiet:
+        yield
+        return
+    import rich
+
+    console, logger = rich.get_console(), logging.getLogger("nncf")
+    was_quiet, level = console.quiet, logger.level
+    console.quiet = True
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        console.quiet = was_quiet
+        logger.setLevel(level)
+
+
+def quantize_guarded(root: Path, graphs: dict, result, images: np.ndarray, progress: bool = True) -> dict:
     nncf = require("nncf", "int8")
     ov = require("openvino", "openvino")
     model = ov.Core().read_model(str(root / graphs["guarded"]["files"]["openvino"]))
     calibration = nncf.Dataset([images[i : i + 1] for i in range(len(images))])
-    # Transformer mode keeps the numerically touchy parts (softmax, layer norms) in float.
-    quantized = nncf.quantize(model, calibration, subset_size=len(images), model_type=nncf.ModelType.TRANSFORMER)
+    with _quiet_nncf(not progress):
+        # Transformer mode keeps the numerically touchy parts (softmax, layer norms) in float.
+        quantized = nncf.quantize(model, calibration, subset_size=len(images), model_type=nncf.ModelType.TRANSFORMER)
     xml = root / f"{INT8_GRAPH}.xml"
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
     graphs[INT8_GRAPH] = {
