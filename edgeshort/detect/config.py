@@ -128,7 +128,8 @@ SETTING_NOTES = {
     "lambdas": "weights of homogeneity, exp(-Brier dominant), 1 - exp(-Brier other)",
     "num_selected": "samples nearest each centre used for heatmaps and KNN negatives (and positives when "
                     "positives='hottest')",
-    "knn_samples": "KNN positives (None: the seed's 200 at 20 x 196 patches, scaled to this grid)",
+    "knn_samples": "KNN positives (None: the seed's 200 at num_selected 20 and 196 patches, scaled to "
+                   "num_selected and this grid)",
     "knn_negatives": "KNN negatives (None: as many as positives, as the seed)",
     "knn_k": "neighbours the KNN votes with",
     "heatmap": "key heatmaps against the nearest clean keys (nearest) or the clean mean key per position "

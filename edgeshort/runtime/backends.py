@@ -84,7 +84,7 @@ def ort_providers(providers: list[str] | None, device: str | None) -> list[str]:
     if key not in ORT_DEVICE_PROVIDERS:
         raise InputError(
             f"expected an ONNX Runtime device from {sorted(ORT_DEVICE_PROVIDERS)}, got {device!r}; "
-            "or pass providers=[...] explicitly"
+            "or, in Python, pass providers=[...] explicitly"
         )
     return list(ORT_DEVICE_PROVIDERS[key])
 

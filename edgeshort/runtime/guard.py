@@ -414,8 +414,8 @@ class Guard:
         if not self.bundle.has_graphs(graphs):
             raise BundleError(
                 f"path={path!r} needs the graphs {list(graphs)}, which this bundle was exported without (it has "
-                f"{sorted(self.bundle.manifest['graphs'])}); use the other path, or re-export with "
-                "`edgeshort export RUN -o BUNDLE --graphs all`"
+                f"{sorted(self.bundle.manifest['graphs'])}); use the other path (CLI: with or without --split), or "
+                "re-export with `edgeshort export RUN -o BUNDLE --graphs all`"
             )
         if drop_tokens and path != "split":
             raise InputError("drop_tokens=True needs the split graphs; pass path='split' (the fused graph masks tokens)")
