@@ -98,7 +98,8 @@ class GuardResult:
 
     @property
     def label_changed(self) -> bool:
-        """Whether the guard changed the plain model's prediction."""
+        """Whether the guard changed the plain model's prediction. With a DFR head this can happen on an
+        image with no shortcut found: the retrained head scores every image, flagged or not."""
         return self.final_label != self.label
 
     @property
