@@ -225,11 +225,14 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
 
 
 def _random_pixels(rng, count: int, prep) -> np.ndarray:
-    """`count` random images, normalised as the bundle's model expects (the runtime refuses other ranges)."""
+    """`count` random images, preprocessed as the bundle's model expects (the runtime refuses other ranges)."""
+    from PIL import Image
+
+    from edgeshort.runtime.preprocess import preprocess_image
+
     h, w = prep.size
-    pixels = rng.uniform(0.0, 1.0, (count, 3, h, w))
-    mean, std = np.asarray(prep.mean)[:, None, None], np.asarray(prep.std)[:, None, None]
-    return ((pixels - mean) / std).astype(np.float32)
+    return np.stack([preprocess_image(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), prep)
+                     for _ in range(count)])
 
 
 def _pick_images(bundle: Bundle, rng, count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ from edgeshort.data.dataset import (
     ImageDataset,
     ImageFolder,
     as_dataset,
+    as_images,
     concat,
     dataset_from_source,
     load_images,
@@ -20,6 +21,7 @@ from edgeshort.data.synthetic import CLASS_NAMES, SplitSpec, SyntheticConfig, ge
 __all__ = [
     "ArrayDataset",
     "as_dataset",
+    "as_images",
     "CLASS_NAMES",
     "ImageDataset",
     "ImageFolder",

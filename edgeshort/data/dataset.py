@@ -439,6 +439,16 @@ class ArrayDataset(ImageDataset):
         )
 
 
+def as_images(data, class_names=None) -> ImageDataset:
+    """Images of which only the pixels count (predictions, export calibration): an image folder or CSV
+    listing with or without labels, a list of images (PIL, uint8 arrays or paths), or what `as_dataset` takes."""
+    if isinstance(data, (str, Path)):
+        return load_unlabelled(data)
+    if isinstance(data, list):
+        return unlabelled(data, "images")
+    return as_dataset(data, class_names)
+
+
 def as_dataset(data, class_names=None) -> ImageDataset:
     """An ImageDataset, a folder path, or an (images, labels) pair of preprocessed arrays."""
     if isinstance(data, ImageDataset):

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshort._progress import progress_bar
-from edgeshort.data import ImageDataset, as_dataset, load_unlabelled
-from edgeshort.data.dataset import unlabelled
+from edgeshort.data import ImageDataset, as_dataset, as_images
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
 from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg, small_group_warning
 from edgeshort.detect.extract import Features, extract, weights_fingerprint
@@ -157,12 +156,7 @@ class DetectionResult:
         from edgeshort._torch_state import preserved_model_state
 
         self.check_weights()
-        if isinstance(data, (str, Path)):  # only pixels count here: a plain folder will do
-            dataset = load_unlabelled(data)
-        elif isinstance(data, list):
-            dataset = unlabelled(data, "images")
-        else:
-            dataset = as_dataset(data, self.class_names)
+        dataset = as_images(data, self.class_names)
         batch_size = batch_size or self.config.batch_size
         progress = self.config.progress if progress is None else progress
         adapter = self.adapter
@@ -379,7 +373,7 @@ class ShortcutDetector:
 
         t = time.perf_counter()
         cache = run_dir / "features_val.npz" if run_dir is not None else None
-        feats: Features = extract(adapter, dataset, cfg.batch_size, cfg.key_layer, cfg.progress, cache)
+        feats: Features = extract(adapter, dataset, cfg.batch_size, cfg.key_layer, cfg.progress, cache, weights)
         chance_warnings = _chance_check(feats.logits, dataset.labels, dataset.class_names)
         seconds["extract"] = time.perf_counter() - t
 

@@ -45,10 +45,11 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def fingerprint(adapter: ViTAdapter, dataset: ImageDataset, key_layer: int) -> str:
+def fingerprint(adapter: ViTAdapter, dataset: ImageDataset, key_layer: int, weights: str | None = None) -> str:
     """Hash of everything the features depend on: the model's weights and preprocessing, the
-    images (pixels, or each file's path, size and modification time) and labels, and the key layer."""
-    h = hashlib.sha256(weights_fingerprint(adapter.model).encode())
+    images (pixels, or each file's path, size and modification time) and labels, and the key layer.
+    `weights` is the model's `weights_fingerprint` when the caller has it already."""
+    h = hashlib.sha256((weights or weights_fingerprint(adapter.model)).encode())
     h.update(json.dumps(adapter.preprocessing.to_dict(), sort_keys=True).encode())
     h.update(dataset.labels.tobytes())
     h.update(str(key_layer).encode())
@@ -83,11 +84,12 @@ def extract(
     key_layer: int = -1,
     progress: bool = True,
     cache: Path | None = None,
+    weights: str | None = None,
 ) -> Features:
     """Pooled features, seed keys and logits for every image, one batched forward per batch."""
     import torch
 
-    stamp = fingerprint(adapter, dataset, key_layer) if cache is not None else None
+    stamp = fingerprint(adapter, dataset, key_layer, weights) if cache is not None else None
     if cache is not None:
         cached = Features.load(cache, stamp)
         if cached is not None:

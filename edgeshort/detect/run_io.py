@@ -163,11 +163,9 @@ def write_pictures(result, dataset, run_dir: Path, per_cluster: int = 8) -> None
         grid_dir = run_dir / "patch_grids" / f"cluster_{c}"
         heat_dir.mkdir(parents=True, exist_ok=True)
         grid_dir.mkdir(parents=True, exist_ok=True)
-        # Which validation file each picture shows, so a user can open the original.
-        (heat_dir / "samples.json").write_text(json.dumps(
-            [{"rank": rank, "index": int(i), "file": dataset.file_name(int(i))}
-             for rank, (i, _) in enumerate(zip(idx[:per_cluster], maps[:per_cluster]))], indent=2))
+        samples = []  # which validation file each picture shows, so a user can open the original
         for rank, (i, heat) in enumerate(zip(idx[:per_cluster], maps[:per_cluster])):
+            samples.append({"rank": rank, "index": int(i), "file": dataset.file_name(int(i))})
             image = np.asarray(result.adapter.preprocessing.model_view(dataset.image(int(i))))
             heat = heat.reshape(grid)
             upscale(image, scale).save(heat_dir / f"sample_{rank}_image.png")
@@ -178,3 +176,4 @@ def write_pictures(result, dataset, run_dir: Path, per_cluster: int = 8) -> None
             hottest = np.unravel_index(int(np.argmax(heat)), grid)
             crop = patch_grid_crop(image, grid, hottest, span=5)
             upscale(crop, scale).save(grid_dir / f"sample_{rank}_patches.png")
+        (heat_dir / "samples.json").write_text(json.dumps(samples, indent=2))

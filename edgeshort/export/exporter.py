@@ -132,10 +132,9 @@ def _skl2onnx_knn(result, path: Path, opset: int = 15) -> None:
 
 
 def _calibration_images(result, dataset, size: int) -> np.ndarray:
-    from edgeshort.data import as_dataset, load_unlabelled
+    from edgeshort.data import as_images
 
-    # Only the pixels count: a path may be a plain folder or a CSV without labels, as on the CLI.
-    dataset = load_unlabelled(dataset) if isinstance(dataset, (str, Path)) else as_dataset(dataset)
+    dataset = as_images(dataset)  # only the pixels count: the labels may name other classes, or none
     idx = np.linspace(0, len(dataset) - 1, min(size, len(dataset))).round().astype(int)
     # Keep both flagged and clean images in the batch so the parity covers the masked path.
     return np.stack([x for _, batch in dataset.subset(idx).batches(result.adapter.preprocessing, 64) for x in batch])
@@ -239,7 +238,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
 
     `options`: formats, weights, INT8, tolerance, graphs and DFR (see `ExportOptions`). `calibration`:
     the images the parity check runs (an ImageDataset, an image folder or CSV listing, labels not
-    needed, or an (images, labels) tuple); by default the run's validation images. `overwrite`
+    needed, a list of images, or an (images, labels) tuple); by default the run's validation images. `overwrite`
     replaces an existing bundle (never another folder). The bundle is refused, and not written, when
     a backend's outputs differ from torch by more than the tolerance.
     """

@@ -240,6 +240,9 @@ class Guard:
         # A `Bundle` object is verified again: its files may have changed since it was loaded.
         loaded = load_bundle(bundle.root if isinstance(bundle, Bundle) else bundle)
         graphs = FUSED_GRAPHS if loaded.has_graphs(FUSED_GRAPHS) else SPLIT_GRAPHS
+        if precision != "f32" and backend == "auto" and is_onnxruntime_device(device):
+            raise InputError(f"precision {precision} runs on OpenVINO only, and {device!r} is an ONNX Runtime "
+                             "device; drop the device (CLI: --device) or run precision 'f32'")
         int8 = precision == "int8"
         if int8:
             if "guarded_int8" not in loaded.manifest["graphs"]:
@@ -249,9 +252,6 @@ class Guard:
                 raise InputError("the INT8 graph is OpenVINO IR; use backend 'openvino' (or 'auto') for precision int8")
             backend = "openvino"
         if precision == "bf16" and backend == "auto":  # only OpenVINO runs bf16, on any CPU that has it
-            if is_onnxruntime_device(device):
-                raise InputError(f"precision bf16 runs on OpenVINO only, and {device!r} is an ONNX Runtime device; "
-                                 "drop the device (CLI: --device) or run precision 'f32'")
             if "openvino" not in loaded.formats(graphs[0]):
                 raise InputError(f"{str(loaded.root)!r} has no OpenVINO IR, and only OpenVINO runs bf16; export the "
                                  "bundle with --formats onnx,openvino, or run precision 'f32'")
