@@ -14,7 +14,7 @@ def test_demo_runs_the_whole_chain(demo_vit, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--quiet"]) == 0  # the fixture trained (and cached) its model
     printed = capsys.readouterr().out
-    for stage in ("data", "model", "detect", "export", "predict", "bench", "report"):
+    for stage in ("data", "model", "detect", "spray", "export", "predict", "bench", "report"):
         assert f"== {stage}:" in printed, stage
 
     metrics = json.loads((out / "run" / "metrics.json").read_text())
@@ -34,3 +34,13 @@ def test_demo_runs_the_whole_chain(demo_vit, tmp_path, capsys):
     assert len(list((out / "overlays").glob("*.png"))) == 16
     assert json.loads((out / "bench" / "bench.json").read_text())
     assert (out / "run" / "report.html").stat().st_size > 10_000
+
+    # SpRAy, the second detector, flags a cluster of the planted artefact's images, and the report shows it.
+    spray = json.loads((out / "run" / "spray" / "report.json").read_text())["report"]
+    clusters = {c["cluster_id"]: c for c in spray["clusters"]}
+    artefact_share = {i: c["group_purity"] if c["group_majority"] == 1 else 1 - c["group_purity"]
+                      for i, c in clusters.items()}
+    flagged = [f["cluster_id"] for f in spray["clever_hans"]["flags"] if f["risk_level"] in ("medium", "high")]
+    assert any(artefact_share[i] >= 0.9 for i in flagged), (flagged, artefact_share)
+    assert "with the planted artefact" in printed
+    assert "no SpRAy result" not in (out / "run" / "report.html").read_text()

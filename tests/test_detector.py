@@ -75,15 +75,18 @@ def test_fitting_again_into_a_run_folder_leaves_nothing_of_the_earlier_run(demo_
     run = tmp_path / "run"
     shutil.copytree(demo_result.run_dir, run)
     assert (run / "dfr_head.npz").is_file() and (run / "test_predictions.npz").is_file()
+    (run / "spray").mkdir()
+    (run / "spray" / "report.json").write_text("{}")  # SpRAy of the earlier run's model
     # A second run, without DFR and not evaluated yet, into the same folder (features reused from its cache).
     ShortcutDetector(replace(DEMO_DETECTOR, progress=False, dfr="none", n_clusters=3)).fit(
         demo_vit, demo_data["val"], run_dir=run)
-    for stale in ("dfr_head.npz", "test_predictions.npz", "results.csv"):
+    for stale in ("dfr_head.npz", "test_predictions.npz", "results.csv", "spray"):
         assert not (run / stale).exists(), stale
     assert sorted(p.name for p in (run / "heatmaps").iterdir()) == ["cluster_0", "cluster_1", "cluster_2"]
     assert ShortcutDetector.load(run).dfr_head is None
     html = write_report(run).read_text()
     assert "Overall test accuracy" not in html  # the earlier run's test figures are not this run's
+    assert "no SpRAy result" in html
 
     # Interrupted while saving (Ctrl-C as knn.npz is written): the folder is refused, not read back as a
     # mix of two runs, and the next fit clears what is left of the earlier one.

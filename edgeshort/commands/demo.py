@@ -1,6 +1,6 @@
 """`edgeshort demo`: the whole chain on the built-in synthetic data and tiny ViT.
 
-data -> tiny ViT -> detect -> export -> predict (torch-free runtime) -> bench -> report.
+data -> tiny ViT -> detect -> SpRAy -> export -> predict (torch-free runtime) -> bench -> report.
 """
 
 from __future__ import annotations
@@ -54,6 +54,32 @@ def write_test_images(test, out: Path) -> tuple[Path, Path]:
     return folder, listing
 
 
+def spray_demo(result, val, out: Path) -> None:
+    """SpRAy per class on GradCAM maps of the block before the last (the last block's patch outputs
+    do not reach a class-token head); written to `RUN/spray/`, where the report shows it."""
+    import numpy as np
+    import torch
+
+    from edgeshort.spray import SpRAyDetector
+    from edgeshort.spray.cli import GRID_NAME, write_outputs
+
+    model = result.adapter.model
+    inputs = torch.from_numpy(val.preprocessed(result.adapter.preprocessing))
+    spray = SpRAyDetector(per_class=True).fit(
+        inputs=inputs, labels=np.asarray(val.class_names)[val.labels], group_labels=val.groups, model=model,
+        target_layer=f"blocks.{len(model.blocks) - 2}",
+    )
+    write_outputs(spray, out)
+    report = spray.get_report()["report"]
+    print(f"  {len(val)} heatmaps, {len(report['clusters'])} clusters; risk {spray.risk_level_.upper()}")
+    for flag in report["clever_hans"]["flags"]:
+        cluster = next(c for c in report["clusters"] if c["cluster_id"] == flag["cluster_id"])
+        artefact = cluster["group_purity"] if cluster["group_majority"] == 1 else 1 - cluster["group_purity"]
+        print(f"  cluster {flag['cluster_id']} ({flag['risk_level']}): {cluster['size']} images of class "
+              f"{cluster['majority_label']}, {artefact:.0%} with the planted artefact")
+    print(f"  {out / 'summary.txt'}, {out / GRID_NAME}")
+
+
 def run(args) -> int:
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
@@ -83,6 +109,9 @@ def run(args) -> int:
         print(f"  flagged patches vs true artefact patches: precision {metrics['patch_precision']:.3f}, "
               f"recall {metrics['patch_recall']:.3f}")
         print(f"  run folder: {out / 'run'}")
+
+    with _Stage("spray: SpRAy, a second detector, on GradCAM heatmaps of the validation images"):
+        spray_demo(result, datasets["val"], out / "run" / "spray")
 
     with _Stage("export: ONNX + OpenVINO IR bundle with a parity check"):
         from edgeshort.export import ExportOptions, export_bundle

@@ -102,6 +102,10 @@ class ImageDataset:
                               self.sources[start:stop])
             yield np.arange(start, stop), np.stack(rows)
 
+    def preprocessed(self, prep: Preprocessing, batch_size: int = 64) -> np.ndarray:
+        """Every image preprocessed for a model, as one float32 (N, 3, H, W) array."""
+        return np.concatenate([x for _, x in self.batches(prep, batch_size)])
+
     def patch_masks(self, prep: Preprocessing, grid: tuple[int, int]) -> np.ndarray | None:
         """(N, gh, gw) bool: patch tokens touched by the artefact in the image as `prep` gives it to the model."""
         if self.masks is None:

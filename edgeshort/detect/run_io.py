@@ -25,7 +25,8 @@ RUN_FORMAT = 1
 # would otherwise be read back as this run's (its test predictions, pictures, report). The feature
 # cache stays: it is stamped with the model and images it came from.
 EARLIER_RUN_FILES = ("dfr_head.npz", "test_predictions.npz", "results.csv", "report.html")
-EARLIER_RUN_FOLDERS = ("heatmaps/cluster_*", "patch_grids/cluster_*", "report_files")
+# spray/ described the earlier run's model: the report would show it beside the new run's figures.
+EARLIER_RUN_FOLDERS = ("heatmaps/cluster_*", "patch_grids/cluster_*", "report_files", "spray")
 
 
 def clear_earlier_run(run_dir: Path) -> None:

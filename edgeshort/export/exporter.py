@@ -137,7 +137,7 @@ def _calibration_images(result, dataset, size: int) -> np.ndarray:
     dataset = as_images(dataset)  # only the pixels count: the labels may name other classes, or none
     idx = np.linspace(0, len(dataset) - 1, min(size, len(dataset))).round().astype(int)
     # Keep both flagged and clean images in the batch so the parity covers the masked path.
-    return np.stack([x for _, batch in dataset.subset(idx).batches(result.adapter.preprocessing, 64) for x in batch])
+    return dataset.subset(idx).preprocessed(result.adapter.preprocessing)
 
 
 def _torch_reference(result, images: np.ndarray) -> dict[str, np.ndarray]:

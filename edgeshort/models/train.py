@@ -10,8 +10,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset, SyntheticConfig, generate
 from edgeshort.data.synthetic import GENERATOR_VERSION
@@ -57,8 +55,7 @@ def cache_key(train: TrainConfig, data: SyntheticConfig) -> str:
 def dataset_tensor(data: ImageDataset, adapter) -> tuple:
     import torch
 
-    arrays = [x for _, x in data.batches(adapter.preprocessing, batch_size=512)]
-    return torch.from_numpy(np.concatenate(arrays)), torch.from_numpy(data.labels)
+    return torch.from_numpy(data.preprocessed(adapter.preprocessing, batch_size=512)), torch.from_numpy(data.labels)
 
 
 def train_tiny_vit(

@@ -89,10 +89,22 @@ def _check_flags(args: argparse.Namespace) -> None:
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Fit SpRAy and write the outputs; 0 on success, 1 when `--fail-on` is reached, 2 on bad input."""
+def write_outputs(detector, out: Path, full_resolution: bool = False) -> str:
+    """A fitted detector's report.json, summary.txt and heatmap grid PNG in `out` (`RUN/spray/` is
+    where `edgeshort report` looks); -> the summary."""
     import json
 
+    out.mkdir(parents=True, exist_ok=True)
+    report = detector.get_report(full_resolution=full_resolution)
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    summary = detector.summary()
+    (out / SUMMARY_NAME).write_text(summary + "\n", encoding="utf-8")
+    detector.save_representative_heatmaps(out / GRID_NAME)
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fit SpRAy and write the outputs; 0 on success, 1 when `--fail-on` is reached, 2 on bad input."""
     from edgeshort.errors import InputError
     from edgeshort.spray.detector import SpRAyDetector
 
@@ -119,12 +131,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    report = detector.get_report(full_resolution=args.full_resolution)
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    summary = detector.summary()
-    (out / SUMMARY_NAME).write_text(summary + "\n", encoding="utf-8")
-    detector.save_representative_heatmaps(out / GRID_NAME)
+    summary = write_outputs(detector, out, full_resolution=args.full_resolution)
     print(summary)
     print(f"\nwrote {out / REPORT_NAME}, {out / SUMMARY_NAME}, {out / GRID_NAME}")
     if args.fail_on is not None and RISK_CHOICES.index(detector.risk_level_) >= RISK_CHOICES.index(args.fail_on):
