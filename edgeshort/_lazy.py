@@ -12,7 +12,13 @@ def lazy_getattr(package: str, names: dict[str, str]) -> Callable[[str], Any]:
 
     def __getattr__(name: str) -> Any:
         if name in names:
-            return getattr(importlib.import_module(names[name]), name)
+            from edgeshort._optional import missing_extra
+
+            try:
+                module = importlib.import_module(names[name])
+            except ImportError as exc:
+                raise missing_extra(exc) or exc from exc
+            return getattr(module, name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__

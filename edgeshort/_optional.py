@@ -17,3 +17,24 @@ def require(module: str, extra: str) -> ModuleType:
             f"{module!r} is needed here but is not importable ({exc}); "
             f"install it with: pip install 'edgeshort[{extra}]'"
         ) from exc
+
+
+# The extra that installs each optional top-level module, for a plain `import` deep in an offline step.
+EXTRA_OF_MODULE = {
+    "torch": "offline", "torchvision": "offline", "sklearn": "offline", "scipy": "offline", "skl2onnx": "offline",
+    "onnx": "offline", "onnxscript": "offline", "tqdm": "offline", "pytorch_grad_cam": "offline",
+    "openvino": "openvino", "nncf": "int8", "timm": "timm", "transformers": "transformers",
+    "matplotlib": "report",
+}
+
+
+def missing_extra(exc: ImportError) -> MissingDependencyError | None:
+    """The error naming the extra to install when `exc` is an optional module missing, else None."""
+    if isinstance(exc, MissingDependencyError) or not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    if top not in EXTRA_OF_MODULE:
+        return None
+    return MissingDependencyError(
+        f"this needs {top!r}, which is not installed; install it with: pip install 'edgeshort[{EXTRA_OF_MODULE[top]}]'"
+    )

@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    from edgeshort._optional import missing_extra
     from edgeshort.errors import EdgeshortError
 
     module = importlib.import_module(COMMANDS[args.command][0])
@@ -53,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except (EdgeshortError, FileNotFoundError) as exc:
         print(f"edgeshort {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # an offline command on a runtime-only install
+        if (missing := missing_extra(exc)) is None:
+            raise
+        print(f"edgeshort {args.command}: error: {missing}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
         # Python's advice: point stdout at devnull so the flush at exit does not raise again.

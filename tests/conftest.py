@@ -60,7 +60,7 @@ def import_blocker():
             "class Blocker(importlib.abc.MetaPathFinder):\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name.split('.')[0] in BLOCKED:\n"
-            "            raise ImportError(f'{name} is blocked in this test')\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)  # as if not installed\n"
             "        return None\n"
             "sys.meta_path.insert(0, Blocker())\n"
         )

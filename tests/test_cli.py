@@ -31,6 +31,29 @@ def test_env_prints_versions_and_backends():
     assert 1 <= info["usable_cores"] <= info["cpu_count"]
 
 
+def test_offline_steps_on_a_runtime_only_install_name_the_extra(tmp_path, import_blocker):
+    """Without torch and scikit-learn (the core install), offline commands and names say what to install."""
+    blocked = {"torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript", "skl2onnx", "pytorch_grad_cam"}
+    np_path = tmp_path / "maps.npy"
+    __import__("numpy").save(np_path, __import__("numpy").random.default_rng(0).random((12, 8, 8)))
+    script = import_blocker(blocked) + (
+        "import edgeshort\n"
+        "from edgeshort.cli import main\n"
+        f"codes = [main(['detect', '--demo', '-o', {str(tmp_path / 'run')!r}]),\n"
+        f"         main(['spray', '--heatmaps', {str(np_path)!r}, '--out', {str(tmp_path / 'spray')!r}])]\n"
+        "try:\n    edgeshort.ShortcutDetector\nexcept edgeshort.errors.MissingDependencyError as exc:\n"
+        "    print('python:', exc)\n"
+        "print('codes', codes)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "codes [2, 2]" in out.stdout
+    assert "edgeshort detect: error: this needs 'torch', which is not installed; install it with: pip install " \
+           "'edgeshort[offline]'" in out.stderr
+    assert "edgeshort spray: error: this needs 'sklearn'" in out.stderr and "Traceback" not in out.stderr
+    assert "python: this needs 'torch'" in out.stdout and "edgeshort[offline]" in out.stdout
+
+
 def test_user_errors_exit_2_with_the_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edgeshort.cli", "export", str(tmp_path), "-o", str(tmp_path / "b")],
                          capture_output=True, text=True)

@@ -194,6 +194,17 @@ def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, m
     for device in ("AUTO", "NPU", "HETERO:GPU,CPU"):
         assert backends.choose_backend("auto", device=device) == "openvino"
     assert Guard.load(demo_bundle, backend="openvino", device="cpu").info.device == "CPU"
+    # An OpenVINO device names what is missing, not an ONNX Runtime device list or CUDA.
+    with pytest.raises(BundleError, match="OpenVINO IR for the OpenVINO device 'NPU', got one with ONNX only"):
+        backends.choose_backend("auto", formats=("onnx",), device="NPU")
+    real_import = backends.importlib.import_module
+    monkeypatch.setattr(backends.importlib, "import_module",
+                        lambda name: (_ for _ in ()).throw(ModuleNotFoundError(name=name)) if name == "openvino"
+                        else real_import(name))
+    for device in ("GPU", "NPU", "AUTO"):
+        with pytest.raises(MissingDependencyError, match=f"'{device}' is an OpenVINO device, and OpenVINO is not "
+                                                         r"installed; install it with: pip install 'edgeshort\[openvino\]'"):
+            backends.choose_backend("auto", device=device)
 
 
 def test_openvino_compiles_into_the_cache_dir(demo_bundle, test_images, guards, tmp_path):

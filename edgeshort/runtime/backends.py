@@ -201,17 +201,25 @@ def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), 
         raise InputError(f"expected backend in {('auto', *BACKENDS)}, got {backend!r}")
     if backend != "auto":
         return backend
-    if "openvino" not in formats:
-        return "onnxruntime"
     if is_onnxruntime_device(device):
         return "onnxruntime"
     # OpenVINO's own device names (its "CPU" is also ONNX Runtime's, so it decides nothing).
     asks_openvino = device is not None and device.split(":")[0] in ("GPU", "NPU", "AUTO", "HETERO", "MULTI")
+    other_choice = f"or pass an ONNX Runtime device ({', '.join(sorted(ORT_DEVICE_PROVIDERS))})"
+    if "openvino" not in formats:
+        if asks_openvino:
+            raise BundleError(f"expected a bundle with OpenVINO IR for the OpenVINO device {device!r}, got one with "
+                              f"ONNX only; re-export it with OpenVINO installed, {other_choice}")
+        return "onnxruntime"
     if asks_openvino or is_intel_cpu():
         try:
             importlib.import_module("openvino")
             return "openvino"
-        except ImportError:
+        except ImportError as exc:
+            if asks_openvino:
+                raise MissingDependencyError(
+                    f"{device!r} is an OpenVINO device, and OpenVINO is not installed; install it with: "
+                    f"pip install 'edgeshort[openvino]', {other_choice}") from exc
             logger.info("Intel CPU but OpenVINO is not installed; using ONNX Runtime")
     return "onnxruntime"
 
