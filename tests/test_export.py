@@ -15,7 +15,7 @@ from PIL import Image
 from edgeshort.errors import BundleError, InputError, ParityError, UnsupportedModelError
 from edgeshort.export import ExportOptions, export_bundle
 from edgeshort.runtime.backends import open_session
-from edgeshort.runtime.bundle import load_bundle
+from edgeshort.runtime.bundle import load_bundle, write_manifest
 
 TOLERANCE = 1e-4
 
@@ -73,12 +73,12 @@ def test_bundle_round_trip_rejects_tampering_and_newer_formats(demo_bundle, tmp_
     with pytest.raises(BundleError, match="bundle format 99 is newer than this edgeshort reads"):
         load_bundle(copy)
     manifest["format"] = 1
-    manifest["guard"]["has_dfr"] = not manifest["guard"]["has_dfr"]  # hand-edited: its graphs say otherwise
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    manifest["guard"]["has_dfr"] = not manifest["guard"]["has_dfr"]  # edited and re-sealed: its graphs say otherwise
+    write_manifest(copy, manifest)
     with pytest.raises(BundleError, match="says has_dfr .* the manifest was edited"):
         load_bundle(copy)
     manifest["guard"]["has_dfr"] = not manifest["guard"]["has_dfr"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(copy, manifest)
     from edgeshort.runtime import Guard
     from edgeshort.runtime.bundle import sha256_file
 
@@ -313,7 +313,7 @@ def test_detection_warnings_travel_with_the_bundle_to_the_edge(demo_bundle, tmp_
     shutil.copytree(demo_bundle.root, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["guard"]["warnings"] = ["ablating the flagged tokens lowers balanced validation accuracy"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(copy, manifest)
     with caplog.at_level("WARNING", logger="edgeshort.runtime.guard"):
         Guard.load(copy, backend="onnxruntime")
     assert "its detection run warned: ablating the flagged tokens lowers" in caplog.text

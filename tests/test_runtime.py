@@ -4,7 +4,6 @@ preprocessing parity with torchvision, actionable errors, thread safety, flat me
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from edgeshort.errors import (
     MissingDependencyError,
 )
 from edgeshort.runtime import Guard, GuardResult
+from edgeshort.runtime import bundle as bundle_module
+from edgeshort.runtime.bundle import write_manifest
 from edgeshort.runtime.preprocess import Preprocessing, load_image, preprocess_image
 
 BACKENDS = ["onnxruntime", "openvino"]
@@ -180,7 +181,7 @@ def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, m
     for name in [n for n in manifest["files"] if n.endswith((".xml", ".bin"))]:
         del manifest["files"][name]
         (onnx_only / name).unlink()
-    (onnx_only / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(onnx_only, manifest)
     assert Guard.load(onnx_only).info.backend == "onnxruntime"
     with pytest.raises(InputError, match="has no OpenVINO IR, and only OpenVINO runs bf16.*--formats onnx,openvino"):
         Guard.load(onnx_only, precision="bf16")
@@ -461,8 +462,53 @@ def test_folder_without_manifest_is_not_a_bundle(tmp_path):
 def test_bundle_from_a_newer_format_is_refused(demo_bundle, tmp_path):
     root = copy_bundle(demo_bundle, tmp_path)
     rewrite_manifest(root, lambda m: m.update(format=99))
-    with pytest.raises(BundleError, match="bundle format 99 is newer than this edgeshort reads.*pip install -U"):
+    with pytest.raises(BundleError, match="bundle format 99 is newer than this edgeshort reads.*upgrade edgeshort to the version that "
+                                          "exported it"):
         Guard.load(root, backend="onnxruntime")
+
+
+def test_an_edited_manifest_is_refused(demo_bundle, tmp_path):
+    """Swapped class names would invert every answer with the graphs' hashes intact."""
+    edits = {
+        "class names": lambda m: m.update(class_names=m["class_names"][::-1]),
+        "preprocessing": lambda m: m["model"]["preprocessing"].update(mean=[0.4, 0.4, 0.4]),
+        "a graph's hash entry": lambda m: m["files"].pop("plain.onnx"),
+    }
+    for what, edit in edits.items():
+        root = copy_bundle(demo_bundle, tmp_path / what)
+        rewrite_manifest(root, edit)
+        with pytest.raises(BundleError, match="was edited after export .* re-export the bundle, or, for a deliberate "
+                                              r"change, write it with edgeshort.runtime.bundle.write_manifest"):
+            Guard.load(root, backend="onnxruntime")
+    # A deliberate change written through write_manifest is sealed again; a graph left unhashed is still refused.
+    root = copy_bundle(demo_bundle, tmp_path / "resealed")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["guard"]["warnings"] = ["checked by hand"]
+    write_manifest(root, manifest)
+    assert Guard.load(root, backend="onnxruntime").bundle.manifest["guard"]["warnings"] == ["checked by hand"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"].pop("plain.onnx")
+    manifest["seal"] = bundle_module.manifest_seal(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="lists no hash for its graph file 'plain.onnx'"):
+        Guard.load(root, backend="onnxruntime")
+
+
+def test_bundle_access_problems_say_what_is_wrong(demo_bundle, tmp_path, monkeypatch):
+    with pytest.raises(BundleError, match="bundle folder '.*nowhere' does not exist; check the path"):
+        Guard.load(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InputError, match="expected cache_dir to be a folder this user can create.*drop cache_dir"):
+        Guard.load(demo_bundle, backend="openvino", cache_dir=tmp_path / "a-file" / "cache")
+    with pytest.raises(TypeError, match=r"a Guard is made with Guard.load\(bundle_folder"):
+        Guard(str(demo_bundle.root))
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(bundle_module, "sha256_file", unreadable)  # root reads any file, so the test pretends
+    with pytest.raises(BundleError, match="cannot read '.*' \\(Permission denied\\); give this user read access"):
+        Guard.load(demo_bundle, backend="onnxruntime")
 
 
 def test_tampered_bundle_is_refused(demo_bundle, tmp_path):
@@ -481,8 +527,7 @@ def test_onnx_ir_version_too_new_is_named(demo_bundle, tmp_path):
     model = onnx.load(str(path))
     model.ir_version = 99
     onnx.save(model, str(path))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    rewrite_manifest(root, lambda m: m["files"]["guarded.onnx"].update(sha256=digest, bytes=path.stat().st_size))
+    write_manifest(root, json.loads((root / "manifest.json").read_text()))  # the new file's hash, sealed
     with pytest.raises(BundleError, match="guarded.onnx has ONNX IR version 99, newer than the installed runtime"):
         Guard.load(root, backend="onnxruntime")
 

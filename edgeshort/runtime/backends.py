@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import platform
 import queue
 import re
@@ -142,6 +143,7 @@ class OpenVINOSession(Session):
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir:
+            _check_writable_folder(Path(cache_dir), "cache_dir")
             config["CACHE_DIR"] = str(cache_dir)
         try:
             model = core.read_model(str(path))
@@ -186,6 +188,18 @@ def is_intel_cpu() -> bool:
         text = Path("/proc/cpuinfo").read_text(errors="ignore")
         name = next((line for line in text.splitlines() if line.startswith("vendor_id")), name)
     return "intel" in name.lower()
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """OpenVINO blames the model it compiles for a cache folder it cannot write: say what is wrong first."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"expected {what} to be a folder this user can create, got {str(folder)!r} "
+                         f"({exc.strerror or exc}); choose another folder or drop {what}") from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"expected {what} to be a folder this user can write, got {str(folder)!r}; "
+                         f"choose another folder or drop {what}")
 
 
 def is_onnxruntime_device(device: str | None) -> bool:

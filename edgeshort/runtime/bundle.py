@@ -41,6 +41,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# The manifest's own hash, over its content without this key. The files' hashes cover the graphs;
+# this covers what the runtime reads beside them (class names, preprocessing, guard settings), so a
+# hand edit that would silently change every answer, such as swapped class names, is refused.
+SEAL = "seal"
+
+
+def manifest_seal(manifest: dict) -> str:
+    content = {k: v for k, v in manifest.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _unreadable(path: Path, exc: OSError) -> BundleError:
+    return BundleError(f"cannot read {str(path)!r} ({exc.strerror or exc}); give this user read access to the whole "
+                       "bundle (e.g. chmod -R a+rX on the folder)")
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A verified bundle folder and its manifest."""
@@ -121,6 +137,7 @@ def write_manifest(root: Path, manifest: dict) -> Path:
         p = root / extra
         files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     manifest = {**manifest, "format": _format_needed(manifest), "files": files}
+    manifest[SEAL] = manifest_seal(manifest)
     path = root / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False))
     return path
@@ -130,6 +147,9 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     """Read and verify a bundle; raise `BundleError` naming the problem and the fix."""
     root = Path(root)
     path = root / MANIFEST
+    if not root.exists():
+        raise BundleError(f"bundle folder {str(root)!r} does not exist; check the path, or create the bundle with "
+                          "`edgeshort export RUN -o BUNDLE` (Python: edgeshort.export.export_bundle)")
     if root.is_dir() and not os.access(root, os.R_OK | os.X_OK):
         raise BundleError(
             f"{str(root)!r} is not readable by this user; give it read access (e.g. chmod -R a+rX on the folder)"
@@ -142,13 +162,22 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{str(path)!r} is not valid JSON ({exc}); re-export the bundle") from exc
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
     version = manifest.get("format")
     if not isinstance(version, int):
         raise BundleError(f"{str(path)!r} has no format version; re-export the bundle")
     if version > BUNDLE_FORMAT:
         raise BundleError(
             f"bundle format {version} is newer than this edgeshort reads (format {BUNDLE_FORMAT}); "
-            "upgrade edgeshort: pip install -U edgeshort"
+            "upgrade edgeshort to the version that exported it (pip install -U on the package or source you "
+            "installed it from)"
+        )
+    if manifest.get(SEAL) != manifest_seal(manifest):
+        raise BundleError(
+            f"{str(path)!r} was edited after export (its content no longer matches its seal), so its class names, "
+            "preprocessing or guard settings may not be those its graphs were exported with; re-export the bundle, "
+            "or, for a deliberate change, write it with edgeshort.runtime.bundle.write_manifest(folder, manifest)"
         )
     for key in ("model", "class_names", "guard", "graphs", "files"):
         if key not in manifest:
@@ -159,12 +188,21 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
         if outputs is not None and ("dfr_logits" in outputs) != has_dfr:
             raise BundleError(f"{str(path)!r} says has_dfr {has_dfr}, but its {graph} graph "
                               f"{'lacks' if has_dfr else 'has'} a DFR output: the manifest was edited; re-export the bundle")
+    for graph in manifest["graphs"].values():
+        for name in graph.get("files", {}).values():
+            for listed in (name, name[:-4] + ".bin") if name.endswith(".xml") else (name,):
+                if listed not in manifest["files"]:
+                    raise BundleError(f"{str(path)!r} lists no hash for its graph file {listed!r}, so it cannot be "
+                                      "verified; re-export the bundle")
     if verify_hashes:
         for name, entry in manifest["files"].items():
             file = root / name
             if not file.is_file():
                 raise BundleError(f"bundle file {name!r} is missing from {str(root)!r}; re-export or copy it whole")
-            digest = sha256_file(file)
+            try:
+                digest = sha256_file(file)
+            except OSError as exc:
+                raise _unreadable(file, exc) from exc
             if digest != entry["sha256"]:
                 raise BundleError(
                     f"bundle file {name!r} does not match its manifest hash (sha256 {digest[:12]}… != "

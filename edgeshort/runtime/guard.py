@@ -166,7 +166,7 @@ class GuardInfo:
     class_names: tuple[str, ...]
     has_dfr: bool
     compiled: tuple[str, ...] = field(default_factory=tuple)
-    # Names the bundle in audit logs: its files' hashes are in the manifest, verified at load.
+    # Names the bundle in audit logs: the manifest holds its files' hashes and its own seal, verified at load.
     manifest_sha256: str = ""
 
     def to_dict(self) -> dict:
@@ -192,8 +192,11 @@ class Guard:
     One `Guard` may be shared by several threads; `predict` keeps no state between calls.
     """
 
-    def __init__(self, bundle: Bundle, backend: str, options: dict, sessions: dict[str, Session],
-                 max_pixels: int) -> None:
+    def __init__(self, bundle: Bundle, backend: str | None = None, options: dict | None = None,
+                 sessions: dict[str, Session] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if not isinstance(bundle, Bundle) or backend is None or options is None or sessions is None:
+            raise TypeError("a Guard is made with Guard.load(bundle_folder, backend=..., device=...), which verifies "
+                            f"and compiles the bundle; got Guard({bundle!r}, ...)")
         self.bundle = bundle
         self.backend = backend
         self.max_pixels = max_pixels
