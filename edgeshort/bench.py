@@ -13,13 +13,13 @@ import logging
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgeshort.errors import InputError
+from edgeshort.errors import InputError, MissingDependencyError
 from edgeshort.runtime.backends import BACKENDS, open_session
 from edgeshort.runtime.bundle import FUSED_GRAPHS, Bundle, load_bundle
 from edgeshort.runtime.guard import Guard, log_run_warnings
@@ -134,9 +134,10 @@ def _session(bundle: Bundle, graph: str, variant: dict, hint: str, threads: int 
 def bench_bundle(
     bundle_dir: str | Path, backends: list[str] | None = None, batches: tuple[int, ...] = (1, 8),
     rounds: int = 10, block: int = 5, threads: int | None = None, seed_pipeline: bool = True,
-    progress: bool = True,
+    progress: bool = True, images: list[str] | None = None,
 ) -> dict:
-    """Every figure for one bundle, as a JSON-able dict."""
+    """Every figure for one bundle, as a JSON-able dict; `images` (files or folders) are timed instead
+    of the source run's data."""
     backends = backends or list(BACKENDS)
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not batches or min(batches) < 1:
@@ -153,29 +154,36 @@ def bench_bundle(
     results: dict = {"bundle": str(bundle.root), "model": bundle.manifest["model"], "machine": machine_info(),
                      "settings": {"rounds": rounds, "block": block, "threads": threads, "batches": list(batches)},
                      "size": bundle_size(bundle), "cases": []}
+    variants = available_variants(bundle, backends)
+    if not variants:
+        raise MissingDependencyError(f"none of the backends {backends} can run this bundle here: OpenVINO is not "
+                                     "installed or the bundle has no OpenVINO IR; pip install 'edgeshort[openvino]' "
+                                     "or add onnxruntime to the backends (--backends onnxruntime)")
     log_run_warnings(bundle)
     # The seed-style row's torch batch takes eight.
-    clean, flagged = _pick_images(bundle, rng, max(8, *batches))
-    for variant in available_variants(bundle, backends):
+    inputs = _pick_images(bundle, rng, max(8, *batches), images)
+    results["inputs"] = {"source": inputs.source, "clean": inputs.clean_kind, "flagged": inputs.flagged_kind}
+    results["skipped_backends"] = [b for b in backends if b not in {v["backend"] for v in variants}]
+    for variant in variants:
         for batch in batches:
             if progress:
                 print(f"  {variant['backend']} {variant['precision']} batch {batch} ...", flush=True)
-            results["cases"].append(_bench_variant(bundle, variant, batch, clean, flagged, rounds, block, threads))
+            results["cases"].append(_bench_variant(bundle, variant, batch, inputs, rounds, block, threads))
             gc.collect()
     if seed_pipeline:
-        results["cases"] += _seed_pipeline_cases(bundle, clean, flagged, rounds, block, progress)
+        results["cases"] += _seed_pipeline_cases(bundle, inputs.clean, inputs.flagged, rounds, block, progress)
     results["peak_rss_mb"] = _peak_rss_mb()
     return results
 
 
-def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, threads) -> dict:
+def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, threads) -> dict:
     """Plain vs guarded (and guarded + original on a flagged image) for one backend and batch size."""
     # Each call here is one synchronous request: OpenVINO's THROUGHPUT hint splits the cores into
     # streams that only a queue of asynchronous requests fills, so a single request runs on one
     # stream (measured: vit_b_16 batch 8 took 2.9 s with it, 1.55 s on ONNX Runtime). LATENCY
     # gives one request all cores, for batch 1 and batch 8 alike.
     hint = "LATENCY"
-    images_clean, images_flagged = clean[:batch], flagged[:batch]
+    images_clean, images_flagged = inputs.clean[:batch], inputs.flagged[:batch]
     t0 = time.perf_counter()
     plain = _session(bundle, "plain", variant, hint, threads)
     plain.run({"images": images_clean})
@@ -196,7 +204,7 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
     cases = {
         plain_name: lambda: plain.run({"images": images_clean}),
         "guarded": lambda: guarded.run({"images": images_clean}),
-        "guarded+original (flagged image)": guarded_with_original,
+        f"guarded+original ({inputs.flagged_kind})": guarded_with_original,
     }
     cold = {plain_name: round(cold_plain, 3), "guarded": round(cold_guarded, 3)}
     # The runtime end to end: its original prediction for a clean image costs no second pass.
@@ -209,12 +217,12 @@ def _bench_variant(bundle, variant, batch, clean, flagged, rounds, block, thread
     finally:
         guard_logger.setLevel(level)
     cold["Guard.load (verify + compile + warm up)"] = round(guard.info.load_seconds, 3)
-    cases["Guard.predict (clean image)"] = lambda: guard.predict(images_clean, batch_size=batch)
+    cases[f"Guard.predict ({inputs.clean_kind})"] = lambda: guard.predict(images_clean, batch_size=batch)
     timings = interleaved(cases, rounds, block)
     base = timings[plain_name].median_ms
     return {
         **variant, "batch": len(images_clean), "hint": hint,
-        # Share of the "clean" inputs the guard flags anyway (0 when the run's data had clean images).
+        # Share of the "clean" inputs the guard flags (0 unless they are random images).
         "clean_inputs_flagged": clean_present,
         "cold_start_s": cold,
         "timings": {k: v.to_dict() for k, v in timings.items()},
@@ -235,40 +243,81 @@ def _random_pixels(rng, count: int, prep) -> np.ndarray:
                      for _ in range(count)])
 
 
-def _pick_images(bundle: Bundle, rng, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` preprocessed images with no shortcut found, and `count` with one, from the run's data.
+@dataclass
+class BenchInputs:
+    """The images the cases time, and what they are: "clean image" / "flagged image" when the guard's
+    own flags sorted real images, "random image" when none of that kind was at hand."""
 
-    Images repeat when the data holds fewer, so every batch is as large as it says. Falls back to
-    random images (flag state unknown) when the run's images are not reachable.
+    clean: np.ndarray
+    flagged: np.ndarray
+    clean_kind: str
+    flagged_kind: str
+    source: str  # where the images came from, for bench.json and bench.md
+
+
+def _preprocessed_files(paths: list[str], prep) -> Iterator[tuple[None, np.ndarray]]:
+    """Image files as preprocessed batches of 64, torch-free (the runtime's own loader)."""
+    from edgeshort.runtime.preprocess import load_image, preprocess_image
+
+    for start in range(0, len(paths), 64):
+        yield None, np.stack([preprocess_image(load_image(p), prep) for p in paths[start:start + 64]])
+
+
+def _image_paths(images: list[str]) -> list[str]:
+    from edgeshort.runtime.preprocess import list_image_files
+
+    paths: list[str] = []
+    for name in images:
+        if Path(name).is_dir():
+            paths += [str(p) for p in list_image_files(Path(name), recursive=True)[0]]
+        elif Path(name).is_file():
+            paths.append(name)
+        else:
+            raise InputError(f"expected --images to name image files or folders, got {name!r}, which does not exist")
+    if not paths:
+        raise InputError(f"expected image files under --images {' '.join(images)}, found none; check the folders")
+    return paths
+
+
+def _pick_images(bundle: Bundle, rng, count: int, images: list[str] | None = None) -> BenchInputs:
+    """`count` preprocessed images with no shortcut found, and `count` with one: from `images` when
+    given, else from the bundle's source run.
+
+    Images repeat when there are fewer, so every batch is as large as it says. Random images stand
+    in for a kind the data lacks, or for both when the run's images are not reachable (another machine).
     """
-    from edgeshort.data import dataset_from_source
+    if images:
+        batches, source = _preprocessed_files(_image_paths(images), bundle.preprocessing), "--images"
+    else:
+        from edgeshort.data import dataset_from_source
 
-    source_run = bundle.manifest.get("source_run")
-    try:
-        meta = json.loads((Path(source_run) / "run.json").read_text())
-        data = dataset_from_source(meta["data_source"], meta.get("class_names"))
-    except (TypeError, OSError, KeyError, ValueError):  # no run folder or no recorded data: random inputs
-        logger.warning("the bundle's source run %r or its images are not reachable, so the benchmark feeds random "
-                       "inputs, which the guard may flag: the clean-image rows then time flagged images "
-                       "(bench.json clean_inputs_flagged says how many)", source_run)
-        images = _random_pixels(rng, count, bundle.preprocessing)
-        return images, images
+        source_run = bundle.manifest.get("source_run")
+        try:
+            meta = json.loads((Path(source_run) / "run.json").read_text())
+            data = dataset_from_source(meta["data_source"], meta.get("class_names"))
+        except (TypeError, OSError, KeyError, ValueError):  # no run folder or no recorded data: random inputs
+            logger.warning("the bundle's source run %r or its images are not reachable, so the benchmark times "
+                           "random images; pass --images (Python: images=) to time your own", source_run)
+            pixels = _random_pixels(rng, count, bundle.preprocessing)
+            return BenchInputs(pixels, pixels, "random image", "random image", "random images")
+        batches, source = data.batches(bundle.preprocessing, 64), f"the source run's data ({meta['data_source']})"
     session = open_session(bundle.path("guarded", "onnx"), "onnxruntime")
     clean, flagged = [], []
-    for _, batch in data.batches(bundle.preprocessing, 64):
+    for _, batch in batches:
         present = session.run({"images": batch})["present"]
         clean += list(batch[~present])
         flagged += list(batch[present])
         if len(clean) >= count and len(flagged) >= count:
             break
 
-    def exactly_count(images: list) -> np.ndarray:
-        if not images:
-            return _random_pixels(rng, count, bundle.preprocessing)
-        repeats = -(-count // len(images))
-        return np.stack((images * repeats)[:count])
+    def exactly_count(found: list, kind: str) -> tuple[np.ndarray, str]:
+        if not found:
+            return _random_pixels(rng, count, bundle.preprocessing), "random image"
+        repeats = -(-count // len(found))
+        return np.stack((found * repeats)[:count]), kind
 
-    return exactly_count(clean), exactly_count(flagged)
+    (clean, clean_kind), (flagged, flagged_kind) = exactly_count(clean, "clean image"), exactly_count(flagged, "flagged image")
+    return BenchInputs(clean, flagged, clean_kind, flagged_kind, source)
 
 
 def _seed_pipeline_cases(bundle, clean, flagged, rounds, block, progress) -> list[dict]:
@@ -338,6 +387,13 @@ def markdown_table(results: dict) -> str:
     cold = [f"{c['backend']} {c['precision']} batch {c['batch']}: "
             + ", ".join(f"{name} {sec} s" for name, sec in c["cold_start_s"].items())
             for c in results["cases"] if "cold_start_s" in c]
+    inputs = results.get("inputs")
+    if inputs:
+        lines += ["", f"Inputs: {inputs['source']}." + (
+            " Random images stand in where no real image of a kind was at hand; the guard may flag them "
+            "(bench.json clean_inputs_flagged)." if "random image" in (inputs["clean"], inputs["flagged"]) else "")]
+    if results.get("skipped_backends"):
+        lines += ["", f"Not timed: {', '.join(results['skipped_backends'])} (not installed, or not in the bundle)."]
     lines += ["", "Cold start (load + compile + first call):", *[f"- {c}" for c in cold]]
     lines += ["", f"Bundle size: {results['size']['total_bytes'] / 2**20:.1f} MiB; peak RSS "
               f"{results.get('peak_rss_mb') or 0:.0f} MiB"]

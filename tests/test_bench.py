@@ -66,3 +66,46 @@ def test_rows_with_disturbed_timings_are_marked():
     assert "| guarded * |" in table and "| plain |" in table and "p90 over 2x the median" in table
     results["cases"][0]["timings"]["guarded"] = timing(1.0, 1.5)
     assert "*" not in markdown_table(results)
+
+
+def test_bench_times_given_images_and_names_random_stand_ins(demo_bundle, demo_data, tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from edgeshort.bench import markdown_table
+    from edgeshort.errors import MissingDependencyError
+    from edgeshort.runtime.bundle import write_manifest
+
+    # On another machine the source run is out of reach: random images, and the rows say so.
+    far = tmp_path / "far-bundle"
+    shutil.copytree(demo_bundle.root, far)
+    manifest = json.loads((far / "manifest.json").read_text())
+    manifest["source_run"] = str(tmp_path / "not-here")
+    write_manifest(far, manifest)
+    quick = {"backends": ["onnxruntime"], "batches": (1,), "rounds": 1, "block": 1, "seed_pipeline": False,
+             "progress": False}
+    results = bench_bundle(far, **quick)
+    assert results["inputs"] == {"source": "random images", "clean": "random image", "flagged": "random image"}
+    case = results["cases"][0]
+    assert {"Guard.predict (random image)", "guarded+original (random image)"} <= set(case["timings"])
+    assert "Random images stand in" in markdown_table(results)
+
+    # The user's own images, sorted by the guard's flags.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    test = demo_data["test"]
+    for i in range(0, len(test), len(test) // 12):
+        test.image(i).save(folder / f"img_{i}.png")
+    results = bench_bundle(far, **quick, images=[str(folder)])
+    assert results["inputs"] == {"source": "--images", "clean": "clean image", "flagged": "flagged image"}
+    assert {"Guard.predict (clean image)", "guarded+original (flagged image)"} <= set(results["cases"][0]["timings"])
+    assert results["cases"][0]["clean_inputs_flagged"] == 0.0
+    with pytest.raises(InputError, match="expected --images to name image files or folders, got '.*nothing'"):
+        bench_bundle(far, **quick, images=[str(tmp_path / "nothing")])
+
+    # Only OpenVINO asked for, and it is not installed: an error, not an empty table.
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(MissingDependencyError, match=r"none of the backends \['openvino'\] can run.*edgeshort\[openvino\]"):
+        bench_bundle(far, **{**quick, "backends": ["openvino"]})
+    results = bench_bundle(far, **{**quick, "backends": ["onnxruntime", "openvino"]})
+    assert results["skipped_backends"] == ["openvino"] and "Not timed: openvino" in markdown_table(results)

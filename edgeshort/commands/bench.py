@@ -17,7 +17,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="few rounds (3 x 3 calls per case, unless --rounds/--block say otherwise); "
                         "without BUNDLE, the demo's bundle")
     parser.add_argument("--no-seed-pipeline", action="store_true", help="skip the torch + scikit-learn row")
-    parser.add_argument("-o", "--out", default="bench", help="output folder for bench.json/.md/.png (default bench)")
+    parser.add_argument("--images", nargs="+", metavar="PATH",
+                        help="image files or folders to time (default: the bundle's source run data, if reachable, "
+                             "else random images); the guard's own flags sort them into clean and flagged")
+    parser.add_argument("-o", "--out", default="bench",
+                        help="output folder for bench.json, bench.md and, with edgeshort[report], bench.png "
+                             "(default bench)")
 
 
 def run(args) -> int:
@@ -42,9 +47,11 @@ def run(args) -> int:
     results = bench_bundle(
         bundle, [b.strip() for b in args.backends.split(",") if b.strip()],
         batches, rounds, block, args.threads,
-        seed_pipeline=not args.no_seed_pipeline,
+        seed_pipeline=not args.no_seed_pipeline, images=args.images,
     )
     paths = write_outputs(results, Path(args.out))
     print((Path(args.out) / "bench.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if "chart" not in paths:
+        print("bench.png not written: matplotlib is not installed (pip install 'edgeshort[report]')")
     return 0
