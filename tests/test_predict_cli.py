@@ -55,10 +55,10 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
     assert "skipped 1 file in the folders that are not images (.txt 1)" in stderr  # notes.txt, not silently
     records = read_jsonl(out)
     assert len(records) == NUM_IMAGES + 1
-    from edgeshort.commands.predict import image_files
+    from edgeshort.commands.predict import find_inputs
 
     # One record per file in the order the files are found, the unreadable one in its place.
-    assert [r["path"] for r in records] == [path for path, _ in image_files([str(image_folder)])]
+    assert [r["path"] for r in records] == [entry.path for entry in find_inputs([str(image_folder)]).files]
     errors = [r for r in records if r["error"]]
     assert len(errors) == 1 and errors[0]["path"].endswith("broken.png") and errors[0]["label"] is None
     assert "cannot read image" in errors[0]["error"]
@@ -76,7 +76,7 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
         assert record["warning"] is None or record["warning"].startswith("flags cover")
         picture = Image.open(record["overlay"])
         assert picture.mode == "RGB" and min(picture.size) >= 256
-    assert len(list(overlays.glob("*.png"))) == NUM_IMAGES
+    assert len(list(overlays.rglob("*.png"))) == NUM_IMAGES  # under nested/deeper/ as their images are
     index = {int(Path(r["path"]).stem[3:]): r for r in records if not r["error"]}
     assert [index[i]["shortcut_present"] for i in range(NUM_IMAGES)] == reference.present.tolist()
     assert [index[i]["flagged_patches"] for i in range(NUM_IMAGES)] == reference.flags.sum((1, 2)).tolist()
@@ -130,7 +130,7 @@ def test_overlays_of_large_photos_stay_screen_sized(demo_bundle, demo_data, tmp_
     code = main(["predict", str(demo_bundle.root), str(photo), "--backend", "onnxruntime", "--overlays",
                  str(tmp_path / "overlays"), "-o", str(tmp_path / "r.jsonl"), "--quiet"])
     assert code == 0
-    assert max(Image.open(tmp_path / "overlays" / "photo.png").size) == 1024
+    assert max(Image.open(tmp_path / "overlays" / "photo.jpg.png").size) == 1024
 
 
 def test_odd_file_names_and_bad_outputs(demo_bundle, demo_data, tmp_path, capsys, monkeypatch):
@@ -156,8 +156,8 @@ def test_odd_file_names_and_bad_outputs(demo_bundle, demo_data, tmp_path, capsys
     # An --overlays path that is a file is refused before the earlier results in --out are touched.
     before = out.read_text()
     assert main(["predict", str(demo_bundle.root), str(folder), "--backend", "onnxruntime", "-o", str(out),
-                 "--overlays", str(folder / "=cmd.png")]) == 2
-    assert "cannot write the outputs" in capsys.readouterr().err and out.read_text() == before
+                 "--overlays", str(out)]) == 2
+    assert "cannot write the overlays to" in capsys.readouterr().err and out.read_text() == before
 
 
 def read_jsonl_text(text: str) -> list[dict]:

@@ -2,7 +2,8 @@
 
 Torch-free: only the runtime is imported. Images are read and predicted a batch at a time, so
 memory stays bounded however many files are given; a file that cannot be read becomes an error
-record and the others are still predicted.
+record and the others are still predicted. docs/runtime.md describes the records, exit codes,
+overlays and folder search.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import sys
+import tempfile
+import traceback
 from collections import Counter
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,11 +26,25 @@ RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "
 # at most this many on the long side, so a 12-MP photo's outlines are not too thin to see on a screen.
 OVERLAY_MIN_SIDE = 256
 OVERLAY_MAX_SIDE = 1024
+# Exit codes; 2 (bad arguments, bundle or outputs, before any prediction) comes from edgeshort.cli.
+EXIT_INPUTS_FAILED = 1
+EXIT_STOPPED = 3
+EXIT_CODES = """exit codes:
+  0  every input was predicted
+  1  some inputs could not be read: their records carry `error`, the others were predicted
+  2  bad arguments, bundle or outputs: stopped before any prediction
+  3  stopped part-way (an output could not be written, e.g. a full disk): the records written so
+     far are complete, the rest are missing"""
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the exit codes' lines
+    parser.epilog = EXIT_CODES
     parser.add_argument("bundle", help="bundle folder written by `edgeshort export`")
-    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively, following links; hidden "
+                                               "files are skipped and counted)")
     parser.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "openvino"),
                         help="inference backend (auto: OpenVINO when installed and the bundle has OpenVINO IR, on "
                              "Intel CPUs, for --device GPU/NPU/AUTO or --precision bf16/int8; else ONNX Runtime)")
@@ -38,7 +56,8 @@ def add_arguments(parser) -> None:
                              "bundle's INT8 guarded graph (export --int8)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default 8)")
     parser.add_argument("-o", "--out", help="write records to this .jsonl, .json (one array) or .csv file (default: JSONL on stdout)")
-    parser.add_argument("--overlays", help="folder for overlay PNGs: image + saliency + flagged patches")
+    parser.add_argument("--overlays", help="folder for overlay PNGs (image + saliency + flagged patches), apart from the "
+                                          "inputs; each is named after its input's path, with .png added")
     parser.add_argument("--split", action="store_true", help="run embed -> guard -> encoder_head instead of the fused graph")
     parser.add_argument("--drop-tokens", action="store_true", help="with --split: remove flagged tokens instead of masking")
     parser.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (default 50 "
@@ -46,27 +65,110 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no summary on stderr")
 
 
-def image_files(inputs: list[str], skipped: Counter | None = None) -> Iterator[tuple[str, str | None]]:
-    """(path, problem) for every input: files as given, folders searched recursively for images.
+class OutputFailure(Exception):
+    """An output could not be written part-way through a run (a full disk, a folder removed)."""
 
-    Files in those folders that are not images are counted by suffix in `skipped`, for the summary.
+
+class InputFile(NamedTuple):
+    path: str  # as the user gave it, or as found under a folder they gave
+    problem: str | None  # why it cannot be read, known before reading it
+    overlay_name: str | None  # its overlay's path under --overlays
+
+
+@dataclass
+class InputSearch:
+    """The inputs in prediction order, what the folder search left out, and where the inputs really are."""
+
+    files: list[InputFile] = field(default_factory=list)
+    other_suffixes: Counter = field(default_factory=Counter)  # files that are not images, by suffix
+    hidden: list[str] = field(default_factory=list)
+    repeated: list[str] = field(default_factory=list)  # links to a folder searched already
+    real_folders: list[Path] = field(default_factory=list)
+    real_files: list[Path] = field(default_factory=list)  # files given by name and image links' targets
+
+    def skipped_lines(self) -> list[str]:
+        """The summary's account of everything in the folders that was not predicted."""
+        lines = []
+        if self.other_suffixes:
+            kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(self.other_suffixes.items()))
+            total = sum(self.other_suffixes.values())
+            lines.append(f"skipped {total} file{'s' if total != 1 else ''} in the folders that are not images "
+                         f"({kinds}); pass a file by name to try it anyway")
+        if self.hidden:
+            lines.append(f"skipped {len(self.hidden)} hidden file{'s' if len(self.hidden) != 1 else ''} or folder"
+                         f"{'s' if len(self.hidden) != 1 else ''} (names starting with '.': {_examples(self.hidden)}); "
+                         "pass one by name to include it")
+        if self.repeated:
+            lines.append(f"skipped {len(self.repeated)} link{'s' if len(self.repeated) != 1 else ''} to a folder "
+                         f"searched already ({_examples(self.repeated)}); its images are predicted once, under the "
+                         "other path")
+        return lines
+
+
+def _examples(paths: list[str], shown: int = 3) -> str:
+    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
+def overlay_name(relative: str) -> str:
+    """An input's overlay path under --overlays: its path with .png added, unless it already ends in .png,
+    so that a.jpg and a.png beside it keep apart (a.jpg.png, a.png) and each maps back to its input."""
+    return relative if relative.endswith(".png") else relative + ".png"
+
+
+def find_inputs(names: list[str]) -> InputSearch:
+    """Every input in order: files as given, folders searched recursively for images (sorted by path).
+
+    A folder's images keep their path under it for their overlay's name; a file given by name keeps its name.
     """
-    from edgeshort.runtime.preprocess import IMAGE_SUFFIXES, list_image_files
+    from edgeshort.runtime.preprocess import IMAGE_SUFFIXES, search_folder
 
-    for name in inputs:
+    search = InputSearch()
+    for name in names:
         path = Path(name)
-        if path.is_dir():
-            found, others = list_image_files(path, recursive=True)
-            if skipped is not None:
-                skipped.update(p.suffix.lower() or "no suffix" for p in others)
-            if not found:
-                yield name, (f"expected image files ({', '.join(IMAGE_SUFFIXES)}) under the folder {name!r}, "
-                             "found none; check the folder")
-            for p in found:
-                yield str(p), None
-        else:
+        if not path.is_dir():
             # Missing or unreadable files are reported when they are read, with the loader's message.
-            yield name, None
+            search.files.append(InputFile(name, None, overlay_name(path.name or "image")))
+            search.real_files.append(path.resolve())
+            continue
+        contents = search_folder(path)
+        search.other_suffixes.update(p.suffix.lower() or "no suffix" for p in contents.others)
+        search.hidden += map(str, contents.hidden)
+        search.repeated += map(str, contents.repeated)
+        search.real_folders += contents.folders
+        search.real_files += contents.linked_images
+        if not contents.images and not contents.problems:
+            search.files.append(InputFile(name, f"expected image files ({', '.join(IMAGE_SUFFIXES)}) under the folder "
+                                                f"{name!r}, found none; check the folder", None))
+        found = [InputFile(str(p), None, overlay_name(str(p.relative_to(path)))) for p in contents.images]
+        found += [InputFile(str(p), problem, None) for p, problem in contents.problems]
+        search.files += sorted(found, key=lambda entry: Path(entry.path))
+    return search
+
+
+def check_overlays_apart(folder: str, search: InputSearch) -> None:
+    """Refuse an --overlays folder that overlaps the inputs: its PNGs could replace images, or be read as
+    inputs by the next run."""
+    from edgeshort.errors import InputError
+
+    overlays = Path(folder).resolve()
+    fix = "choose an --overlays folder outside the inputs"
+    for real in search.real_folders:
+        relation = ("is" if overlays == real else "is inside" if overlays.is_relative_to(real)
+                    else "contains" if real.is_relative_to(overlays) else None)
+        if relation:
+            raise InputError(f"--overlays {folder!r} {relation} the input folder {str(real)!r}: overlay PNGs would "
+                             f"mix with the images, could replace them, and a later run would read them; {fix}")
+    for real in search.real_files:
+        if real.is_relative_to(overlays):
+            raise InputError(f"--overlays {folder!r} contains the input file {str(real)!r}, which an overlay could "
+                             f"replace; {fix}")
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and a file in it now, so that a folder the run cannot write fails before any prediction."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 class RecordWriter:
@@ -87,7 +189,7 @@ class RecordWriter:
         self._written = 0
         if self.csv:
             logit_columns = [f"{kind}_{name}" for kind in ("logit", "ablated_logit", "dfr_logit") for name in class_names]
-            columns = [f for f in RECORD_FIELDS if not f.endswith("logits")] + logit_columns
+            columns = [f for f in RECORD_FIELDS if not f.endswith("logits")] + [printable(c) for c in logit_columns]
             self._writer = csv.DictWriter(self._fh, fieldnames=columns)
             self._writer.writeheader()
         self.class_names = class_names
@@ -102,7 +204,7 @@ class RecordWriter:
             row = {k: v for k, v in record.items() if not k.endswith("logits")}
             for kind, key in (("logit", "logits"), ("ablated_logit", "ablated_logits"), ("dfr_logit", "dfr_logits")):
                 for name, value in zip(self.class_names, record.get(key) or []):
-                    row[f"{kind}_{name}"] = value
+                    row[printable(f"{kind}_{name}")] = value
             self._writer.writerow({k: _spreadsheet_safe(v) for k, v in row.items()})
         self._written += 1
 
@@ -124,19 +226,26 @@ def _spreadsheet_safe(value):
     return value
 
 
-def printable(path: str) -> str:
-    """A file name as text any JSON or CSV reader takes: bytes that are not UTF-8 (Python keeps them as
+def printable(text: str) -> str:
+    """Text any JSON or CSV reader takes: bytes of a file name that are not UTF-8 (Python keeps them as
     lone surrogates) are written as \\xNN escapes instead of stopping the writer."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (a JSON \ud800 escape): written as \uXXXX
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _printable_fields(record: dict) -> dict:
+    return {key: printable(value) if isinstance(value, str) else value for key, value in record.items()}
 
 
 def error_record(path: str, message: str) -> dict:
-    return {**dict.fromkeys(RECORD_FIELDS), "path": printable(path), "error": printable(message)}
+    return _printable_fields({**dict.fromkeys(RECORD_FIELDS), "path": path, "error": message})
 
 
 def result_record(path: str, result, overlay: str | None) -> dict:
-    return {
-        "path": printable(path), "label": result.class_name, "ablated_label": result.ablated_class_name,
+    return _printable_fields({
+        "path": path, "label": result.class_name, "ablated_label": result.ablated_class_name,
         "dfr_label": result.dfr_class_name, "final_label": result.final_class_name,
         "final_probability": result.final_probability, "shortcut_present": result.shortcut_present,
         "flagged_patches": result.flagged_patches, "warning": result.warning,
@@ -144,19 +253,20 @@ def result_record(path: str, result, overlay: str | None) -> dict:
         "ablated_logits": np.asarray(result.ablated_logits, float).tolist(),
         "dfr_logits": None if result.dfr_logits is None else np.asarray(result.dfr_logits, float).tolist(),
         "overlay": overlay, "error": None,
-    }
+    })
 
 
 class OverlayWriter:
-    """One PNG per image, named after the file; a repeated name gets a numeric suffix."""
+    """One PNG per image, at its name from `overlay_name`; a name two inputs share gets -2, -3, ... added."""
 
     def __init__(self, folder: str, preprocessing) -> None:
         self.preprocessing = preprocessing  # the flags cover only the part of the image the model sees
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        check_writable(self.folder)
         self._used: set[str] = set()
+        self.renamed = 0
 
-    def write(self, path: str, image, result) -> str:
+    def write(self, path: str, image, result, name: str | None = None) -> str:
         from PIL import Image
 
         from edgeshort.report.draw import guard_overlay
@@ -167,14 +277,16 @@ class OverlayWriter:
         pixels = np.asarray(seen)
         scale = max(1, -(-OVERLAY_MIN_SIDE // max(1, min(pixels.shape[:2]))))
         picture = guard_overlay(pixels, result.saliency, result.flags, scale=scale)
-        stem = Path(path).stem or "image"
-        name, n = f"{stem}.png", 1
-        while name in self._used:
+        name = name or overlay_name(Path(path).name or "image")
+        unique, n = name, 1
+        while unique in self._used:  # e.g. two folders given that hold the same file names
             n += 1
-            name = f"{stem}-{n}.png"
-        self._used.add(name)
-        target = self.folder / name
-        picture.save(target)
+            unique = f"{name[:-len('.png')]}-{n}.png"
+        self.renamed += unique != name
+        self._used.add(unique)
+        target = self.folder / unique
+        target.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(target, format="PNG")
         return str(target)
 
 
@@ -191,59 +303,103 @@ def run(args) -> int:
             raise InputError(f"expected {flag} of at least 1, got {value}")
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
                        precision=args.precision, max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels)
-    try:  # both outputs are made before either is written, so a bad one costs no earlier results
-        overlays = OverlayWriter(args.overlays, guard.preprocessing) if args.overlays else None
+    inputs = find_inputs(args.images)
+    # Both outputs are checked before either is written, so a bad one costs no earlier results.
+    if args.overlays:
+        check_overlays_apart(args.overlays, inputs)
+        try:
+            overlays = OverlayWriter(args.overlays, guard.preprocessing)
+        except OSError as exc:
+            raise InputError(f"cannot write the overlays to {args.overlays!r} ({exc.strerror or exc}); choose an "
+                             "--overlays folder you can write (not an existing file)") from exc
+    else:
+        overlays = None
+    try:
         writer = RecordWriter(args.out, guard.class_names)
     except OSError as exc:
-        raise InputError(f"cannot write the outputs ({exc}); choose an --out file and an --overlays folder "
-                         "you can write, not an existing file for the folder") from exc
+        raise InputError(f"cannot write the records to {args.out!r} ({exc.strerror or exc}); choose an --out file "
+                         "you can write") from exc
     counts = {"images": 0, "shortcut_present": 0, "failed": 0, "warned": 0}
+    records_at = args.out or "stdout"
+
+    def write_record(record: dict) -> None:
+        try:
+            writer.write(record)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputFailure(f"cannot write the records to {records_at} ({exc.strerror or exc})") from exc
 
     def fail(path: str, message: str) -> None:
         print(f"edgeshort predict: {path}: {message}", file=sys.stderr)
-        writer.write(error_record(path, message))
+        write_record(error_record(path, message))
         counts["failed"] += 1
 
-    def flush(pending: list) -> None:
+    def flush(pending: list[InputFile]) -> None:
         """Decode the batch's files on threads, predict the readable ones, write records in file order."""
         if not pending:
             return
 
         def load(i: int, path: str):
             """-> (image, None), or (None, problem): a file that cannot be read becomes its record's error."""
-            if pending[i][1] is not None:
-                return None, pending[i][1]
+            if pending[i].problem is not None:
+                return None, pending[i].problem
             try:
                 return load_image(path, guard.max_pixels), None
             except EdgeshortError as exc:
                 return None, str(exc)
 
-        loaded = map_images(load, [path for path, _ in pending], args.threads)
+        loaded = map_images(load, [entry.path for entry in pending], args.threads)
         images = [image for image, _ in loaded if image is not None]
         results = iter(guard.predict(images, batch_size=args.batch_size, path="split" if args.split else None,
                                      drop_tokens=args.drop_tokens) if images else ())
-        for (path, _), (image, problem) in zip(pending, loaded):
+        for entry, (image, problem) in zip(pending, loaded):
             if problem is not None:
-                fail(path, problem)
+                fail(entry.path, problem)
                 continue
             result = next(results)
-            overlay = overlays.write(path, image, result) if overlays else None
-            writer.write(result_record(path, result, overlay))
+            try:
+                overlay = overlays.write(entry.path, image, result, entry.overlay_name) if overlays else None
+            except OSError as exc:
+                raise OutputFailure(f"cannot write the overlay of {entry.path!r} to {args.overlays!r} "
+                                    f"({exc.strerror or exc})") from exc
+            write_record(result_record(entry.path, result, overlay))
             counts["images"] += 1
             counts["shortcut_present"] += int(result.shortcut_present)
             counts["warned"] += int(result.warning is not None)
         pending.clear()
 
-    pending: list = []
-    skipped: Counter = Counter()
+    stopped_by = None
     try:
-        for entry in image_files(args.images, skipped):
+        pending: list[InputFile] = []
+        for entry in inputs.files:
             pending.append(entry)
             if len(pending) >= args.batch_size:
                 flush(pending)
         flush(pending)
+    except BrokenPipeError:
+        raise  # the reader of stdout stopped early (`| head`): edgeshort.cli ends quietly
+    except Exception as exc:  # anything that stops the run part-way exits 3: 1 means some inputs failed
+        stopped_by = exc
+        if not isinstance(exc, (OutputFailure, EdgeshortError)):
+            traceback.print_exc()  # not a problem of the outputs or inputs: keep where it happened
     finally:
-        writer.close()
+        try:
+            writer.close()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            stopped_by = stopped_by or OutputFailure(f"cannot finish the records in {records_at} "
+                                                     f"({exc.strerror or exc})")
+    if stopped_by is not None:
+        if isinstance(stopped_by, OutputFailure):
+            cause, fix = str(stopped_by), "free space, or choose outputs you can write, and run again"
+        else:
+            cause, fix = f"{type(stopped_by).__name__}: {stopped_by}", "see the error above"
+        done = counts["images"] + counts["failed"]
+        print(f"edgeshort predict: error: stopped after {done} of {len(inputs.files)} inputs: {cause}; the "
+              f"records of those {done} are in {records_at}; {fix}", file=sys.stderr)
+        return EXIT_STOPPED
     if not args.quiet:
         where = f" -> {args.out}" if args.out else ""
         print(f"{counts['images']} images predicted, {counts['shortcut_present']} with a shortcut, "
@@ -251,9 +407,10 @@ def run(args) -> int:
         if counts["warned"]:
             print(f"{counts['warned']} with flags over most of the image: see their records' warning and review "
                   "them by hand", file=sys.stderr)
-        if skipped:
-            kinds = ", ".join(f"{suffix} {n}" for suffix, n in sorted(skipped.items()))
-            total = sum(skipped.values())
-            print(f"skipped {total} file{'s' if total != 1 else ''} in the folders that are not images ({kinds}); "
-                  "pass a file by name to try it anyway", file=sys.stderr)
-    return 1 if counts["failed"] else 0
+        for line in inputs.skipped_lines():
+            print(line, file=sys.stderr)
+        if overlays is not None and overlays.renamed:
+            print(f"{overlays.renamed} overlay{'s' if overlays.renamed != 1 else ''} got a -2, -3, ... suffix, as "
+                  "inputs from different folders share a name; each record's overlay field names its own",
+                  file=sys.stderr)
+    return EXIT_INPUTS_FAILED if counts["failed"] else 0

@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,113 @@ THREADED_MIN_PIXELS = 256 * 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def list_image_files(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
-    """Image files in `folder` (by suffix, as torchvision's ImageFolder) and the other files.
+@dataclass
+class FolderContents:
+    """What a folder search found. Only `images` are used; everything else is kept so it can be reported."""
 
-    Hidden files and folders (.DS_Store, macOS's ._ copies, .ipynb_checkpoints) are in neither: they
-    are not the data, and ._x.jpg would not even load."""
-    files = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir())
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    images: list[Path] = field(default_factory=list)
+    others: list[Path] = field(default_factory=list)  # files whose suffix is not an image's
+    hidden: list[Path] = field(default_factory=list)  # names starting with "." (not searched further)
+    repeated: list[Path] = field(default_factory=list)  # links to a folder already searched
+    problems: list[tuple[Path, str]] = field(default_factory=list)  # (path, why it cannot be used)
+    folders: list[Path] = field(default_factory=list)  # the real folders searched, links resolved
+    linked_images: list[Path] = field(default_factory=list)  # real files behind image links
+
+
+def search_folder(folder: Path, recursive: bool = True) -> FolderContents:
+    """Image files in `folder` by suffix (as torchvision's ImageFolder), in sorted order, and what was left out.
+
+    Links to folders are followed, as torchvision's `os.walk(followlinks=True)` does, and each real
+    folder is searched once, so a link loop ends. Hidden files and folders (.DS_Store, macOS's ._
+    copies, .ipynb_checkpoints) are not images, and ._x.jpg would not even load: they are listed
+    in `hidden`. A folder that cannot be listed, a broken link and a non-regular file (FIFO,
+    socket) with an image suffix are `problems`, so none vanishes unnoticed.
+    """
+    contents = FolderContents()
+    searched: set[tuple[int, int]] = set()
+    pending = [Path(folder)]
+    while pending:
+        directory = pending.pop()
+        try:
+            stat = directory.stat()
+            if (stat.st_dev, stat.st_ino) in searched:
+                contents.repeated.append(directory)
+                continue
+            searched.add((stat.st_dev, stat.st_ino))
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            contents.problems.append((directory, f"cannot search the folder {str(directory)!r} "
+                                                 f"({exc.strerror or exc}); make it readable, or leave it out"))
+            continue
+        contents.folders.append(directory.resolve())
+        subfolders = []
+        for entry in entries:
+            path = directory / entry.name
+            if entry.name.startswith("."):
+                contents.hidden.append(path)
+                continue
+            if _is_dir(entry):
+                subfolders.append(path)
+                continue
+            is_image = path.suffix.lower() in IMAGE_SUFFIXES
+            if _is_file(entry):
+                (contents.images if is_image else contents.others).append(path)
+                if is_image and entry.is_symlink():
+                    contents.linked_images.append(path.resolve())
+            elif not is_image:
+                contents.others.append(path)
+            elif entry.is_symlink():
+                contents.problems.append((path, f"{str(path)!r} is a link that cannot be followed "
+                                                f"({_link_problem(path)}); fix the link or remove it"))
+            else:
+                contents.problems.append((path, f"{str(path)!r} is not a regular file (a FIFO, socket or device); "
+                                                "copy the image to a file"))
+        if recursive:
+            pending.extend(reversed(subfolders))  # depth first, in sorted order
+    contents.images.sort()
+    contents.others.sort()
+    return contents
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows a link
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _link_problem(path: Path) -> str:
+    """Why a link cannot be followed: its target is missing, or it loops."""
+    try:
+        target = os.readlink(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        path.stat()
+    except OSError as exc:
+        return f"{exc.strerror or exc}: {target!r}"
+    return f"target {target!r}"
+
+
+def list_image_files(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """Image files in `folder` and the other files, as `search_folder` finds them (hidden ones in neither).
+
+    A folder that cannot be searched or a broken image link raises: a data set must not lose images unnoticed."""
+    contents = search_folder(folder, recursive)
+    if contents.problems:
+        shown = "; ".join(problem for _, problem in contents.problems[:3])
+        count = len(contents.problems)
+        more = f" ({count - 3} more not shown)" if count > 3 else ""
+        raise InputError(f"cannot use {count} entr{'y' if count == 1 else 'ies'} under {str(folder)!r}{more}: {shown}")
+    return contents.images, contents.others
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,294 @@
+"""`edgeshort predict` outputs and inputs: folder search, overlay names and safety, write failures, exit codes
+and file names that are not UTF-8."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeshort.cli import main
+from edgeshort.commands import predict
+from edgeshort.errors import InputError
+from edgeshort.runtime.preprocess import list_image_files, search_folder
+
+
+def save_png(path: Path, seed: int = 0, size: tuple[int, int] = (40, 40)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def locked_folders(monkeypatch):
+    """Folders whose listing fails as for a user without read permission (tests may run as root, which
+    chmod cannot lock out)."""
+    locked: set[str] = set()
+    scandir = os.scandir
+
+    def refusing_scandir(path="."):
+        if os.fspath(path) in locked:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    return locked
+
+
+@pytest.fixture
+def messy_tree(tmp_path, locked_folders) -> Path:
+    """A folder as found on a shared drive: links, hidden files, a broken link, a FIFO, a locked folder."""
+    root = tmp_path / "batch"
+    save_png(root / "a.png")
+    save_png(root / "sub" / "a.png", 1)
+    outside = tmp_path / "elsewhere"
+    save_png(outside / "linked.png", 2)
+    (root / "link_dir").symlink_to(outside, target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # a cycle back to the top
+    (root / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (root / "dangling.txt").symlink_to(tmp_path / "gone.txt")  # not an image by its name: skipped as such
+    (root / ".DS_Store").write_bytes(b"\0")
+    save_png(root / "._a.png", 3)
+    save_png(root / ".hidden" / "h.png", 4)
+    os.mkfifo(root / "pipe.png")
+    save_png(root / "locked" / "l.png", 5)
+    locked_folders.add(str(root / "locked"))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_search_follows_links_once_and_names_what_it_leaves_out(messy_tree):
+    root = messy_tree
+    contents = search_folder(root)
+    assert contents.images == sorted([root / "a.png", root / "link_dir" / "linked.png", root / "sub" / "a.png"])
+    assert contents.others == [root / "dangling.txt", root / "notes.txt"]
+    assert sorted(p.name for p in contents.hidden) == [".DS_Store", "._a.png", ".hidden"]
+    assert contents.repeated == [root / "sub" / "loop"]  # the cycle is searched once
+    problems = dict(contents.problems)
+    assert set(problems) == {root / "dangling.png", root / "pipe.png", root / "locked"}
+    assert "is a link that cannot be followed" in problems[root / "dangling.png"]
+    assert "fix the link or remove it" in problems[root / "dangling.png"]
+    assert "not a regular file" in problems[root / "pipe.png"]
+    assert "Permission denied" in problems[root / "locked"] and "make it readable" in problems[root / "locked"]
+
+
+def test_data_sets_refuse_a_folder_search_that_loses_images(messy_tree, tmp_path):
+    # Training and evaluation data must not silently shrink: a broken image link or a locked folder is an error.
+    with pytest.raises(InputError, match=r"cannot use 3 entries under .*batch.*fix the link or remove it"):
+        list_image_files(messy_tree, recursive=True)
+    clean = tmp_path / "clean"
+    save_png(clean / "x.png")
+    (clean / "notes.txt").write_text("")
+    (clean / ".DS_Store").write_bytes(b"\0")
+    (clean / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    images, others = list_image_files(clean, recursive=True)
+    assert images == [clean / "more" / "linked.png", clean / "x.png"] and others == [clean / "notes.txt"]
+
+
+def test_inputs_keep_their_folder_paths_for_overlays_and_report_problems_in_order(messy_tree):
+    search = predict.find_inputs([str(messy_tree), str(messy_tree / "sub" / "a.png")])
+    assert [(Path(f.path).relative_to(messy_tree).as_posix(), f.overlay_name, f.problem is not None)
+            for f in search.files] == [
+        ("a.png", "a.png", False), ("dangling.png", None, True), ("link_dir/linked.png", "link_dir/linked.png", False),
+        ("locked", None, True), ("pipe.png", None, True), ("sub/a.png", "sub/a.png", False),
+        ("sub/a.png", "a.png", False),  # given by name: its own name
+    ]
+    lines = search.skipped_lines()
+    assert lines[0].startswith("skipped 2 files in the folders that are not images (.txt 2)")
+    assert "skipped 3 hidden files or folders (names starting with '.'" in lines[1] and ".DS_Store" in lines[1]
+    assert lines[1].endswith("pass one by name to include it")
+    assert "skipped 1 link to a folder searched already" in lines[2] and "loop" in lines[2]
+
+
+def test_overlay_names_keep_apart_files_that_differ_only_by_suffix():
+    assert predict.overlay_name("sub/t0004.png") == "sub/t0004.png"
+    assert predict.overlay_name("a.jpg") == "a.jpg.png"
+    assert predict.overlay_name("a.PNG") == "a.PNG.png"
+
+
+def test_printable_leaves_no_lone_surrogate():
+    assert predict.printable(os.fsdecode(b"bad\xff.png")) == "bad\\xff.png"
+    assert predict.printable("class \ud800") == "class \\ud800"  # e.g. from a JSON escape: no byte behind it
+    record = predict.error_record(os.fsdecode(b"x\xff.png"), "cannot read image 'x\udcff.png'")
+    assert (record["path"], record["error"]) == ("x\\xff.png", "cannot read image 'x\\xff.png'")
+
+
+# -- the command, on the demo bundle ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def test_pngs(demo_data, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("pngs")
+    paths = []
+    for i in range(3):
+        paths.append(root / f"t{i:04d}.png")
+        Image.fromarray(demo_data["test"].array(i)).save(paths[-1])
+    return paths
+
+
+def run_predict(bundle, *args: str) -> int:
+    return main(["predict", str(bundle.root), *args, "--backend", "onnxruntime"])
+
+
+def test_overlays_that_overlap_the_inputs_are_refused_and_the_images_kept(demo_bundle, test_pngs, tmp_path, capsys):
+    images = tmp_path / "same"
+    for png in test_pngs:
+        (images / "sub").mkdir(parents=True, exist_ok=True)
+        (images / png.name).write_bytes(png.read_bytes())
+    before = {p: digest(p) for p in images.rglob("*.png")}
+    for overlays, relation in ((images, "is the input folder"), (images / "sub", "is inside the input folder"),
+                               (images / "overlays", "is inside the input folder"),
+                               (tmp_path, "contains the input folder")):
+        assert run_predict(demo_bundle, str(images), "--overlays", str(overlays), "-o", str(tmp_path / "r.jsonl")) == 2
+        err = capsys.readouterr().err
+        assert relation in err and "choose an --overlays folder outside the inputs" in err
+    # A file given by name that an overlay could replace, and a link in the input folder to the overlays folder.
+    assert run_predict(demo_bundle, str(images / test_pngs[0].name), "--overlays", str(images)) == 2
+    assert "contains the input file" in capsys.readouterr().err
+    overlays = tmp_path / "ov"
+    overlays.mkdir()
+    (images / "sub" / "ov_link").symlink_to(overlays, target_is_directory=True)
+    assert run_predict(demo_bundle, str(images), "--overlays", str(overlays)) == 2
+    assert "is the input folder" in capsys.readouterr().err
+    assert {p: digest(p) for p in images.rglob("*.png")} == before
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_overlays_mirror_the_input_folders(demo_bundle, test_pngs, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        (folder / "sub").mkdir(parents=True)
+    pixels = [Image.open(p) for p in test_pngs]
+    pixels[0].save(first / "t0004.png")
+    pixels[1].save(first / "sub" / "t0004.png")
+    pixels[2].convert("RGB").save(first / "t0004.jpg", quality=95)
+    pixels[0].save(second / "t0004.png")  # the same relative path as first/t0004.png: a true collision
+    out, overlays = tmp_path / "r.jsonl", tmp_path / "overlays"
+    assert run_predict(demo_bundle, str(first), str(second), "-o", str(out), "--overlays", str(overlays)) == 0
+    records = {Path(r["path"]).relative_to(tmp_path).as_posix(): r for r in read_jsonl(out)}
+    assert {path: Path(r["overlay"]).relative_to(overlays).as_posix() for path, r in records.items()} == {
+        "first/t0004.jpg": "t0004.jpg.png", "first/t0004.png": "t0004.png", "first/sub/t0004.png": "sub/t0004.png",
+        "second/t0004.png": "t0004-2.png",
+    }
+    assert "1 overlay got a -2, -3, ... suffix" in capsys.readouterr().err
+    assert sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.png")) == [
+        "sub/t0004.png", "t0004-2.png", "t0004.jpg.png", "t0004.png"]
+
+
+def test_folder_problems_are_error_records_and_hidden_files_are_counted(demo_bundle, test_pngs, tmp_path,
+                                                                        locked_folders, capsys):
+    root = tmp_path / "batch"
+    (root / "sub").mkdir(parents=True)
+    (root / test_pngs[0].name).write_bytes(test_pngs[0].read_bytes())
+    (root / "._t0000.png").write_bytes(b"\0\0AppleDouble")
+    (root / ".DS_Store").write_bytes(b"\0")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / test_pngs[1].name).write_bytes(test_pngs[1].read_bytes())
+    (root / "link_dir").symlink_to(linked, target_is_directory=True)
+    (root / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (root / "locked").mkdir()
+    (root / "locked" / "x.png").write_bytes(test_pngs[2].read_bytes())
+    locked_folders.add(str(root / "locked"))
+    out = tmp_path / "r.jsonl"
+    assert run_predict(demo_bundle, str(root), "-o", str(out)) == 1
+    records = read_jsonl(out)
+    assert [(Path(r["path"]).relative_to(root).as_posix(), r["error"] is None) for r in records] == [
+        ("dangling.png", False), ("link_dir/t0001.png", True), ("locked", False), ("t0000.png", True)]
+    err = capsys.readouterr().err
+    assert "2 images predicted, " in err and "2 failed" in err
+    assert "skipped 2 hidden files or folders (names starting with '.'" in err and "._t0000.png" in err
+    assert "pass one by name to include it" in err
+
+
+def test_unwritable_overlays_are_refused_before_any_prediction(demo_bundle, test_pngs, tmp_path, monkeypatch,
+                                                               capsys):
+    overlays = tmp_path / "rootonly"
+    overlays.mkdir()
+    out = tmp_path / "r.json"
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(overlays))
+
+    monkeypatch.setattr(predict.tempfile, "TemporaryFile", refused)
+    assert run_predict(demo_bundle, *map(str, test_pngs), "-o", str(out), "--overlays", str(overlays)) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the overlays to" in err and "Permission denied" in err
+    assert "choose an --overlays folder you can write" in err
+    assert not out.exists(), "no empty, valid-looking output is left behind"
+
+
+def test_an_output_failing_part_way_stops_with_exit_3_and_complete_records(demo_bundle, test_pngs, tmp_path,
+                                                                           monkeypatch, capsys):
+    write = predict.OverlayWriter.write
+    calls = []
+
+    def disk_fills_up(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(predict.OverlayWriter, "write", disk_fills_up)
+    out = tmp_path / "r.json"
+    code = run_predict(demo_bundle, *map(str, test_pngs), "-o", str(out), "--overlays", str(tmp_path / "ov"),
+                       "--batch-size", "1")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "stopped after 1 of 3 inputs: cannot write the overlay of" in err and "No space left on device" in err
+    assert "free space" in err and "Traceback" not in err
+    records = json.loads(out.read_text())  # closed properly: a valid array of the records written
+    assert len(records) == 1 and records[0]["error"] is None
+
+
+def test_records_that_cannot_be_flushed_stop_with_exit_3(demo_bundle, test_pngs, tmp_path, capsys):
+    full = tmp_path / "full.jsonl"
+    full.symlink_to("/dev/full")  # every write fails with "No space left on device", even for root
+    assert run_predict(demo_bundle, *map(str, test_pngs), "-o", str(full)) == 3
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "stopped after" in err
+
+
+def test_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = capsys.readouterr().out
+    for line in ("0  every input was predicted", "1  some inputs could not be read",
+                 "2  bad arguments, bundle or outputs", "3  stopped part-way"):
+        assert line in text
+
+
+def test_a_file_name_that_is_not_utf8_reaches_csv_and_jsonl_with_its_overlay(demo_bundle, test_pngs, tmp_path):
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    raw_name = os.fsencode(folder) + b"/bad\xff.png"
+    with open(raw_name, "wb") as fh:
+        fh.write(test_pngs[0].read_bytes())
+    overlays = tmp_path / "ov"
+    assert run_predict(demo_bundle, str(folder), "-o", str(tmp_path / "r.csv"), "--overlays", str(overlays)) == 0
+    with open(tmp_path / "r.csv", newline="", encoding="utf-8") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["path"].endswith("bad\\xff.png") and row["overlay"].endswith("bad\\xff.png")
+    assert os.path.exists(os.fsencode(overlays) + b"/bad\xff.png")  # the file itself keeps the input's bytes
+    assert run_predict(demo_bundle, str(folder), "-o", str(tmp_path / "r.jsonl"), "--overlays", str(overlays)) == 0
+    text = (tmp_path / "r.jsonl").read_text(encoding="utf-8")
+    (record,) = read_jsonl(tmp_path / "r.jsonl")
+    assert "\\udc" not in text
+    for value in record.values():
+        if isinstance(value, str):
+            value.encode("utf-8")  # a lone surrogate would raise here
