@@ -1,11 +1,12 @@
-"""`edgeshort predict` outputs and inputs: folder search, overlay names and safety, write failures, exit codes
-and file names that are not UTF-8."""
+"""`edgeshort predict` outputs and inputs: folder search, overlay names and safety, write failures, exit codes,
+file names that are not UTF-8, and the Python inputs a web service passes (bytes, file objects, PIL images)."""
 
 from __future__ import annotations
 
 import csv
 import errno
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -16,8 +17,8 @@ from PIL import Image
 
 from edgeshort.cli import main
 from edgeshort.commands import predict
-from edgeshort.errors import InputError
-from edgeshort.runtime.preprocess import list_image_files, search_folder
+from edgeshort.errors import ImageLoadError, InputError
+from edgeshort.runtime.preprocess import as_pil, list_image_files, search_folder
 
 
 def save_png(path: Path, seed: int = 0, size: tuple[int, int] = (40, 40)) -> Path:
@@ -292,3 +293,62 @@ def test_a_file_name_that_is_not_utf8_reaches_csv_and_jsonl_with_its_overlay(dem
     for value in record.values():
         if isinstance(value, str):
             value.encode("utf-8")  # a lone surrogate would raise here
+
+
+# -- the Python API: inputs a web service has ------------------------------------------------------
+
+
+def png_bytes(seed: int = 0, size: tuple[int, int] = (40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_bytes_and_binary_file_objects_decode_as_files_do(tmp_path):
+    data = png_bytes()
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    expected = np.asarray(as_pil(path))
+    with open(path, "rb") as fh:
+        for item in (data, bytearray(data), memoryview(data), io.BytesIO(data), fh):
+            np.testing.assert_array_equal(np.asarray(as_pil(item)), expected)
+    with pytest.raises(ImageLoadError, match=r"expected an image of at most 100 pixels, got image 3 \(.* bytes\) "
+                                             "with 40x40"):
+        as_pil(data, max_pixels=100, source="image 3")  # from the header, before decoding
+    with pytest.raises(ImageLoadError, match=r"cannot read image \(5 bytes\) \(UnidentifiedImageError"):
+        as_pil(b"hello")
+    with open(path, encoding="latin-1") as text:
+        with pytest.raises(InputError, match=r"expected a binary file object, got a text one; open the file with "
+                                             r"open\(path, 'rb'\)"):
+            as_pil(text)
+    with pytest.raises(InputError, match="encoded image bytes or a binary file object"):
+        as_pil(42)
+
+
+def test_a_truncated_image_already_opened_gives_the_file_loaders_error(tmp_path):
+    data = png_bytes(size=(200, 200))
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match=r"cannot read image .*cut\.png.* \(OSError: image file is truncated"):
+        as_pil(truncated)
+    with pytest.raises(ImageLoadError, match=r"cannot read image 2 \('.*cut\.png'\) \(OSError: image file is "
+                                             "truncated"):
+        as_pil(Image.open(truncated), source="image 2")
+    with pytest.raises(ImageLoadError, match=r"cannot read image \(OSError: image file is truncated"):
+        as_pil(Image.open(io.BytesIO(data[: len(data) // 2])))
+
+
+def test_guard_predicts_uploads_and_names_a_truncated_one(demo_bundle, test_pngs):
+    from edgeshort.runtime import Guard
+
+    guard = Guard.load(demo_bundle.root, backend="onnxruntime")
+    data = test_pngs[0].read_bytes()
+    expected = guard.predict(test_pngs[0]).logits
+    with open(test_pngs[0], "rb") as fh:
+        results = guard.predict([data, io.BytesIO(data), fh])
+    for result in results:
+        np.testing.assert_array_equal(result.logits, expected)
+    cut = Image.open(io.BytesIO(data[: len(data) // 2]))
+    big = Image.open(io.BytesIO(png_bytes(size=(600, 600))))  # on the preprocessing threads
+    with pytest.raises(ImageLoadError, match=r"cannot read image 1 \(OSError: image file is truncated"):
+        guard.predict([big, cut])

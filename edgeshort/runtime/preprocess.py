@@ -11,6 +11,7 @@ resizes and takes a centre crop (`crop_pct`; torchvision's `Resize(256)` + `Cent
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -272,26 +273,37 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageLoadError(f"expected an image file, got the folder {str(path)!r}; pass the files in it")
     if not path.is_file():
         raise ImageLoadError(f"image file {str(path)!r} does not exist; check the path")
+    return _decode(path, repr(str(path)), max_pixels, f"image {str(path)!r}")
+
+
+def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = None) -> Image.Image:
+    """A path or binary file object -> RGB image; the size check reads only the header, before decoding.
+
+    `source` names the image in errors, `named` in "cannot read ..." (default: `source`)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(file) as img:
             width, height = img.size
             if width * height > max_pixels:
-                raise _pixel_limit_error(repr(str(path)), width, height, max_pixels)
+                raise _pixel_limit_error(source, width, height, max_pixels)
             img.load()
-            return to_rgb(img, source=repr(str(path)))
+            return to_rgb(img, source=source)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
         # Pillow's own limit (about 179 million pixels) fires inside Image.open, before ours can.
         raise ImageLoadError(
-            f"expected an image of at most {max_pixels:,} pixels, got {str(path)!r}, which Pillow refuses "
+            f"expected an image of at most {max_pixels:,} pixels, got {source}, which Pillow refuses "
             f"as a decompression bomb ({exc}); downscale it first"
         ) from exc
     except Exception as exc:  # Pillow raises several unrelated types for broken files
-        raise ImageLoadError(
-            f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc}); expected a valid PNG/JPEG "
-            "(or other Pillow-readable) file; check the file or re-save it"
-        ) from exc
+        raise _unreadable(named or source, exc) from exc
+
+
+def _unreadable(named: str, exc: Exception) -> ImageLoadError:
+    return ImageLoadError(
+        f"cannot read {named} ({type(exc).__name__}: {exc}); expected a valid PNG/JPEG "
+        "(or other Pillow-readable) file; check the file or re-save it"
+    )
 
 
 def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
@@ -369,25 +381,46 @@ def preprocess_image(img: Image.Image, prep: Preprocessing) -> np.ndarray:
 
 
 def as_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image") -> Image.Image:
-    """A path, PIL image or uint8 array -> RGB PIL image, with a clear error otherwise."""
+    """A path, PIL image, uint8 array, encoded image bytes or binary file object -> RGB PIL image.
+
+    Bytes and file objects (an upload: io.BytesIO, open(path, "rb")) go through the file loader: their
+    size is checked from the header before they are decoded. Anything else gets a clear error.
+    """
     if isinstance(item, (str, Path)):
         return load_image(item, max_pixels)
     if isinstance(item, Image.Image):
+        if getattr(item, "filename", ""):  # opened from a file: name it in errors
+            source = f"{source} ({item.filename!r})"
         if item.width * item.height > max_pixels:
             raise _pixel_limit_error(source, item.width, item.height, max_pixels)
         if min(item.size) < 1:
             raise InputError(f"{source}: expected a non-empty image, got size {item.size}")
+        try:
+            item.load()  # an image from Image.open decodes only now: a truncated file fails here
+        except Exception as exc:  # Pillow raises several unrelated types for broken files
+            raise _unreadable(source, exc) from exc
         return to_rgb(item, source)
     if isinstance(item, np.ndarray):
         return array_to_image(item, source, max_pixels)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        data = bytes(item)
+        return _decode(io.BytesIO(data), f"{source} ({len(data):,} bytes)", max_pixels)
+    if hasattr(item, "read"):
+        name = getattr(item, "name", None)
+        described = f"{source} ({name!r})" if isinstance(name, str) else source
+        if isinstance(item, io.TextIOBase):
+            raise InputError(f"{described}: expected a binary file object, got a text one; open the file with "
+                             "open(path, 'rb')")
+        return _decode(item, described, max_pixels)
     raise InputError(
-        f"{source}: expected a file path, a PIL image or a numpy array, got {type(item).__name__}"
+        f"{source}: expected a file path, a PIL image, a numpy array, encoded image bytes or a binary file object "
+        f"(e.g. io.BytesIO), got {type(item).__name__}"
     )
 
 
 def _worth_a_thread(item: Any) -> bool:
     """A file to decode, or an in-memory image large enough that resizing it outweighs the hand-over."""
-    if isinstance(item, (str, Path)):
+    if isinstance(item, (str, Path, bytes, bytearray, memoryview)) or hasattr(item, "read"):
         return True
     if isinstance(item, Image.Image):
         return item.width * item.height >= THREADED_MIN_PIXELS
@@ -435,7 +468,15 @@ def map_images(convert: Callable[[int, Any], np.ndarray], items: Sequence[Any], 
     workers = min(len(items), workers or usable_cores())
     if workers < 2 or not any(_worth_a_thread(item) for item in items):
         return [convert(i, item) for i, item in enumerate(items)]
+    listed: set[int] = set()
     for item in items:
         if isinstance(item, Image.Image):
-            item.load()  # a lazily opened image decodes here, once: two threads must not load one image
+            if id(item) in listed:
+                # A lazily opened image listed twice decodes here, once: two threads must not load one image.
+                # A broken one fails again in `convert`, whose error names it.
+                try:
+                    item.load()
+                except Exception:
+                    pass
+            listed.add(id(item))
     return list(_pool(workers).map(convert, range(len(items)), items))
