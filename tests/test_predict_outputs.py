@@ -265,6 +265,27 @@ def test_records_that_cannot_be_flushed_stop_with_exit_3(demo_bundle, test_pngs,
     assert "No space left on device" in err and "stopped after" in err
 
 
+def test_split_on_a_bundle_without_split_graphs_is_refused_before_any_prediction(demo_bundle, test_pngs, tmp_path,
+                                                                                    capsys):
+    import shutil
+
+    from edgeshort.runtime.bundle import SPLIT_GRAPHS, write_manifest
+
+    fused_only = tmp_path / "fused_only"
+    shutil.copytree(demo_bundle.root, fused_only)
+    manifest = json.loads((fused_only / "manifest.json").read_text())
+    for graph in SPLIT_GRAPHS:
+        for name in manifest["graphs"].pop(graph).get("files", {}).values():
+            for file in (name, name[:-4] + ".bin" if name.endswith(".xml") else None):
+                if file:
+                    (fused_only / file).unlink()
+    write_manifest(fused_only, manifest)
+    out = tmp_path / "r.jsonl"
+    assert main(["predict", str(fused_only), *map(str, test_pngs), "--split", "--backend", "onnxruntime",
+                 "-o", str(out)]) == 2
+    assert "exported without" in capsys.readouterr().err and not out.exists()
+
+
 def test_help_lists_the_exit_codes(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--help"])
@@ -348,7 +369,10 @@ def test_guard_predicts_uploads_and_names_a_truncated_one(demo_bundle, test_pngs
         results = guard.predict([data, io.BytesIO(data), fh])
     for result in results:
         np.testing.assert_array_equal(result.logits, expected)
+    big = Image.open(io.BytesIO(png_bytes(size=(600, 600))))  # on the preprocessing threads, not yet decoded
+    twice = guard.predict([big, big])  # listed twice: decoded once, not by two threads at a time
+    np.testing.assert_array_equal(twice[0].logits, twice[1].logits)
     cut = Image.open(io.BytesIO(data[: len(data) // 2]))
-    big = Image.open(io.BytesIO(png_bytes(size=(600, 600))))  # on the preprocessing threads
+    big = Image.open(io.BytesIO(png_bytes(size=(600, 600))))
     with pytest.raises(ImageLoadError, match=r"cannot read image 1 \(OSError: image file is truncated"):
         guard.predict([big, cut])

@@ -303,6 +303,9 @@ def run(args) -> int:
             raise InputError(f"expected {flag} of at least 1, got {value}")
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
                        precision=args.precision, max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels)
+    predict_options = {"batch_size": args.batch_size, "path": "split" if args.split else None,
+                       "drop_tokens": args.drop_tokens}
+    guard.predict([], **predict_options)  # no images: only checks the options against the bundle (--split), now
     inputs = find_inputs(args.images)
     # Both outputs are checked before either is written, so a bad one costs no earlier results.
     if args.overlays:
@@ -351,8 +354,7 @@ def run(args) -> int:
 
         loaded = map_images(load, [entry.path for entry in pending], args.threads)
         images = [image for image, _ in loaded if image is not None]
-        results = iter(guard.predict(images, batch_size=args.batch_size, path="split" if args.split else None,
-                                     drop_tokens=args.drop_tokens) if images else ())
+        results = iter(guard.predict(images, **predict_options) if images else ())
         for entry, (image, problem) in zip(pending, loaded):
             if problem is not None:
                 fail(entry.path, problem)
@@ -393,12 +395,14 @@ def run(args) -> int:
                                                      f"({exc.strerror or exc})")
     if stopped_by is not None:
         if isinstance(stopped_by, OutputFailure):
-            cause, fix = str(stopped_by), "free space, or choose outputs you can write, and run again"
+            cause = f"{stopped_by}; free space, or choose outputs you can write, and run again"
+        elif isinstance(stopped_by, EdgeshortError):
+            cause = str(stopped_by)  # says what to do itself
         else:
-            cause, fix = f"{type(stopped_by).__name__}: {stopped_by}", "see the error above"
+            cause = f"{type(stopped_by).__name__}: {stopped_by} (the trace above shows where)"
         done = counts["images"] + counts["failed"]
-        print(f"edgeshort predict: error: stopped after {done} of {len(inputs.files)} inputs: {cause}; the "
-              f"records of those {done} are in {records_at}; {fix}", file=sys.stderr)
+        print(f"edgeshort predict: error: stopped after {done} of {len(inputs.files)} inputs: {cause}. The records "
+              f"of those {done} are in {records_at}", file=sys.stderr)
         return EXIT_STOPPED
     if not args.quiet:
         where = f" -> {args.out}" if args.out else ""
