@@ -442,8 +442,10 @@ def test_bad_arguments_are_refused(guards, demo_bundle, test_images):
         guard.predict(test_images[:2], path="fast")
     with pytest.raises(InputError, match="drop_tokens=True needs the split graphs; pass path='split'"):
         guard.predict(test_images[:2], path="fused", drop_tokens=True)
-    with pytest.raises(InputError, match="expected a file path, a PIL image or a numpy array, got bytes"):
+    with pytest.raises(InputError, match=r"cannot read image \(4 bytes\) \(UnidentifiedImageError"):
         guard.predict(b"\x89PNG")
+    with pytest.raises(InputError, match="encoded image bytes or a binary file object .*got int"):
+        guard.predict(42)
     with pytest.raises(InputError, match="expected backend in"):
         Guard.load(demo_bundle, backend="tensorrt")
     with pytest.raises(InputError, match="expected precision in"):
