@@ -88,6 +88,16 @@ def test_per_class_clustering_finds_the_group_within_its_class() -> None:
     assert classes == {0, 1}
 
 
+def test_per_class_a_tight_focus_where_the_class_looks_stays_low() -> None:
+    """A small object explained tightly is concentrated too; within a class only a displaced focus rises."""
+    data = make_spray_heatmaps(N, 32, 0.10, corner=(0.5, 0.5), seed=5)
+    detector = SpRAyDetector(per_class=True).fit(data.heatmaps, data.labels)
+    cid, purity, recall = best_match(detector.labels_, data.is_artefact)
+    assert purity >= 0.9 and recall >= 0.9
+    assert flag_of(detector, cid)["risk_level"] == "low" and not detector.shortcut_detected_
+    assert any("may be the object itself" in reason for reason in flag_of(detector, cid)["reasons"])
+
+
 @pytest.mark.parametrize(("labelled", "per_class", "affinity"), [(True, False, "cosine"), (False, False, "cosine"),
                                                                   (True, True, "cosine"), (True, False, "rbf")])
 def test_clean_sets_get_no_flag_above_low(labelled: bool, per_class: bool, affinity: str) -> None:
@@ -552,3 +562,15 @@ def test_imports_stay_light() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
+
+
+def test_fit_warnings_reach_the_report_and_summary() -> None:
+    """What a fit warns about (here, maps with no positive relevance) is kept with its result, not only logged."""
+    data = make_spray_heatmaps(N, 32, 0.10, seed=3)
+    maps = data.heatmaps.copy()
+    maps[:40] = 0.0
+    detector = SpRAyDetector().fit(maps, data.labels)
+    report = detector.get_report()
+    assert report["warnings"] == [f"40 of {N} heatmaps have no positive relevance; they cluster together"]
+    assert "Warnings:\n  - 40 of" in detector.summary()
+    assert SpRAyDetector().fit(data.heatmaps, data.labels).get_report()["warnings"] == []

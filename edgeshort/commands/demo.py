@@ -54,6 +54,9 @@ def write_test_images(test, out: Path) -> tuple[Path, Path]:
     return folder, listing
 
 
+ARTEFACT = "artefact"  # the demo's group names in the SpRAy report
+
+
 def spray_demo(result, val, out: Path) -> None:
     """SpRAy per class on GradCAM maps of the block before the last (the last block's patch outputs
     do not reach a class-token head); written to `RUN/spray/`, where the report shows it."""
@@ -66,15 +69,15 @@ def spray_demo(result, val, out: Path) -> None:
     model = result.adapter.model
     inputs = torch.from_numpy(val.preprocessed(result.adapter.preprocessing))
     spray = SpRAyDetector(per_class=True).fit(
-        inputs=inputs, labels=np.asarray(val.class_names)[val.labels], group_labels=val.groups, model=model,
-        target_layer=f"blocks.{len(model.blocks) - 2}",
+        inputs=inputs, labels=np.asarray(val.class_names)[val.labels], model=model,
+        group_labels=np.where(val.groups == 1, ARTEFACT, "no artefact"), target_layer=f"blocks.{len(model.blocks) - 2}",
     )
     write_outputs(spray, out)
     report = spray.get_report()["report"]
     print(f"  {len(val)} heatmaps, {len(report['clusters'])} clusters; risk {spray.risk_level_.upper()}")
     for flag in report["clever_hans"]["flags"]:
         cluster = next(c for c in report["clusters"] if c["cluster_id"] == flag["cluster_id"])
-        artefact = cluster["group_purity"] if cluster["group_majority"] == 1 else 1 - cluster["group_purity"]
+        artefact = cluster["group_purity"] if cluster["group_majority"] == ARTEFACT else 1 - cluster["group_purity"]
         print(f"  cluster {flag['cluster_id']} ({flag['risk_level']}): {cluster['size']} images of class "
               f"{cluster['majority_label']}, {artefact:.0%} with the planted artefact")
     print(f"  {out / 'summary.txt'}, {out / GRID_NAME}")

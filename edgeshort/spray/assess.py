@@ -11,8 +11,11 @@ Risk, when labels were given and clustering was global:
   medium  pure, minority, >= `moderate_concentration` x more concentrated, or displaced
           with its members agreeing on the place
   low     minority, >= `moderate_concentration` x more concentrated, but not label-pure
-Without labels, or inside one class (`per_class=True`, where purity says nothing):
-  high    (per class only) strongly concentrated, displaced and location-consistent
+Inside one class (`per_class=True`, where purity says nothing):
+  high    strongly concentrated, displaced and location-consistent
+  medium  moderately concentrated, displaced and location-consistent
+  low     moderately concentrated (in the place the rest of the class looks: maybe the object)
+Without labels:
   medium  strongly concentrated and location-consistent
   low     moderately concentrated
 Displacement alone does not flag a mixed-label or label-free cluster: spectral clustering
@@ -110,10 +113,19 @@ def assess_cluster(
             level = "low"
         else:
             level = "none"
-    else:
-        if strong and consistent and displaced and per_class:
+    elif per_class:
+        # Within a class a tight focus on the object itself (a small lesion) is concentrated too: only a
+        # focus somewhere the rest of the class does not look rises above low.
+        if strong and displaced:
             level = "high"
-        elif strong and consistent:
+        elif moderate and displaced:
+            level = "medium"
+        elif moderate:
+            level = "low"
+        else:
+            level = "none"
+    else:
+        if strong and consistent:
             level = "medium"
         elif moderate:
             level = "low"
@@ -144,6 +156,8 @@ def assess_cluster(
         reasons.append(
             f"its samples agree on where to look (centroid scatter {scatter:.3f} vs {scatter_ref:.3f} in {rest})"
         )
+    if per_class and not displaced:
+        reasons.append(f"it looks where {rest} looks, so its focus may be the object itself")
     return {
         "cluster_id": int(cluster_id),
         "risk_level": level,

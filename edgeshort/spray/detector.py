@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +105,27 @@ def _purity(values: np.ndarray | None, members: np.ndarray) -> tuple[float | Non
 # How each setting is named in errors: as a Python argument, or (the CLI passes these) as its flag.
 PARAMETER_NAMES = {"n_clusters": "n_clusters", "cluster_selection": "cluster_selection", "max_clusters": "max_clusters",
                    "downsample_size": "downsample_size"}
+
+
+class _WarningList(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _recorded_warnings():
+    """The warnings a fit logs (constant CAMs, empty maps), kept for its report as well as shown."""
+    handler = _WarningList()
+    spray_logger = logging.getLogger("edgeshort.spray")
+    spray_logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        spray_logger.removeHandler(handler)
 
 
 def check_cluster_settings(cluster_selection, n_clusters, max_clusters, downsample_size,
@@ -247,6 +269,14 @@ class SpRAyDetector(BaseEstimator):
         (N,) optionally give a group purity per cluster (e.g. a known artefact marker).
         """
         self._validate_params()
+        with _recorded_warnings() as warned:
+            self._fit(heatmaps, labels, group_labels, inputs, model, target_layer, head, targets, heatmap_generator,
+                      cam_method, batch_size, num_prefix_tokens)
+        self.warnings_ = warned
+        return self
+
+    def _fit(self, heatmaps, labels, group_labels, inputs, model, target_layer, head, targets, heatmap_generator,
+             cam_method, batch_size, num_prefix_tokens) -> None:
         started = time.perf_counter()
         generated_targets = None
         if heatmaps is not None:
@@ -303,7 +333,6 @@ class SpRAyDetector(BaseEstimator):
         logger.info(
             "SpRAy: %d maps, %d clusters, risk %s (%.2fs)", n, self.n_clusters_, self.risk_level_, self.fit_seconds_
         )
-        return self
 
     def _generate(self, inputs, model, target_layer, head, targets, generator, cam_method, batch_size, prefix):
         if inputs is None:
@@ -413,7 +442,9 @@ class SpRAyDetector(BaseEstimator):
             )
             if flag is not None:
                 flags.append(flag)
-            focus = {name: float(stats[name][members].mean()) for name in ("hot_area", "effective_area", "gini", "top_mass", "spread")}
+            # Medians, as the assessment compares: a few empty maps (hot area 1) would drag a mean far off.
+            focus = {name: float(np.median(stats[name][members]))
+                     for name in ("hot_area", "effective_area", "gini", "top_mass", "spread")}
             focus["centroid"] = [float(stats["centroid_y"][members].mean()), float(stats["centroid_x"][members].mean())]
             focus["centroid_scatter"] = centroid_scatter(stats, members)
             clusters.append(
@@ -512,6 +543,7 @@ class SpRAyDetector(BaseEstimator):
         }
         return {
             "method": "spray",
+            "warnings": list(self.warnings_),
             "shortcut_detected": bool(self.shortcut_detected_),
             "risk_level": self.risk_level_,
             "metrics": {
@@ -603,6 +635,8 @@ class SpRAyDetector(BaseEstimator):
         else:
             lines.append("No cluster looks like Clever Hans behaviour.")
         lines.extend(self.clever_hans_["notes"])
+        if self.warnings_:
+            lines += ["", "Warnings:", *(f"  - {message}" for message in self.warnings_)]
         return "\n".join(lines)
 
     def save_representative_heatmaps(self, path: str | Path, cell_size: int = 160, columns: int | None = None) -> Path:
