@@ -20,8 +20,18 @@ from edgeshort.runtime.bundle import load_bundle, write_manifest
 TOLERANCE = 1e-4
 
 
-def test_demo_bundle_parity_is_recorded_and_within_tolerance(demo_bundle):
+def test_demo_bundle_parity_is_recorded_and_within_tolerance(demo_bundle, demo_result):
     manifest = demo_bundle.manifest
+    # The bundle names its run by content, not only by path; the run records when and with what it was fitted.
+    run = json.loads((demo_result.run_dir / "run.json").read_text())
+    assert manifest["run"]["model_sha256"] == run["model_sha256"] == demo_result.weights_sha256
+    assert manifest["run"]["data_source"] == run["data_source"] and manifest["run"]["config"] == run["config"]
+    assert run["created"].endswith("Z") and run["versions"]["torch"] and run["versions"]["scikit-learn"]
+    if (demo_bundle.root / "knn_skl2onnx.onnx").is_file():
+        onnx = pytest.importorskip("onnx")
+        knn = onnx.load(str(demo_bundle.root / "knn_skl2onnx.onnx"))
+        assert knn.graph.name == "knn_skl2onnx"  # skl2onnx's own is a random uuid
+        assert [o.domain for o in knn.opset_import] == sorted(o.domain for o in knn.opset_import)
     parity = manifest["parity"]
     assert parity["passed"] and parity["tolerance"] == TOLERANCE
     assert set(parity["backends"]) == {"onnxruntime", "openvino"}

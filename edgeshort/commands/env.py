@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-from importlib import metadata
 
 
 def add_arguments(parser) -> None:
@@ -14,6 +13,7 @@ def add_arguments(parser) -> None:
 
 def collect() -> dict:
     from edgeshort import __version__
+    from edgeshort._version import package_versions
     from edgeshort.runtime.preprocess import usable_cores
 
     info: dict = {
@@ -26,13 +26,9 @@ def collect() -> dict:
         "usable_cores": usable_cores(),  # what image preprocessing runs on; a container may allow fewer
         "packages": {},
     }
-    # Installed versions from package metadata: importing torch or nncf just to read it is slow.
-    for name in ("numpy", "Pillow", "onnxruntime", "openvino", "onnx", "torch", "torchvision", "scikit-learn",
-                 "skl2onnx", "timm", "transformers", "nncf", "matplotlib", "grad-cam"):
-        try:
-            info["packages"][name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            info["packages"][name] = None
+    info["packages"] = package_versions(("numpy", "Pillow", "onnxruntime", "openvino", "onnx", "torch", "torchvision",
+                                         "scikit-learn", "skl2onnx", "timm", "transformers", "nncf", "matplotlib",
+                                         "grad-cam"))
     try:
         import onnxruntime as ort
 

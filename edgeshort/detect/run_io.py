@@ -7,11 +7,14 @@ as `model.pt` (an edgeshort checkpoint for the tiny ViT, the whole module otherw
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 
+from edgeshort._version import __version__, package_versions
 from edgeshort.detect.config import SETTINGS_OF_EARLIER_RUNS, DetectorConfig
 from edgeshort.detect.dfr import LinearHead
 from edgeshort.detect.keymaps import Clustering, KeyKNN
@@ -69,7 +72,12 @@ def save_result(result, run_dir: Path) -> Path:
         "clustering": {"feature_min": c.feature_min, "feature_max": c.feature_max},
         "dfr": None if result.dfr_head is None else result.dfr_head.info,
         "data_source": result.data_source,
+        # Of the weights (the state dict's tensors), not of the model file: the same weights saved
+        # anew, or loaded from another format, keep it.
         "model_sha256": result.weights_sha256,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": {"python": platform.python_version(), "edgeshort": __version__,
+                     **package_versions(("torch", "torchvision", "scikit-learn", "numpy", "timm", "transformers"))},
     }
     (run_dir / "config.json").write_text(json.dumps(result.config.to_dict(), indent=2))
     (run_dir / "clusters.json").write_text(json.dumps(

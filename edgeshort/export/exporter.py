@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshort._optional import require
-from edgeshort._version import __version__
+from edgeshort._version import __version__, package_versions
 from edgeshort.errors import BundleError, InputError, ParityError
 from edgeshort.export.graphs import graph_specs
 from edgeshort.runtime.backends import open_session
@@ -128,6 +128,13 @@ def _skl2onnx_knn(result, path: Path, opset: int = 15) -> None:
         target_opset={"": opset, "ai.onnx.ml": 3}, options={id(result.knn.classifier): {"zipmap": False}},
     )
     onx.ir_version = min(onx.ir_version, IR_VERSION)
+    # skl2onnx names the graph with a random uuid and lists the opsets in set order: fixed here, so two
+    # exports of one run in fresh processes write the same bytes (its node names count per process).
+    onx.graph.name = "knn_skl2onnx"
+    opsets = sorted((o.domain, o.version) for o in onx.opset_import)
+    del onx.opset_import[:]
+    for domain, version in opsets:
+        onx.opset_import.add(domain=domain, version=version)
     path.write_bytes(onx.SerializeToString())
 
 
@@ -332,14 +339,10 @@ def _check_destination(out: Path, overwrite: bool) -> None:
 
 
 def _versions() -> dict:
-    versions = {"edgeshort": __version__}
-    for name in ("torch", "onnx", "onnxscript", "onnxruntime", "openvino", "skl2onnx", "sklearn", "nncf"):
-        try:
-            module = __import__(name)
-            versions[name] = getattr(module, "__version__", "installed")
-        except ImportError:
-            versions[name] = None
-    return versions
+    installed = package_versions(("torch", "onnx", "onnxscript", "onnxruntime", "openvino", "skl2onnx", "scikit-learn",
+                                  "nncf"))
+    installed["sklearn"] = installed.pop("scikit-learn")
+    return {"edgeshort": __version__, **installed}
 
 
 def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted) -> dict:
@@ -374,6 +377,12 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
         "extra_files": extra_files,
         "seconds": seconds,
         "source_run": str(Path(result.run_dir).resolve()) if result.run_dir else None,
+        # What ties the bundle to its audited run beyond a path: the weights, data, settings and results.
+        "run": {
+            "model_sha256": result.weights_sha256, "data_source": result.data_source,
+            "test_source": result.metrics.get("test_source"), "config": cfg.to_dict(),
+            "worst_group_accuracy": {kind: result.metrics.get(f"wga_{kind}") for kind in ("original", "ablated", "dfr")},
+        },
     }
 
 
