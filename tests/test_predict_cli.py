@@ -62,6 +62,12 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
     errors = [r for r in records if r["error"]]
     assert len(errors) == 1 and errors[0]["path"].endswith("broken.png") and errors[0]["label"] is None
     assert "cannot read image" in errors[0]["error"]
+    # Every record, error or not, names the exact bundle and runtime that produced it.
+    from edgeshort.runtime.bundle import sha256_file
+
+    manifest_sha256 = sha256_file(demo_bundle.root / "manifest.json")
+    assert {r["bundle_sha256"] for r in records} == {manifest_sha256}
+    assert {r["runtime"].split()[0] for r in records} == {"onnxruntime"} and " f32" in records[0]["runtime"]
     names = demo_bundle.class_names
     for record in records:
         if record["error"]:

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 
 RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "final_probability", "shortcut_present",
-                 "flagged_patches", "warning", "logits", "ablated_logits", "dfr_logits", "overlay", "error")
+                 "flagged_patches", "warning", "logits", "ablated_logits", "dfr_logits", "overlay", "error",
+                 "bundle_sha256", "runtime")
 # Overlays are drawn at least this many pixels on the short side, so small inputs stay readable, and
 # at most this many on the long side, so a 12-MP photo's outlines are not too thin to see on a screen.
 OVERLAY_MIN_SIDE = 256
@@ -324,10 +325,15 @@ def run(args) -> int:
                          "you can write") from exc
     counts = {"images": 0, "shortcut_present": 0, "failed": 0, "warned": 0}
     records_at = args.out or "stdout"
+    # Every record names what produced it, so records pooled from several runs stay traceable.
+    info = guard.info
+    produced_by = {"bundle_sha256": info.manifest_sha256,
+                   "runtime": " ".join(str(part) for part in (info.backend, info.backend_version, info.precision,
+                                                               info.device) if part)}
 
     def write_record(record: dict) -> None:
         try:
-            writer.write(record)
+            writer.write({**record, **produced_by})
         except BrokenPipeError:
             raise
         except OSError as exc:
