@@ -341,7 +341,7 @@ def test_no_dfr_bundle_acts_on_the_ablated_prediction(demo_result, demo_data, tm
     shutil.copytree(demo_result.run_dir, run)
     metrics = json.loads((run / "metrics.json").read_text())
     few = "DFR balanced its (class, shortcut found / not found) groups at 4 validation images each (...)"
-    (run / "metrics.json").write_text(json.dumps({**metrics, "dfr_warning": condemned, "dfr_fit_warning": few,
+    (run / "metrics.json").write_text(json.dumps({**metrics, "dfr_warning": condemned, "dfr_fit_warnings": [few],
                                                   "warnings": [*metrics["warnings"], few]}))
 
     # Into a folder that does not exist yet, as a deployment path often is, calibrated on a plain folder

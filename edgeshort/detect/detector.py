@@ -14,7 +14,7 @@ import numpy as np
 from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset, as_dataset, as_images
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
-from edgeshort.detect.dfr import LinearHead, fit_dfr_adam, fit_dfr_logreg, small_group_warning
+from edgeshort.detect.dfr import LinearHead, dfr_fit_warnings, fit_dfr_adam, fit_dfr_logreg
 from edgeshort.detect.extract import Features, extract, weights_fingerprint
 from edgeshort.detect.keymaps import (
     Clustering,
@@ -439,11 +439,11 @@ class ShortcutDetector:
                 result.dfr_head = fit_dfr_adam(
                     features, dataset.labels, present, dataset.num_classes, adapter.head_linear(), seed=cfg.seed
                 )
-            small = small_group_warning(result.dfr_head)
-            if small:
-                logger.warning("%s", small)
-                accuracy["warnings"].append(small)
-                accuracy["dfr_fit_warning"] = small  # so a bundle without the head can leave it out
+            fit_warnings = dfr_fit_warnings(result.dfr_head, dataset.num_classes)
+            for warning in fit_warnings:
+                logger.warning("%s", warning)
+            accuracy["warnings"] += fit_warnings
+            accuracy["dfr_fit_warnings"] = fit_warnings  # so a bundle without the head can leave them out
         seconds["dfr"] = time.perf_counter() - t
 
         members = clustering.assignments == shortcut

@@ -9,15 +9,12 @@ whole set. `adam` is the seed notebook's variant (a linear layer trained with Ad
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgeshort.errors import InputError
-
-logger = logging.getLogger(__name__)
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 DFR_MAX_ITER = 2000
@@ -101,15 +98,25 @@ def usable_groups(labels: np.ndarray, present: np.ndarray, num_classes: int, min
     return usable
 
 
-def small_group_warning(head: LinearHead) -> str | None:
-    """A run warning when DFR balanced its groups at fewer than DFR_MIN_GROUP images each."""
-    size = head.info["group_size"]
-    if size >= DFR_MIN_GROUP:
-        return None
-    return (f"DFR balanced its (class, shortcut found / not found) groups at {size} validation images each, fewer than "
-            f"{DFR_MIN_GROUP}: its head is fitted on {size * len(head.info['groups'])} images per subsample and may "
-            "be noise. Add validation images to the smallest group (often a class the guard rarely flags), or "
-            "leave DFR out (--dfr none at detect, --no-dfr at export)")
+def dfr_fit_warnings(head: LinearHead, num_classes: int) -> list[str]:
+    """The run's warnings about how its DFR head was fitted: groups without images, fits that did not
+    converge, groups too small to trust (fewer than DFR_MIN_GROUP images each)."""
+    found = []
+    groups, size = head.info["groups"], head.info["group_size"]
+    if len(groups) < 2 * num_classes:
+        found.append(f"DFR: only groups {groups} of {2 * num_classes} (class x shortcut found / not found, "
+                        "group = 2 x class + found) have validation images, so its balancing covers those alone")
+    unconverged = head.info.get("unconverged_fits")
+    if unconverged:
+        found.append(f"DFR: {unconverged} logistic-regression fits stopped at the {DFR_MAX_ITER}-iteration limit "
+                        "before converging; the head averages their last iterates")
+    if size < DFR_MIN_GROUP:
+        found.append(
+            f"DFR balanced its (class, shortcut found / not found) groups at {size} validation images each, fewer "
+            f"than {DFR_MIN_GROUP}: its head is fitted on {size * len(groups)} images per subsample and may be "
+            "noise. Add validation images to the smallest group (often a class the guard rarely flags), or leave "
+            "DFR out (--dfr none at detect, --no-dfr at export)")
+    return found
 
 
 def fit_dfr_logreg(
@@ -118,10 +125,6 @@ def fit_dfr_logreg(
 ) -> LinearHead:
     groups = dfr_groups(labels, present, num_classes)
     usable = usable_groups(labels, present, num_classes)
-    if len(usable) < 2 * num_classes:
-        logger.warning(
-            "DFR: only groups %s of %d have samples; balancing over those", usable, 2 * num_classes
-        )
     rng = np.random.default_rng(seed)
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = (features - mean) / std
@@ -150,12 +153,6 @@ def fit_dfr_logreg(
         intercepts.append(intercept)
     coef, intercept = np.mean(coefs, 0), np.mean(intercepts, 0)
     unconverged = [c for c, converged in fits if not converged]
-    if unconverged:
-        logger.warning(
-            "DFR: %d of %d logistic-regression fits (C in %s) stopped at the %d-iteration limit before "
-            "converging; the head averages their last iterates",
-            len(unconverged), len(fits), sorted(set(unconverged)), DFR_MAX_ITER,
-        )
     # Fold the standardisation into the layer, so the head consumes raw features.
     weight = coef / std
     bias = intercept - (coef * (mean / std)).sum(1)

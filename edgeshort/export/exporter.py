@@ -345,6 +345,12 @@ def _versions() -> dict:
     return {"edgeshort": __version__, **installed}
 
 
+def _dfr_fit_warnings(metrics: dict) -> list[str]:
+    """The run's warnings about its DFR head's fit (runs saved before the list held one, under another key)."""
+    earlier = metrics.get("dfr_fit_warning")
+    return metrics.get("dfr_fit_warnings") or ([earlier] if earlier else [])
+
+
 def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted) -> dict:
     cfg = result.config
     dfr_warning = result.metrics.get("dfr_warning")
@@ -363,7 +369,7 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
             # The detection run's own doubts (e.g. ablation that lowers validation accuracy) travel with
             # it, and its test set's verdict on a DFR head the bundle ships.
             "warnings": [w for w in result.metrics.get("warnings") or []
-                         if result.dfr_head is not None or w != result.metrics.get("dfr_fit_warning")]
+                         if result.dfr_head is not None or w not in _dfr_fit_warnings(result.metrics)]
             + ([dfr_warning] if dfr_warning and result.dfr_head is not None else []),
         },
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
