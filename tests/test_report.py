@@ -339,10 +339,10 @@ def test_report_shows_a_spray_result_in_the_run(plain_run, tmp_path):
     spray.save_representative_heatmaps(run / "spray" / "representative_heatmaps.png")
     page = assert_complete(write_report(run, tmp_path / "spray.html", embed=True))
     body = section(page, "spray")
-    assert "Clever Hans: risk" in body and 'id="spray-clusters"' in body
+    assert "SpRAy risk:" in body and 'id="spray-clusters"' in body
     assert body.count("SpRAy cluster") == 2 and "representative_heatmaps.png" in body
-    assert len(re.findall(r"<td>group [01] \(\d\.\d{3}\)</td>", body)) == 2  # the majority group and its share
-    assert "SpRAy: risk" in section(page, "verdict")
+    assert len(re.findall(r"<td>group [01] \(\d+\.\d%\)</td>", body)) == 2  # the majority group and its share
+    assert "SpRAy, a separate check on explanation maps: risk" in section(page, "verdict")
     assert all(src.startswith("data:image/png;base64,") for src in image_sources(page))
 
 
@@ -398,3 +398,130 @@ def test_a_cropping_models_pictures_show_the_part_it_saw(tmp_path):
     for path in flag_pictures + heat_pictures:
         with Image.open(path) as picture:  # the whole image is 37 wide, 45 high (0.82)
             assert abs(picture.width / picture.height - 1) < 0.05, path
+
+
+# ---------------------------------------------------------------------------------------------
+# SpRAy as a second opinion: hypotheses, warnings, settings, scales
+# ---------------------------------------------------------------------------------------------
+SPRAY_WARNING = "407 of 1500 CAMs are constant: no gradient reached the target layer's patch positions"
+
+
+def spray_cluster(cid: int, size: int, class_name: str, group: str | int, group_share: float, risk: str,
+                  gini: float = 0.7) -> dict:
+    return {"cluster_id": cid, "size": size, "fraction": size / 1500, "class": class_name, "label_purity": 1.0,
+            "majority_label": class_name, "label_counts": {class_name: size}, "group_purity": group_share,
+            "group_majority": group, "focus_mean": 0.2, "focus_std": 0.05,
+            "focus": {"hot_area": 0.02, "effective_area": 0.2, "gini": gini, "top_mass": 0.4, "spread": 0.3,
+                      "centroid": [0.5, 0.5], "centroid_scatter": 0.1}, "risk_level": risk}
+
+
+def spray_report(groups=("artefact", "no artefact"), warnings=(SPRAY_WARNING,), n_clusters: int = 12) -> dict:
+    """A SpRAy report as `get_report()` writes it: cluster 1 a high-risk artefact cluster, cluster 9 a
+    medium-risk flag on images nearly all without the artefact, cluster 0 of empty maps."""
+    artefact, clean = groups
+    clusters = [spray_cluster(c, 100, "benign" if c < 6 else "malignant", clean, 0.9, "none")
+                for c in range(n_clusters)]
+    clusters[0] = spray_cluster(0, 366, "benign", clean, 0.992, "none", gini=0.0)
+    clusters[1] = spray_cluster(1, 24, "benign", artefact, 1.0, "high")
+    clusters[9] = spray_cluster(9, 163, "malignant", clean, 0.975, "medium")
+    flag = {"reasons": ["holds 24 samples, 3% of class benign (a minority)"], "evidence": {}}
+    maps = {str(c): np.full((4, 4), 0.01 * c).tolist() for c in range(n_clusters)}
+    maps["7"] = np.eye(4).tolist()  # the brightest mean: it sets the shared scale
+    return {
+        "method": "spray", "warnings": list(warnings), "shortcut_detected": True, "risk_level": "high",
+        "metrics": {"n_clusters": n_clusters, "fit_seconds": 25.2576},
+        "metadata": {"n_samples": 1500, "heatmap_shape": [64, 64], "processed_shape": [4, 4],
+                     "representative_heatmap_shape": [4, 4], "heatmap_source": "gradcam:blocks.2", "labels_given": True,
+                     "params": {"affinity": "cosine", "cluster_selection": "auto", "max_clusters": 8, "n_clusters": None,
+                                "downsample_size": 32, "per_class": True},
+                     "affinity": "cosine", "cluster_selection": "auto", "downsample_size": 32, "per_class": True,
+                     "graphs": {"benign": {"graph": "knn", "n_neighbors": 10, "n_clusters": 6},
+                                "malignant": {"graph": "knn", "n_neighbors": 11, "n_clusters": n_clusters - 6}}},
+        "report": {
+            "clusters": clusters,
+            "clever_hans": {"shortcut_detected": True, "risk_level": "high", "flagged_clusters": [1, 9],
+                            "flags": [{**flag, "cluster_id": 1, "risk_level": "high"},
+                                      {**flag, "cluster_id": 9, "risk_level": "medium"}],
+                            "labels_used": True, "notes": []},
+            "representative_heatmaps": maps,
+        },
+    }
+
+
+def run_with_spray(source: Path, target: Path, report: dict, grid_png: bool = True) -> Path:
+    shutil.copytree(source, target)
+    (target / "spray").mkdir(exist_ok=True)
+    (target / "spray" / "report.json").write_text(json.dumps(report))
+    if grid_png:
+        Image.new("RGB", (8, 8)).save(target / "spray" / "representative_heatmaps.png")
+    return target
+
+
+def test_spray_flags_read_as_hypotheses_with_each_clusters_artefact_share(plain_run, tmp_path):
+    from edgeshort.report import write_report
+
+    run = run_with_spray(plain_run.run_dir, tmp_path / "run", spray_report())
+    page = write_report(run, tmp_path / "page.html").read_text()
+    body = html.unescape(re.sub(r"<[^>]+>", "", section(page, "spray")))
+    assert "Its flags are hypotheses, not findings" in body and "tight focus on the object itself" in body
+    assert "shortcut detected" not in body.lower()
+    # Each flagged cluster says how much of it carries the known artefact, in words.
+    assert "cluster 1 [high], 24 images of benign: 100.0% carry the known artefact" in body
+    assert "cluster 9 [medium], 163 images of malignant: 2.5% carry the known artefact — most do not" in body
+    assert "no artefact (97.5%)" in body and "group no artefact" not in body
+    assert body.count("(mostly empty maps)") == 1  # cluster 0: its median map is flat
+    verdict = html.unescape(re.sub(r"<[^>]+>", "", section(page, "verdict")))
+    assert "SpRAy, a separate check on explanation maps: risk high, suspected in clusters 1, 9" in verdict
+    assert "not a confirmation of the shortcut cluster above" in verdict
+    assert "cluster 9: 2.5% with the known artefact (mostly without it)" in verdict
+
+
+def test_spray_groups_stored_as_numbers_still_read(plain_run, tmp_path):
+    from edgeshort.report import write_report
+
+    run = run_with_spray(plain_run.run_dir, tmp_path / "run", spray_report(groups=(1, 0)))
+    body = html.unescape(re.sub(r"<[^>]+>", "", section(write_report(run, tmp_path / "p.html").read_text(), "spray")))
+    assert "group 0 (97.5%)" in body and "2.5% carry the known artefact" in body
+    # Groups that do not mark an artefact (sites, scanners) are shown as stored, with no artefact share.
+    run = run_with_spray(plain_run.run_dir, tmp_path / "sites", spray_report(groups=("site B", "site A")))
+    body = html.unescape(re.sub(r"<[^>]+>", "", section(write_report(run, tmp_path / "s.html").read_text(), "spray")))
+    assert "majority group site A (97.5%)" in body and "% carry the known artefact" not in body
+
+
+def test_spray_warnings_settings_and_fit_time_are_on_the_page(plain_run, tmp_path):
+    from edgeshort.report import write_report
+
+    run = run_with_spray(plain_run.run_dir, tmp_path / "run", spray_report())
+    page = write_report(run, tmp_path / "page.html").read_text()
+    spray, verdict = section(page, "spray"), section(page, "verdict")
+    assert html.escape(SPRAY_WARNING, quote=True) in spray and html.escape(SPRAY_WARNING, quote=True) in verdict
+    settings = html.unescape(re.sub(r"<[^>]+>", "", spray))
+    assert "GradCAM maps at layer blocks.2" in settings and "(gradcam:blocks.2)" in settings
+    assert "benign: knn graph, k = 10, 6 clusters; malignant: knn graph, k = 11, 6 clusters" in settings
+    assert "64 x 64, clustered at 4 x 4 (downsample_size 32)" in settings and "cosine" in settings
+    assert "each class clustered on its own" in settings and "largest eigengap" in settings
+    timings = html.unescape(re.sub(r"<[^>]+>", "", section(page, "timings")))
+    seconds = plain_run.metrics["seconds"]
+    assert "SpRAy — heatmaps and spectral clustering" in timings and "25.26" in timings
+    assert f"total{sum(seconds.values()) + 25.2576:.2f}" in timings
+    # No warnings key (an older report): nothing invented.
+    report = spray_report()
+    del report["warnings"]
+    run = run_with_spray(plain_run.run_dir, tmp_path / "older", report)
+    assert "fit warned" not in write_report(run, tmp_path / "older.html").read_text()
+
+
+def test_spray_pictures_in_cluster_order_with_their_scales_stated(plain_run, tmp_path):
+    from edgeshort.report import write_report
+
+    run = run_with_spray(plain_run.run_dir, tmp_path / "run", spray_report())
+    body = section(write_report(run, tmp_path / "page.html").read_text(), "spray")
+    order = [int(c) for c in re.findall(r'alt="SpRAy cluster (\d+) mean heatmap"', body)]
+    assert order == list(range(12))  # 2 before 10
+    text = html.unescape(re.sub(r"<[^>]+>", "", body))
+    assert "All on one scale: black 0, white 1.000" in text and 'class="colour-key"' in body
+    assert "Each map is scaled to its own minimum and maximum" in text
+    # The shared scale: cluster 7 (the brightest) reaches white, cluster 3 stays dark.
+    with Image.open(tmp_path / "page_files" / "spray" / "representative_7.png") as bright, \
+            Image.open(tmp_path / "page_files" / "spray" / "representative_3.png") as dim:
+        assert np.asarray(bright).max() == 255 and np.asarray(dim).max() < 80

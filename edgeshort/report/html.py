@@ -15,6 +15,7 @@ import html
 import io
 import json
 import logging
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from edgeshort.detect.keymaps import describe_positives
 from edgeshort.errors import InputError
 from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, change_verdict, describe_change
 from edgeshort.report.draw import (
+    HOT,
     colourise,
     grid_to_pixels,
     guard_overlay,
@@ -49,6 +51,7 @@ STAGE_TITLES = {
     "cluster": "PCA, k-means and cluster scores",
     "heatmaps": "key-distance heatmaps",
     "knn": "key-KNN guard",
+    "ablation_check": "validation accuracy with the flagged tokens ablated",
     "dfr": "DFR last-layer retraining",
     "pictures": "run pictures",
     "evaluate": "evaluation on the test set",
@@ -110,6 +113,10 @@ figcaption { line-height: 1.35; margin-top: 4px; }
 .ok { color: var(--good); font-weight: 600; }
 .no { color: var(--bad); font-weight: 600; }
 .bar { display: inline-block; height: 10px; background: #7aa7d6; border-radius: 2px; vertical-align: middle; }
+.colour-key { display: flex; align-items: center; gap: 8px; margin: 4px 0 8px; font-size: 0.8rem;
+              color: var(--muted); flex-wrap: wrap; }
+.colour-key .ramp { display: inline-block; width: 180px; height: 12px; border: 1px solid var(--line); }
+.colour-key .what { margin-left: 6px; }
 .legend-swatch { display: inline-block; width: 12px; height: 12px; border: 2px solid #00e5e5; vertical-align: -1px; }
 .risk-high, .risk-medium { color: var(--bad); font-weight: 650; }
 .risk-low { color: var(--warn); font-weight: 650; }
@@ -388,10 +395,9 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append(f"Flagged patches against the true artefact patches: precision {_num(m.get('patch_precision'))}, "
                           f"recall {_num(m.get('patch_recall'))}.")
         if run.spray is not None:
-            body = run.spray
-            points.append(f"SpRAy: risk <span class=\"risk-{_e(body.get('risk_level', 'none'))}\">"
-                          f"{_e(body.get('risk_level', '?'))}</span>, shortcut "
-                          f"{'detected' if body.get('shortcut_detected') else 'not detected'}.")
+            points.append(_spray_verdict_point(run.spray))
+            for warning in run.spray.get("warnings") or []:
+                points.append(f'<span class="no">SpRAy warned: {_e(warning)}.</span>')
         parts.append(f'<div class="verdict"><p class="headline">{headline}</p><ul>'
                      + "".join(f"<li>{p}</li>" for p in points) + "</ul></div>")
         parts.append(
@@ -734,9 +740,189 @@ def _group_table(tables: dict, assets: Assets, figure_path: Path, table_id: str)
                       f"Accuracy per group. <code>{_e(path.name)}</code> is written beside this page.", width=760))
 
 
+def _spray_text(value) -> str:
+    """A SpRAy label or group as stored: a class index becomes its name only where the caller says so."""
+    return "–" if value is None else str(value)
+
+
+# Group labels that say whether an image carries the known artefact: the detector's 0 / 1 and the
+# names the demo gives SpRAy. Other group labels (sites, scanners) are shown as stored.
+ARTEFACT_GROUP_VALUES = {"1": True, "artefact": True, "0": False, "no artefact": False}
+
+
+def _carries_artefact(group) -> bool | None:
+    """True / False when a group label names the artefact's presence, None for any other label."""
+    if group is None or isinstance(group, bool):
+        return None
+    return ARTEFACT_GROUP_VALUES.get(str(group).strip().lower())
+
+
+def _artefact_share(cluster: dict) -> float | None:
+    """Share of a SpRAy cluster's images that carry the known artefact, or None when its group labels
+    do not say (none given, or labels other than the artefact's presence).
+
+    Exact from the cluster's group counts when stored; otherwise from the majority group and its
+    share, the artefact's presence being two-valued.
+    """
+    counts = cluster.get("group_counts")
+    if counts:
+        kinds = {key: _carries_artefact(key) for key in counts}
+        if None in kinds.values():
+            return None
+        total = sum(counts.values())
+        return sum(n for key, n in counts.items() if kinds[key]) / total if total else None
+    share, carries = cluster.get("group_purity"), _carries_artefact(cluster.get("group_majority"))
+    if share is None or carries is None:
+        return None
+    return float(share) if carries else 1.0 - float(share)
+
+
+def _majority_group(cluster: dict) -> str:
+    """A SpRAy cluster's majority group as stored, with its share of the cluster: "no artefact (97.5%)",
+    "group 0 (97.5%)" for a bare number."""
+    share, group = cluster.get("group_purity"), cluster.get("group_majority")
+    if share is None:
+        return "–"
+    name = f"group {group}" if isinstance(group, (int, float, np.integer)) and not isinstance(group, bool) else group
+    return f"{_e(name)} ({_pct(share, 1)})"
+
+
+def _mostly_empty(cluster: dict) -> bool:
+    """Whether at least half a SpRAy cluster's maps are empty: a median Gini of 0 means a flat median map,
+    and a map flat after its median is removed holds no relevance."""
+    gini = (cluster.get("focus") or {}).get("gini")
+    return gini is not None and gini <= 1e-9
+
+
+def _describe_heatmap_source(source: str | None) -> str:
+    """What `metadata.heatmap_source` means, in words (HTML)."""
+    if not source:
+        return "heatmaps of unrecorded origin"
+    kind, _, detail = source.partition(":")
+    from edgeshort.spray.heatmaps import CAM_METHODS  # a dict of names: no torch needed
+
+    if kind in CAM_METHODS:
+        return (f"{CAM_METHODS[kind]} maps at layer <code>{_e(detail)}</code>, each explaining one class per image "
+                "(the class the model predicts, unless the fit was given other targets)")
+    if kind == "precomputed":
+        return "heatmaps passed to the fit as arrays (for example this run's key heatmaps)"
+    if kind == "generator":
+        return f"heatmaps from the generator <code>{_e(detail)}</code>"
+    return f"heatmaps from <code>{_e(source)}</code>"
+
+
+def _gradient(table: np.ndarray, stops: int = 9) -> str:
+    """A CSS linear gradient through `stops` evenly spaced colours of a (256, 3) colour map."""
+    picks = table[np.linspace(0, len(table) - 1, stops).round().astype(int)]
+    return "linear-gradient(to right, " + ", ".join(f"rgb({r}, {g}, {b})" for r, g, b in picks) + ")"
+
+
+def _colour_key(table: np.ndarray, low: str, high: str, what: str) -> str:
+    """A colour bar drawn by the page itself (no picture to lose), its two ends labelled."""
+    return (f'<div class="colour-key"><span class="end">{low}</span><span class="ramp" style="background: '
+            f'{_gradient(table)}"></span><span class="end">{high}</span><span class="what">{what}</span></div>')
+
+
+def _spray_settings(body: dict, clusters: list[dict]) -> str:
+    """How the SpRAy heatmaps were made and clustered (`metadata`), as a table."""
+    meta = body.get("metadata") or {}
+    params = meta.get("params") or {}
+    rows = []
+
+    def add(name: str, value: str) -> None:
+        rows.append([_e(name), f'<td class="text">{value}</td>'])
+
+    add("heatmaps", _describe_heatmap_source(meta.get("heatmap_source"))
+        + (f" (<code>{_e(meta['heatmap_source'])}</code>)" if meta.get("heatmap_source") else ""))
+    shape, processed = meta.get("heatmap_shape"), meta.get("processed_shape")
+    size = meta.get("downsample_size", params.get("downsample_size"))
+    if shape:
+        add("map size", f"{_e(' x '.join(map(str, shape)))}"
+            + (f", clustered at {_e(' x '.join(map(str, processed)))} (<code>downsample_size</code> {_e(size)})"
+               if processed and list(processed) != list(shape) else f" (<code>downsample_size</code> {_e(size)})"))
+    if meta.get("n_samples") is not None:
+        add("maps", _e(f"{meta['n_samples']:,}"))
+    per_class = meta.get("per_class", params.get("per_class"))
+    if per_class is not None:
+        add("per class", "yes: each class clustered on its own" if per_class else "no: all maps clustered together")
+    affinity = meta.get("affinity", params.get("affinity"))
+    if affinity is not None:
+        add("affinity", f"<code>{_e(affinity)}</code>")
+    selection = meta.get("cluster_selection", params.get("cluster_selection"))
+    if selection is not None:
+        fixed = params.get("n_clusters")
+        how = (f"fixed at {_e(fixed)}" if fixed is not None else
+               f"largest eigengap of the graph Laplacian, at most {_e(params.get('max_clusters', '?'))}"
+               if selection in ("auto", "eigengap") else _e(selection))
+        add("cluster count", f"<code>{_e(selection)}</code>: {how}")
+    graphs = meta.get("graphs") or {}
+    if graphs:
+        parts = []
+        for scope, graph in graphs.items():
+            if not graph:
+                parts.append(f"{_e(scope)}: not clustered (too few maps)")
+                continue
+            k = graph.get("n_neighbors")
+            parts.append(f"{_e(scope)}: {_e(graph.get('graph', '?'))} graph"
+                         + (f", k = {_e(k)}" if k else "") + f", {_plural(int(graph.get('n_clusters', 0)), 'cluster')}")
+        add("graphs" if len(graphs) > 1 else "graph", "; ".join(parts))
+    labels_given = meta.get("labels_given")
+    if labels_given is not None:
+        add("class labels", "given" if labels_given else "not given (the risk is capped at medium)")
+    groups_given = any(c.get("group_purity") is not None for c in clusters)
+    add("group labels", "given: each cluster's majority group and, where they mark the artefact, its artefact "
+        "share" if groups_given else "not given: no cluster can be compared with a known artefact")
+    if not rows:
+        return ""
+    return "<h3>Settings</h3>" + _table(["", "value"], rows, "spray-settings", text_columns=(0, 1))
+
+
+def _spray_flag(flag: dict, cluster: dict, class_label: str) -> str:
+    """One flagged cluster: what it holds, its artefact share when known, and SpRAy's reasons."""
+    cid, level = flag.get("cluster_id"), flag.get("risk_level", "?")
+    head = (f'<strong>cluster {_e(cid)}</strong> [<span class="risk-{_e(level)}">{_e(level)}</span>]'
+            + (f", {_plural(int(cluster['size']), 'image')} of {_e(class_label)}" if cluster.get("size") else ""))
+    share = _artefact_share(cluster)
+    if share is not None:
+        head += (f": <strong>{_pct(share, 1)} carry the known artefact</strong>"
+                 + (' — <span class="no">most do not: this flag does not follow the artefact</span>'
+                    if share < 0.5 else " (group labels, only to check SpRAy)"))
+    elif cluster.get("group_purity") is not None:
+        head += f": majority group {_majority_group(cluster)}"
+    reasons = "; ".join(_e(r) for r in flag.get("reasons", []))
+    return f"<li>{head}.<br><span class=\"meta\">Why SpRAy flagged it: {reasons}.</span></li>"
+
+
+def _spray_verdict_point(body: dict) -> str:
+    """The verdict's line on SpRAy: what it suspects, as a hypothesis, with the artefact share of each suspect."""
+    report = body.get("report", body)
+    hans = report.get("clever_hans") or {}
+    by_id = {c.get("cluster_id"): c for c in report.get("clusters") or []}
+    risk = body.get("risk_level", hans.get("risk_level", "none"))
+    suspects = hans.get("flagged_clusters") or []
+    text = (f"SpRAy, a separate check on explanation maps: risk <span class=\"risk-{_e(risk)}\">{_e(risk)}</span>"
+            + (f", suspected in {'cluster' if len(suspects) == 1 else 'clusters'} {', '.join(map(str, suspects))}"
+               if suspects else ", no cluster suspected")
+            + ". Its flags are hypotheses to check against their pictures (SpRAy section), not a confirmation of "
+              "the shortcut cluster above")
+    shares = [(cid, _artefact_share(by_id.get(cid, {}))) for cid in suspects]
+    known = [(cid, share) for cid, share in shares if share is not None]
+    if known:
+        text += "; " + ", ".join(
+            f"cluster {cid}: {_pct(share, 1)} with the known artefact"
+            + (' <span class="no">(mostly without it)</span>' if share < 0.5 else "") for cid, share in known)
+    return text + "."
+
+
 def _spray(run: RunData, assets: Assets) -> str:
-    intro = ("<p>SpRAy (Lapuschkin et al., 2019) clusters explanation heatmaps and flags clusters that look like "
-             "Clever Hans behaviour: a label-pure minority of a class whose relevance is concentrated elsewhere.</p>")
+    intro = ("<p>SpRAy (Lapuschkin et al., 2019) is a second, separate detector: it clusters explanation heatmaps of "
+             "the images and flags clusters that may be Clever Hans behaviour: a minority of a class whose "
+             "relevance is more concentrated than the rest of the class, or sits where the rest does not look.</p>")
+    caution = ("<p><strong>Its flags are hypotheses, not findings.</strong> They come from explanation maps alone: a "
+               "tight focus on the object itself (a small lesion) is concentrated too and gets flagged, and SpRAy "
+               "never sees the key detector's clusters or flags, so a SpRAy flag neither confirms nor contradicts "
+               "the verdict above. Check each flagged cluster against its mean heatmap below and, where group "
+               "labels were given, against the share of its images that carry the known artefact.</p>")
     how = ("Fit <code>SpRAyDetector().fit(heatmaps=..., labels=...)</code> (for example on this run's key heatmaps: <code>maps, labels, _ = "
            "ShortcutDetector.load(RUN).key_heatmap_grids()</code>) "
            "and save <code>get_report()</code> as <code>RUN/spray/report.json</code> with its heatmap grid PNG beside "
@@ -748,66 +934,122 @@ def _spray(run: RunData, assets: Assets) -> str:
     body = run.spray
     report = body.get("report", body)
     clusters = report.get("clusters") or []
+    by_id = {c.get("cluster_id"): c for c in clusters}
     hans = report.get("clever_hans") or {}
     risk = body.get("risk_level", hans.get("risk_level", "none"))
-    detected = body.get("shortcut_detected", hans.get("shortcut_detected"))
-    parts = [intro, f'<div class="verdict"><p class="headline">Clever Hans: risk <span class="risk-{_e(risk)}">'
-             f"{_e(risk)}</span> — shortcut {'detected' if detected else 'not detected'}"
-             + (f" in cluster(s) {', '.join(map(str, hans.get('flagged_clusters', [])))}"
-                if detected and hans.get("flagged_clusters") else "") + "</p>"]
+    suspects = hans.get("flagged_clusters") or []
+    parts = [intro, caution]
+    warnings = body.get("warnings") or []
+    if warnings:
+        parts.append('<div class="verdict"><p class="headline">SpRAy\'s fit warned</p><ul>'
+                     + "".join(f'<li><span class="no">{_e(w)}</span></li>' for w in warnings) + "</ul></div>")
+    parts.append(f'<div class="verdict"><p class="headline">SpRAy risk: <span class="risk-{_e(risk)}">{_e(risk)}'
+                 "</span> — " + (f"a hypothesis to check in {'cluster' if len(suspects) == 1 else 'clusters'} "
+                                 f"{', '.join(map(str, suspects))}" if suspects else "no cluster suspected")
+                 + "</p>")
     flags = hans.get("flags") or []
     if flags:
         parts.append("<ul>" + "".join(
-            f"<li>cluster {_e(f.get('cluster_id'))} [{_e(f.get('risk_level'))}]: "
-            + "; ".join(_e(r) for r in f.get("reasons", [])) + "</li>" for f in flags) + "</ul>")
+            _spray_flag(f, by_id.get(f.get("cluster_id"), {}), _spray_class(run, by_id.get(f.get("cluster_id"), {})))
+            for f in flags) + "</ul>")
+    else:
+        parts.append("<p>No cluster was flagged, not even at low risk.</p>")
     parts.append("</div>")
     for note in hans.get("notes") or []:
         parts.append(f'<p class="meta">{_e(note)}</p>')
+    parts.append(_spray_settings(body, clusters))
     if clusters:
-        # The majority group is shown: "0.925" alone reads as artefact purity when it is mostly group 0.
-        headers = ["cluster", "size", "share", "majority label", "label purity", "majority group (share)", "focus",
-                   "risk"]
+        with_groups = any(c.get("group_purity") is not None for c in clusters)
+        with_artefact = any(_artefact_share(c) is not None for c in clusters)
+        headers = ["cluster", "class / majority label", "size", "share of all maps", "label purity",
+                   *(["majority group (share of cluster)"] if with_groups else []),
+                   *(["with the artefact"] if with_artefact else []), "focus", "risk"]
         rows = []
         for c in clusters:
-            label = c.get("majority_label")
-            if isinstance(label, (int, np.integer)) and run.class_names and 0 <= int(label) < len(run.class_names):
-                label = run.class_names[int(label)]
-            rows.append([_e(c.get("cluster_id")), _num(c.get("size")), _pct(c.get("fraction"), 1),
-                         _e("–" if label is None else label), _num(c.get("label_purity")), _majority_group(c),
-                         _num(c.get("focus_mean")),
+            share = _artefact_share(c)
+            rows.append([_e(c.get("cluster_id")), _e(_spray_class(run, c)), _num(c.get("size")),
+                         _pct(c.get("fraction"), 1), _num(c.get("label_purity")),
+                         *([_majority_group(c)] if with_groups else []),
+                         *([_pct(share, 1)] if with_artefact else []),
+                         _num(c.get("focus_mean")) + (" (mostly empty maps)" if _mostly_empty(c) else ""),
                          f'<td class="risk-{_e(c.get("risk_level", "none"))}">{_e(c.get("risk_level", "none"))}</td>'])
-        parts.append(_table(headers, rows, "spray-clusters", text_columns=(0, 3)))
-    reps = report.get("representative_heatmaps") or {}
-    if reps:
-        by_id = {str(c.get("cluster_id")): c for c in clusters}
-        figures = []
-        for cid, heat in sorted(reps.items(), key=lambda kv: str(kv[0])):
-            heat = np.asarray(heat, dtype=np.float64)
-            if heat.ndim != 2 or not heat.size:
-                continue
-            h, w = heat.shape
-            picture = colourise(grid_to_pixels(heat, (150, max(1, 150 * w // h))), 0.0, float(heat.max()) or 1.0)
-            src = assets.add(f"spray/representative_{cid}.png", picture)
-            c = by_id.get(str(cid), {})
-            figures.append(f"<figure>{_img(src, f'SpRAy cluster {cid} mean heatmap')}<figcaption>cluster {_e(cid)}: "
-                           f"n={_e(c.get('size', '?'))}, risk {_e(c.get('risk_level', '?'))}</figcaption></figure>")
-        parts.append('<h3>Representative heatmaps</h3><p class="meta">Mean heatmap of each cluster.</p>'
-                     f'<div class="gallery small">{"".join(figures)}</div>')
-    else:
-        parts.append(_empty("The SpRAy report holds no representative heatmaps.", how))
-    for png in sorted((run.run_dir / "spray").glob("*.png")):
-        src = assets.add(f"spray/{png.name}", png)
-        parts.append(_figure(src, f"SpRAy {png.stem}", f"<code>spray/{_e(png.name)}</code> from the run folder."))
+        parts.append("<h3>Clusters</h3>" + _table(headers, rows, "spray-clusters", text_columns=(0, 1)))
+        n = (body.get("metadata") or {}).get("n_samples")
+        parts.append(
+            '<p class="meta">Share of all maps: the cluster\'s size over all '
+            + (f"{n:,} " if isinstance(n, int) else "") + "maps (the flags' “share of class” counts its class "
+            "only). Focus: the mean over the cluster's maps of 1 &minus; entropy / log(pixels) of the relevance "
+            "(0 = spread evenly, 1 = on one pixel)"
+            + ("; with the artefact: the share of the cluster's images whose group label marks the artefact"
+               if with_artefact else "")
+            + ". A cluster of mostly empty maps (no relevance above each map's median) shows where the "
+              "explanation failed, not where the model looks.</p>")
+    parts.append(_spray_pictures(run, assets, body, clusters, how))
     return _section("spray", "SpRAy", "".join(parts))
 
 
-def _majority_group(cluster: dict) -> str:
-    """A SpRAy cluster's majority group label with its share, "group 0 (0.925)": the label is the
-    caller's own (artefact truth, or the guard's flags), so it is shown as given."""
-    share, group = cluster.get("group_purity"), cluster.get("group_majority")
-    if share is None:
-        return "–"
-    return f"group {_e(group)} ({_num(share)})"
+def _spray_class(run: RunData, cluster: dict) -> str:
+    """The class a SpRAy cluster belongs to (per-class clustering) or its majority label, named."""
+    label = cluster.get("class") if cluster.get("class") is not None else cluster.get("majority_label")
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        return run.class_name(int(label))
+    return _spray_text(label)
+
+
+def _spray_pictures(run: RunData, assets: Assets, body: dict, clusters: list[dict], how: str) -> str:
+    """The clusters' mean heatmaps on one shared scale, then the run's own PNGs with what their scale is."""
+    report = body.get("report", body)
+    meta = body.get("metadata") or {}
+    reps = report.get("representative_heatmaps") or {}
+    parts = []
+    heats = {}
+    for cid, heat in reps.items():
+        heat = np.asarray(heat, dtype=np.float64)
+        if heat.ndim == 2 and heat.size:
+            heats[str(cid)] = heat
+    if heats:
+        by_id = {str(c.get("cluster_id")): c for c in clusters}
+        top = max(float(h.max()) for h in heats.values()) or 1.0
+        figures = []
+        for cid in sorted(heats, key=_natural_key):
+            heat = heats[cid]
+            h, w = heat.shape
+            picture = colourise(grid_to_pixels(heat, (150, max(1, 150 * w // h))), 0.0, top)
+            src = assets.add(f"spray/representative_{cid}.png", picture)
+            c = by_id.get(cid, {})
+            figures.append(f"<figure>{_img(src, f'SpRAy cluster {cid} mean heatmap')}<figcaption>cluster {_e(cid)}: "
+                           f"n={_e(c.get('size', '?'))}, risk {_e(c.get('risk_level', '?'))}</figcaption></figure>")
+        processed = list(meta.get("representative_heatmap_shape") or []) == list(meta.get("processed_shape") or [None])
+        what = ("the maps as clustered (downsampled, each map's median subtracted)" if processed
+                else "the maps at their input resolution")
+        parts.append(
+            "<h3>Mean heatmap of each cluster</h3>"
+            f'<p class="meta">Mean of {what}, in cluster order. <strong>All on one scale</strong>: black 0, white '
+            f"{_num(top)} (the highest value of any cluster's mean), so brightness compares across clusters.</p>"
+            + _colour_key(HOT, "0", _num(top), "mean relevance, shared by every map here")
+            + f'<div class="gallery small">{"".join(figures)}</div>')
+    else:
+        parts.append(_empty("The SpRAy report holds no representative heatmaps.", how))
+    from edgeshort.spray.cli import GRID_NAME
+    from edgeshort.spray.render import colour_table
+
+    for png in sorted((run.run_dir / "spray").glob("*.png"), key=lambda p: _natural_key(p.name)):
+        src = assets.add(f"spray/{png.name}", png)
+        if png.name == GRID_NAME:
+            caption = (f"<code>spray/{_e(png.name)}</code> from the run folder: the clusters' mean heatmaps at the "
+                       "maps' input resolution, framed in their risk colour. <strong>Each map is scaled to its own "
+                       "minimum and maximum</strong>, so a nearly empty mean looks as bright as a strong one: compare "
+                       "places within a map here, brightness across maps above."
+                       + _colour_key(colour_table(), "its minimum", "its maximum", "each map on its own scale"))
+        else:
+            caption = f"<code>spray/{_e(png.name)}</code> from the run folder."
+        parts.append(_figure(src, f"SpRAy {png.stem}", caption))
+    return "".join(parts)
+
+
+def _natural_key(text: str) -> list:
+    """Sort key that orders the numbers inside names by value: cluster 2 before cluster 10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]
 
 
 def _setting(value) -> str:
@@ -820,19 +1062,25 @@ def _setting(value) -> str:
 
 
 def _timings(run: RunData) -> str:
-    seconds = run.metrics.get("seconds") or {}
-    if not seconds:
+    seconds = {k: float(v) for k, v in (run.metrics.get("seconds") or {}).items()}
+    spray_seconds = ((run.spray or {}).get("metrics") or {}).get("fit_seconds")
+    if not seconds and spray_seconds is None:
         return _section("timings", "Timings", _empty("The run records no timings (metrics.json has no "
                                                       "<code>seconds</code>).", "Run <code>edgeshort detect</code> "
                                                       "again; it writes them."))
-    total = sum(float(v) for v in seconds.values())
-    longest = max(float(v) for v in seconds.values()) or 1.0
-    rows = [[f"{_e(k)} <span class=\"meta\">— {_e(STAGE_TITLES.get(k, ''))}</span>" if k in STAGE_TITLES else _e(k),
-             _num(float(v), 2), f'<td class="text"><span class="bar" style="width:{160 * float(v) / longest:.0f}px">'
-             "</span></td>"] for k, v in seconds.items()]
-    rows.append(["total", _num(total, 2), ""])
+    stages = [(f"{_e(k)} <span class=\"meta\">— {_e(STAGE_TITLES[k])}</span>" if k in STAGE_TITLES else _e(k), v)
+              for k, v in seconds.items()]
+    if spray_seconds is not None:  # a separate fit, timed by itself (spray/report.json)
+        stages.append(('SpRAy <span class="meta">— heatmaps and spectral clustering, a separate fit '
+                       "(<code>spray/report.json</code>)</span>", float(spray_seconds)))
+    longest = max(v for _, v in stages) or 1.0
+    rows = [[name, _num(v, 2), f'<td class="text"><span class="bar" style="width:{160 * v / longest:.0f}px">'
+             "</span></td>"] for name, v in stages]
+    rows.append(["total", _num(sum(v for _, v in stages), 2), ""])
+    note = "" if seconds else (" The detector's stages are not recorded (metrics.json has no <code>seconds</code>); "
+                               "run <code>edgeshort detect</code> again to time them.")
     return _section("timings", "Timings",
-                    "<p>Wall-clock seconds per stage of the run.</p>"
+                    f"<p>Wall-clock seconds per stage of the run.{note}</p>"
                     + _table(["stage", "seconds", ""], rows, "timings", [None] * (len(rows) - 1) + ["summary"]))
 
 
