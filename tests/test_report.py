@@ -309,7 +309,7 @@ def test_report_without_test_groups_or_masks_explains_each_gap(plain_run, demo_d
     metrics_path.write_text(json.dumps({k: v for k, v in metrics.items() if not k.startswith("flag_")}))
     groups = section(assert_complete(write_report(plain_run.run_dir, tmp_path / "older.html", test_dataset=test)),
                      "groups")
-    assert "Overall test accuracy: original " in groups and 'id="flag-group-accuracy"' not in groups
+    assert "Overall test accuracy (from test_predictions.npz): original " in groups and 'id="flag-group-accuracy"' not in groups
     metrics_path.write_text(json.dumps(metrics))
 
     # Predictions without their images: the flags section says the images are missing.
@@ -525,3 +525,66 @@ def test_spray_pictures_in_cluster_order_with_their_scales_stated(plain_run, tmp
     with Image.open(tmp_path / "page_files" / "spray" / "representative_7.png") as bright, \
             Image.open(tmp_path / "page_files" / "spray" / "representative_3.png") as dim:
         assert np.asarray(bright).max() == 255 and np.asarray(dim).max() < 80
+
+
+# ---------------------------------------------------------------------------------------------
+# Missing or inconsistent run files: said plainly, never read as "not evaluated"
+# ---------------------------------------------------------------------------------------------
+def page_text(page: str, ident: str) -> str:
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", section(page, ident))))
+
+
+def test_a_missing_metrics_file_is_named_with_what_it_held(demo_result, tmp_path):
+    from edgeshort.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    (run / "metrics.json").unlink()
+    page = write_report(run, tmp_path / "page.html").read_text()
+    assert "not evaluated" not in page
+    verdict = page_text(page, "verdict")
+    assert "metrics.json is missing from the run folder" in verdict and "run's warnings" in verdict
+    assert "absence of a warning on this page means nothing" in verdict
+    flags, groups = page_text(page, "flags"), page_text(page, "groups")
+    assert "metrics.json, which records where the test images are, is missing" in flags
+    assert "no artefact masks" not in flags and "metrics.json, which holds them, is missing" in flags
+    assert "Overall test accuracy (from test_predictions.npz): original " in groups
+    assert "metrics.json is missing" in page_text(page, "timings")
+
+
+def test_missing_or_mismatched_predictions_do_not_contradict_the_tables(demo_result, tmp_path):
+    from edgeshort.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "test_predictions.npz").unlink()
+    page = write_report(run, tmp_path / "no-npz.html").read_text()
+    assert "not evaluated" not in page and 'id="group-accuracy"' in section(page, "groups")
+    flags = page_text(page, "flags")
+    assert (f"test_predictions.npz is missing from the run folder, though metrics.json records an evaluation on "
+            f"{metrics['test_size']} test images") in flags
+    assert "edgeshort demo" in flags  # the demo's test images are generated: how to get them back
+    # Predictions of another evaluation: named as such, with the command for the recorded test folder.
+    with np.load(demo_result.run_dir / "test_predictions.npz") as z:
+        np.savez(run / "test_predictions.npz", **{k: z[k][:10] if z[k].ndim else z[k] for k in z.files})
+    (run / "metrics.json").write_text(json.dumps({**metrics, "test_source": "folder:/data/isic test"}))
+    flags = page_text(write_report(run, tmp_path / "other.html").read_text(), "flags")
+    assert (f"test_predictions.npz holds the predictions of 10 test images, but metrics.json describes an evaluation "
+            f"on {metrics['test_size']}: the two files come from different evaluations") in flags
+    assert f"edgeshort report {run} --eval '/data/isic test'" in flags
+
+
+def test_summary_figures_that_disagree_with_their_table_are_called_out(demo_result, tmp_path):
+    from edgeshort.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    table_worst = metrics["group_accuracy"]["ablated"]["worst"]
+    edited = {k: v for k, v in metrics.items() if k != "warnings"}
+    (run / "metrics.json").write_text(json.dumps({**edited, "wga_ablated": 0.99}))
+    verdict = page_text(write_report(run, tmp_path / "page.html").read_text(), "verdict")
+    assert f"metrics.json contradicts itself: wga_ablated is 0.990 but its table's worst cell is {table_worst:.3f}" in verdict
+    assert f"ablated {table_worst:.3f}" in verdict and "ablated 0.990" not in verdict
+    assert "holds no record of the fit's warnings" in verdict

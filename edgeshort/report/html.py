@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -149,6 +150,17 @@ class RunData:
     predictions: dict[str, np.ndarray] | None  # test_predictions.npz
     spray: dict | None
     spray_problem: str | None
+    metrics_missing: bool = False  # no metrics.json: its results and warnings cannot be shown
+    predictions_problem: str | None = None  # why test_predictions.npz is not used, when the run was evaluated
+
+    @property
+    def evaluated(self) -> bool:
+        """Whether the run records an evaluation on a test set (in metrics.json or test_predictions.npz)."""
+        return self.metrics.get("test_size") is not None or self.predictions is not None
+
+    @property
+    def test_source(self) -> str | None:
+        return self.metrics.get("test_source") or self.meta.get("test_source")
 
     @property
     def class_names(self) -> list[str]:
@@ -188,7 +200,8 @@ def load_run(run_dir: str | Path) -> RunData:
         )
     meta = _read_json(meta_path)
     config = _read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else meta.get("config", {})
-    metrics = _read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    metrics_missing = not (run_dir / "metrics.json").is_file()
+    metrics = {} if metrics_missing else _read_json(run_dir / "metrics.json")
     if not (run_dir / "clusters.npz").is_file():
         raise InputError(
             f"expected clusters.npz in the run folder {str(run_dir)!r}, found none; the run did not finish, "
@@ -196,12 +209,20 @@ def load_run(run_dir: str | Path) -> RunData:
         )
     with np.load(run_dir / "clusters.npz") as z:
         arrays = {name: z[name] for name in z.files}
-    predictions = None
+    predictions, predictions_problem = None, None
     if (run_dir / "test_predictions.npz").is_file():
         with np.load(run_dir / "test_predictions.npz") as z:
             predictions = {name: z[name] for name in z.files}
-        if metrics.get("test_size") != len(predictions["labels"]):
-            predictions = None  # left by another evaluation than the one metrics.json describes
+        size = len(predictions["labels"])
+        if not metrics_missing and metrics.get("test_size") != size:  # left by another evaluation
+            predictions_problem = (
+                f"test_predictions.npz holds the predictions of {size:,} test images, but metrics.json describes "
+                + (f"an evaluation on {metrics['test_size']:,}" if metrics.get("test_size") is not None
+                   else "no evaluation") + ": the two files come from different evaluations")
+            predictions = None
+    elif metrics.get("test_size") is not None:
+        predictions_problem = (f"test_predictions.npz is missing from the run folder, though metrics.json records an "
+                               f"evaluation on {metrics['test_size']:,} test images")
     spray, problem = None, None
     spray_path = run_dir / "spray" / "report.json"
     if spray_path.is_file():
@@ -209,7 +230,8 @@ def load_run(run_dir: str | Path) -> RunData:
             spray = json.loads(spray_path.read_text())
         except (OSError, ValueError) as exc:
             problem = f"spray/report.json could not be read ({exc})"
-    return RunData(run_dir, meta, config, metrics, arrays, predictions, spray, problem)
+    return RunData(run_dir, meta, config, metrics, arrays, predictions, spray, problem, metrics_missing,
+                   predictions_problem)
 
 
 def _read_json(path: Path) -> dict:
@@ -325,11 +347,91 @@ def _figure(src: str, alt: str, caption: str, width: int | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
+def _summary_figures(m: dict) -> tuple[dict, dict]:
+    """Worst-group and average accuracy per prediction kind: the per-group table's, else metrics.json's own keys."""
+    tables = m.get("group_accuracy") or {}
+    wga = {k: tables[k]["worst"] if k in tables else m.get(f"wga_{k}") for k in ("original", "ablated", "dfr")}
+    aga = {k: tables[k]["average"] if k in tables else m.get(f"aga_{k}") for k in ("original", "ablated", "dfr")}
+    return wga, aga
+
+
+def _metrics_disagreements(m: dict) -> list[str]:
+    """Where metrics.json's summary keys differ from its own per-group table."""
+    out = []
+    for kind, table in (m.get("group_accuracy") or {}).items():
+        for key, field, words in (("wga", "worst", "worst cell"), ("aga", "average", "average")):
+            stored = m.get(f"{key}_{kind}")
+            if stored is not None and table.get(field) is not None and abs(stored - table[field]) > 1e-9:
+                out.append(f"<code>{key}_{_e(kind)}</code> is {_num(stored)} but its table's {words} is "
+                           f"{_num(table[field])}")
+    return out
+
+
+def _describe_source(source: str | None) -> str:
+    """A dataset's recorded source string in words (HTML), the string itself in full."""
+    if not source:
+        return "not recorded"
+    kind, _, rest = source.partition(":")
+    words = {"folder": "the image folder", "seed": "the seed layout", "manifest": "the CSV listing",
+             "synthetic": "built-in synthetic data, generated again from its settings",
+             "merged": "images with classes merged by a class map"}.get(kind)
+    return (f"{words}: " if words else "") + f"<code>{_e(source)}</code>"
+
+
+def _eval_argument(source: str | None) -> str | None:
+    """The `--eval ...` arguments (a shell fragment) that load a recorded test source again, or None when
+    the source is not on disk (synthetic data) or not recorded."""
+    if not source:
+        return None
+    kind, _, rest = source.partition(":")
+    if kind == "folder":
+        return shlex.quote(rest)
+    if kind == "seed":
+        split, _, root = rest.partition(":")
+        return shlex.quote(str(Path(root) / split))
+    if kind == "manifest":
+        spec = json.loads(rest)
+        return shlex.quote(spec["csv"]) + (f" --image-root {shlex.quote(spec['root'])}" if spec.get("root") else "")
+    if kind == "merged":
+        spec = json.loads(rest)
+        inner = _eval_argument(spec.get("source"))
+        mapping = ",".join(f"{k}={v}" for k, v in (spec.get("class_map") or {}).items())
+        return None if inner is None else f"{inner} --class-map {shlex.quote(mapping)}"
+    return None
+
+
+def _eval_command(run: RunData) -> str:
+    """How to evaluate the run again (HTML): with the recorded test images when they are on disk."""
+    folder = shlex.quote(str(run.run_dir))
+    try:
+        argument = _eval_argument(run.test_source)
+    except (ValueError, KeyError):  # a source string this version cannot parse: the generic form
+        argument = None
+    if argument:
+        return f"<code>{_e(f'edgeshort report {folder} --eval {argument}')}</code>"
+    if (run.test_source or "").startswith("synthetic:"):
+        return ("<code>edgeshort demo</code> or <code>edgeshort detect --demo -o RUN</code> (the built-in test images "
+                "are generated, not stored)")
+    return (f"<code>{_e(f'edgeshort report {folder} --eval TEST_IMAGES')}</code> (or <code>edgeshort detect … --eval "
+            "TEST_IMAGES -o RUN</code>)")
+
+
+def _missing_metrics_notice(run: RunData) -> str:
+    if not run.metrics_missing:
+        return ""
+    return ('<div class="verdict"><p class="headline">metrics.json is missing from the run folder</p>'
+            "<p>It holds the run's warnings, its validation checks (balanced accuracy before and after ablation, how "
+            "far the clusters follow the classes, the KNN's calibration), the test results with their intervals and "
+            "the timings. None of them can be shown, so the absence of a warning on this page means nothing.</p>"
+            f"<p>Evaluating again writes the test results: {_eval_command(run)}. The fit's own checks and warnings "
+            "come back only with a new fit (<code>edgeshort detect … -o RUN</code>).</p></div>")
+
+
 def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
     scores = sorted(run.meta.get("scores", []), key=lambda s: s["score"], reverse=True)
     shortcut = int(run.meta.get("shortcut_cluster", scores[0]["cluster"] if scores else 0))
     m = run.metrics
-    parts = []
+    parts = [_missing_metrics_notice(run)]
     if scores:
         top = next(s for s in scores if s["cluster"] == shortcut)
         runner = next((s for s in scores if s["cluster"] != shortcut), None)
@@ -359,17 +461,19 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append(f"The key-KNN guard finds a shortcut in {_pct(m['val_shortcut_present_rate'], 1)} of the "
                           "validation images.")
         if m.get("wga_original") is not None:
-            chain = [f"original {_num(m['wga_original'])}", f"ablated {_num(m.get('wga_ablated'))}"]
-            if m.get("wga_dfr") is not None:
-                chain.append(f"ablated + DFR {_num(m['wga_dfr'])}")
-            avg = [_num(m.get(f"aga_{k}")) for k in ("original", "ablated", "dfr") if m.get(f"aga_{k}") is not None]
+            # The figures the per-group table shows, so the verdict never contradicts it.
+            wga, aga = _summary_figures(m)
+            chain = [f"original {_num(wga['original'])}", f"ablated {_num(wga.get('ablated'))}"]
+            if wga.get("dfr") is not None:
+                chain.append(f"ablated + DFR {_num(wga['dfr'])}")
+            avg = [_num(aga[k]) for k in ("original", "ablated", "dfr") if aga.get(k) is not None]
             steps = (m.get("group_accuracy_intervals") or {}).get("changes")
             if steps and m.get("group_accuracy"):  # a loss beyond test-set noise, not any lower figure
                 losses = [f"{KIND_TITLES[c['to']]} vs {KIND_TITLES[c['from']]}" for c in steps
                           if change_verdict(c, m["group_accuracy"]) == "loss"]
             else:
                 losses = [KIND_TITLES[k] for k in ("ablated", "dfr")
-                          if m.get(f"wga_{k}") is not None and m[f"wga_{k}"] < m["wga_original"]]
+                          if wga.get(k) is not None and wga[k] < wga["original"]]
             points.append(f"Worst-group accuracy on the test set: {' &rarr; '.join(chain)} "
                           f"(average {' &rarr; '.join(avg)})."
                           + (f' <span class="no">The guard lowers it{" beyond test-set noise" if steps else ""} '
@@ -391,6 +495,14 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           + (" (a real shortcut's ablation gains or keeps it)." if gains else " (see the warning)."))
         for warning in [*(m.get("warnings") or []), *([m["dfr_warning"]] if m.get("dfr_warning") else [])]:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
+        for disagreement in _metrics_disagreements(m):
+            points.append(f'<span class="no">metrics.json contradicts itself: {disagreement}; the file was edited or '
+                          "mixed from two evaluations, and this page shows the per-group table's figures. Evaluate "
+                          f"again: {_eval_command(run)}.</span>")
+        if not run.metrics_missing and "warnings" not in m:
+            points.append('<span class="no">metrics.json holds no record of the fit\'s warnings (an older edgeshort, '
+                          "or the file was rebuilt by an evaluation after the fit's was lost): whether the fit warned "
+                          "is unknown. A new fit (<code>edgeshort detect … -o RUN</code>) records them.</span>")
         if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
             points.append(f"Flagged patches against the true artefact patches: precision {_num(m.get('patch_precision'))}, "
                           f"recall {_num(m.get('patch_recall'))}.")
@@ -599,6 +711,9 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
         parts.append(f"<p>Against the true artefact patches of the test set: precision "
                      f"<strong>{_num(m.get('patch_precision'))}</strong>, recall "
                      f"<strong>{_num(m.get('patch_recall'))}</strong> (dilated flags).</p>")
+    elif pred is not None and run.metrics_missing:
+        parts.append(_empty("No flag precision or recall: metrics.json, which holds them, is missing.",
+                            f"Evaluate again: {_eval_command(run)}."))
     elif pred is not None:
         parts.append(_empty(
             "No flag precision or recall: the test set has no artefact masks (truth masks).",
@@ -607,17 +722,27 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
             "for none), or pass an <code>ImageDataset</code> with <code>masks=</code> to "
             "<code>result.evaluate()</code>."))
     if pred is None:
-        parts.append(_empty(
-            "No test predictions: the run was not evaluated on a test set.",
-            "Run <code>edgeshort report RUN --eval TEST_IMAGES</code> (it evaluates, then reports), or "
-            "<code>edgeshort detect … --eval TEST_IMAGES</code>, or call <code>result.evaluate(test)</code>."))
+        if run.predictions_problem:
+            parts.append(_empty(
+                f"No flag pictures: {_e(run.predictions_problem)}. The figures in the verdict and under Per-group "
+                "accuracy come from metrics.json; the pictures need each test image's stored flags.",
+                f"Evaluate again to write both files from one evaluation: {_eval_command(run)}."))
+        elif run.metrics_missing:
+            parts.append(_empty(
+                "No test predictions (test_predictions.npz), and metrics.json is missing too: whether the run was "
+                "evaluated on a test set is unknown.",
+                f"Evaluate it: {_eval_command(run)} (it evaluates, then reports)."))
+        else:
+            parts.append(_empty(
+                "No test predictions: the run was not evaluated on a test set.",
+                "Run <code>edgeshort report RUN --eval TEST_IMAGES</code> (it evaluates, then reports), or "
+                "<code>edgeshort detect … --eval TEST_IMAGES</code>, or call <code>result.evaluate(test)</code>."))
         return _section("flags", "Key-KNN flags on test images", "".join(parts))
     if test_dataset is None:
         parts.append(_empty(
             f"The test images are not available{': ' + _e(test_problem) if test_problem else ''}; the predictions "
             f"of {len(pred['labels'])} test images are summarised in the other sections.",
-            "Pass them: <code>edgeshort report RUN --eval TEST_IMAGES</code> or "
-            "<code>write_report(run_dir, test_dataset=...)</code>."))
+            f"Pass them: {_eval_command(run)} or <code>write_report(run_dir, test_dataset=...)</code>."))
         return _section("flags", "Key-KNN flags on test images", "".join(parts))
 
     labels = pred["labels"].astype(int)
@@ -688,12 +813,19 @@ def _groups(run: RunData, assets: Assets, figures: Path) -> str:
     if tables:
         return _section("groups", "Per-group accuracy",
                         intro + _group_table(tables, assets, figures / "group_accuracy.png", "group-accuracy"))
-    if m.get("test_size") is None and run.predictions is None:
+    if run.metrics_missing:
+        why = ("metrics.json is missing from the run folder: the per-group tables and their intervals are in it. "
+               + ("The overall accuracy below is computed from test_predictions.npz." if run.predictions is not None
+                  else ""))
+    elif run.predictions_problem and m.get("test_size") is None:
+        why = f"The run's metrics.json records no evaluation, and {_e(run.predictions_problem)}."
+    elif m.get("test_size") is None and run.predictions is None:
         why = "The run was not evaluated on a test set."
     else:
         why = ("The test set has no group labels (which images carry the artefact), so accuracy per artefact group "
                "cannot be measured.")
-    how = ("Evaluate on a test set with group labels: a CSV listing with a <code>group</code> column (1 = the image "
+    how = f"Evaluate again: {_eval_command(run)}." if run.metrics_missing else (
+           "Evaluate on a test set with group labels: a CSV listing with a <code>group</code> column (1 = the image "
            "carries the artefact; <code>edgeshort report RUN --eval test.csv</code>), the seed layout "
            "<code>ROOT/test_w_patches/</code> + <code>ROOT/test_wo_patches/</code> (<code>--eval ROOT/test</code>), "
            "or an <code>ImageDataset</code> with <code>groups=</code> passed to <code>result.evaluate()</code>.")
@@ -708,7 +840,7 @@ def _groups(run: RunData, assets: Assets, figures: Path) -> str:
         accs = [("original", p["logits"]), ("ablated", p["ablated_logits"])]
         if p.get("dfr_logits") is not None and p["dfr_logits"].size:
             accs.append(("ablated + DFR", p["dfr_logits"]))
-        body = "<p>Overall test accuracy: " + ", ".join(
+        body = "<p>Overall test accuracy (from test_predictions.npz): " + ", ".join(
             f"{name} {_num(float((logits.argmax(1) == p['labels']).mean()))}" for name, logits in accs) + ".</p>"
     else:
         body = ""
@@ -1065,9 +1197,9 @@ def _timings(run: RunData) -> str:
     seconds = {k: float(v) for k, v in (run.metrics.get("seconds") or {}).items()}
     spray_seconds = ((run.spray or {}).get("metrics") or {}).get("fit_seconds")
     if not seconds and spray_seconds is None:
-        return _section("timings", "Timings", _empty("The run records no timings (metrics.json has no "
-                                                      "<code>seconds</code>).", "Run <code>edgeshort detect</code> "
-                                                      "again; it writes them."))
+        where = "metrics.json is missing" if run.metrics_missing else "metrics.json has no <code>seconds</code>"
+        return _section("timings", "Timings", _empty(f"The run records no timings ({where}).",
+                                                     "Run <code>edgeshort detect</code> again; it writes them."))
     stages = [(f"{_e(k)} <span class=\"meta\">— {_e(STAGE_TITLES[k])}</span>" if k in STAGE_TITLES else _e(k), v)
               for k, v in seconds.items()]
     if spray_seconds is not None:  # a separate fit, timed by itself (spray/report.json)
@@ -1077,8 +1209,9 @@ def _timings(run: RunData) -> str:
     rows = [[name, _num(v, 2), f'<td class="text"><span class="bar" style="width:{160 * v / longest:.0f}px">'
              "</span></td>"] for name, v in stages]
     rows.append(["total", _num(sum(v for _, v in stages), 2), ""])
-    note = "" if seconds else (" The detector's stages are not recorded (metrics.json has no <code>seconds</code>); "
-                               "run <code>edgeshort detect</code> again to time them.")
+    note = "" if seconds else (" The detector's stages are not recorded (metrics.json "
+                               + ("is missing" if run.metrics_missing else "has no <code>seconds</code>")
+                               + "); run <code>edgeshort detect</code> again to time them.")
     return _section("timings", "Timings",
                     f"<p>Wall-clock seconds per stage of the run.{note}</p>"
                     + _table(["stage", "seconds", ""], rows, "timings", [None] * (len(rows) - 1) + ["summary"]))
@@ -1126,9 +1259,10 @@ def _test_images(run: RunData, test_dataset) -> tuple[object | None, str | None]
                 "(`edgeshort report RUN --eval TEST_IMAGES`)"
             )
         return test_dataset, None
-    source = run.metrics.get("test_source") or run.meta.get("test_source")
+    source = run.test_source
     if not source:
-        return None, "the run records no test source"
+        return None, ("metrics.json, which records where the test images are, is missing" if run.metrics_missing
+                      else "the run records no test source")
     try:
         from edgeshort.data import dataset_from_source
 
