@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 
@@ -18,6 +19,8 @@ def test_demo_runs_the_whole_chain(demo_vit, tmp_path, capsys):
         assert f"== {stage}:" in printed, stage
 
     metrics = json.loads((out / "run" / "metrics.json").read_text())
+    with np.load(out / "run" / "test_predictions.npz") as stored:
+        assert len(stored["input_sha256"]) == metrics["test_size"] and len(metrics["test_sha256"]) == 64
     assert metrics["shortcut_cluster_group_purity"] >= 0.9 and metrics["patch_recall"] >= 0.8
     assert metrics["wga_ablated"] > metrics["wga_original"]
     assert "worst group" in printed and f"{metrics['wga_ablated']:.3f}" in printed

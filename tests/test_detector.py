@@ -538,3 +538,17 @@ def test_a_model_at_or_below_chance_is_called_out(caplog):
     assert "no better than chance" in warning and "preprocessing" in warning
     (warning,) = _chance_check(np.tile([1.0, 0.0, 0.0], (300, 1)), labels, names)
     assert "accuracy 0.333, 0.333 by chance on 300 images" in warning
+
+
+def test_predictions_name_the_pixels_they_were_made_on(demo_result, demo_data):
+    """A stored prediction can be checked against the image on disk now: an edited image has another digest."""
+    from edgeshort.data import ImageDataset
+
+    test = demo_data["test"].subset(np.arange(6))
+    preds = demo_result.predict(test, progress=False)
+    prep = demo_result.adapter.preprocessing
+    assert preds.input_sha256.tolist() == test.input_digests(prep).tolist()
+    assert len(set(preds.input_sha256)) == 6
+    mirrored = np.stack([np.asarray(test.image(i))[:, ::-1] for i in range(6)])
+    edited = ImageDataset.from_arrays(mirrored, test.labels, test.class_names)
+    assert not set(edited.input_digests(prep)) & set(preds.input_sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -101,6 +102,10 @@ class ImageDataset:
             rows = map_images(lambda j, _, first=start: preprocess_image(self.image(first + j), prep),
                               self.sources[start:stop])
             yield np.arange(start, stop), np.stack(rows)
+
+    def input_digests(self, prep: Preprocessing, batch_size: int = 64) -> np.ndarray:
+        """Each image's `input_digests` as the model sees it: what a run's stored predictions were made on."""
+        return np.concatenate([input_digests(x) for _, x in self.batches(prep, batch_size)])
 
     def preprocessed(self, prep: Preprocessing, batch_size: int = 64) -> np.ndarray:
         """Every image preprocessed for a model, as one float32 (N, 3, H, W) array."""
@@ -441,6 +446,12 @@ class ArrayDataset(ImageDataset):
             None if self.groups is None else self.groups[indices],
             None if self.masks is None else self.masks[indices], self.name,
         )
+
+
+def input_digests(images: np.ndarray) -> np.ndarray:
+    """(N,) short sha256 of each preprocessed (N, 3, H, W) image: the same pixels give the same digest, so a
+    file replaced or edited since its predictions were stored is told apart from the one they describe."""
+    return np.array([hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16] for x in images], dtype="U16")
 
 
 def as_images(data, class_names=None) -> ImageDataset:

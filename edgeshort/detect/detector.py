@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshort._progress import progress_bar
-from edgeshort.data import ImageDataset, as_dataset, as_images
+from edgeshort.data import ImageDataset, as_dataset, as_images, input_digests
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
 from edgeshort.detect.dfr import LinearHead, dfr_fit_warnings, fit_dfr_adam, fit_dfr_logreg
 from edgeshort.detect.extract import Features, extract, weights_fingerprint
@@ -52,7 +53,8 @@ NULLABLE_TEST_METRICS = (
     "dfr_warning",
 )
 TEST_METRICS = (
-    *NULLABLE_TEST_METRICS, "test_size", "test_source", "test_shortcut_present_rate", "test_changed_by_ablation_rate",
+    *NULLABLE_TEST_METRICS, "test_size", "test_source", "test_sha256", "test_shortcut_present_rate",
+    "test_changed_by_ablation_rate",
     *(f"accuracy_{kind}" for kind in PREDICTION_KINDS), "group_accuracy", "group_accuracy_intervals", "results_table",
     "flag_group_accuracy", "flag_group_accuracy_intervals", "flag_results_table",
 )
@@ -69,6 +71,7 @@ class Predictions:
     flags: np.ndarray  # (N, gh, gw) excluded patches: raw flags dilated, where a shortcut is present
     present: np.ndarray  # (N,) shortcut present (>= min_patches raw flags)
     saliency: np.ndarray  # (N, gh, gw) key distance to the clean mean, scaled to [0, 1]
+    input_sha256: np.ndarray | None = None  # (N,) `input_digests` of the images predicted
 
     def labels(self, kind: str) -> np.ndarray:
         logits = {"original": self.logits, "ablated": self.ablated_logits, "dfr": self.dfr_logits}[kind]
@@ -162,12 +165,14 @@ class DetectionResult:
         adapter = self.adapter
         head = adapter.head_linear()
         dfr = None if self.dfr_head is None else self.dfr_head.to_torch()
-        out: dict[str, list] = {k: [] for k in ("logits", "ablated", "dfr", "raw", "flags", "present", "saliency")}
+        out: dict[str, list] = {k: [] for k in ("logits", "ablated", "dfr", "raw", "flags", "present", "saliency",
+                                                "digests")}
         total = (len(dataset) + batch_size - 1) // batch_size
         with preserved_model_state(adapter.model), torch.inference_mode():
             adapter.model.eval()
             for _, images in progress_bar(dataset.batches(adapter.preprocessing, batch_size), progress,
                                           f"predicting {dataset.name}", total):
+                out["digests"].append(input_digests(images))
                 tokens = adapter.embed(torch.from_numpy(images))
                 _, raw, flags, present, saliency, keep = self.guard_tokens(tokens)
                 plain = adapter.head_features(tokens)
@@ -180,7 +185,7 @@ class DetectionResult:
                     out[key].append(value)
         cat = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
         return Predictions(cat["logits"], cat["ablated"], cat["dfr"], cat["raw"], cat["flags"], cat["present"],
-                           cat["saliency"])
+                           cat["saliency"], cat["digests"])
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self, test, out: str | Path | None = None, print_table: bool = False) -> dict:
@@ -196,6 +201,8 @@ class DetectionResult:
         metrics.update(dict.fromkeys(NULLABLE_TEST_METRICS))
         metrics["test_size"] = len(test)
         metrics["test_source"] = test.source  # lets the report reload the test images
+        # The test images' content, as the model saw them: a source path alone does not say they are unchanged.
+        metrics["test_sha256"] = hashlib.sha256("".join(preds.input_sha256).encode()).hexdigest()
         metrics["test_shortcut_present_rate"] = float(preds.present.mean())
         labels_by_kind = {
             kind: preds.labels(kind) for kind in PREDICTION_KINDS if kind != "dfr" or preds.dfr_logits is not None
@@ -247,6 +254,7 @@ class DetectionResult:
                 dfr_logits=preds.dfr_logits if preds.dfr_logits is not None else np.zeros(0),
                 raw_flags=preds.raw_flags, flags=preds.flags, present=preds.present, saliency=preds.saliency,
                 labels=test.labels, groups=test.groups if test.groups is not None else np.zeros(0),
+                input_sha256=preds.input_sha256,
             )
         return metrics
 
