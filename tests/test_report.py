@@ -588,3 +588,32 @@ def test_summary_figures_that_disagree_with_their_table_are_called_out(demo_resu
     assert f"metrics.json contradicts itself: wga_ablated is 0.990 but its table's worst cell is {table_worst:.3f}" in verdict
     assert f"ablated {table_worst:.3f}" in verdict and "ablated 0.990" not in verdict
     assert "holds no record of the fit's warnings" in verdict
+
+
+def test_the_page_shows_the_runs_provenance_apart_from_its_own(demo_result, tmp_path):
+    from edgeshort._version import __version__
+    from edgeshort.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    meta = json.loads((run / "run.json").read_text())
+    page = write_report(run, tmp_path / "page.html").read_text()
+    header = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split("</header>")[0])))
+    assert f"Run created {meta['created']} (UTC) with edgeshort {meta['versions']['edgeshort']}" in header
+    assert "this page rendered " in header and f"UTC by edgeshort {__version__}" in header
+    provenance = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split('id="provenance"')[1])))
+    for name in ("edgeshort", "python", "torch", "torchvision", "scikit-learn", "numpy"):
+        assert f"{name} {meta['versions'][name]}" in provenance
+    assert meta["model_sha256"] in provenance and "not of the model file" in provenance
+    assert "sha256sum model.pt gives another value" in provenance
+    assert "test split, patch artefact, seed 0" in page_text(page, "groups")  # beside the test figures
+    # A run from before these were recorded: what is there, and "not recorded" for the rest.
+    older = {k: v for k, v in meta.items() if k != "created"}
+    older["versions"] = {k: v for k, v in meta["versions"].items() if k != "torchvision"}
+    (run / "run.json").write_text(json.dumps(older))
+    page = write_report(run, tmp_path / "older.html").read_text()
+    provenance = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split('id="provenance"')[1])))
+    assert "run created not recorded" in provenance and "torchvision not recorded" in provenance
+    assert f"torch {meta['versions']['torch']}" in provenance
+    header = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split("</header>")[0])))
+    assert f"Run created not recorded with edgeshort {meta['versions']['edgeshort']} ( provenance )" in header

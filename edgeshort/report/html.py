@@ -367,11 +367,20 @@ def _metrics_disagreements(m: dict) -> list[str]:
     return out
 
 
-def _describe_source(source: str | None) -> str:
-    """A dataset's recorded source string in words (HTML), the string itself in full."""
+def _describe_source(source: str | None, brief: bool = False) -> str:
+    """A dataset's recorded source string in words (HTML), the string itself in full; `brief` names
+    built-in synthetic data by its split, seed and artefact instead of its whole recipe."""
     if not source:
         return "not recorded"
     kind, _, rest = source.partition(":")
+    if brief and kind == "synthetic":
+        split, _, recipe = rest.partition(":")
+        try:
+            spec = json.loads(recipe)
+            return (f"built-in synthetic data ({_e(split)} split, {_e(spec.get('artefact'))} artefact, seed "
+                    f"{_e(spec.get('seed'))}; the whole recipe under Provenance)")
+        except ValueError:
+            pass
     words = {"folder": "the image folder", "seed": "the seed layout", "manifest": "the CSV listing",
              "synthetic": "built-in synthetic data, generated again from its settings",
              "merged": "images with classes merged by a class map"}.get(kind)
@@ -705,6 +714,7 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
         "the saliency (key distance to the clean clusters' mean key) and an outline "
         '(<span class="legend-swatch"></span>) around every flagged patch.</p>'
     ]
+    parts.append(_test_set_line(run))
     pred = run.predictions
     # Flag quality needs artefact masks; say so either way, it is the guard's own measurement.
     if m.get("patch_precision") is not None or m.get("patch_recall") is not None:
@@ -804,12 +814,21 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
     return _section("flags", "Key-KNN flags on test images", "".join(parts))
 
 
+def _test_set_line(run: RunData) -> str:
+    """Which test images the figures of a section come from."""
+    m = run.metrics
+    if m.get("test_size") is None or not run.test_source:
+        return ""
+    return f'<p class="meta">Test set: {m["test_size"]:,} images, from {_describe_source(run.test_source, brief=True)}.</p>'
+
+
 def _groups(run: RunData, assets: Assets, figures: Path) -> str:
     m = run.metrics
     tables = m.get("group_accuracy")
     intro = ("<p>Accuracy per (class, group) cell of the test set for the original model, with the flagged tokens "
              "ablated, and ablated with the DFR head; the average (AGA) is the mean over the cells, the worst "
-             "group (WGA) the lowest cell. A shortcut shows as a weak cell that the guard lifts.</p>")
+             "group (WGA) the lowest cell. A shortcut shows as a weak cell that the guard lifts.</p>"
+             + _test_set_line(run))
     if tables:
         return _section("groups", "Per-group accuracy",
                         intro + _group_table(tables, assets, figures / "group_accuracy.png", "group-accuracy"))
@@ -1235,11 +1254,57 @@ def _configuration(run: RunData) -> str:
         ("validation images", run.metrics.get("val_size")), ("test images", run.metrics.get("test_size")),
         ("KNN reference keys", run.metrics.get("knn_reference_size")),
         ("DFR", json.dumps(run.meta.get("dfr")) if run.meta.get("dfr") else "none"),
-        ("validation data source", run.meta.get("data_source")),
     ]
     rows = [[_e(k), f'<td class="text"><code>{_e(v)}</code></td>'] for k, v in facts if v not in (None, "")]
     parts.append("<h3>Model and data</h3>" + _table(["", "value"], rows, "run-facts", text_columns=(0, 1)))
+    parts.append(_provenance(run))
     return _section("configuration", "Configuration", "".join(parts))
+
+
+# The versions a run records (run.json `versions`); the page says "not recorded" for any it lacks.
+RECORDED_VERSIONS = ("edgeshort", "python", "torch", "torchvision", "scikit-learn", "numpy")
+NOT_RECORDED = '<span class="no">not recorded</span>'
+
+
+def _run_created(run: RunData) -> str:
+    created = run.meta.get("created")
+    return f"{_e(created)} (UTC)" if created else NOT_RECORDED
+
+
+def _provenance(run: RunData) -> str:
+    """Where the run came from (run.json, metrics.json): when, with which software, on which data and weights."""
+    versions = run.meta.get("versions")
+    if isinstance(versions, dict):
+        names = [*RECORDED_VERSIONS, *(k for k in versions if k not in RECORDED_VERSIONS)]
+        listed = ", ".join(f"{_e(name)} {_e(versions[name]) if versions.get(name) else 'not installed'}"
+                           if name in versions else f"{_e(name)} {NOT_RECORDED}" for name in names)
+    else:
+        listed = NOT_RECORDED + " (run.json from an older edgeshort)"
+    m = run.metrics
+    test = _describe_source(run.test_source) if run.evaluated else "none: the run was not evaluated"
+    if run.metrics_missing and run.predictions is not None:
+        test = "not recorded (metrics.json is missing)"
+    weights = run.meta.get("model_sha256")
+    rows = [
+        ("run created", _run_created(run) + ("" if run.meta.get("created") else " (run.json from an older edgeshort)")),
+        ("software of the run", listed),
+        ("validation data", _describe_source(run.meta.get("data_source"))),
+        ("test data", test + (f", {m['test_size']:,} images" if m.get("test_size") is not None else "")),
+        ("model weights sha256", (f"<code>{_e(weights)}</code><br><span class=\"meta\">The sha256 of the weights (the "
+                                  "state dict's tensors), not of the model file: <code>sha256sum model.pt</code> "
+                                  "gives another value. The same weights saved anew, or loaded from another format, "
+                                  "keep it.</span>") if weights else NOT_RECORDED),
+    ]
+    if m.get("test_sha256"):
+        rows.append(("test images sha256", f"<code>{_e(m['test_sha256'])}</code><br><span class=\"meta\">Over the "
+                                           "test images as the model saw them (after preprocessing).</span>"))
+    from edgeshort._version import __version__
+
+    rows.append(("this page", f"rendered {_e(_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'))} "
+                              f"(UTC) by edgeshort {_e(__version__)}, from the run folder's files"))
+    return ('<h3 id="provenance">Provenance</h3>'
+            + _table(["", "value"], [[_e(k), f'<td class="text">{v}</td>'] for k, v in rows], "run-provenance",
+                     text_columns=(0, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1344,6 +1409,7 @@ def write_report(run_dir, out: str | Path | None = None, test_dataset=None, embe
     from edgeshort._version import __version__
 
     model = run.meta.get("model") or {}
+    run_version = (run.meta.get("versions") or {}).get("edgeshort")
     title = f"edgeshort report — {run.run_dir.resolve().name}"
     page = f"""<!DOCTYPE html>
 <html lang="en">
@@ -1358,8 +1424,10 @@ def write_report(run_dir, out: str | Path | None = None, test_dataset=None, embe
 <header>
 <h1>{_e(title)}</h1>
 <div class="meta">Run folder <code>{_e(run.run_dir.resolve())}</code> · {_e(model.get("family", "model"))} ViT,
-{_e(len(run.class_names))} classes ({_e(", ".join(run.class_names))}) · written
-{_e(_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))} by edgeshort {_e(__version__)}</div>
+{_e(len(run.class_names))} classes ({_e(", ".join(run.class_names))})</div>
+<div class="meta">Run created {_run_created(run)}{f" with edgeshort {_e(run_version)}" if run_version else ""}
+(<a href="#provenance">provenance</a>) · this page rendered
+{_e(_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"))} UTC by edgeshort {_e(__version__)}</div>
 <nav class="toc">{"".join(f'<a href="#{i}">{_e(t)}</a>' for i, t in toc)}</nav>
 </header>
 {"".join(sections)}
