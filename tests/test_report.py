@@ -617,3 +617,23 @@ def test_the_page_shows_the_runs_provenance_apart_from_its_own(demo_result, tmp_
     assert f"torch {meta['versions']['torch']}" in provenance
     header = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split("</header>")[0])))
     assert f"Run created not recorded with edgeshort {meta['versions']['edgeshort']} ( provenance )" in header
+
+
+def test_flag_pictures_show_the_image_untinted_and_say_what_the_tint_is(demo_report, demo_result, demo_data):
+    page = demo_report.read_text()
+    flags = section(page, "flags")
+    text = page_text(page, "flags")
+    assert demo_result.config.heatmap == "nearest"
+    assert "not the contrast the detector's key heatmaps use ( heatmap = nearest" in text
+    assert "the outlines are its decision, and only they" in text and 'class="colour-key"' in flags
+    outlined = re.findall(r'<img src="([^"]+)" alt="test image (\d+) with flag outlines">', flags)
+    assert outlined and len(outlined) == len(re.findall(r'alt="test image \d+ with flags and tint"', flags))
+    pred = np.load(demo_result.run_dir / "test_predictions.npz")
+    for src, i in outlined:
+        with Image.open(demo_report.parent / src) as picture:
+            drawn = np.asarray(picture.convert("RGB"))
+        image = np.asarray(demo_data["test"].image(int(i)).convert("RGB"))
+        plain = np.asarray(Image.fromarray(image).resize(drawn.shape[1::-1], Image.NEAREST))
+        assert (drawn == CYAN).all(-1).any() == bool(pred["flags"][int(i)].any())  # outlines where flagged
+        # Untinted: every pixel is the image's own, or the outline's colour.
+        assert ((drawn == plain).all(-1) | (drawn == CYAN).all(-1)).all()

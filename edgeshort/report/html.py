@@ -33,6 +33,7 @@ from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, change_verdi
 from edgeshort.report.draw import (
     HOT,
     colourise,
+    flag_outline_overlay,
     grid_to_pixels,
     guard_overlay,
     heatmap_overlay,
@@ -43,6 +44,8 @@ from edgeshort.runtime.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
+# How strongly the tint covers the test images in the flags section (guard_overlay's default, as predict's overlays).
+TINT_ALPHA = 0.45
 # Test images drawn per (artefact, correct) category in the flags section.
 SAMPLES_PER_CATEGORY = 4
 # Overlays of test images are drawn at least this many pixels on the short side.
@@ -110,6 +113,9 @@ td.worst { color: var(--bad); font-weight: 600; }
 table.preds { margin: 2px 0; font-size: 0.82rem; }
 table.preds td { padding: 0 10px 0 0; border: none; text-align: left; }
 .gallery.small figure, .gallery.small img { width: 150px; }
+.gallery.pairs figure { width: 340px; }
+.gallery.pairs .pair { display: flex; gap: 4px; }
+.gallery.pairs img { width: 168px; }
 figcaption { line-height: 1.35; margin-top: 4px; }
 .ok { color: var(--good); font-weight: 600; }
 .no { color: var(--bad); font-weight: 600; }
@@ -710,9 +716,7 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
     prep = run.preprocessing
     parts = [
         "<p>The key-KNN guard flags patch tokens whose keys look like the shortcut cluster's most distinctive keys, "
-        "grows the flags to their neighbours, and the ablated prediction excludes those tokens. Each picture shows "
-        "the saliency (key distance to the clean clusters' mean key) and an outline "
-        '(<span class="legend-swatch"></span>) around every flagged patch.</p>'
+        "grows the flags to their neighbours, and the ablated prediction excludes those tokens.</p>"
     ]
     parts.append(_test_set_line(run))
     pred = run.predictions
@@ -769,7 +773,8 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
         f"<p>{per_category} random test images per cell; “right” and “wrong” refer to the guarded prediction "
         f"({guarded_name}), and where the guard changed a prediction in a cell one such image is included. "
         + ("Rows split by the test set's group labels." if has_groups else
-           "The test set has no group labels, so rows split by whether the guard found a shortcut.") + "</p>")
+           "The test set has no group labels, so rows split by whether the guard found a shortcut.") + "</p>"
+        + _tint_legend(run))
     for art, ok, idx in picks:
         what = ("with the artefact" if art else "without the artefact") if has_groups else (
             "shortcut found" if art else "no shortcut found")
@@ -791,7 +796,10 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
                 image.thumbnail((2 * OVERLAY_SIDE, 2 * OVERLAY_SIDE))
             pixels = np.asarray(image)
             scale = max(1, -(-OVERLAY_SIDE // max(1, min(pixels.shape[:2]))))
-            picture = guard_overlay(pixels, pred["saliency"][i], pred["flags"][i], scale=scale)
+            # The image as it is, so the artefact's own colour shows, then with the tint.
+            outlined = flag_outline_overlay(np.asarray(upscale(pixels, scale)), pred["flags"][i], width=scale)
+            plain_src = assets.add(f"flags/test_{i}_outlined.png", outlined)
+            picture = guard_overlay(pixels, pred["saliency"][i], pred["flags"][i], scale=scale, alpha=TINT_ALPHA)
             src = assets.add(f"flags/test_{i}.png", picture)
 
             head = f"{_source(test_dataset.file_name(i), i)} · true <strong>{_e(run.class_name(labels[i]))}</strong>" + (
@@ -808,10 +816,30 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
                 tail = (f"{_plural(raw, 'patch', 'patches')} flagged, fewer than min_patches "
                         f"{run.config.get('min_patches', '?')}: nothing masked · shortcut absent" if raw
                         else "no patch flagged · shortcut absent")
-            figures.append(f"<figure>{_img(src, f'test image {i} with flags')}<figcaption>{head}"
+            figures.append(f'<figure><div class="pair">{_img(plain_src, f"test image {i} with flag outlines")}'
+                           f"{_img(src, f'test image {i} with flags and tint')}</div><figcaption>{head}"
                            f'<table class="preds">{preds}</table>{tail}</figcaption></figure>')
-        parts.append(f'<div class="gallery">{"".join(figures)}</div>')
+        parts.append(f'<div class="gallery pairs">{"".join(figures)}</div>')
     return _section("flags", "Key-KNN flags on test images", "".join(parts))
+
+
+def _tint_legend(run: RunData) -> str:
+    """What the flag pictures show: the outlines are the guard's flags; the tint is another measure, said exactly."""
+    heatmap = run.config.get("heatmap", SETTINGS_OF_EARLIER_RUNS["heatmap"])
+    same = ("the contrast this run's key heatmaps use too (<code>heatmap</code> = <code>mean</code>)" if heatmap == "mean"
+            else "not the contrast the detector's key heatmaps use (<code>heatmap</code> = "
+                 f"<code>{_e(heatmap)}</code>: the distance to the nearest clean keys at any position), which the "
+                 "report cannot compute without the model")
+    return (
+        "<p>Each test image is shown twice: <strong>left as it is</strong>, with an outline "
+        '(<span class="legend-swatch"></span>) around every patch the guard flagged and masked: the outlines are '
+        "its decision, and only they. <strong>Right with a tint</strong> that is not a flag: per patch, the "
+        "distance of its key to the mean key at the same position over the validation images outside the shortcut "
+        "cluster, divided by the 99.9th percentile of that distance over every validation patch. This is "
+        f"{same}. Lesions vary from image to image, so they sit far from any mean key and are tinted on clean images "
+        "too; read a tinted patch without an outline as unusual, not as flagged.</p>"
+        + _colour_key(HOT, "0", "1 or more", f"tint, blended at {TINT_ALPHA:.0%} over the image: key distance to the "
+                                             "clean mean key, over its 99.9th percentile"))
 
 
 def _test_set_line(run: RunData) -> str:
