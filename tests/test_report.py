@@ -637,3 +637,28 @@ def test_flag_pictures_show_the_image_untinted_and_say_what_the_tint_is(demo_rep
         assert (drawn == CYAN).all(-1).any() == bool(pred["flags"][int(i)].any())  # outlines where flagged
         # Untinted: every pixel is the image's own, or the outline's colour.
         assert ((drawn == plain).all(-1) | (drawn == CYAN).all(-1)).all()
+
+
+def test_an_embedded_page_stands_alone_and_a_folder_page_holds_only_its_own_pictures(demo_result, demo_data, tmp_path):
+    from edgeshort.report import write_report
+
+    page_path = tmp_path / "report.html"
+    page = write_report(demo_result.run_dir, page_path, test_dataset=demo_data["test"]).read_text()
+    files = tmp_path / "report_files"
+    assert "<code>report_files/cluster_scatter.png</code> beside this page holds it as a PNG" in page
+    assert "written beside this page" not in page
+    used = {files / src.removeprefix("report_files/") for src in image_sources(page)}
+    stale = files / "flags" / "test_99999.png"  # a picture of an earlier evaluation
+    stale.write_bytes((files / "cluster_scatter.png").read_bytes())
+    (files / "notes.txt").write_text("kept")  # not the report's: left alone
+    page = write_report(demo_result.run_dir, page_path, test_dataset=demo_data["test"]).read_text()
+    assert not stale.exists() and (files / "notes.txt").is_file()
+    assert set(files.rglob("*.png")) == used == {files / s.removeprefix("report_files/") for s in image_sources(page)}
+
+    # Embedded: every picture in the page, no folder written, and the earlier rendering's pictures gone.
+    (files / "notes.txt").unlink()
+    page = write_report(demo_result.run_dir, page_path, test_dataset=demo_data["test"], embed=True).read_text()
+    assert not files.exists() and list(tmp_path.iterdir()) == [page_path]
+    assert all(src.startswith("data:image/png;base64,") for src in image_sources(page))
+    assert not re.findall(r'(?:src|href)="(?!data:|#)', page)  # nothing outside the page
+    assert "Embedded in this page" in section(page, "verdict")

@@ -3,7 +3,7 @@
 `write_report(run_dir)` reads only the run folder (JSON, `.npz`, PNG), never the model, so it
 needs numpy, Pillow and matplotlib (the `report` extra) but not torch. Pictures go to a folder
 beside the page (`report_files/` for `report.html`) or, with `embed=True`, into the page as
-data URIs. Every section is always present: when its data is missing it says why and how to
+data URIs and nowhere else. Every section is always present: when its data is missing it says why and how to
 get it.
 """
 
@@ -18,6 +18,7 @@ import logging
 import re
 import shlex
 import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,8 +285,15 @@ class Assets:
         image.save(target, optimize=True)
         return self._link(target)
 
+    def where(self, name: str) -> str:
+        """Where a figure's PNG file is, for its caption (HTML)."""
+        if self.embed:
+            return (f"Embedded in this page; without <code>--embed</code> it is also written as "
+                    f"<code>{_e(self.folder.name)}/{_e(name)}</code> beside the page.")
+        return f"<code>{_e(self.folder.name)}/{_e(name)}</code> beside this page holds it as a PNG."
+
     def figure(self, path: Path) -> str:
-        """A figure already written into the folder (figures are always files, for papers and tickets)."""
+        """A figure already written as a file (into the folder, or a scratch folder when embedding)."""
         self.count += 1
         if self.embed:
             return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
@@ -562,7 +570,7 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
         parts.append(_figure(assets.figure(path), "cluster scatter",
                              f"PCA projection of the {what} of the validation set (the two first "
                              "components), coloured by k-means cluster (crosses: centres) and by class. "
-                             f"<code>{_e(path.name)}</code> is written beside this page.", width=960))
+                             + assets.where(path.name), width=960))
     return _section("verdict", "Verdict", "".join(parts))
 
 
@@ -916,7 +924,7 @@ def _group_table(tables: dict, assets: Assets, figure_path: Path, table_id: str)
     return (_table(headers, rows, table_id, classes, text_columns=(0, 1))
             + '<p class="meta">Red: the worst cell of each column.</p>'
             + _figure(assets.figure(path), "group accuracy bars",
-                      f"Accuracy per group. <code>{_e(path.name)}</code> is written beside this page.", width=760))
+                      "Accuracy per group. " + assets.where(path.name), width=760))
 
 
 def _spray_text(value) -> str:
@@ -1397,14 +1405,37 @@ def _val_loader(run: RunData) -> Callable[[], object | None]:
     return load
 
 
+# What a rendering writes into its pictures folder, cleared before the next one writes its own.
+PICTURE_FOLDERS = ("clusters", "flags", "spray")
+FIGURE_NAMES = ("cluster_scatter.png", "group_accuracy.png", "flag_group_accuracy.png")
+
+
+def _clear_earlier_pictures(folder: Path) -> None:
+    """Remove the pictures an earlier rendering wrote into `folder` (flags of another evaluation would stay
+    beside the page otherwise), and the folder itself when nothing else is in it. Other files are kept."""
+    if not folder.is_dir():
+        return
+    for name in PICTURE_FOLDERS:
+        sub = folder / name
+        for png in sub.glob("*.png"):
+            png.unlink()
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+    for name in FIGURE_NAMES:
+        (folder / name).unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def write_report(run_dir, out: str | Path | None = None, test_dataset=None, embed: bool = False) -> Path:
     """Write the HTML report of a run folder and return its path.
 
     `run_dir` is a run folder (or a fitted `DetectionResult` saved to one); `out` the page
     (default `RUN/report.html`); `test_dataset` the images the run was evaluated on, to draw the
     guard's flags on (otherwise reloaded from the source the run records, when it records one);
-    `embed` puts every picture into the page instead of the `<stem>_files/` folder. The PNG
-    figures (cluster scatter, group accuracy) are always written to that folder.
+    `embed` puts every picture into the page instead of the `<stem>_files/` folder, which is then
+    neither written nor left from an earlier rendering. Pictures an earlier rendering left in that
+    folder are removed first, so it holds only this page's.
     """
     if not isinstance(run_dir, (str, Path)):
         saved = getattr(run_dir, "run_dir", None)
@@ -1418,19 +1449,23 @@ def write_report(run_dir, out: str | Path | None = None, test_dataset=None, embe
         raise InputError(f"expected the report path to end in .html, got {str(out)!r}; rename it")
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = out.parent / f"{out.stem}_files"
-    folder.mkdir(parents=True, exist_ok=True)
-    assets = Assets(folder, out.parent, embed)
-
     test_images, test_problem = _test_images(run, test_dataset)
-    sections = [
-        _verdict(run, assets, folder),
-        _clusters(run, assets, _val_loader(run)),
-        _flags(run, assets, test_images, test_problem),
-        _groups(run, assets, folder),
-        _spray(run, assets),
-        _timings(run),
-        _configuration(run),
-    ]
+    _clear_earlier_pictures(folder)
+    if not embed:
+        folder.mkdir(parents=True, exist_ok=True)
+    assets = Assets(folder, out.parent, embed)
+    # Embedded, the figures are drawn in a scratch folder that goes with the rendering.
+    with tempfile.TemporaryDirectory(prefix="edgeshort-report-") as scratch:
+        figures = Path(scratch) if embed else folder
+        sections = [
+            _verdict(run, assets, figures),
+            _clusters(run, assets, _val_loader(run)),
+            _flags(run, assets, test_images, test_problem),
+            _groups(run, assets, figures),
+            _spray(run, assets),
+            _timings(run),
+            _configuration(run),
+        ]
     toc = [("verdict", "Verdict"), ("clusters", "Clusters"), ("flags", "Flags on test images"),
            ("groups", "Per-group accuracy"), ("spray", "SpRAy"), ("timings", "Timings"),
            ("configuration", "Configuration")]
