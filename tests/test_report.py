@@ -662,3 +662,19 @@ def test_an_embedded_page_stands_alone_and_a_folder_page_holds_only_its_own_pict
     assert all(src.startswith("data:image/png;base64,") for src in image_sources(page))
     assert not re.findall(r'(?:src|href)="(?!data:|#)', page)  # nothing outside the page
     assert "Embedded in this page" in section(page, "verdict")
+
+
+def test_the_page_says_the_dfr_head_rescores_images_the_guard_left_alone(demo_report, demo_result):
+    page = demo_report.read_text()
+    with np.load(demo_result.run_dir / "test_predictions.npz") as z:
+        unflagged = ~z["present"]
+        changed = unflagged & (z["dfr_logits"].argmax(1) != z["logits"].argmax(1))
+    assert changed.any()  # the demo's head changes some labels where nothing was masked
+    sentence = (f"changed the label of {changed.sum():,} of the {unflagged.sum():,} test images where no shortcut "
+                "was found")
+    assert sentence in page_text(page, "verdict") and sentence in page_text(page, "flags")
+    captions = re.findall(r'alt="test image (\d+) with flags and tint"></div><figcaption>.*?</table>([^<]*)</figcaption>',
+                          section(page, "flags"))
+    noted = [int(i) for i, tail in captions if "the retrained DFR head re-scores every image, flagged or not" in tail]
+    assert noted and all(changed[i] for i in noted)
+    assert all(int(i) in noted for i, tail in captions if changed[int(i)])

@@ -511,6 +511,10 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             steps = [describe_change(c, tables, intervals["confidence"]) for c in intervals["changes"]]
             points.append("Each step on the same test images (paired bootstrap over each class and group): "
                           + "; ".join(_e(step[0].upper() + step[1:]) for step in steps) + ".")
+        counts = None if run.predictions is None else _unflagged_changes(run.predictions)
+        if counts is not None:
+            points.append(f"The DFR head re-scores every image, flagged or not: it changed the label of {counts[0]:,} "
+                          f"of the {counts[1]:,} test images where no shortcut was found.")
         if m.get("val_balanced_accuracy_ablated") is not None:
             gains = m["val_balanced_accuracy_ablated"] >= m["val_balanced_accuracy_original"]
             points.append(f"Balanced validation accuracy {_num(m['val_balanced_accuracy_original'])} before ablation, "
@@ -782,6 +786,7 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
         f"({guarded_name}), and where the guard changed a prediction in a cell one such image is included. "
         + ("Rows split by the test set's group labels." if has_groups else
            "The test set has no group labels, so rows split by whether the guard found a shortcut.") + "</p>"
+        + _dfr_rescoring(pred)
         + _tint_legend(run))
     for art, ok, idx in picks:
         what = ("with the artefact" if art else "without the artefact") if has_groups else (
@@ -824,11 +829,33 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
                 tail = (f"{_plural(raw, 'patch', 'patches')} flagged, fewer than min_patches "
                         f"{run.config.get('min_patches', '?')}: nothing masked · shortcut absent" if raw
                         else "no patch flagged · shortcut absent")
+                if guarded_key == "dfr_logits" and guarded[i] != original[i]:
+                    tail += " · the label changed all the same: the retrained DFR head re-scores every image, flagged or not"
             figures.append(f'<figure><div class="pair">{_img(plain_src, f"test image {i} with flag outlines")}'
                            f"{_img(src, f'test image {i} with flags and tint')}</div><figcaption>{head}"
                            f'<table class="preds">{preds}</table>{tail}</figcaption></figure>')
         parts.append(f'<div class="gallery pairs">{"".join(figures)}</div>')
     return _section("flags", "Key-KNN flags on test images", "".join(parts))
+
+
+def _unflagged_changes(pred: dict[str, np.ndarray]) -> tuple[int, int] | None:
+    """(test images with no shortcut found whose label the DFR head changed, such images), None without a head."""
+    dfr = pred.get("dfr_logits")
+    if dfr is None or not dfr.size:
+        return None
+    unflagged = ~pred["present"].astype(bool)
+    return int((unflagged & (dfr.argmax(1) != pred["logits"].argmax(1))).sum()), int(unflagged.sum())
+
+
+def _dfr_rescoring(pred: dict[str, np.ndarray] | None) -> str:
+    """The sentence that says the DFR head acts on every image, with how often that changed an unflagged label."""
+    counts = None if pred is None else _unflagged_changes(pred)
+    if counts is None:
+        return ""
+    changed, unflagged = counts
+    return (f"<p>The retrained DFR head re-scores every image, flagged or not: it changed the label of "
+            f"<strong>{changed:,} of the {unflagged:,}</strong> test images where no shortcut was found (nothing "
+            "masked), so the guarded label can differ from the original one on an image the guard left alone.</p>")
 
 
 def _tint_legend(run: RunData) -> str:
