@@ -678,3 +678,22 @@ def test_the_page_says_the_dfr_head_rescores_images_the_guard_left_alone(demo_re
     noted = [int(i) for i, tail in captions if "the retrained DFR head re-scores every image, flagged or not" in tail]
     assert noted and all(changed[i] for i in noted)
     assert all(int(i) in noted for i, tail in captions if changed[int(i)])
+
+
+def test_group_tables_and_bars_carry_the_bootstrap_intervals(demo_report, demo_result, tmp_path):
+    from edgeshort.report.figures import group_accuracy_bars
+
+    intervals = demo_result.metrics["group_accuracy_intervals"]
+    groups = section(demo_report.read_text(), "groups")
+    label = "95% CI (paired bootstrap over each (class, group) cell)"
+    rows = re.findall(rf'<tr><td class="text ci" colspan="3">{re.escape(html.escape(label))}</td>(.*?)</tr>', groups)
+    assert len(rows) == 2  # under the average and under the worst group
+    for row, key in zip(rows, ("average", "worst")):
+        expected = [f"{lo:.3f}–{hi:.3f}" for lo, hi in (intervals["kinds"][k][key] for k in intervals["kinds"])]
+        assert re.findall(r'<td class="ci">([^<]+)</td>', row) == expected
+    assert f"error bars on the average and the worst group: {html.escape(label)}" in groups
+    tables = demo_result.metrics["group_accuracy"]
+    plain = group_accuracy_bars(tables, tmp_path / "plain.png")
+    with_bars = group_accuracy_bars(tables, tmp_path / "bars.png", intervals["kinds"])
+    with Image.open(plain) as a, Image.open(with_bars) as b:
+        assert a.size == b.size and not np.array_equal(np.asarray(a), np.asarray(b))

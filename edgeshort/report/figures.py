@@ -90,8 +90,13 @@ def cluster_scatter(
     return _save(fig, plt, path, dpi)
 
 
-def group_accuracy_bars(tables: dict[str, dict], path: str | Path, dpi: int = 150) -> Path:
-    """Grouped bars: accuracy per (class, group) cell, average and worst group, one bar per prediction kind."""
+def group_accuracy_bars(tables: dict[str, dict], path: str | Path, intervals: dict[str, dict] | None = None,
+                        confidence: float = 0.95, dpi: int = 150) -> Path:
+    """Grouped bars: accuracy per (class, group) cell, average and worst group, one bar per prediction kind.
+
+    `intervals` ({kind: {"average": [lo, hi], "worst": [lo, hi]}}, metrics.json
+    `group_accuracy_intervals["kinds"]`, at `confidence`) draws error bars on the average and worst-group bars.
+    """
     if not tables:
         raise InputError("expected at least one group-accuracy table (metrics.json `group_accuracy`), got none")
     kinds = list(tables)
@@ -106,16 +111,23 @@ def group_accuracy_bars(tables: dict[str, dict], path: str | Path, dpi: int = 15
         heights = [np.nan if v is None else v for v in values]
         bars = ax.bar(x + (j - (len(kinds) - 1) / 2) * width, heights, width * 0.95,
                       label=KIND_LABELS.get(kind, kind), color=KIND_COLOURS.get(kind, PALETTE[j % len(PALETTE)]))
-        for bar, v in zip(bars, values):
-            if v is not None:
-                ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom",
+        bounds = [None] * len(cells) + [(intervals or {}).get(kind, {}).get(key) for key in ("average", "worst")]
+        for bar, v, interval in zip(bars, values, bounds):
+            if interval and v is not None:
+                centre = bar.get_x() + bar.get_width() / 2
+                ax.errorbar(centre, v, yerr=[[v - interval[0]], [interval[1] - v]], color="#333333", capsize=2.5,
+                            linewidth=0.9)
+            if v is not None:  # the value above its error bar, never under it
+                top = max(v, interval[1]) if interval else v
+                ax.text(bar.get_x() + bar.get_width() / 2, top + 0.01, f"{v:.2f}", ha="center", va="bottom",
                         fontsize=7)
     ax.axvline(len(cells) - 0.5, color="#bbbbbb", linewidth=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy per (class, group) on the test set", pad=26)
+    ax.set_title("Accuracy per (class, group) on the test set"
+                 + (f" (error bars: {confidence:.0%} CI, paired bootstrap)" if intervals else ""), pad=26)
     ax.grid(axis="y", alpha=0.25)
     # Above the axes, so the legend never hides a bar.
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncol=len(kinds), frameon=False)

@@ -87,6 +87,7 @@ th:first-child, td:first-child, td.text, th.text { text-align: left; }
 tr.highlight td { background: var(--warn-bg); font-weight: 600; }
 tr.summary td { border-top: 2px solid var(--line); font-weight: 600; }
 td.worst { color: var(--bad); font-weight: 600; }
+td.ci { color: var(--muted); font-size: 0.85rem; white-space: nowrap; }
 .verdict { border-left: 6px solid var(--warn); background: var(--warn-bg); padding: 14px 20px; margin: 10px 0 16px; }
 .verdict .headline { font-size: 1.25rem; font-weight: 650; margin: 0 0 6px; }
 .verdict ul { margin: 6px 0 0; padding-left: 20px; }
@@ -894,7 +895,8 @@ def _groups(run: RunData, assets: Assets, figures: Path) -> str:
              + _test_set_line(run))
     if tables:
         return _section("groups", "Per-group accuracy",
-                        intro + _group_table(tables, assets, figures / "group_accuracy.png", "group-accuracy"))
+                        intro + _group_table(tables, assets, figures / "group_accuracy.png", "group-accuracy",
+                                             m.get("group_accuracy_intervals")))
     if run.metrics_missing:
         why = ("metrics.json is missing from the run folder: the per-group tables and their intervals are in it. "
                + ("The overall accuracy below is computed from test_predictions.npz." if run.predictions is not None
@@ -916,7 +918,8 @@ def _groups(run: RunData, assets: Assets, figures: Path) -> str:
         body = ("<p>Instead, the test images are grouped by the guard's own flag (a shortcut found or not). The "
                 "detector chose these groups, so the worst cell is not an unbiased worst group; the table shows "
                 "what the guard does to the images it acts on, and whether DFR costs the unflagged ones.</p>"
-                + _group_table(flag_tables, assets, figures / "flag_group_accuracy.png", "flag-group-accuracy"))
+                + _group_table(flag_tables, assets, figures / "flag_group_accuracy.png", "flag-group-accuracy",
+                              m.get("flag_group_accuracy_intervals")))
     elif run.predictions is not None:  # runs evaluated before the flag table existed
         p = run.predictions
         accs = [("original", p["logits"]), ("ablated", p["ablated_logits"])]
@@ -929,8 +932,8 @@ def _groups(run: RunData, assets: Assets, figures: Path) -> str:
     return _section("groups", "Per-group accuracy", intro + _empty(why, how) + body)
 
 
-def _group_table(tables: dict, assets: Assets, figure_path: Path, table_id: str) -> str:
-    """The (class, group) x prediction-kind table with its summary rows, and the same as bars."""
+def _group_table(tables: dict, assets: Assets, figure_path: Path, table_id: str, intervals: dict | None) -> str:
+    """The (class, group) x prediction-kind table with its summary rows and their intervals, and the same as bars."""
     kinds = list(tables)
     headers = ["class", "group", "n", *[KIND_TITLES.get(k, k) for k in kinds]]
     rows = []
@@ -942,16 +945,33 @@ def _group_table(tables: dict, assets: Assets, figure_path: Path, table_id: str)
             row.append(f'<td class="worst">{_num(acc)}</td>' if worst else _num(acc))
         rows.append(row)
     classes = [None] * len(rows)
+    by_kind = (intervals or {}).get("kinds") or {}
+    ci_label = f"{_pct((intervals or {}).get('confidence', 0.95))} CI (paired bootstrap over each (class, group) cell)"
     for label, key in (("average", "average"), ("worst group", "worst"), ("overall", "overall")):
         rows.append([label, "", "", *[_num(tables[k].get(key)) for k in kinds]])
         classes.append("summary" if key == "average" else None)
+        if key != "overall" and any(by_kind.get(k, {}).get(key) for k in kinds):
+            rows.append([f'<td class="text ci" colspan="3">{_e(ci_label)}</td>',
+                         *[f'<td class="ci">{_interval(by_kind.get(k, {}).get(key))}</td>' for k in kinds]])
+            classes.append(None)
     from edgeshort.report.figures import group_accuracy_bars
 
-    path = group_accuracy_bars(tables, figure_path)
+    path = group_accuracy_bars(tables, figure_path, by_kind, (intervals or {}).get("confidence", 0.95))
+    note = ""
+    if by_kind:
+        note = (f" The intervals come from {(intervals or {}).get('resamples', 'the')} paired bootstrap resamples of the "
+                "test images within each (class, group) cell; all kinds share the resamples.")
+    elif intervals is None:
+        note = " metrics.json holds no intervals for this table (an older evaluation); evaluate again to get them."
     return (_table(headers, rows, table_id, classes, text_columns=(0, 1))
-            + '<p class="meta">Red: the worst cell of each column.</p>'
+            + f'<p class="meta">Red: the worst cell of each column.{note}</p>'
             + _figure(assets.figure(path), "group accuracy bars",
-                      "Accuracy per group. " + assets.where(path.name), width=760))
+                      "Accuracy per group" + (f"; error bars on the average and the worst group: {_e(ci_label)}"
+                                              if by_kind else "") + ". " + assets.where(path.name), width=760))
+
+
+def _interval(bounds) -> str:
+    return "–" if not bounds else f"{_num(bounds[0])}–{_num(bounds[1])}"
 
 
 def _spray_text(value) -> str:
