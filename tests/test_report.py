@@ -16,6 +16,7 @@ from PIL import Image
 
 from edgeshort.errors import InputError
 from edgeshort.report.draw import cell_edges, flag_outline_overlay, guard_overlay
+from edgeshort.report.html import SAMPLES_PER_CATEGORY
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SECTIONS = ("verdict", "clusters", "flags", "groups", "spray", "timings", "configuration")
@@ -697,3 +698,27 @@ def test_group_tables_and_bars_carry_the_bootstrap_intervals(demo_report, demo_r
     with_bars = group_accuracy_bars(tables, tmp_path / "bars.png", intervals["kinds"])
     with Image.open(plain) as a, Image.open(with_bars) as b:
         assert a.size == b.size and not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_flags_are_not_drawn_on_images_that_changed_since_the_evaluation(demo_result, demo_data, tmp_path):
+    from edgeshort.data import ImageDataset
+    from edgeshort.report import write_report
+
+    test = demo_data["test"]
+    page = write_report(demo_result.run_dir, tmp_path / "same.html", test_dataset=test).read_text()
+    assert "was checked against the digest stored at evaluation" in page_text(page, "flags")
+    # The same labels and groups, every image mirrored: the stored flags no longer fit the pixels.
+    mirrored = ImageDataset.from_arrays(np.stack([test.array(i)[:, ::-1] for i in range(len(test))]), test.labels,
+                                        test.class_names, test.groups)
+    page = write_report(demo_result.run_dir, tmp_path / "mirrored.html", test_dataset=mirrored).read_text()
+    flags = page_text(page, "flags")
+    drawn = len(re.findall(r"test image \d+ with flags and tint", section(page, "flags")))
+    assert drawn == 0 and "differ from the images the run evaluated" in flags
+    assert flags.count("image changed since the evaluation: not drawn") == 4 * SAMPLES_PER_CATEGORY
+    # An evaluation that stored no digests: said, not assumed.
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    with np.load(run / "test_predictions.npz") as z:
+        np.savez(run / "test_predictions.npz", **{k: z[k] for k in z.files if k != "input_sha256"})
+    page = write_report(run, tmp_path / "older.html", test_dataset=test).read_text()
+    assert "stores no digest of its test images" in page_text(page, "flags")

@@ -118,6 +118,8 @@ table.preds td { padding: 0 10px 0 0; border: none; text-align: left; }
 .gallery.pairs figure { width: 340px; }
 .gallery.pairs .pair { display: flex; gap: 4px; }
 .gallery.pairs img { width: 168px; }
+.gallery .changed { height: 168px; display: flex; align-items: center; justify-content: center; text-align: center;
+                    border: 1px dashed var(--bad); color: var(--bad); font-size: 0.85rem; padding: 10px; }
 figcaption { line-height: 1.35; margin-top: 4px; }
 .ok { color: var(--good); font-weight: 600; }
 .no { color: var(--bad); font-weight: 600; }
@@ -789,6 +791,8 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
            "The test set has no group labels, so rows split by whether the guard found a shortcut.") + "</p>"
         + _dfr_rescoring(pred)
         + _tint_legend(run))
+    changed, check = _changed_since_evaluation(run, test_dataset, np.concatenate([idx for _, _, idx in picks]))
+    parts.append(check)
     for art, ok, idx in picks:
         what = ("with the artefact" if art else "without the artefact") if has_groups else (
             "shortcut found" if art else "no shortcut found")
@@ -803,6 +807,10 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
         figures = []
         for i in idx:
             i = int(i)
+            if i in changed:  # the stored flags belong to other pixels: drawing them would mislead
+                figures.append(f'<figure><div class="changed">image changed since the evaluation: not drawn</div>'
+                               f"<figcaption>{_source(test_dataset.file_name(i), i)}</figcaption></figure>")
+                continue
             image = test_dataset.image(i).convert("RGB")
             if prep is not None:
                 image = prep.seen_part(image)
@@ -837,6 +845,32 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
                            f'<table class="preds">{preds}</table>{tail}</figcaption></figure>')
         parts.append(f'<div class="gallery pairs">{"".join(figures)}</div>')
     return _section("flags", "Key-KNN flags on test images", "".join(parts))
+
+
+def _changed_since_evaluation(run: RunData, test_dataset, indices: np.ndarray) -> tuple[set[int], str]:
+    """Which of the test images at `indices` differ from those the run evaluated (by the digest of each
+    image as the model saw it, stored at evaluation), and the page's note on the check."""
+    stored = run.predictions.get("input_sha256")
+    if stored is None or len(stored) != len(run.predictions["labels"]) or run.preprocessing is None:
+        return set(), ('<p class="meta">The run stores no digest of its test images (evaluated by an older '
+                       "edgeshort), so whether the images below are the ones evaluated cannot be checked. Evaluating "
+                       f"again stores them: {_eval_command(run)}.</p>")
+    indices = np.unique(indices.astype(np.int64))
+    if not len(indices):
+        return set(), ""
+    current = test_dataset.subset(indices).input_digests(run.preprocessing)
+    changed = indices[current != stored[indices]]
+    if not len(changed):
+        return set(), (f'<p class="meta">Each of the {len(indices)} images drawn below was checked against the digest '
+                       "stored at evaluation: the same pixels the stored flags and predictions were made on.</p>")
+    names = ", ".join(Path(test_dataset.file_name(int(i)) or f"#{i}").name for i in changed[:8])
+    more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    return {int(i) for i in changed}, _empty(
+        f'<span class="no">{len(changed)} of the {len(indices)} test images chosen for the pictures differ from the '
+        f"images the run evaluated</span> ({_e(names)}{_e(more)}): their pixels, as the model sees them, changed "
+        "since (edited, replaced or reordered files). The stored flags would be drawn on other pixels, so those "
+        "pictures are left out, and the run's test results may not describe the images now at its test source.",
+        f"Evaluate again on the current images: {_eval_command(run)}.")
 
 
 def _unflagged_changes(pred: dict[str, np.ndarray]) -> tuple[int, int] | None:
