@@ -715,6 +715,8 @@ def test_flags_are_not_drawn_on_images_that_changed_since_the_evaluation(demo_re
     drawn = len(re.findall(r"test image \d+ with flags and tint", section(page, "flags")))
     assert drawn == 0 and "differ from the images the run evaluated" in flags
     assert flags.count("image changed since the evaluation: not drawn") == 4 * SAMPLES_PER_CATEGORY
+    assert (f"{4 * SAMPLES_PER_CATEGORY} of the test images drawn under Flags differ from those the run evaluated"
+            in page_text(page, "verdict"))
     # An evaluation that stored no digests: said, not assumed.
     run = tmp_path / "run"
     shutil.copytree(demo_result.run_dir, run)

@@ -20,7 +20,7 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -162,6 +162,8 @@ class RunData:
     spray_problem: str | None
     metrics_missing: bool = False  # no metrics.json: its results and warnings cannot be shown
     predictions_problem: str | None = None  # why test_predictions.npz is not used, when the run was evaluated
+    # Test images found changed since the evaluation while drawing the flags (the verdict says so too).
+    changed_test_images: list[int] = field(default_factory=list)
 
     @property
     def evaluated(self) -> bool:
@@ -376,11 +378,11 @@ def _metrics_disagreements(m: dict) -> list[str]:
     """Where metrics.json's summary keys differ from its own per-group table."""
     out = []
     for kind, table in (m.get("group_accuracy") or {}).items():
-        for key, field, words in (("wga", "worst", "worst cell"), ("aga", "average", "average")):
+        for key, summary, words in (("wga", "worst", "worst cell"), ("aga", "average", "average")):
             stored = m.get(f"{key}_{kind}")
-            if stored is not None and table.get(field) is not None and abs(stored - table[field]) > 1e-9:
+            if stored is not None and table.get(summary) is not None and abs(stored - table[summary]) > 1e-9:
                 out.append(f"<code>{key}_{_e(kind)}</code> is {_num(stored)} but its table's {words} is "
-                           f"{_num(table[field])}")
+                           f"{_num(table[summary])}")
     return out
 
 
@@ -525,6 +527,10 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           + (" (a real shortcut's ablation gains or keeps it)." if gains else " (see the warning)."))
         for warning in [*(m.get("warnings") or []), *([m["dfr_warning"]] if m.get("dfr_warning") else [])]:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
+        if run.changed_test_images:
+            points.append(f'<span class="no">{len(run.changed_test_images)} of the test images drawn under Flags '
+                          "differ from those the run evaluated: the images at its test source changed since, so these "
+                          f"test results may not describe them. Evaluate again: {_eval_command(run)}.</span>")
         for disagreement in _metrics_disagreements(m):
             points.append(f'<span class="no">metrics.json contradicts itself: {disagreement}; the file was edited or '
                           "mixed from two evaluations, and this page shows the per-group table's figures. Evaluate "
@@ -792,6 +798,7 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
         + _dfr_rescoring(pred)
         + _tint_legend(run))
     changed, check = _changed_since_evaluation(run, test_dataset, np.concatenate([idx for _, _, idx in picks]))
+    run.changed_test_images = sorted(changed)
     parts.append(check)
     for art, ok, idx in picks:
         what = ("with the artefact" if art else "without the artefact") if has_groups else (
@@ -1538,10 +1545,11 @@ def write_report(run_dir, out: str | Path | None = None, test_dataset=None, embe
     # Embedded, the figures are drawn in a scratch folder that goes with the rendering.
     with tempfile.TemporaryDirectory(prefix="edgeshort-report-") as scratch:
         figures = Path(scratch) if embed else folder
+        flags = _flags(run, assets, test_images, test_problem)  # first: it checks the images the verdict reports on
         sections = [
             _verdict(run, assets, figures),
             _clusters(run, assets, _val_loader(run)),
-            _flags(run, assets, test_images, test_problem),
+            flags,
             _groups(run, assets, figures),
             _spray(run, assets),
             _timings(run),
