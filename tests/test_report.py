@@ -301,6 +301,8 @@ def test_report_without_test_groups_or_masks_explains_each_gap(plain_run, demo_d
     assert "no group labels" in groups and 'id="group-accuracy"' not in groups
     assert 'id="flag-group-accuracy"' in groups and "guard's own flag" in groups and '<td class="text">flagged</td>' in groups
     assert "no SpRAy result" in section(page, "spray")
+    # How to get one: on all the validation images; the key heatmaps' few nearest-centre maps are too few.
+    assert "edgeshort spray --heatmaps h.npy" in section(page, "spray") and "too few" in section(page, "spray")
     assert not (tmp_path / "after_files" / "group_accuracy.png").exists()
     assert (tmp_path / "after_files" / "flag_group_accuracy.png").is_file()
 

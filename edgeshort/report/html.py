@@ -1198,10 +1198,12 @@ def _spray(run: RunData, assets: Assets) -> str:
                "never sees the key detector's clusters or flags, so a SpRAy flag neither confirms nor contradicts "
                "the verdict above. Check each flagged cluster against its mean heatmap below and, where group "
                "labels were given, against the share of its images that carry the known artefact.</p>")
-    how = ("Fit <code>SpRAyDetector().fit(heatmaps=..., labels=...)</code> (for example on this run's key heatmaps: <code>maps, labels, _ = "
-           "ShortcutDetector.load(RUN).key_heatmap_grids()</code>) "
-           "and save <code>get_report()</code> as <code>RUN/spray/report.json</code> with its heatmap grid PNG beside "
-           "it (<code>edgeshort spray</code> writes both).")
+    how = ("Fit SpRAy on explanation maps of all the validation images, as <code>edgeshort demo</code> does "
+           "(GradCAM: <code>SpRAyDetector(per_class=True).fit(inputs=..., labels=..., model=..., "
+           "target_layer=...)</code>), or on maps you have: <code>edgeshort spray --heatmaps h.npy --labels l.npy "
+           "--per-class -o RUN/spray</code>, which writes <code>report.json</code> and its heatmap grid PNG where "
+           "the report reads them. This run's key heatmaps (<code>ShortcutDetector.load(RUN).key_heatmap_grids()"
+           "</code>) cover only the images nearest each cluster centre: too few for SpRAy's clusters to mean much.")
     if run.spray is None:
         why = (f"The SpRAy result could not be read: {_e(run.spray_problem)}." if run.spray_problem
                else "The run folder holds no SpRAy result (<code>spray/report.json</code>).")
