@@ -1,4 +1,5 @@
-"""`edgeshort report RUN`: the HTML report of a detection run, with PNG figures beside it."""
+"""`edgeshort report RUN`: the HTML report of a detection run, its pictures in `<stem>_files/` beside it
+or, with `--embed`, inside the page."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--class-map", help=CLASS_MAP_HELP)
     parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
     parser.add_argument("--embed", action="store_true",
-                        help="put every picture into the HTML as a data URI (one file to mail or attach)")
+                        help="put every picture into the HTML as a data URI, writing no <stem>_files/ folder "
+                             "(one file to mail or attach)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
