@@ -477,6 +477,14 @@ def test_spray_flags_read_as_hypotheses_with_each_clusters_artefact_share(plain_
     assert "SpRAy, a separate check on explanation maps: risk high, suspected in clusters 1, 9" in verdict
     assert "not a confirmation of the shortcut cluster above" in verdict
     assert "cluster 9: 2.5% with the known artefact (mostly without it)" in verdict
+    # Nothing flagged: nothing to read as a hypothesis either.
+    calm = spray_report()
+    calm["risk_level"] = calm["report"]["clever_hans"]["risk_level"] = "none"
+    calm["report"]["clever_hans"].update(flagged_clusters=[], flags=[])
+    run = run_with_spray(plain_run.run_dir, tmp_path / "calm", calm)
+    verdict = page_text(write_report(run, tmp_path / "calm.html").read_text(), "verdict")
+    assert "SpRAy, a separate check on explanation maps: risk none , no cluster suspected." in verdict
+    assert "hypotheses" not in verdict
 
 
 def test_spray_groups_stored_as_numbers_still_read(plain_run, tmp_path):

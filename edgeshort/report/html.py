@@ -1178,8 +1178,8 @@ def _spray_verdict_point(body: dict) -> str:
     text = (f"SpRAy, a separate check on explanation maps: risk <span class=\"risk-{_e(risk)}\">{_e(risk)}</span>"
             + (f", suspected in {'cluster' if len(suspects) == 1 else 'clusters'} {', '.join(map(str, suspects))}"
                if suspects else ", no cluster suspected")
-            + ". Its flags are hypotheses to check against their pictures (SpRAy section), not a confirmation of "
-              "the shortcut cluster above")
+            + (". Its flags are hypotheses to check against their pictures (SpRAy section), not a confirmation of "
+               "the shortcut cluster above" if hans.get("flags") else ""))
     shares = [(cid, _artefact_share(by_id.get(cid, {}))) for cid in suspects]
     known = [(cid, share) for cid, share in shares if share is not None]
     if known:
@@ -1314,7 +1314,8 @@ def _spray_pictures(run: RunData, assets: Assets, body: dict, clusters: list[dic
         src = assets.add(f"spray/{png.name}", png)
         if png.name == GRID_NAME:
             caption = (f"<code>spray/{_e(png.name)}</code> from the run folder: the clusters' mean heatmaps at the "
-                       "maps' input resolution, framed in their risk colour. <strong>Each map is scaled to its own "
+                       "maps' input resolution, a flagged cluster framed in its risk colour (low yellow, medium "
+                       "orange, high red). <strong>Each map is scaled to its own "
                        "minimum and maximum</strong>, so a nearly empty mean looks as bright as a strong one: compare "
                        "places within a map here, brightness across maps above."
                        + _colour_key(colour_table(), "its minimum", "its maximum", "each map on its own scale"))
