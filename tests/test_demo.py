@@ -41,8 +41,7 @@ def test_demo_runs_the_whole_chain(demo_vit, tmp_path, capsys):
     # SpRAy, the second detector, flags a cluster of the planted artefact's images, and the report shows it.
     spray = json.loads((out / "run" / "spray" / "report.json").read_text())["report"]
     clusters = {c["cluster_id"]: c for c in spray["clusters"]}
-    artefact_share = {i: c["group_purity"] if c["group_majority"] == "artefact" else 1 - c["group_purity"]
-                      for i, c in clusters.items()}
+    artefact_share = {i: c["group_counts"].get("artefact", 0) / c["size"] for i, c in clusters.items()}
     flagged = [f["cluster_id"] for f in spray["clever_hans"]["flags"] if f["risk_level"] in ("medium", "high")]
     assert any(artefact_share[i] >= 0.9 for i in flagged), (flagged, artefact_share)
     assert "with the planted artefact" in printed

@@ -574,3 +574,15 @@ def test_fit_warnings_reach_the_report_and_summary() -> None:
     assert report["warnings"] == [f"40 of {N} heatmaps have no positive relevance; they cluster together"]
     assert "Warnings:\n  - 40 of" in detector.summary()
     assert SpRAyDetector().fit(data.heatmaps, data.labels).get_report()["warnings"] == []
+
+
+def test_group_counts_are_kept_per_cluster() -> None:
+    data = make_spray_heatmaps(N, 32, 0.10, seed=3)
+    groups = np.where(data.is_artefact, "artefact", "no artefact")
+    detector = SpRAyDetector().fit(data.heatmaps, data.labels, group_labels=groups)
+    for cluster in detector.get_report()["report"]["clusters"]:
+        counts = cluster["group_counts"]
+        assert sum(counts.values()) == cluster["size"]
+        assert counts[cluster["group_majority"]] / cluster["size"] == pytest.approx(cluster["group_purity"])
+    assert sum(c["group_counts"].get("artefact", 0) for c in detector.clusters_) == data.is_artefact.sum()
+

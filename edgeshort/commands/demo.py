@@ -77,7 +77,7 @@ def spray_demo(result, val, out: Path) -> None:
     print(f"  {len(val)} heatmaps, {len(report['clusters'])} clusters; risk {spray.risk_level_.upper()}")
     for flag in report["clever_hans"]["flags"]:
         cluster = next(c for c in report["clusters"] if c["cluster_id"] == flag["cluster_id"])
-        artefact = cluster["group_purity"] if cluster["group_majority"] == ARTEFACT else 1 - cluster["group_purity"]
+        artefact = cluster["group_counts"].get(ARTEFACT, 0) / cluster["size"]
         print(f"  cluster {flag['cluster_id']} ({flag['risk_level']}): {cluster['size']} images of class "
               f"{cluster['majority_label']}, {artefact:.0%} with the planted artefact")
     print(f"  {out / 'summary.txt'}, {out / GRID_NAME}")

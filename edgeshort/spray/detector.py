@@ -414,7 +414,7 @@ class SpRAyDetector(BaseEstimator):
             members = cluster_labels == cid
             size = int(members.sum())
             purity, majority, counts = _purity(label_values, members)
-            group_purity, group_majority, _ = _purity(group_values, members)
+            group_purity, group_majority, group_counts = _purity(group_values, members)
             # The reference a cluster is judged against: the rest of its class, or of everything.
             if self.per_class:
                 scope_value = scopes[cid]
@@ -458,6 +458,7 @@ class SpRAyDetector(BaseEstimator):
                     "label_counts": counts,
                     "group_purity": group_purity,
                     "group_majority": _plain(group_majority),
+                    "group_counts": group_counts,
                     "focus_mean": float(stats["focus"][members].mean()),
                     "focus_std": float(stats["focus"][members].std()),
                     "focus": focus,
