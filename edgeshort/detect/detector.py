@@ -271,7 +271,10 @@ class DetectionResult:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
         # The artefact groups when the test set has labels for them, else the guard's flag groups
         # (the group column names which); no file before an evaluation, so none is ever stale.
+        by_artefact = bool(metrics.get("group_accuracy"))
         tables = metrics.get("group_accuracy") or metrics.get("flag_group_accuracy")
+        intervals = (metrics.get("group_accuracy_intervals") if by_artefact
+                     else metrics.get("flag_group_accuracy_intervals")) or {}
         if not tables:
             (run_dir / "results.csv").unlink(missing_ok=True)
         else:
@@ -284,6 +287,12 @@ class DetectionResult:
                                      *[_fmt(tables[k]["cells"][i]["accuracy"]) for k in kinds]])
                 writer.writerow(["average", "", "", *[_fmt(tables[k]["average"]) for k in kinds]])
                 writer.writerow(["worst group", "", "", *[_fmt(tables[k]["worst"]) for k in kinds]])
+                # The console's 95% intervals (paired bootstrap over each cell), as rows: the columns stay the seed's.
+                ranges = intervals.get("kinds", {})
+                if all(k in ranges for k in kinds):
+                    for row, stat in (("average", "average"), ("worst group", "worst")):
+                        for end, name in ((0, "95% CI low"), (1, "95% CI high")):
+                            writer.writerow([row, name, "", *[_fmt(ranges[k][stat][end]) for k in kinds]])
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> Path:
