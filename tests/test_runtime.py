@@ -482,6 +482,10 @@ def test_an_edited_manifest_is_refused(demo_bundle, tmp_path):
         with pytest.raises(BundleError, match="was edited after export .* re-export the bundle, or, for a deliberate "
                                               r"change, write it with edgeshort.runtime.bundle.write_manifest"):
             Guard.load(root, backend="onnxruntime")
+    root = copy_bundle(demo_bundle, tmp_path / "unsealed")
+    rewrite_manifest(root, lambda m: m.pop("seal"))
+    with pytest.raises(BundleError, match="has no seal, so its class names.*re-export the bundle"):
+        Guard.load(root, backend="onnxruntime")
     # A deliberate change written through write_manifest is sealed again; a graph left unhashed is still refused.
     root = copy_bundle(demo_bundle, tmp_path / "resealed")
     manifest = json.loads((root / "manifest.json").read_text())

@@ -173,7 +173,11 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
             "upgrade edgeshort to the version that exported it (pip install -U on the package or source you "
             "installed it from)"
         )
-    if manifest.get(SEAL) != manifest_seal(manifest):
+    if SEAL not in manifest:
+        raise BundleError(f"{str(path)!r} has no seal, so its class names, preprocessing and guard settings cannot be "
+                          "verified: it was written by an edgeshort that did not seal bundles, or the seal was "
+                          "removed; re-export the bundle (edgeshort export RUN -o BUNDLE)")
+    if manifest[SEAL] != manifest_seal(manifest):
         raise BundleError(
             f"{str(path)!r} was edited after export (its content no longer matches its seal), so its class names, "
             "preprocessing or guard settings may not be those its graphs were exported with; re-export the bundle, "
