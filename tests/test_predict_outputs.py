@@ -262,7 +262,49 @@ def test_records_that_cannot_be_flushed_stop_with_exit_3(demo_bundle, test_pngs,
     full.symlink_to("/dev/full")  # every write fails with "No space left on device", even for root
     assert run_predict(demo_bundle, *map(str, test_pngs), "-o", str(full)) == 3
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "stopped after" in err
+    assert "No space left on device" in err and "stopped after 0 of 3 inputs" in err  # nothing reached the disk
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])
+def test_a_disk_filling_up_mid_record_leaves_only_whole_records(tmp_path, suffix):
+    """The count a stopped run reports is what the file holds, and a .json array still parses."""
+    import csv
+    import errno
+
+    from edgeshort.commands.predict import RecordWriter, error_record
+
+    class FillsUp:  # the disk takes `room` more bytes, the last record only in part
+        def __init__(self, file, room):
+            self.file, self.room = file, room
+
+        def write(self, data):
+            if len(data) > self.room:
+                self.file.write(bytes(data[: self.room]))
+                self.room = 0
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    out = tmp_path / f"records{suffix}"
+    writer = RecordWriter(str(out), ("benign", "malignant"))
+    writer._file = FillsUp(writer._file, 700)
+    with pytest.raises(OSError, match="No space"):
+        for i in range(50):
+            writer.write(error_record(f"img_{i}.png", "cannot read image"))
+    writer._file.room = 10_000  # removing the cut record frees room for the closing bracket
+    writer.close()
+    assert 0 < writer.written < 50
+    text = out.read_text()
+    if suffix == ".json":
+        records = json.loads(text)
+    elif suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines()]
+    else:
+        records = list(csv.DictReader(text.splitlines()))
+    assert [r["path"] for r in records] == [f"img_{i}.png" for i in range(writer.written)]
 
 
 def test_split_on_a_bundle_without_split_graphs_is_refused_before_any_prediction(demo_bundle, test_pngs, tmp_path,

@@ -8,8 +8,11 @@ overlays and folder search.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -185,37 +188,66 @@ class RecordWriter:
         self.csv, self.array = suffix == ".csv", suffix == ".json"
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "w", newline="") if self.path else sys.stdout
-        self._writer = None
+        # Unbuffered bytes: a record counts once it is on disk, and a failed one is cut back off.
+        self._file = open(self.path, "wb", buffering=0) if self.path else None
+        self._good = 0  # bytes of complete records (and the header) in the file
         self._written = 0
+        self.class_names = class_names
+        self._columns = None
         if self.csv:
             logit_columns = [f"{kind}_{name}" for kind in ("logit", "ablated_logit", "dfr_logit") for name in class_names]
-            columns = [f for f in RECORD_FIELDS if not f.endswith("logits")] + [printable(c) for c in logit_columns]
-            self._writer = csv.DictWriter(self._fh, fieldnames=columns)
-            self._writer.writeheader()
-        self.class_names = class_names
+            self._columns = [f for f in RECORD_FIELDS if not f.endswith("logits")] + [printable(c) for c in logit_columns]
+            self._emit(self._csv_line(dict(zip(self._columns, self._columns))))
+
+    def _csv_line(self, row: dict) -> str:
+        line = io.StringIO()
+        csv.DictWriter(line, fieldnames=self._columns).writerow(row)
+        return line.getvalue()
+
+    def _emit(self, text: str) -> None:
+        """Write `text` whole, or cut the file back to its last complete record and raise."""
+        if self._file is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        data = memoryview(text.encode("utf-8"))
+        try:
+            while data:
+                data = data[self._file.write(data):]
+        except OSError:
+            with contextlib.suppress(OSError):  # a device (/dev/full) cannot be truncated
+                os.ftruncate(self._file.fileno(), self._good)
+                self._file.seek(self._good)
+            raise
+        self._good = self._file.tell()
 
     def write(self, record: dict) -> None:
         if self.array:
             # Streamed element by element, so a long run holds no records in memory.
-            self._fh.write(("[\n" if self._written == 0 else ",\n") + json.dumps(record))
-        elif self._writer is None:
-            self._fh.write(json.dumps(record) + "\n")
+            text = ("[\n" if self._written == 0 else ",\n") + json.dumps(record)
+        elif not self.csv:
+            text = json.dumps(record) + "\n"
         else:
             row = {k: v for k, v in record.items() if not k.endswith("logits")}
             for kind, key in (("logit", "logits"), ("ablated_logit", "ablated_logits"), ("dfr_logit", "dfr_logits")):
                 for name, value in zip(self.class_names, record.get(key) or []):
                     row[printable(f"{kind}_{name}")] = value
-            self._writer.writerow({k: _spreadsheet_safe(v) for k, v in row.items()})
+            text = self._csv_line({k: _spreadsheet_safe(v) for k, v in row.items()})
+        self._emit(text)
         self._written += 1
 
+    @property
+    def written(self) -> int:
+        """Records written whole."""
+        return self._written
+
     def close(self) -> None:
-        if self.array:
-            self._fh.write("\n]\n" if self._written else "[]\n")
-        if self.path is not None:
-            self._fh.close()
-        else:
-            self._fh.flush()
+        try:
+            if self.array:
+                self._emit("\n]\n" if self._written else "[]\n")
+        finally:
+            if self._file is not None:
+                self._file.close()
 
 
 def _spreadsheet_safe(value):
@@ -406,7 +438,7 @@ def run(args) -> int:
             cause = str(stopped_by)  # says what to do itself
         else:
             cause = f"{type(stopped_by).__name__}: {stopped_by} (the trace above shows where)"
-        done = counts["images"] + counts["failed"]
+        done = writer.written
         print(f"edgeshort predict: error: stopped after {done} of {len(inputs.files)} inputs: {cause}. The records "
               f"of those {done} are in {records_at}", file=sys.stderr)
         return EXIT_STOPPED
