@@ -414,6 +414,9 @@ def test_guard_predicts_uploads_and_names_a_truncated_one(demo_bundle, test_pngs
     big = Image.open(io.BytesIO(png_bytes(size=(600, 600))))  # on the preprocessing threads, not yet decoded
     twice = guard.predict([big, big])  # listed twice: decoded once, not by two threads at a time
     np.testing.assert_array_equal(twice[0].logits, twice[1].logits)
+    upload = io.BytesIO(png_bytes(size=(600, 600)))  # one upload listed four times: one read position
+    four = guard.predict([upload] * 4)
+    assert all(np.array_equal(r.logits, four[0].logits) for r in four) and upload.tell() == 0
     cut = Image.open(io.BytesIO(data[: len(data) // 2]))
     big = Image.open(io.BytesIO(png_bytes(size=(600, 600))))
     with pytest.raises(ImageLoadError, match=r"cannot read image 1 \(OSError: image file is truncated"):

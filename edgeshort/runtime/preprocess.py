@@ -411,7 +411,13 @@ def as_pil(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image
         if isinstance(item, io.TextIOBase):
             raise InputError(f"{described}: expected a binary file object, got a text one; open the file with "
                              "open(path, 'rb')")
-        return _decode(item, described, max_pixels)
+        # Back to where it was after reading, so the same object listed twice (or read again) decodes again.
+        position = item.tell() if getattr(item, "seekable", lambda: False)() else None
+        try:
+            return _decode(item, described, max_pixels)
+        finally:
+            if position is not None:
+                item.seek(position)
     raise InputError(
         f"{source}: expected a file path, a PIL image, a numpy array, encoded image bytes or a binary file object "
         f"(e.g. io.BytesIO), got {type(item).__name__}"
@@ -466,7 +472,9 @@ def map_images(convert: Callable[[int, Any], np.ndarray], items: Sequence[Any], 
     Small in-memory images and preprocessed arrays stay on the calling thread, where they are faster.
     """
     workers = min(len(items), workers or usable_cores())
-    if workers < 2 or not any(_worth_a_thread(item) for item in items):
+    streams = [id(item) for item in items if hasattr(item, "read")]
+    # One file object listed twice has one read position: two threads reading it would corrupt both reads.
+    if workers < 2 or not any(_worth_a_thread(item) for item in items) or len(set(streams)) < len(streams):
         return [convert(i, item) for i, item in enumerate(items)]
     listed: set[int] = set()
     for item in items:
