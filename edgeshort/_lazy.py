@@ -17,7 +17,10 @@ def lazy_getattr(package: str, names: dict[str, str]) -> Callable[[str], Any]:
             try:
                 module = importlib.import_module(names[name])
             except ImportError as exc:
-                raise missing_extra(exc) or exc from exc
+                missing = missing_extra(exc)
+                if missing is None:
+                    raise
+                raise missing from exc
             return getattr(module, name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 

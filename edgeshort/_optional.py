@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from edgeshort.errors import MissingDependencyError
@@ -28,13 +29,20 @@ EXTRA_OF_MODULE = {
 }
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # an import hook that refuses it
+        return False
+
+
 def missing_extra(exc: ImportError) -> MissingDependencyError | None:
     """The error naming the extra to install when `exc` is an optional module missing, else None."""
     if isinstance(exc, MissingDependencyError) or not isinstance(exc, ModuleNotFoundError) or not exc.name:
         return None
     top = exc.name.split(".")[0]
-    if top not in EXTRA_OF_MODULE:
-        return None
+    if top not in EXTRA_OF_MODULE or _installed(top):
+        return None  # installed, but without the part asked for (too old?): its own error says more
     return MissingDependencyError(
         f"this needs {top!r}, which is not installed; install it with: pip install 'edgeshort[{EXTRA_OF_MODULE[top]}]'"
     )

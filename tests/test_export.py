@@ -428,3 +428,12 @@ def test_a_bundle_of_one_path_is_smaller_and_runs_that_path(demo_result, demo_da
     assert case["clean_inputs_flagged"] == 0.0 and case["cold_start_s"]["guarded"] > 0
     with pytest.raises(InputError, match="INT8 quantises the fused guarded graph"):
         ExportOptions(graphs="split", int8=True)
+
+
+def test_a_runs_dfr_fit_warnings_are_read_under_either_key():
+    """Runs saved before the list held one warning under `dfr_fit_warning`; a --no-dfr bundle leaves it out too."""
+    from edgeshort.export.exporter import _dfr_fit_warnings
+
+    assert _dfr_fit_warnings({"dfr_fit_warnings": ["a", "b"]}) == ["a", "b"]
+    assert _dfr_fit_warnings({"dfr_fit_warning": "a"}) == ["a"]
+    assert _dfr_fit_warnings({"dfr_fit_warning": None}) == [] == _dfr_fit_warnings({})

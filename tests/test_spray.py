@@ -574,6 +574,16 @@ def test_fit_warnings_reach_the_report_and_summary() -> None:
     assert report["warnings"] == [f"40 of {N} heatmaps have no positive relevance; they cluster together"]
     assert "Warnings:\n  - 40 of" in detector.summary()
     assert SpRAyDetector().fit(data.heatmaps, data.labels).get_report()["warnings"] == []
+    # Kept whatever the logging level: silencing the log does not empty the report.
+    import logging
+
+    quiet = logging.getLogger("edgeshort")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        assert len(SpRAyDetector().fit(maps, data.labels).get_report()["warnings"]) == 1
+    finally:
+        quiet.setLevel(level)
 
 
 def test_group_counts_are_kept_per_cluster() -> None:

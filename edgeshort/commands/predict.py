@@ -132,7 +132,10 @@ def find_inputs(names: list[str]) -> InputSearch:
         if not path.is_dir():
             # Missing or unreadable files are reported when they are read, with the loader's message.
             search.files.append(InputFile(name, None, overlay_name(path.name or "image")))
-            search.real_files.append(path.resolve())
+            try:
+                search.real_files.append(path.resolve())
+            except (OSError, RuntimeError):  # a link loop: reading it gives its record's error
+                search.real_files.append(path.absolute())
             continue
         contents = search_folder(path)
         search.other_suffixes.update(p.suffix.lower() or "no suffix" for p in contents.others)

@@ -292,7 +292,7 @@ class DetectionResult:
                 if all(k in ranges for k in kinds):
                     for row, stat in (("average", "average"), ("worst group", "worst")):
                         for end, name in ((0, "95% CI low"), (1, "95% CI high")):
-                            writer.writerow([row, name, "", *[_fmt(ranges[k][stat][end]) for k in kinds]])
+                            writer.writerow([f"{row} {name}", "", "", *[_fmt(ranges[k][stat][end]) for k in kinds]])
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, run_dir: str | Path) -> Path:

@@ -223,7 +223,7 @@ def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), 
     if "openvino" not in formats:
         if asks_openvino:
             raise BundleError(f"expected a bundle with OpenVINO IR for the OpenVINO device {device!r}, got one with "
-                              f"ONNX only; re-export it with OpenVINO installed, {other_choice}")
+                              f"ONNX only; re-export it with --formats onnx,openvino (OpenVINO installed), {other_choice}")
         return "onnxruntime"
     if asks_openvino or is_intel_cpu():
         try:

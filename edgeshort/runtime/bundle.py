@@ -176,7 +176,9 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     if SEAL not in manifest:
         raise BundleError(f"{str(path)!r} has no seal, so its class names, preprocessing and guard settings cannot be "
                           "verified: it was written by an edgeshort that did not seal bundles, or the seal was "
-                          "removed; re-export the bundle (edgeshort export RUN -o BUNDLE)")
+                          "removed; re-export the bundle (edgeshort export RUN -o BUNDLE), or, where the run is "
+                          "out of reach and you have checked the manifest, seal it as it is with "
+                          "edgeshort.runtime.bundle.write_manifest(folder, manifest)")
     if manifest[SEAL] != manifest_seal(manifest):
         raise BundleError(
             f"{str(path)!r} was edited after export (its content no longer matches its seal), so its class names, "

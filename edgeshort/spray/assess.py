@@ -156,7 +156,7 @@ def assess_cluster(
         reasons.append(
             f"its samples agree on where to look (centroid scatter {scatter:.3f} vs {scatter_ref:.3f} in {rest})"
         )
-    if per_class and not displaced:
+    if per_class and displacement < criteria.min_displacement:
         reasons.append(f"it looks where {rest} looks, so its focus may be the object itself")
     return {
         "cluster_id": int(cluster_id),

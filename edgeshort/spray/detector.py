@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +13,7 @@ from sklearn.base import BaseEstimator
 
 from edgeshort._version import __version__
 from edgeshort.errors import InputError, NotFittedError
-from edgeshort.spray import preprocess
+from edgeshort.spray import fit_warnings, preprocess
 from edgeshort.spray.assess import RISK_LEVELS, CleverHansCriteria, assess_cluster, risk_rank
 from edgeshort.spray.focus import centroid_scatter, sample_focus
 from edgeshort.spray.spectral import DENSE_MAX_SAMPLES, SpectralResult, spectral_clusters
@@ -105,27 +104,6 @@ def _purity(values: np.ndarray | None, members: np.ndarray) -> tuple[float | Non
 # How each setting is named in errors: as a Python argument, or (the CLI passes these) as its flag.
 PARAMETER_NAMES = {"n_clusters": "n_clusters", "cluster_selection": "cluster_selection", "max_clusters": "max_clusters",
                    "downsample_size": "downsample_size"}
-
-
-class _WarningList(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@contextmanager
-def _recorded_warnings():
-    """The warnings a fit logs (constant CAMs, empty maps), kept for its report as well as shown."""
-    handler = _WarningList()
-    spray_logger = logging.getLogger("edgeshort.spray")
-    spray_logger.addHandler(handler)
-    try:
-        yield handler.messages
-    finally:
-        spray_logger.removeHandler(handler)
 
 
 def check_cluster_settings(cluster_selection, n_clusters, max_clusters, downsample_size,
@@ -269,7 +247,7 @@ class SpRAyDetector(BaseEstimator):
         (N,) optionally give a group purity per cluster (e.g. a known artefact marker).
         """
         self._validate_params()
-        with _recorded_warnings() as warned:
+        with fit_warnings.recorded() as warned:
             self._fit(heatmaps, labels, group_labels, inputs, model, target_layer, head, targets, heatmap_generator,
                       cam_method, batch_size, num_prefix_tokens)
         self.warnings_ = warned
@@ -315,7 +293,7 @@ class SpRAyDetector(BaseEstimator):
                 "head: pick an earlier block or its norm1)"
             )
         if empty.any():
-            logger.warning("%d of %d heatmaps have no positive relevance; they cluster together", empty.sum(), n)
+            fit_warnings.warn(logger, f"{empty.sum()} of {n} heatmaps have no positive relevance; they cluster together")
 
         cluster_labels, scopes, runs = self._cluster(features, class_values)
         self._summarise(maps, small, stats, cluster_labels, scopes, runs, label_values, group_values, class_values,
@@ -390,7 +368,7 @@ class SpRAyDetector(BaseEstimator):
             members = np.flatnonzero(class_values == value)
             offset = len(scopes)
             if len(members) < MIN_SAMPLES:
-                logger.warning("class %s has %d samples: kept as one cluster", value, len(members))
+                fit_warnings.warn(logger, f"class {value} has {len(members)} samples: kept as one cluster")
                 cluster_labels[members] = offset
                 scopes.append(_plain(value))
                 runs[str(_plain(value))] = None

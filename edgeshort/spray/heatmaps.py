@@ -24,6 +24,7 @@ import numpy as np
 from edgeshort._optional import require
 from edgeshort._torch_state import preserved_model_state
 from edgeshort.errors import InputError
+from edgeshort.spray import fit_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -331,12 +332,11 @@ class GradCAMHeatmaps:
         flat = maps.reshape(n, -1)
         constant = flat.max(axis=1) - flat.min(axis=1) <= 1e-6
         if constant.any():
-            logger.warning(
-                "%d of %d CAMs are constant: no gradient reached the target layer's patch positions, or the "
-                "class evidence there is negative everywhere and the CAM's ReLU zeroes it; another layer or "
-                "cam_method (hirescam, layercam) may explain more",
-                int(constant.sum()),
-                n,
+            fit_warnings.warn(
+                logger,
+                f"{int(constant.sum())} of {n} CAMs are constant: no gradient reached the target layer's patch "
+                "positions, or the class evidence there is negative everywhere and the CAM's ReLU zeroes it; "
+                "another layer or cam_method (hirescam, layercam) may explain more",
             )
         return maps, used
 
