@@ -13,7 +13,7 @@ import logging
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,14 +292,6 @@ class BenchInputs:
     source: str  # where the images came from, for bench.json and bench.md
 
 
-def _preprocessed_files(paths: list[str], prep) -> Iterator[tuple[None, np.ndarray]]:
-    """Image files as preprocessed batches of 64, torch-free (the runtime's own loader)."""
-    from edgeshort.runtime.preprocess import load_image, preprocess_image
-
-    for start in range(0, len(paths), 64):
-        yield None, np.stack([preprocess_image(load_image(p), prep) for p in paths[start:start + 64]])
-
-
 def _image_paths(images: list[str]) -> list[str]:
     from edgeshort.runtime.preprocess import list_image_files
 
@@ -323,11 +315,12 @@ def _pick_images(bundle: Bundle, rng, count: int, images: list[str] | None = Non
     Images repeat when there are fewer, so every batch is as large as it says. Random images stand
     in for a kind the data lacks, or for both when the run's images are not reachable (another machine).
     """
-    if images:
-        batches, source = _preprocessed_files(_image_paths(images), bundle.preprocessing), "--images"
-    else:
-        from edgeshort.data import dataset_from_source
+    from edgeshort.data import dataset_from_source
+    from edgeshort.data.dataset import unlabelled
 
+    if images:
+        batches, source = unlabelled(_image_paths(images), "--images").batches(bundle.preprocessing, 64), "--images"
+    else:
         source_run = bundle.manifest.get("source_run")
         try:
             meta = json.loads((Path(source_run) / "run.json").read_text())
