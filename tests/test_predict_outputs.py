@@ -226,7 +226,9 @@ def test_unwritable_overlays_are_refused_before_any_prediction(demo_bundle, test
     def refused(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(overlays))
 
-    monkeypatch.setattr(predict.tempfile, "TemporaryFile", refused)
+    from edgeshort.runtime import backends
+
+    monkeypatch.setattr(backends.tempfile, "TemporaryFile", refused)
     assert run_predict(demo_bundle, *map(str, test_pngs), "-o", str(out), "--overlays", str(overlays)) == 2
     err = capsys.readouterr().err
     assert "cannot write the overlays to" in err and "Permission denied" in err

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -171,13 +170,6 @@ def check_overlays_apart(folder: str, search: InputSearch) -> None:
                              f"replace; {fix}")
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` and a file in it now, so that a folder the run cannot write fails before any prediction."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
-
-
 class RecordWriter:
     """JSONL, a JSON array (.json) or CSV records, to a file or stdout; CSV has one logit column per class and output."""
 
@@ -298,7 +290,9 @@ class OverlayWriter:
     def __init__(self, folder: str, preprocessing) -> None:
         self.preprocessing = preprocessing  # the flags cover only the part of the image the model sees
         self.folder = Path(folder)
-        check_writable(self.folder)
+        from edgeshort.runtime.backends import make_writable_folder
+
+        make_writable_folder(self.folder)
         self._used: set[str] = set()
         self.renamed = 0
 

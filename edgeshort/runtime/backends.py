@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import platform
 import queue
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -143,7 +143,12 @@ class OpenVINOSession(Session):
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir:
-            _check_writable_folder(Path(cache_dir), "cache_dir")
+            try:  # OpenVINO would blame the model it compiles for a cache folder it cannot write
+                make_writable_folder(Path(cache_dir))
+            except OSError as exc:
+                raise InputError(f"expected cache_dir to be a folder this user can create and write, got "
+                                 f"{str(cache_dir)!r} ({exc.strerror or exc}); choose another folder or drop "
+                                 "cache_dir") from exc
             config["CACHE_DIR"] = str(cache_dir)
         try:
             model = core.read_model(str(path))
@@ -190,16 +195,13 @@ def is_intel_cpu() -> bool:
     return "intel" in name.lower()
 
 
-def _check_writable_folder(folder: Path, what: str) -> None:
-    """OpenVINO blames the model it compiles for a cache folder it cannot write: say what is wrong first."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"expected {what} to be a folder this user can create, got {str(folder)!r} "
-                         f"({exc.strerror or exc}); choose another folder or drop {what}") from exc
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"expected {what} to be a folder this user can write, got {str(folder)!r}; "
-                         f"choose another folder or drop {what}")
+def make_writable_folder(folder: Path) -> None:
+    """Create `folder` and a file in it now (OSError if either fails), so that a folder a run cannot write
+    fails before the work. A file is made rather than permissions read: root, ACLs and read-only mounts
+    answer only to trying."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def is_onnxruntime_device(device: str | None) -> bool:
