@@ -63,6 +63,7 @@ class Bundle:
 
     root: Path
     manifest: dict
+    manifest_sha256: str = ""  # of the manifest.json bytes this was read from
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -159,7 +160,8 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
             f"{str(root)!r} is not an edgeshort bundle (no {MANIFEST}); create one with `edgeshort export RUN -o BUNDLE` (Python: edgeshort.export.export_bundle)"
         )
     try:
-        manifest = json.loads(path.read_text())
+        raw = path.read_bytes()
+        manifest = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise BundleError(f"{str(path)!r} is not valid JSON ({exc}); re-export the bundle") from exc
     except OSError as exc:
@@ -214,4 +216,4 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
                     f"bundle file {name!r} does not match its manifest hash (sha256 {digest[:12]}… != "
                     f"{entry['sha256'][:12]}…): it was modified or corrupted; re-export the bundle"
                 )
-    return Bundle(root, manifest)
+    return Bundle(root, manifest, hashlib.sha256(raw).hexdigest())

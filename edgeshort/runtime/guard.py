@@ -31,7 +31,7 @@ from edgeshort.runtime.backends import (
     is_onnxruntime_device,
     open_session,
 )
-from edgeshort.runtime.bundle import FUSED_GRAPHS, MANIFEST, SPLIT_GRAPHS, Bundle, load_bundle, sha256_file
+from edgeshort.runtime.bundle import FUSED_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
 from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, map_images, preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class Guard:
             threads=threads, backend_version=str(description.get("version")),
             load_seconds=round(time.perf_counter() - start, 4), warmup_seconds=round(warmup, 4),
             input_size=tuple(guard.preprocessing.size), class_names=guard.class_names, has_dfr=loaded.has_dfr,
-            compiled=graphs, manifest_sha256=sha256_file(loaded.root / MANIFEST),
+            compiled=graphs, manifest_sha256=loaded.manifest_sha256,
         )
         logger.info("loaded %s on %s (%s) in %.2f s", loaded.root, chosen, guard.info.precision,
                     guard.info.load_seconds)
