@@ -99,8 +99,12 @@ def flag_outline_overlay(image: np.ndarray, flags: np.ndarray, colour=FLAG_COLOU
     return img
 
 
+# How strongly the saliency tint covers an image (predict's overlays and the report's flag pictures alike).
+TINT_ALPHA = 0.45
+
+
 def guard_overlay(
-    image: np.ndarray, saliency: np.ndarray, flags: np.ndarray, scale: int = 1, alpha: float = 0.45
+    image: np.ndarray, saliency: np.ndarray, flags: np.ndarray, scale: int = 1, alpha: float = TINT_ALPHA
 ) -> Image.Image:
     """Image + saliency heat + outlines of flagged patches: what a person looks at per prediction.
 

@@ -33,6 +33,7 @@ from edgeshort.errors import InputError
 from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, change_verdict, describe_change
 from edgeshort.report.draw import (
     HOT,
+    TINT_ALPHA,
     colourise,
     flag_outline_overlay,
     grid_to_pixels,
@@ -45,8 +46,6 @@ from edgeshort.runtime.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
-# How strongly the tint covers the test images in the flags section (guard_overlay's default, as predict's overlays).
-TINT_ALPHA = 0.45
 # Test images drawn per (artefact, correct) category in the flags section.
 SAMPLES_PER_CATEGORY = 4
 # Overlays of test images are drawn at least this many pixels on the short side.
@@ -828,7 +827,7 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
             # The image as it is, so the artefact's own colour shows, then with the tint.
             outlined = flag_outline_overlay(np.asarray(upscale(pixels, scale)), pred["flags"][i], width=scale)
             plain_src = assets.add(f"flags/test_{i}_outlined.png", outlined)
-            picture = guard_overlay(pixels, pred["saliency"][i], pred["flags"][i], scale=scale, alpha=TINT_ALPHA)
+            picture = guard_overlay(pixels, pred["saliency"][i], pred["flags"][i], scale=scale)
             src = assets.add(f"flags/test_{i}.png", picture)
 
             head = f"{_source(test_dataset.file_name(i), i)} · true <strong>{_e(run.class_name(labels[i]))}</strong>" + (
