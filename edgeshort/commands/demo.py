@@ -63,6 +63,7 @@ def spray_demo(result, val, out: Path) -> None:
     import numpy as np
     import torch
 
+    from edgeshort.report.html import artefact_share
     from edgeshort.spray import SpRAyDetector
     from edgeshort.spray.cli import GRID_NAME, write_outputs
 
@@ -73,11 +74,10 @@ def spray_demo(result, val, out: Path) -> None:
         group_labels=np.where(val.groups == 1, ARTEFACT, "no artefact"), target_layer=f"blocks.{len(model.blocks) - 2}",
     )
     write_outputs(spray, out)
-    report = spray.get_report()["report"]
-    print(f"  {len(val)} heatmaps, {len(report['clusters'])} clusters; risk {spray.risk_level_.upper()}")
-    for flag in report["clever_hans"]["flags"]:
-        cluster = next(c for c in report["clusters"] if c["cluster_id"] == flag["cluster_id"])
-        artefact = cluster["group_counts"].get(ARTEFACT, 0) / cluster["size"]
+    print(f"  {len(val)} heatmaps, {spray.n_clusters_} clusters; risk {spray.risk_level_.upper()}")
+    for flag in spray.clever_hans_["flags"]:
+        cluster = spray.clusters_[flag["cluster_id"]]
+        artefact = artefact_share(cluster)
         print(f"  cluster {flag['cluster_id']} ({flag['risk_level']}): {cluster['size']} images of class "
               f"{cluster['majority_label']}, {artefact:.0%} with the planted artefact")
     print(f"  {out / 'summary.txt'}, {out / GRID_NAME}")

@@ -1031,7 +1031,7 @@ def _carries_artefact(group) -> bool | None:
     return ARTEFACT_GROUP_VALUES.get(str(group).strip().lower())
 
 
-def _artefact_share(cluster: dict) -> float | None:
+def artefact_share(cluster: dict) -> float | None:
     """Share of a SpRAy cluster's images that carry the known artefact, or None when its group labels
     do not say (none given, or labels other than the artefact's presence).
 
@@ -1156,7 +1156,7 @@ def _spray_flag(flag: dict, cluster: dict, class_label: str) -> str:
     cid, level = flag.get("cluster_id"), flag.get("risk_level", "?")
     head = (f'<strong>cluster {_e(cid)}</strong> [<span class="risk-{_e(level)}">{_e(level)}</span>]'
             + (f", {_plural(int(cluster['size']), 'image')} of {_e(class_label)}" if cluster.get("size") else ""))
-    share = _artefact_share(cluster)
+    share = artefact_share(cluster)
     if share is not None:
         head += (f": <strong>{_pct(share, 1)} carry the known artefact</strong>"
                  + (' — <span class="no">most do not: this flag does not follow the artefact</span>'
@@ -1179,7 +1179,7 @@ def _spray_verdict_point(body: dict) -> str:
                if suspects else ", no cluster suspected")
             + (". Its flags are hypotheses to check against their pictures (SpRAy section), not a confirmation of "
                "the shortcut cluster above" if hans.get("flags") else ""))
-    shares = [(cid, _artefact_share(by_id.get(cid, {}))) for cid in suspects]
+    shares = [(cid, artefact_share(by_id.get(cid, {}))) for cid in suspects]
     known = [(cid, share) for cid, share in shares if share is not None]
     if known:
         text += "; " + ", ".join(
@@ -1236,13 +1236,13 @@ def _spray(run: RunData, assets: Assets) -> str:
     parts.append(_spray_settings(body, clusters))
     if clusters:
         with_groups = any(c.get("group_purity") is not None for c in clusters)
-        with_artefact = any(_artefact_share(c) is not None for c in clusters)
+        with_artefact = any(artefact_share(c) is not None for c in clusters)
         headers = ["cluster", "class / majority label", "size", "share of all maps", "label purity",
                    *(["majority group (share of cluster)"] if with_groups else []),
                    *(["with the artefact"] if with_artefact else []), "focus", "risk"]
         rows = []
         for c in clusters:
-            share = _artefact_share(c)
+            share = artefact_share(c)
             rows.append([_e(c.get("cluster_id")), _e(_spray_class(run, c)), _num(c.get("size")),
                          _pct(c.get("fraction"), 1), _num(c.get("label_purity")),
                          *([_majority_group(c)] if with_groups else []),
