@@ -72,6 +72,25 @@ def test_fused_graph_equals_split_chain(demo_bundle, demo_data, backend):
     assert fused["present"].any() and not fused["present"].all()
 
 
+@pytest.mark.parametrize("contrast", ["nearest", "mean"])
+def test_guard_graph_tints_as_the_detector_does(demo_result, demo_data, contrast):
+    """The exported guard computes the tint of either contrast as the offline detector does, so a bundle of a run
+    saved before `saliency` existed ("mean") keeps its tint."""
+    from dataclasses import replace
+
+    from edgeshort.export.graphs import KeyGuard
+
+    result = replace(demo_result, config=replace(demo_result.config, saliency=contrast))
+    images = np.stack([x for _, b in demo_data["test"].subset(np.arange(0, 800, 20)).batches(
+        result.adapter.preprocessing, 64) for x in b])
+    with torch.no_grad():
+        keys = result.adapter.keys(result.adapter.embed(torch.from_numpy(images)), result.config.key_layer)
+        graph = KeyGuard(result)(keys)[-1].numpy()
+    offline = result.saliency_maps(keys.numpy())
+    np.testing.assert_allclose(graph, offline, atol=1e-4, rtol=0)
+    assert offline.max() > 0.5 and offline.min() < 0.1  # a tint that varies, not one clipped flat
+
+
 def test_bundle_round_trip_rejects_tampering_and_newer_formats(demo_bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(demo_bundle.root, copy)

@@ -628,14 +628,21 @@ def test_the_page_shows_the_runs_provenance_apart_from_its_own(demo_result, tmp_
     assert f"torch {meta['versions']['torch']}" in provenance
     header = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.split("</header>")[0])))
     assert f"Run created not recorded with edgeshort {meta['versions']['edgeshort']} ( provenance )" in header
+    # A run from before the tint had a setting was tinted by the clean mean key, and its page says so.
+    config = json.loads((run / "config.json").read_text())
+    del config["saliency"]
+    (run / "config.json").write_text(json.dumps(config))
+    text = page_text(write_report(run, tmp_path / "oldest.html").read_text(), "flags")
+    assert "to the mean key at the same position over the validation images outside the shortcut cluster" in text
+    assert "nearest of the KNN's clean reference keys" not in text
 
 
 def test_flag_pictures_show_the_image_untinted_and_say_what_the_tint_is(demo_report, demo_result, demo_data):
     page = demo_report.read_text()
     flags = section(page, "flags")
     text = page_text(page, "flags")
-    assert demo_result.config.heatmap == "nearest"
-    assert "not the contrast the detector's key heatmaps use ( heatmap = nearest" in text
+    assert demo_result.config.saliency == "nearest"
+    assert "the distance of its key to the nearest of the KNN's clean reference keys ( saliency = nearest )" in text
     assert "the outlines are its decision, and only they" in text and 'class="colour-key"' in flags
     outlined = re.findall(r'<img src="([^"]+)" alt="test image (\d+) with flag outlines">', flags)
     assert outlined and len(outlined) == len(re.findall(r'alt="test image \d+ with flags and tint"', flags))

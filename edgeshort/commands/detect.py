@@ -13,6 +13,7 @@ from edgeshort.detect.config import (
     HEATMAP_CONTRASTS,
     NEGATIVE_CHOICES,
     POSITIVE_CHOICES,
+    SALIENCY_CONTRASTS,
     SETTING_NOTES,
     DetectorConfig,
 )
@@ -25,7 +26,7 @@ CLASS_MAP_HELP = ("merge the data's classes into the model's, DATA=MODEL pairs, 
                   "BKL=benign (every class with images must be mapped)")
 # The settings that take a word, not a number.
 CHOICES = {"dfr": DFR_METHODS, "heatmap": HEATMAP_CONTRASTS, "negatives": NEGATIVE_CHOICES,
-           "cluster_space": CLUSTER_SPACES, "positives": POSITIVE_CHOICES}
+           "cluster_space": CLUSTER_SPACES, "positives": POSITIVE_CHOICES, "saliency": SALIENCY_CONTRASTS}
 
 
 def add_arguments(parser) -> None:

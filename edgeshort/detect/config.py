@@ -10,6 +10,7 @@ from edgeshort.errors import InputError
 
 DFR_METHODS = ("logreg", "adam", "none")
 HEATMAP_CONTRASTS = ("nearest", "mean")
+SALIENCY_CONTRASTS = ("nearest", "mean")
 NEGATIVE_CHOICES = ("spread", "closest")
 CLUSTER_SPACES = ("auto", "pooled", "class_centred")
 POSITIVE_CHOICES = ("calibrated", "hottest")
@@ -18,7 +19,8 @@ POSITIVE_CHOICES = ("calibrated", "hottest")
 # found the artefact, 0.30-0.58 where they split the classes instead.
 CLASS_FOLLOWING_NMI = 0.2
 # Runs written before these settings existed used the notebook's choices.
-SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest", "positives": "hottest", "cluster_space": "pooled"}
+SETTINGS_OF_EARLIER_RUNS = {"heatmap": "mean", "negatives": "closest", "positives": "hottest", "cluster_space": "pooled",
+                            "saliency": "mean"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class DetectorConfig:
     positive_quantile: float = 0.999
     heatmap: str = "nearest"  # see detect/keymaps.py for both contrasts
     negatives: str = "spread"
+    saliency: str = "nearest"  # the guard's per-patch tint (overlays, report); see DetectionResult.saliency_maps
     dilation_radius: int | None = None
     min_patches: int = 2
     key_layer: int = -1
@@ -79,6 +82,7 @@ class DetectorConfig:
             (self.positives in POSITIVE_CHOICES, f"positives in {POSITIVE_CHOICES}, got {self.positives!r}"),
             (0 < self.positive_quantile < 1, f"0 < positive_quantile < 1, got {self.positive_quantile}"),
             (self.negatives in NEGATIVE_CHOICES, f"negatives in {NEGATIVE_CHOICES}, got {self.negatives!r}"),
+            (self.saliency in SALIENCY_CONTRASTS, f"saliency in {SALIENCY_CONTRASTS}, got {self.saliency!r}"),
             (self.batch_size >= 1, f"batch_size >= 1, got {self.batch_size}"),
             (self.dfr_subsamples >= 1, f"dfr_subsamples >= 1, got {self.dfr_subsamples}"),
         ]
@@ -139,6 +143,8 @@ SETTING_NOTES = {
     "positive_quantile": "quantile of clean tokens' heat a calibrated positive must exceed",
     "negatives": "KNN negatives spread over the clean tokens' heat ranking (spread) or the coolest "
                  "(closest, the seed's)",
+    "saliency": "the guard's per-patch tint: key distance to the nearest of the KNN's clean keys (nearest) or to "
+                "the clean mean key per position (mean, earlier runs')",
     "dilation_radius": "flags grown to neighbours within this radius (None: the seed's 1 at 14 x 14 patches, "
                        "scaled to this grid)",
     "min_patches": "flagged patches needed for 'shortcut present' (the seed's 'more than one')",

@@ -29,6 +29,7 @@ from edgeshort.detect.keymaps import (
     mean_keys_outside,
     nearest_clean_distance_maps,
     nearest_to_centroids,
+    saliency_distance_maps,
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
 from edgeshort.errors import InputError
@@ -70,7 +71,7 @@ class Predictions:
     raw_flags: np.ndarray  # (N, gh, gw) KNN flags
     flags: np.ndarray  # (N, gh, gw) excluded patches: raw flags dilated, where a shortcut is present
     present: np.ndarray  # (N,) shortcut present (>= min_patches raw flags)
-    saliency: np.ndarray  # (N, gh, gw) key distance to the clean mean, scaled to [0, 1]
+    saliency: np.ndarray  # (N, gh, gw) the guard's tint in [0, 1] (DetectionResult.saliency_maps)
     input_sha256: np.ndarray | None = None  # (N,) `input_digests` of the images predicted
 
     def labels(self, kind: str) -> np.ndarray:
@@ -137,8 +138,15 @@ class DetectionResult:
         present = raw.reshape(b, -1).sum(1) >= self.config.min_patches
         # The flags are what the ablation excludes: dilated, and only where a shortcut is present.
         flags = dilate(raw, self.config.dilation_radius) & present[:, None, None]
-        saliency = np.clip(key_distance_maps(keys, self.clean_keys) / self.saliency_scale, 0, 1)
-        return raw, flags, present, saliency.reshape(b, *self.grid).astype(np.float32)
+        return raw, flags, present, self.saliency_maps(keys)
+
+    def saliency_maps(self, keys: np.ndarray) -> np.ndarray:
+        """Keys (B, N, d) -> (B, gh, gw) the guard's tint: the key distance of `config.saliency`
+        (`saliency_distance_maps`) over `saliency_scale`, its 99.9th percentile over every validation
+        patch, clipped to [0, 1]. It is not a flag: the flags are the decision."""
+        distances = saliency_distance_maps(keys, self.config.saliency, self.knn, self.clean_keys)
+        saliency = np.clip(distances / self.saliency_scale, 0, 1)
+        return saliency.reshape(keys.shape[0], *self.grid).astype(np.float32)
 
     def guard_tokens(self, tokens):
         """Tokens -> (keys, raw flags, flags, present, saliency, keep): the guard and its keep mask tensor."""
@@ -426,8 +434,8 @@ class ShortcutDetector:
         )
         knn = KeyKNN(x, y, cfg.knn_k)
         clean_keys = mean_keys_outside(feats.keys, clustering.assignments, shortcut).astype(np.float32)
-        clean_distances = key_distance_maps(feats.keys, clean_keys)
-        saliency_scale = float(np.percentile(clean_distances, 99.9)) or 1.0
+        saliency_distances = saliency_distance_maps(feats.keys, cfg.saliency, knn, clean_keys)
+        saliency_scale = float(np.percentile(saliency_distances, 99.9)) or 1.0
         raw = knn.flags(feats.keys).reshape(len(dataset), *adapter.grid)
         present = raw.reshape(len(dataset), -1).sum(1) >= cfg.min_patches
         seconds["knn"] = time.perf_counter() - t

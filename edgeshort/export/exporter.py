@@ -363,7 +363,7 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
         "guard": {
             "key_layer": cfg.key_layer, "knn_k": int(result.knn.k), "knn_reference_size": int(len(result.knn.reference)),
             "dilation_radius": cfg.dilation_radius, "min_patches": cfg.min_patches,
-            "saliency_scale": result.saliency_scale, "has_dfr": result.dfr_head is not None,
+            "saliency": cfg.saliency, "saliency_scale": result.saliency_scale, "has_dfr": result.dfr_head is not None,
             "dfr_omitted": dfr_omitted,
             "shortcut_cluster": int(result.shortcut_cluster),
             # The detection run's own doubts (e.g. ablation that lowers validation accuracy) travel with

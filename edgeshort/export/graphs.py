@@ -28,7 +28,17 @@ class KeyGuard(nn.Module):
         self.register_buffer("reference", reference)
         self.register_buffer("reference_sq", (reference**2).sum(1))
         self.register_buffer("reference_labels", torch.from_numpy(result.knn.labels).float())
-        self.register_buffer("clean_keys", torch.from_numpy(result.clean_keys).float())
+        self.saliency = cfg.saliency
+        if self.saliency == "mean":
+            self.register_buffer("clean_keys", torch.from_numpy(result.clean_keys).float())
+        else:  # the tint's nearest clean key is one of the KNN's negatives (DetectionResult.saliency_maps)
+            clean = reference[torch.from_numpy(result.knn.labels == 0)]
+            # Distances are expanded about the clean keys' centre, so a common offset of all keys does not
+            # cancel away their precision (bf16 on CPUs that have it).
+            centre = clean.mean(0)
+            self.register_buffer("clean_centre", centre)
+            self.register_buffer("clean_centred", clean - centre)
+            self.register_buffer("clean_centred_sq", ((clean - centre) ** 2).sum(1))  # for the ranking only
 
     def forward(self, keys: torch.Tensor):
         b, n, d = keys.shape
@@ -49,8 +59,15 @@ class KeyGuard(nn.Module):
         flags = dilated.reshape(b, *self.grid) & present[:, None, None]
         drop = flags.reshape(b, n)
         keep = torch.cat([torch.ones(b, self.num_prefix, dtype=torch.bool, device=keys.device), ~drop], dim=1)
-        saliency = torch.linalg.vector_norm(keys - self.clean_keys[None], dim=-1) / self.saliency_scale
-        saliency = saliency.clamp(0.0, 1.0).reshape(b, *self.grid)
+        if self.saliency == "mean":
+            distance = torch.linalg.vector_norm(keys - self.clean_keys[None], dim=-1)
+        else:  # DetectionResult.saliency_maps: distance to the nearest clean reference key
+            centred = flat - self.clean_centre
+            nearest_clean = (self.clean_centred_sq[None, :] - 2.0 * centred @ self.clean_centred.T).argmin(1)
+            # Measured directly, not from the expansion: a key at or next to a clean key (the validation
+            # images' own) would get the square root of a rounding error.
+            distance = torch.linalg.vector_norm(centred - self.clean_centred[nearest_clean], dim=-1).reshape(b, n)
+        saliency = (distance / self.saliency_scale).clamp(0.0, 1.0).reshape(b, *self.grid)
         return flags, raw, present, keep, saliency
 
 

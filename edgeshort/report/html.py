@@ -901,21 +901,28 @@ def _dfr_rescoring(pred: dict[str, np.ndarray] | None) -> str:
 
 def _tint_legend(run: RunData) -> str:
     """What the flag pictures show: the outlines are the guard's flags; the tint is another measure, said exactly."""
-    heatmap = run.config.get("heatmap", SETTINGS_OF_EARLIER_RUNS["heatmap"])
-    same = ("the contrast this run's key heatmaps use too (<code>heatmap</code> = <code>mean</code>)" if heatmap == "mean"
-            else "not the contrast the detector's key heatmaps use (<code>heatmap</code> = "
-                 f"<code>{_e(heatmap)}</code>: the distance to the nearest clean keys at any position), which the "
-                 "report cannot compute without the model")
+    if run.config.get("saliency", SETTINGS_OF_EARLIER_RUNS["saliency"]) == "mean":
+        heatmap = run.config.get("heatmap", SETTINGS_OF_EARLIER_RUNS["heatmap"])
+        same = ("the contrast this run's key heatmaps use too (<code>heatmap</code> = <code>mean</code>)"
+                if heatmap == "mean" else "not the contrast the detector's key heatmaps use (<code>heatmap</code> = "
+                f"<code>{_e(heatmap)}</code>: the distance to the nearest clean keys at any position)")
+        measure = ("the distance of its key to the mean key at the same position over the validation images outside "
+                   f"the shortcut cluster (<code>saliency</code> = <code>mean</code>). This is {same}. Lesions vary "
+                   "from image to image, so they sit far from any mean key and are tinted on clean images too")
+        key = "key distance to the clean mean key, over its 99.9th percentile"
+    else:
+        measure = ("the distance of its key to the nearest of the KNN's clean reference keys (<code>saliency</code> "
+                   "= <code>nearest</code>), the contrast of the key heatmaps above measured against the keys the "
+                   "bundle holds. A lesion has near neighbours among the clean images' lesions, an artefact has "
+                   "none, so the tint is strongest where the image shows what the clean images never do")
+        key = "key distance to the nearest clean reference key, over its 99.9th percentile"
     return (
         "<p>Each test image is shown twice: <strong>left as it is</strong>, with an outline "
         '(<span class="legend-swatch"></span>) around every patch the guard flagged and masked: the outlines are '
-        "its decision, and only they. <strong>Right with a tint</strong> that is not a flag: per patch, the "
-        "distance of its key to the mean key at the same position over the validation images outside the shortcut "
-        "cluster, divided by the 99.9th percentile of that distance over every validation patch. This is "
-        f"{same}. Lesions vary from image to image, so they sit far from any mean key and are tinted on clean images "
-        "too; read a tinted patch without an outline as unusual, not as flagged.</p>"
-        + _colour_key(HOT, "0", "1 or more", f"tint, blended at {TINT_ALPHA:.0%} over the image: key distance to the "
-                                             "clean mean key, over its 99.9th percentile"))
+        "its decision, and only they. <strong>Right with a tint</strong> that is not a flag: per patch, "
+        f"{measure}; it is divided by the 99.9th percentile of that distance over every validation patch. Read a "
+        "tinted patch without an outline as unusual, not as flagged.</p>"
+        + _colour_key(HOT, "0", "1 or more", f"tint, blended at {TINT_ALPHA:.0%} over the image: {key}"))
 
 
 def _test_set_line(run: RunData) -> str:
