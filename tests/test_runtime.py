@@ -677,6 +677,21 @@ def test_fuzzed_files_give_a_result_or_a_documented_error(guards, tmp_path_facto
     _outcome(guards["onnxruntime"], path)
 
 
+def test_a_thumbnail_is_predicted_with_a_warning_that_names_its_size(guards, test_images):
+    from PIL import Image
+
+    guard = guards["onnxruntime"]
+    full = Image.fromarray(test_images[0])  # the model's own input size: no warning
+    thumbnail = full.resize((12, 12), Image.BILINEAR)
+    whole, small, tensor = guard.predict([full, thumbnail, guard.preprocess(full)[0]])
+    assert whole.image_size == full.size and whole.enlargement == pytest.approx(1.0) and whole.warning is None
+    assert small.image_size == (12, 12) and small.enlargement == pytest.approx(full.width / 12)
+    assert small.warning.startswith("the image is 12 x 12 pixels, enlarged 5.3-fold to the model's input")
+    assert small.to_dict()["image_size"] == [12, 12] and small.to_dict()["warning"] == small.warning
+    assert tensor.image_size is None and tensor.enlargement is None and tensor.warning is None  # size unknown
+    assert guard.predict(full.resize((17, 17))).warning is None  # 3.8-fold: a low-resolution scan, still read
+
+
 def test_result_gives_the_final_probability_and_warns_when_flags_cover_most_of_the_image():
     grid = np.zeros((4, 4), bool)
 

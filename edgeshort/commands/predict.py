@@ -444,8 +444,8 @@ def run(args) -> int:
         print(f"{counts['images']} images predicted, {counts['shortcut_present']} with a shortcut, "
               f"{counts['failed']} failed{where} ({guard.info.backend}, {guard.info.precision})", file=sys.stderr)
         if counts["warned"]:
-            print(f"{counts['warned']} with flags over most of the image: see their records' warning and review "
-                  "them by hand", file=sys.stderr)
+            print(f"{counts['warned']} with a warning (flags over most of the image, or an image far smaller than "
+                  "the model's input): see their records' warning and review them by hand", file=sys.stderr)
         for line in inputs.skipped_lines():
             print(line, file=sys.stderr)
         if overlays is not None and overlays.renamed:

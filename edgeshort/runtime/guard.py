@@ -56,6 +56,9 @@ def log_run_warnings(bundle: Bundle) -> None:
 
 # Share of an image's patches flagged above which a result carries a warning.
 MOST_PATCHES = 0.5
+# Enlargement to the model's input above which a result carries a warning: a thumbnail or a crop of a few
+# pixels becomes blocks of one colour per pixel, with none of the detail the model learned from.
+MOST_ENLARGEMENT = 4.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +85,8 @@ class GuardResult:
     shortcut_present: bool
     class_names: tuple[str, ...]
     source: str | None = None
+    image_size: tuple[int, int] | None = None  # (width, height) as decoded; None for a preprocessed array
+    enlargement: float | None = None  # how many-fold the image was enlarged to the model's input
 
     @property
     def flagged_patches(self) -> int:
@@ -115,18 +120,24 @@ class GuardResult:
 
     @property
     def warning(self) -> str | None:
-        """A reason to distrust the guarded prediction, or None."""
+        """Reasons to distrust the guarded prediction ("; " between them), or None."""
+        reasons = []
         share = self.flagged_patches / self.flags.size
         if share == 1:
-            return (f"flags cover all {self.flags.size} patches: the guarded prediction saw none of the image, so do "
-                    "not use it; the image is likely unlike the images the guard was fitted on")
-        if share > MOST_PATCHES:
+            reasons.append(f"flags cover all {self.flags.size} patches: the guarded prediction saw none of the image, "
+                           "so do not use it; the image is likely unlike the images the guard was fitted on")
+        elif share > MOST_PATCHES:
             # Artefacts cover a few patches; flags over most of an image point at an image unlike the
             # validation data (another modality, a corrupt scan), and the ablated label rests on few tokens.
-            return (f"flags cover {self.flagged_patches} of {self.flags.size} patches: the image may be unlike the "
-                    "images the guard was fitted on, and the guarded prediction rests on the few patches left; "
-                    "review it by hand")
-        return None
+            reasons.append(f"flags cover {self.flagged_patches} of {self.flags.size} patches: the image may be unlike "
+                           "the images the guard was fitted on, and the guarded prediction rests on the few patches "
+                           "left; review it by hand")
+        if self.enlargement is not None and self.enlargement > MOST_ENLARGEMENT:
+            width, height = self.image_size
+            reasons.append(f"the image is {width} x {height} pixels, enlarged {self.enlargement:.1f}-fold to the "
+                           f"model's input: it lacks the detail the model learned from; pass the full-resolution "
+                           "image, not a thumbnail")
+        return "; ".join(reasons) or None
 
     def to_dict(self) -> dict:
         """Plain Python types only, ready for `json.dumps`."""
@@ -146,6 +157,7 @@ class GuardResult:
             "dfr_logits": floats(self.dfr_logits),
             "flags": self.flags.tolist(), "raw_flags": self.raw_flags.tolist(), "saliency": floats(self.saliency),
             "class_names": list(self.class_names),
+            "image_size": None if self.image_size is None else list(self.image_size), "enlargement": self.enlargement,
         }
 
 
@@ -336,11 +348,13 @@ class Guard:
                 return [(item[j], f"{name}[{j}]") for j in range(item.shape[0])]
         return [(item, name)]
 
-    def _to_tensor(self, item: Any, source: str) -> np.ndarray:
-        """One input -> float32 (3, H, W) as the model wants it."""
+    def _to_tensor(self, item: Any, source: str) -> tuple[np.ndarray, tuple[int, int] | None]:
+        """One input -> float32 (3, H, W) as the model wants it, and the image's (width, height) (None for an
+        array already preprocessed)."""
         if isinstance(item, np.ndarray) and item.dtype != np.uint8:
-            return self._check_tensor(item, source)
-        return preprocess_image(as_pil(item, self.max_pixels, source=source), self.preprocessing)
+            return self._check_tensor(item, source), None
+        image = as_pil(item, self.max_pixels, source=source)
+        return preprocess_image(image, self.preprocessing), image.size
 
     def _check_tensor(self, x: np.ndarray, source: str) -> np.ndarray:
         h, w = self.preprocessing.size
@@ -388,13 +402,16 @@ class Guard:
 
     def preprocess(self, images: Any) -> np.ndarray:
         """Any accepted input -> the float32 (B, 3, H, W) batch the graphs take."""
-        return self._tensors(self._expand(images)[0])
+        return self._tensors(self._expand(images)[0])[0]
 
-    def _tensors(self, items: list[tuple[Any, str]]) -> np.ndarray:
-        """[(input, source name)] -> float32 (B, 3, H, W); files and large images on the preprocessing threads."""
+    def _tensors(self, items: list[tuple[Any, str]]) -> tuple[np.ndarray, list[tuple[int, int] | None]]:
+        """[(input, source name)] -> float32 (B, 3, H, W) and each image's (width, height); files and large
+        images on the preprocessing threads."""
         rows = map_images(lambda i, item: self._to_tensor(item, items[i][1]), [item for item, _ in items],
                           self._options["threads"])
-        return np.stack(rows) if rows else np.empty((0, 3, *self.preprocessing.size), np.float32)
+        if not rows:
+            return np.empty((0, 3, *self.preprocessing.size), np.float32), []
+        return np.stack([x for x, _ in rows]), [size for _, size in rows]
 
     # -- prediction -------------------------------------------------------------------------
     def predict(
@@ -427,9 +444,9 @@ class Guard:
         items, single = self._expand(images)
         results: list[GuardResult] = []
         for chunk in _chunks(items, int(batch_size)):
-            x = self._tensors(chunk)
+            x, sizes = self._tensors(chunk)
             batch = self._run_fused(x) if path == "fused" else self._run_split(x, drop_tokens)
-            results.extend(self._results(batch, [source for _, source in chunk]))
+            results.extend(self._results(batch, [source for _, source in chunk], sizes))
         return results[0] if single else results
 
     def _run_fused(self, x: np.ndarray) -> _Batch:
@@ -481,7 +498,7 @@ class Guard:
                 dfr[i] = out["dfr_logits"][0]
         return ablated, dfr
 
-    def _results(self, batch: _Batch, sources: list[str]) -> list[GuardResult]:
+    def _results(self, batch: _Batch, sources: list[str], sizes: list[tuple[int, int] | None]) -> list[GuardResult]:
         names = self.class_names
         finite = np.isfinite(batch.logits).all(1) & np.isfinite(batch.ablated_logits).all(1)
         if not finite.all():
@@ -503,7 +520,8 @@ class Guard:
                 dfr_class_name=None if dfr_label is None else names[dfr_label],
                 flags=_frozen(batch.flags[i], bool), raw_flags=_frozen(batch.raw_flags[i], bool),
                 saliency=_frozen(batch.saliency[i], np.float32), shortcut_present=bool(batch.present[i]),
-                class_names=names, source=source,
+                class_names=names, source=source, image_size=sizes[i],
+                enlargement=None if sizes[i] is None else self.preprocessing.enlargement(*sizes[i]),
             ))
         return results
 

@@ -236,6 +236,12 @@ class Preprocessing:
         sx, sy = width / resized_w, height / resized_h
         return left * sx, top * sy, right * sx, bottom * sy
 
+    def enlargement(self, width: int, height: int) -> float:
+        """How many-fold a (width, height) image is enlarged on its way to the model (below 1: shrunk)."""
+        left, top, right, bottom = self.crop_box(width, height)
+        h, w = self.size
+        return max(w / (right - left), h / (bottom - top))
+
     def seen_part(self, img: Image.Image) -> Image.Image:
         """The part of `img` the model sees, at the image's own resolution (all of it unless cropping)."""
         if self.crop_pct is None:
