@@ -138,7 +138,8 @@ def test_other_column_names_are_given_by_role(tmp_path):
         load_manifest(listing)
     with pytest.raises(InputError) as caught:
         load_manifest(listing, columns={"image": "scan"})
-    assert "rename the label column's header to 'label' (Python: or pass columns={'label': ...})" in str(caught.value)
+    assert ("rename the label column's header to 'label', or name it (CLI: --columns label=HEADER; Python: "
+            "columns={'label': ...})") in str(caught.value)
     data = load_manifest(listing, columns={"image": "scan", "label": "finding", "group": "sticker"})
     assert data.class_names == ("effusion", "normal") and data.groups.tolist() == [0, 1]
     assert dataset_from_source(data.source).groups.tolist() == [0, 1]
@@ -257,3 +258,35 @@ def test_detect_command_reads_csv_listings(demo_vit, demo_data, demo_result, tmp
     with np.load(tmp_path / "run" / "clusters.npz") as arrays:
         assert [s["index"] for s in samples] == arrays["selected_0"][:len(samples)].tolist()
     assert len(samples) == 8 and all(Path(s["file"]).is_file() for s in samples)
+
+
+def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(demo_result, demo_data, tmp_path,
+                                                                              capsys):
+    """A hospital export keeps its headers: `--columns` names them, and the run records them for the next time."""
+    import json
+    import shlex
+    import shutil
+
+    from edgeshort.cli import main
+    from edgeshort.report.html import _eval_argument
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_result.run_dir, run)
+    listing = write_listed(demo_data["test"], tmp_path / "test", rows=range(0, 800, 10))
+    listing.write_text(listing.read_text().replace("path,label,group,mask", "file_name,finding,has_patch,outline", 1))
+    assert main(["report", str(run), "--eval", str(listing), "--quiet"]) == 2
+    assert "found no image column" in capsys.readouterr().err
+    columns = "image=file_name,label=finding,group=has_patch,mask=outline"
+    assert main(["report", str(run), "--columns", columns, "--quiet"]) == 2  # nothing to apply them to
+    assert "--columns describe the test images of --eval, which was not given" in capsys.readouterr().err
+    assert main(["report", str(run), "--eval", str(listing), "--columns", columns, "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_size"] == 80 and metrics["patch_recall"] is not None and metrics["wga_ablated"] is not None
+    again = _eval_argument(metrics["test_source"])
+    assert again == f"{shlex.quote(str(listing))} --columns {columns}"
+    assert main(["report", str(run), "--eval", *shlex.split(again), "--quiet"]) == 0  # the report's hint works
+    assert json.loads((run / "metrics.json").read_text())["wga_ablated"] == metrics["wga_ablated"]
+    with pytest.raises(InputError, match=r"column names apply to a CSV listing, .* is a folder; leave it out \(--columns\)"):
+        load_images(tmp_path / "test" / "img", columns={"image": "file_name"})
+    assert main(["report", str(run), "--eval", str(listing), "--columns", "file_name", "--quiet"]) == 2
+    assert "expected the columns as ROLE=HEADER pairs" in capsys.readouterr().err

@@ -22,6 +22,8 @@ from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 
 IMAGE_ROOT_HELP = ("folder the CSV listing's image paths are relative to (default: the CSV's folder), e.g. ISIC's "
                    "image folder beside its ground-truth CSV")
+COLUMNS_HELP = ("the CSV listing's headers by role where the defaults do not recognise them, ROLE=HEADER pairs "
+                "(roles image, label, group, mask), e.g. image=file_name,label=finding,group=has_ruler")
 CLASS_MAP_HELP = ("merge the data's classes into the model's, DATA=MODEL pairs, e.g. MEL=malignant,NV=benign,"
                   "BKL=benign (every class with images must be mapped)")
 # The settings that take a word, not a number.
@@ -45,6 +47,7 @@ def add_arguments(parser) -> None:
                         "(path,label[,group][,mask], or ISIC's one-hot ground truth), or ROOT/val for the seed layout")
     parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
     parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
+    parser.add_argument("--columns", help=COLUMNS_HELP)
     parser.add_argument("--classes", help="comma list of the model's classes in its output order, named as the "
                                           "class folders or --class-map targets (default: sorted, as torchvision's "
                                           "ImageFolder)")
@@ -90,7 +93,7 @@ def config_from_args(args, base: DetectorConfig | None = None) -> DetectorConfig
 
 
 def run(args) -> int:
-    from edgeshort.data import load_images, parse_class_map
+    from edgeshort.data import load_images, parse_class_map, parse_columns
     from edgeshort.data.dataset import in_class_order
     from edgeshort.detect import ShortcutDetector
     from edgeshort.models import load_adapter_file
@@ -99,7 +102,8 @@ def run(args) -> int:
         from edgeshort.demo import demo_datasets, demo_model
 
         fixed = [flag for flag, value in (("--classes", args.classes), ("--class-map", args.class_map),
-                                          ("--image-root", args.image_root), ("--img-size", args.img_size),
+                                          ("--image-root", args.image_root), ("--columns", args.columns),
+                                          ("--img-size", args.img_size),
                                           ("--mean", args.mean), ("--std", args.std),
                                           ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct),
                                           ("--crop-mode", args.crop_mode))
@@ -120,13 +124,14 @@ def run(args) -> int:
         )
         classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
         class_map = parse_class_map(args.class_map) if args.class_map else None
-        val = load_images(args.data, classes, class_map, args.image_root)
+        columns = parse_columns(args.columns) if args.columns else None
+        val = load_images(args.data, classes, class_map, args.image_root, columns)
         if classes is None and model.class_names and set(model.class_names) == set(val.class_names):
             # The model names its outputs (transformers' id2label) and the data has the same classes.
             classes = list(model.class_names)
             val = in_class_order(val, classes)
             print(f"classes in the model's output order (its id2label): {', '.join(classes)}")
-        test = load_images(args.eval_data, classes, class_map, args.image_root) if args.eval_data else None
+        test = load_images(args.eval_data, classes, class_map, args.image_root, columns) if args.eval_data else None
         config = config_from_args(args)
     result = ShortcutDetector(config).fit(model, val, run_dir=args.out)
     print(result.summary())

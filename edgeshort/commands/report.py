@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeshort.commands.detect import CLASS_MAP_HELP, IMAGE_ROOT_HELP
+from edgeshort.commands.detect import CLASS_MAP_HELP, COLUMNS_HELP, IMAGE_ROOT_HELP
 
 
 def add_arguments(parser) -> None:
@@ -17,6 +17,7 @@ def add_arguments(parser) -> None:
                              "then draw the guard's flags on them")
     parser.add_argument("--class-map", help=CLASS_MAP_HELP)
     parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
+    parser.add_argument("--columns", help=COLUMNS_HELP)
     parser.add_argument("--embed", action="store_true",
                         help="put every picture into the HTML as a data URI, writing no <stem>_files/ folder "
                              "(one file to mail or attach)")
@@ -27,16 +28,24 @@ def run(args) -> int:
     from edgeshort.report import write_report
 
     test = None
+    loose = [flag for flag, value in (("--class-map", args.class_map), ("--image-root", args.image_root),
+                                      ("--columns", args.columns)) if value]
+    if loose and not args.eval_data:
+        from edgeshort.errors import InputError
+
+        raise InputError(f"{', '.join(loose)} describe the test images of --eval, which was not given; add "
+                         "--eval TEST_IMAGES, or leave them out")
     if args.eval_data:
         # Evaluation needs the model (torch); reporting alone does not.
         from dataclasses import replace
 
-        from edgeshort.data import load_images, parse_class_map
+        from edgeshort.data import load_images, parse_class_map, parse_columns
         from edgeshort.detect import ShortcutDetector
 
         result = ShortcutDetector.load(args.run)
         class_map = parse_class_map(args.class_map) if args.class_map else None
-        test = load_images(args.eval_data, result.class_names, class_map, args.image_root)
+        columns = parse_columns(args.columns) if args.columns else None
+        test = load_images(args.eval_data, result.class_names, class_map, args.image_root, columns)
         result.config = replace(result.config, progress=not args.quiet)
         result.evaluate(test, print_table=not args.quiet)
     out = write_report(Path(args.run), args.out, test_dataset=test, embed=args.embed)

@@ -14,6 +14,7 @@ from edgeshort.data.dataset import (
     load_unlabelled,
     merge_classes,
     parse_class_map,
+    parse_columns,
     write_seed_layout,
 )
 from edgeshort.data.manifest import load_manifest
@@ -39,5 +40,6 @@ __all__ = [
     "load_unlabelled",
     "merge_classes",
     "parse_class_map",
+    "parse_columns",
     "write_seed_layout",
 ]

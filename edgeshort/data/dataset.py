@@ -295,7 +295,7 @@ def dataset_from_source(source: str, class_names: Sequence[str] | None = None) -
 
 def load_images(
     path: str | Path, class_names: Sequence[str] | None = None, class_map: Mapping[str, str] | None = None,
-    image_root: str | Path | None = None,
+    image_root: str | Path | None = None, columns: Mapping[str, str] | None = None,
 ) -> ImageDataset:
     """An ImageFolder tree, a CSV file listing images (see `data/manifest.py`), or the seed layout when
     `path` is `ROOT/SPLIT` with `SPLIT_w(o)_patches` beside it.
@@ -303,18 +303,21 @@ def load_images(
     Labels follow the sorted folder names, as torchvision's ImageFolder, unless `class_names` gives
     the order of the model's outputs. `class_map` merges the data's classes into the model's (see
     `merge_classes`); `class_names` then orders the merged classes. `image_root` is the folder a
-    CSV listing's paths are relative to (default: the CSV's own folder).
+    CSV listing's paths are relative to (default: the CSV's own folder); `columns` names its headers
+    by role where the defaults do not recognise them (see `load_manifest`).
     """
     if class_map is not None:
-        return merge_classes(load_images(path, image_root=image_root), class_map, class_names)
+        return merge_classes(load_images(path, image_root=image_root, columns=columns), class_map, class_names)
     path = Path(path)
     if path.suffix.lower() == ".csv":
         from edgeshort.data.manifest import load_manifest
 
-        return load_manifest(path, class_names, image_root=image_root)
-    if image_root is not None:
-        raise InputError(f"an image root applies to a CSV listing, but {str(path)!r} is a folder; leave it out "
-                         "(--image-root), or pass the CSV file")
+        return load_manifest(path, class_names, image_root=image_root, columns=columns)
+    for value, what, flag in ((image_root, "an image root applies", "--image-root"),
+                              (columns, "column names apply", "--columns")):
+        if value is not None:
+            raise InputError(f"{what} to a CSV listing, but {str(path)!r} is a folder; leave it out ({flag}), or "
+                             "pass the CSV file")
     if not path.exists() and (path.parent / f"{path.name}_wo_patches").is_dir():
         return load_seed_layout(path.parent, path.name, class_names)
     return ImageFolder(path, class_names)
@@ -377,21 +380,32 @@ def merge_classes(
     return merged
 
 
-def parse_class_map(text: str) -> dict[str, str]:
-    """'MEL=malignant,NV=benign' -> {'MEL': 'malignant', 'NV': 'benign'} (the command-line form)."""
+def _parse_pairs(text: str, what: str, form: str, example: str) -> dict[str, str]:
+    """'A=x,B=y' -> {'A': 'x', 'B': 'y'}: the command-line form of a mapping, each key once."""
     pairs = [item.strip() for item in text.split(",") if item.strip()]
     malformed = [p for p in pairs if p.count("=") != 1 or not all(side.strip() for side in p.split("="))]
     if not pairs or malformed:
         raise InputError(
-            f"expected the class map as DATA=MODEL pairs separated by commas, e.g. MEL=malignant,NV=benign; "
-            f"got {text!r}" + (f" ({malformed} are not DATA=MODEL)" if malformed else "")
+            f"expected the {what} as {form} pairs separated by commas, e.g. {example}; "
+            f"got {text!r}" + (f" ({malformed} are not {form})" if malformed else "")
         )
-    class_map: dict[str, str] = {}
-    for source, target in (p.split("=") for p in pairs):
-        if source.strip() in class_map:
-            raise InputError(f"the class map gives {source.strip()!r} twice in {text!r}; map each class once")
-        class_map[source.strip()] = target.strip()
-    return class_map
+    mapping: dict[str, str] = {}
+    for key, value in (p.split("=") for p in pairs):
+        if key.strip() in mapping:
+            raise InputError(f"the {what} gives {key.strip()!r} twice in {text!r}; give each once")
+        mapping[key.strip()] = value.strip()
+    return mapping
+
+
+def parse_class_map(text: str) -> dict[str, str]:
+    """'MEL=malignant,NV=benign' -> {'MEL': 'malignant', 'NV': 'benign'} (the command-line form)."""
+    return _parse_pairs(text, "class map", "DATA=MODEL", "MEL=malignant,NV=benign")
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """'image=file_name,label=finding' -> {'image': 'file_name', 'label': 'finding'}: a CSV listing's
+    headers by role (the command-line form of `load_manifest`'s `columns`)."""
+    return _parse_pairs(text, "columns", "ROLE=HEADER", "image=file_name,label=finding,group=has_ruler")
 
 
 def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDataset:

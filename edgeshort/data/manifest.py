@@ -142,8 +142,8 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
     if len(onehot) < 2:
         raise InputError(
             f"{csv_path}: found no label column (one of {list(COLUMN_NAMES['label'])}) and no one-hot class columns "
-            f"of 0/1 values among {header}; rename the label column's header to 'label' (Python: or pass "
-            "columns={'label': ...})"
+            f"of 0/1 values among {header}; rename the label column's header to 'label', or name it (CLI: "
+            "--columns label=HEADER; Python: columns={'label': ...})"
         )
     hot = np.array([[float(row[h]) for h in onehot] for row in rows])
     bad = np.flatnonzero(hot.sum(1) != 1)
@@ -180,13 +180,14 @@ def load_manifest(
     columns = dict(columns or {})
     unknown_roles = sorted(set(columns) - set(COLUMN_NAMES))
     if unknown_roles:
-        raise InputError(f"expected column roles among {sorted(COLUMN_NAMES)}, got {unknown_roles}")
+        raise InputError(f"expected column roles among {sorted(COLUMN_NAMES)}, got {unknown_roles}; e.g. "
+                         "image=file_name,label=finding (CLI: --columns)")
     header, rows = _read_rows(csv_path)
     found = {role: _find_column(header, role, columns.get(role), csv_path) for role in COLUMN_NAMES}
     if found["image"] is None:
         raise InputError(
             f"{csv_path}: found no image column among {header}; rename its header to one of "
-            f"{list(COLUMN_NAMES['image'])} (Python: or pass columns={{'image': ...}})"
+            f"{list(COLUMN_NAMES['image'])}, or name it (CLI: --columns image=HEADER; Python: columns={{'image': ...}})"
         )
     root = Path(image_root).resolve() if image_root is not None else csv_path.parent
     paths = [_resolve(row[found["image"]], root) for row in rows]

@@ -418,7 +418,9 @@ def _eval_argument(source: str | None) -> str | None:
         return shlex.quote(str(Path(root) / split))
     if kind == "manifest":
         spec = json.loads(rest)
-        return shlex.quote(spec["csv"]) + (f" --image-root {shlex.quote(spec['root'])}" if spec.get("root") else "")
+        columns = ",".join(f"{role}={header}" for role, header in (spec.get("columns") or {}).items())
+        return (shlex.quote(spec["csv"]) + (f" --image-root {shlex.quote(spec['root'])}" if spec.get("root") else "")
+                + (f" --columns {shlex.quote(columns)}" if columns else ""))
     if kind == "merged":
         spec = json.loads(rest)
         inner = _eval_argument(spec.get("source"))
