@@ -164,6 +164,15 @@ def test_load_records_backend_and_precision(guards, demo_bundle):
     assert auto.info.backend == choose_backend("auto")
 
 
+def test_openvino_runs_f32_behind_virtual_devices_too(guards, demo_bundle, test_images):
+    # Unasked, OpenVINO would run bf16 behind "AUTO:CPU" on CPUs that have it, while the records said f32.
+    f32 = stacked(guards["openvino"].predict(test_images[:16]), "logits")
+    for device in ("AUTO:CPU", "MULTI:CPU", "HETERO:CPU"):
+        guard = Guard.load(demo_bundle, backend="openvino", device=device)
+        assert guard.info.precision == "f32"
+        np.testing.assert_array_equal(stacked(guard.predict(test_images[:16]), "logits"), f32)
+
+
 def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, monkeypatch):
     from edgeshort.runtime import backends
 

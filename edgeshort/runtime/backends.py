@@ -138,7 +138,8 @@ class OpenVINOSession(Session):
                 f"expected an OpenVINO device from {core.available_devices}, got {device!r}"
             )
         config = {"PERFORMANCE_HINT": hint}
-        if device in ("CPU", "AUTO"):
+        if device.split(":")[0] in ("CPU", "AUTO", "MULTI", "HETERO"):
+            # Unasked, OpenVINO runs bf16 on CPUs that have it, behind "AUTO:CPU" and the like too.
             config["INFERENCE_PRECISION_HINT"] = precision
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
