@@ -22,7 +22,7 @@ import numpy as np
 
 from edgeshort.errors import InputError, MissingDependencyError
 from edgeshort.runtime.backends import BACKENDS, open_session
-from edgeshort.runtime.bundle import FUSED_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
+from edgeshort.runtime.bundle import FUSED_GRAPHS, INT8_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
 from edgeshort.runtime.guard import Guard, log_run_warnings
 
 logger = logging.getLogger(__name__)
@@ -118,14 +118,14 @@ def available_variants(bundle: Bundle, backends: list[str]) -> list[dict]:
         variants.append({"backend": "openvino", "precision": "f32", "format": "openvino"})
         if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             variants.append({"backend": "openvino", "precision": "bf16", "format": "openvino"})
-        if "guarded_int8" in bundle.manifest["graphs"]:
+        if INT8_GRAPHS["guarded"] in bundle.manifest["graphs"]:
             variants.append({"backend": "openvino", "precision": "int8", "format": "openvino"})
     return variants
 
 
 def _session(bundle: Bundle, graph: str, variant: dict, hint: str, threads: int | None):
-    if variant["precision"] == "int8":
-        graph = "guarded_int8" if graph == "guarded" else graph
+    if variant["precision"] == "int8" and INT8_GRAPHS.get(graph) in bundle.manifest["graphs"]:
+        graph = INT8_GRAPHS[graph]
     precision = "f32" if variant["precision"] == "int8" else variant["precision"]
     kwargs = {"hint": hint} if variant["backend"] == "openvino" else {}
     return open_session(bundle.path(graph, variant["format"]), variant["backend"], precision=precision,
@@ -196,8 +196,9 @@ def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, t
         if present.any():
             graphs.plain(images_flagged[present], None if tokens is None else tokens[present])
 
-    # An INT8 bundle has no INT8 plain graph: its guarded graph is timed against the f32 plain one.
-    plain_name = "plain (f32)" if variant["precision"] == "int8" else "plain"
+    # A bundle exported before plain_int8 existed times its INT8 guarded graph against the f32 plain one.
+    f32_plain = variant["precision"] == "int8" and INT8_GRAPHS["plain"] not in bundle.manifest["graphs"]
+    plain_name = "plain (f32)" if f32_plain else "plain"
     cases = {
         plain_name: lambda: graphs.plain(images_clean),
         "guarded": lambda: graphs.guarded(images_clean),

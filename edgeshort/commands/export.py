@@ -6,9 +6,15 @@ from __future__ import annotations
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="run folder written by `edgeshort detect`")
     parser.add_argument("-o", "--out", required=True, help="bundle folder to write")
-    parser.add_argument("--formats", default="onnx,openvino", help="comma list of onnx,openvino (default both)")
+    parser.add_argument("--formats", default="onnx,openvino",
+                        help="onnx, or onnx,openvino (default; the OpenVINO IR is converted from the ONNX graphs)")
     parser.add_argument("--weights", default="f32", choices=("f32", "fp16"), help="OpenVINO IR weight precision")
-    parser.add_argument("--int8", action="store_true", help="also write an INT8 guarded graph (nncf)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write INT8 guarded and plain graphs (nncf, OpenVINO), checked against f32 on "
+                             "calibration images nncf did not see")
+    parser.add_argument("--int8-calibration-size", type=int, default=300,
+                        help="images nncf calibrates on, evenly spaced over the calibration images (default 300); "
+                             "up to 500 of the others check the INT8 graphs")
     parser.add_argument("--graphs", default="all", choices=("all", "fused", "split"),
                         help="graphs to ship: all (default), fused (guarded + plain) or split (embed + guard + "
                              "encoder_head); each graph with the encoder carries its weights, so fused is 2/3 and "
@@ -28,7 +34,7 @@ def run(args) -> int:
 
     options = ExportOptions(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
-        int8=args.int8, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
+        int8=args.int8, int8_calibration_size=args.int8_calibration_size, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
     )
     calibration = load_unlabelled(args.data) if args.data else None
     bundle = export_bundle(args.run, args.out, options, calibration, overwrite=args.force)
@@ -43,6 +49,15 @@ def run(args) -> int:
     total = sum(entry["bytes"] for entry in files.values())
     print(f"  files: {len(files)}, {total / 2**20:.1f} MiB: "
           + ", ".join(f"{name} {entry['bytes'] / 2**20:.1f}" for name, entry in files.items()))
+    int8 = (bundle.manifest.get("openvino") or {}).get("int8")
+    if int8:
+        seen = "held-out" if int8["check_held_out"] else "calibration (too few to hold any out)"
+        print(f"  INT8 ({', '.join(int8['graphs'])}, nncf on {int8['calibration_size']} images) against f32 on "
+              f"{int8['check_size']} {seen} images: final label {int8['final_label_agreement']:.1%}, plain label "
+              f"{int8['plain_label_agreement']:.1%}, shortcut present {int8['present_agreement']:.1%}, flags "
+              f"{int8['flag_agreement']:.1%} the same; max |logit diff| {int8['max_abs_logit_diff']:.2g}")
+        if int8["warning"]:
+            print(f"  WARNING: {int8['warning']}")
     guard = bundle.manifest["guard"]
     print("  final label: " + ("ablated + DFR head" if guard["has_dfr"] else "ablated prediction"
                                + (" (the run's DFR head left out by --no-dfr)" if guard["dfr_omitted"] else "")))

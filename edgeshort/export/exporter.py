@@ -48,7 +48,8 @@ class ExportOptions:
     """How `export_bundle` writes a bundle (each option is also an `edgeshort export` flag).
 
     formats: "onnx" and optionally "openvino" (IR); weights: OpenVINO IR weights "f32" or "fp16"
-    (checked within looser limits); int8: add an nncf-quantised guarded graph (OpenVINO);
+    (checked within looser limits); int8: add nncf-quantised guarded and plain graphs (OpenVINO),
+    calibrated on `int8_calibration_size` images and checked against f32 on others;
     tolerance: the largest |logit difference| from torch accepted; calibration_size: images in the
     parity check; skl2onnx_check: cross-check the KNN graph against skl2onnx's; progress: show
     progress; dfr: ship the run's DFR head; graphs: "all", "fused" or "split" (see GRAPH_SETS).
@@ -59,6 +60,7 @@ class ExportOptions:
     int8: bool = False
     tolerance: float = DEFAULT_TOLERANCE
     calibration_size: int = 32
+    int8_calibration_size: int = 300  # images nncf calibrates on (nncf's own default); others check the result
     skl2onnx_check: bool = True
     progress: bool = True
     # False leaves the run's DFR head out: the bundle's final label is then the ablated prediction.
@@ -74,7 +76,8 @@ class ExportOptions:
             raise InputError("INT8 quantises the fused guarded graph; export with graphs 'all' or 'fused'")
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats or "onnx" not in self.formats:
-            raise InputError(f"expected formats from {FORMATS} including 'onnx', got {self.formats}")
+            raise InputError(f"expected formats from {FORMATS} including 'onnx', got {self.formats}; e.g. "
+                             "--formats onnx,openvino (ONNX is always written: the OpenVINO IR is converted from it)")
         if self.weights not in ("f32", "fp16"):
             raise InputError(f"expected weights 'f32' or 'fp16', got {self.weights!r}")
         if self.int8 and "openvino" not in self.formats:
@@ -83,6 +86,11 @@ class ExportOptions:
         if self.weights == "fp16" and "openvino" not in self.formats:
             raise InputError("FP16 weights are OpenVINO IR's (ONNX graphs stay f32); add 'openvino' to the formats "
                              "(CLI: --formats onnx,openvino) or keep f32 weights (--weights f32)")
+        for name in ("calibration_size", "int8_calibration_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InputError(f"expected {name} as a positive whole number, got {value!r}"
+                                 + (" (CLI: --int8-calibration-size)" if name.startswith("int8") else ""))
         if not self.tolerance > 0:
             raise InputError(f"expected a tolerance above 0 (the largest |logit difference| to accept), got "
                              f"{self.tolerance}; e.g. 1e-4 (CLI: --tolerance 1e-4)")
@@ -307,10 +315,12 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
             )
         int8 = None
         if options.int8:
-            from edgeshort.export.quantize import quantize_guarded
+            from edgeshort.data import as_images
+            from edgeshort.export.quantize import quantize_fused
 
             t = time.perf_counter()
-            int8 = quantize_guarded(staging, graphs, result, images, options.progress)
+            int8 = quantize_fused(staging, graphs, as_images(calibration), result.adapter.preprocessing,
+                                  options.int8_calibration_size, result.dfr_head is not None, options.progress)
             seconds["int8"] = round(time.perf_counter() - t, 3)
         manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted)
         write_manifest(staging, manifest)

@@ -27,7 +27,11 @@ GRAPHS = {
     "guard": "tokens -> flags, raw flags, shortcut present, keep mask, saliency",
     "encoder_head": "tokens + keep mask -> logits (+ DFR logits)",
     "guarded_int8": "the guarded graph quantised to INT8 (OpenVINO IR only, optional)",
+    "plain_int8": "the plain graph quantised to INT8 (OpenVINO IR only, optional)",
 }
+# The INT8 twin of each fused graph (`edgeshort export --int8`). Bundles exported before plain_int8
+# existed hold guarded_int8 alone; their plain prediction runs in f32.
+INT8_GRAPHS = {"guarded": "guarded_int8", "plain": "plain_int8"}
 # The two ways to run the guard; a bundle holds either or both (`edgeshort export --graphs`).
 FUSED_GRAPHS = ("guarded", "plain")
 SPLIT_GRAPHS = ("embed", "guard", "encoder_head")

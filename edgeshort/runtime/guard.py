@@ -31,7 +31,7 @@ from edgeshort.runtime.backends import (
     is_onnxruntime_device,
     open_session,
 )
-from edgeshort.runtime.bundle import FUSED_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
+from edgeshort.runtime.bundle import FUSED_GRAPHS, INT8_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
 from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, map_images, preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -240,8 +240,10 @@ class Guard:
         unless `device` is an ONNX Runtime one; else ONNX Runtime ("CPU" alone decides nothing).
         `device` is an OpenVINO device ("CPU", "GPU", "AUTO", ...) or, for ONNX Runtime, "cpu",
         "cuda" or "coreml"; `providers` sets ONNX Runtime's providers list directly. OpenVINO runs
-        f32 unless `precision="bf16"`; `precision="int8"` runs the bundle's INT8 guarded graph (`export
-        --int8`, OpenVINO) with the other graphs in f32. Images over `max_pixels` are refused before decoding.
+        f32 unless `precision="bf16"`; `precision="int8"` runs the bundle's INT8 guarded and plain graphs
+        (`export --int8`, OpenVINO; a bundle exported before plain_int8 existed runs its plain graph in
+        f32). `cache_dir` keeps OpenVINO's compiled graphs between loads. Images over `max_pixels` are
+        refused before decoding.
         """
         start = time.perf_counter()
         if precision not in GUARD_PRECISIONS:
@@ -260,7 +262,7 @@ class Guard:
                              "device; drop the device (CLI: --device) or run precision 'f32'")
         int8 = precision == "int8"
         if int8:
-            if "guarded_int8" not in loaded.manifest["graphs"]:
+            if INT8_GRAPHS["guarded"] not in loaded.manifest["graphs"]:
                 raise BundleError(f"{str(loaded.root)!r} has no INT8 graph; export it with `edgeshort export RUN -o "
                                   "BUNDLE --int8`, or run precision 'f32' (CLI: --precision f32)")
             if backend == "onnxruntime":
@@ -294,12 +296,17 @@ class Guard:
         logger.info("loaded %s on %s (%s) in %.2f s", loaded.root, chosen, guard.info.precision,
                     guard.info.load_seconds)
         log_run_warnings(loaded)
+        int8_warning = int8 and ((loaded.manifest.get("openvino") or {}).get("int8") or {}).get("warning")
+        if int8_warning:
+            logger.warning("%s: %s", loaded.root, int8_warning)
         return guard
 
     def _compile(self, graph: str) -> float:
         """Compile one graph and run it once on zeros; returns the warm-up seconds."""
         o = self._options
-        stored = "guarded_int8" if graph == "guarded" and o["int8"] else graph
+        stored = INT8_GRAPHS.get(graph, graph) if o["int8"] else graph
+        if stored not in self.bundle.manifest["graphs"]:  # a bundle from before plain_int8: plain in f32
+            stored = graph
         session = open_session(self.bundle.path(stored, o["fmt"]), o["backend"], o["device"], o["threads"],
                                o["precision"], o["providers"], cache_dir=o["cache_dir"])
         h, w = self.preprocessing.size
