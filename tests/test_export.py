@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -286,7 +287,7 @@ def test_every_family_exports_a_bundle_that_matches_torch(build, tmp_path):
 
 @pytest.mark.slow
 def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_data, demo_bundle, tmp_path,
-                                                            monkeypatch, capsys):
+                                                            monkeypatch, capsys, caplog):
     capsys.readouterr()
     bundle = export_bundle(demo_result, tmp_path / "small", ExportOptions(weights="fp16", int8=True, progress=False),
                            calibration=demo_data["val"])
@@ -331,6 +332,17 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
     assert flagged.any() and not flagged.all()
     np.testing.assert_allclose(np.stack([r.logits for r in int8_results])[flagged], plain[flagged], atol=1e-5)
     assert all(np.array_equal(r.logits, r.ablated_logits) for r in int8_results if not r.shortcut_present)
+    # An INT8 bundle's warning is logged where it is run.
+    warned = tmp_path / "warned"
+    shutil.copytree(bundle.root, warned)
+    edited = json.loads((warned / "manifest.json").read_text())
+    edited["openvino"]["int8"]["warning"] = "INT8 changes the final label of 9 of 500 held-out images (1.8%)"
+    write_manifest(warned, edited)
+    with caplog.at_level(logging.WARNING, logger="edgeshort"):
+        Guard.load(warned, backend="openvino")
+        assert "INT8 changes" not in caplog.text  # f32 runs no INT8 graph
+        Guard.load(warned, precision="int8")
+    assert "INT8 changes the final label of 9 of 500 held-out images" in caplog.text
     with pytest.raises(BundleError, match="has no INT8 graph; export it with .* --int8"):
         Guard.load(demo_bundle, precision="int8")
     with pytest.raises(InputError, match="the INT8 graph is OpenVINO IR"):
