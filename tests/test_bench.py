@@ -31,6 +31,9 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
     assert torch_rows == {"seed-style (per image)": 1, "torch eager batch 8": 8}  # the chart divides by the batch
     table = paths["markdown"].read_text()
     assert table.startswith("| backend | precision | batch | case |") and "Cold start" in table
+    # The runtime's memory is named apart from the torch rows' (torch alone is hundreds of MiB).
+    assert 0 < data["peak_rss_mb"] <= data["peak_rss_with_torch_mb"]
+    assert f"peak RSS {data['peak_rss_mb']:.0f} MiB over the runtime's rows" in table
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -48,6 +51,9 @@ def test_bench_refuses_what_it_cannot_time_before_timing(demo_bundle, tmp_path, 
         assert "expected at least 1 round and 1 call per block" in capsys.readouterr().err
     assert main(["bench", str(demo_bundle.root), "--batch", "1,a", "-o", str(tmp_path)]) == 2
     assert "expected --batch as a comma list of whole numbers" in capsys.readouterr().err
+    assert main(["bench", str(demo_bundle.root), "--threads", "0", "-o", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert "expected threads to be a positive integer or None, got 0" in captured.err and "batch" not in captured.out
     assert not list(tmp_path.iterdir())
 
 

@@ -5,6 +5,7 @@ preprocessing parity with torchvision, actionable errors, thread safety, flat me
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
@@ -207,6 +208,11 @@ def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, m
     # An OpenVINO device names what is missing, not an ONNX Runtime device list or CUDA.
     with pytest.raises(BundleError, match="OpenVINO IR for the OpenVINO device 'NPU', got one with ONNX only"):
         backends.choose_backend("auto", formats=("onnx",), device="NPU")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # lower-case "gpu" is CUDA's
+        with pytest.raises(InputError, match=r"for an Intel GPU, run OpenVINO: backend 'openvino' with device 'GPU'"):
+            Guard.load(demo_bundle, backend="onnxruntime", device="gpu")
     real_import = backends.importlib.import_module
     monkeypatch.setattr(backends.importlib, "import_module",
                         lambda name: (_ for _ in ()).throw(ModuleNotFoundError(name=name)) if name == "openvino"
@@ -217,10 +223,13 @@ def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, m
             backends.choose_backend("auto", device=device)
 
 
-def test_openvino_compiles_into_the_cache_dir(demo_bundle, test_images, guards, tmp_path):
+def test_openvino_compiles_into_the_cache_dir(demo_bundle, test_images, guards, tmp_path, caplog):
     cached = Guard.load(demo_bundle, backend="openvino", cache_dir=tmp_path / "ov-cache")
     assert any((tmp_path / "ov-cache").iterdir()), "OpenVINO wrote no compiled blobs"
     assert_same_results(cached.predict(test_images[:4]), guards["openvino"].predict(test_images[:4]))
+    with caplog.at_level(logging.WARNING, logger="edgeshort"):
+        Guard.load(demo_bundle, backend="onnxruntime", cache_dir=tmp_path / "ort-cache")
+    assert "cache_dir" in caplog.text and "ONNX Runtime (the backend chosen) keeps no compiled graphs" in caplog.text
 
 
 def test_runtime_imports_no_torch_sklearn_scipy_or_onnx(demo_bundle, test_images, reference, tmp_path,

@@ -102,6 +102,8 @@ class OnnxRuntimeSession(Session):
             raise InputError(
                 f"expected ONNX Runtime providers from {available}, got {missing}; install the onnxruntime "
                 "build that has them (e.g. onnxruntime-gpu for CUDA) or choose from the available ones"
+                + ("; for an Intel GPU, run OpenVINO: backend 'openvino' with device 'GPU' (upper case; lower-case "
+                   "'gpu' is CUDA through ONNX Runtime)" if "CUDAExecutionProvider" in missing else "")
             )
         options = ort.SessionOptions()
         if threads:

@@ -274,6 +274,9 @@ class Guard:
                                  "bundle with --formats onnx,openvino, or run precision 'f32'")
             backend = "openvino"
         chosen = choose_backend(backend, list(loaded.formats(graphs[0])), device)
+        if cache_dir and chosen == "onnxruntime":
+            logger.warning("cache_dir %s is not used: ONNX Runtime (the backend chosen) keeps no compiled graphs; "
+                           "it applies to OpenVINO (backend='openvino')", cache_dir)
         fmt = "onnx" if chosen == "onnxruntime" else "openvino"
         options = {"backend": chosen, "device": device, "threads": threads, "precision": "f32" if int8 else precision,
                    "providers": list(providers) if providers else None, "cache_dir": cache_dir, "fmt": fmt,
