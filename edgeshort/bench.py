@@ -432,11 +432,25 @@ def markdown_table(results: dict) -> str:
     if results.get("skipped_backends"):
         lines += ["", f"Not timed: {', '.join(results['skipped_backends'])} (not installed, or not in the bundle)."]
     lines += ["", "Cold start (load + compile + first call):", *[f"- {c}" for c in cold]]
+    lines += ["", _settings_line(results)]
     with_torch = results.get("peak_rss_with_torch_mb")
     lines += ["", f"Bundle size: {results['size']['total_bytes'] / 2**20:.1f} MiB; peak RSS "
               f"{results.get('peak_rss_mb') or 0:.0f} MiB"
               + (f" over the runtime's rows ({with_torch:.0f} MiB once the torch rows ran)" if with_torch else "")]
     return "\n".join(lines)
+
+
+def _settings_line(results: dict) -> str:
+    """How the figures were taken, in words (bench.json holds the same and more)."""
+    settings, machine = results.get("settings", {}), results.get("machine", {})
+    cpu = (machine.get("openvino_devices") or {}).get("CPU") or machine.get("processor") or machine.get("machine")
+    packages = machine.get("packages") or {}
+    versions = ", ".join(f"{name} {packages[name]}" for name in ("onnxruntime", "openvino") if packages.get(name))
+    hints = sorted({c["hint"] for c in results.get("cases", []) if c.get("hint") and c["backend"] == "openvino"})
+    return (f"Settings: {settings.get('rounds')} interleaved rounds of {settings.get('block')} calls per case; threads "
+            f"{settings.get('threads') or 'the backend default'}; {machine.get('usable_cores') or machine.get('cpu_count')}"
+            f" usable cores ({cpu})" + (f"; OpenVINO performance hint {', '.join(hints)}" if hints else "")
+            + (f"; {versions}" if versions else "") + ".")
 
 
 def chart(results: dict, path: Path) -> Path | None:
