@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshort.errors import InputError, MissingDependencyError
-from edgeshort.runtime.backends import BACKENDS, open_session
+from edgeshort.runtime.backends import BACKENDS, check_threads, open_session
 from edgeshort.runtime.bundle import FUSED_GRAPHS, INT8_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
 from edgeshort.runtime.guard import Guard, log_run_warnings
 
@@ -144,9 +144,7 @@ def bench_bundle(
     if unknown or not batches or min(batches) < 1:
         raise InputError(f"expected backends from {BACKENDS} and batch sizes >= 1, got backends {backends} and "
                          f"batches {list(batches)}; e.g. --backends onnxruntime,openvino --batch 1,8")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InputError(f"expected threads to be a positive integer or None, got {threads!r}; e.g. --threads 2, "
-                         "or leave it out for the backend's default")
+    check_threads(threads)
     if rounds < 1 or block < 1:  # a median needs timings: checked before the minutes of work
         raise InputError(f"expected at least 1 round and 1 call per block, got rounds {rounds} and block {block}; "
                          "e.g. --rounds 10 --block 5")

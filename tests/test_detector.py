@@ -136,7 +136,7 @@ def test_a_run_saved_before_newer_settings_reloads_with_the_rules_it_was_fitted_
     old = ShortcutDetector.load(run)
     assert (old.config.heatmap, old.config.negatives, old.config.positives) == ("mean", "closest", "hottest")
     assert old.config.cluster_space == "pooled"  # the only clustering there was
-    assert old.config.saliency == "mean"  # tinted by the clean mean key, with the scale stored for it
+    assert old.config.saliency == "mean"  # tinted by the clean mean key
     subset = demo_data["test"].subset(np.arange(0, 800, 40))
     # The guard itself is stored, not refitted: it flags as before.
     then, now = old.predict(subset, progress=False), demo_result.predict(subset, progress=False)

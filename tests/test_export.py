@@ -81,15 +81,33 @@ def test_guard_graph_tints_as_the_detector_does(demo_result, demo_data, contrast
 
     from edgeshort.export.graphs import KeyGuard
 
-    result = replace(demo_result, config=replace(demo_result.config, saliency=contrast))
     images = np.stack([x for _, b in demo_data["test"].subset(np.arange(0, 800, 20)).batches(
-        result.adapter.preprocessing, 64) for x in b])
+        demo_result.adapter.preprocessing, 64) for x in b])
     with torch.no_grad():
-        keys = result.adapter.keys(result.adapter.embed(torch.from_numpy(images)), result.config.key_layer)
+        keys = demo_result.adapter.keys(demo_result.adapter.embed(torch.from_numpy(images)), -1)
+    config = replace(demo_result.config, saliency=contrast)
+    # Scaled as a fit with this contrast scales it (the shared fixture was fitted with "nearest").
+    from edgeshort.detect.keymaps import saliency_distance_maps
+
+    scale = float(np.percentile(saliency_distance_maps(keys.numpy(), contrast, demo_result.knn,
+                                                       demo_result.clean_keys), 99.9))
+    result = replace(demo_result, config=config, saliency_scale=scale)
+    with torch.no_grad():
         graph = KeyGuard(result)(keys)[-1].numpy()
     offline = result.saliency_maps(keys.numpy())
     np.testing.assert_allclose(graph, offline, atol=1e-4, rtol=0)
     assert offline.max() > 0.5 and offline.min() < 0.1  # a tint that varies, not one clipped flat
+
+
+def test_int8_holds_out_its_check_images_first():
+    from edgeshort.export.quantize import INT8_CHECK_SIZE, int8_split
+
+    for count, calibrate_count, check_count in ((1500, 300, 500), (400, 200, 200), (301, 151, 150), (2, 1, 1)):
+        calibrate, check = int8_split(count, 300)
+        assert (len(calibrate), len(check)) == (calibrate_count, check_count), count
+        assert not set(calibrate) & set(check) and len(check) <= INT8_CHECK_SIZE
+    calibrate, check = int8_split(1, 300)  # nothing to hold out: checked in-sample, and the manifest says so
+    assert calibrate.tolist() == [0] and check.size == 0
 
 
 def test_bundle_round_trip_rejects_tampering_and_newer_formats(demo_bundle, tmp_path):
@@ -301,10 +319,12 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
     assert manifest["files"]["plain.bin"]["bytes"] < 0.6 * f32_bin
     int8 = manifest["openvino"]["int8"]
     assert int8["graphs"] == ["guarded_int8", "plain_int8"] and int8["calibration_size"] == 300
-    # Checked on validation images nncf never saw, against the f32 graphs, on the label the bundle acts on.
-    assert int8["check_held_out"] and int8["check_size"] == 500
+    # Checked on validation images nncf never saw, against the f32 ONNX graphs (the IR here has FP16
+    # weights), on the label the bundle acts on.
+    assert int8["check_held_out"] and int8["check_size"] == 500 and int8["reference"] == "the f32 ONNX graphs"
     assert int8["final_label_agreement"] >= 0.95 and int8["flag_agreement"] >= 0.95
     assert int8["plain_label_agreement"] >= 0.95 and int8["present_agreement"] >= 0.95
+    assert int8["label_changed_agreement"] >= 0.95
     assert (int8["warning"] is None) == (int8["final_label_agreement"] >= 0.99)
     # FP16 graphs off torch by more than their limit are refused, with the way out.
     from edgeshort.export import exporter
@@ -343,6 +363,23 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
         assert "INT8 changes" not in caplog.text  # f32 runs no INT8 graph
         Guard.load(warned, precision="int8")
     assert "INT8 changes the final label of 9 of 500 held-out images" in caplog.text
+    # A bundle exported before plain_int8 existed runs its plain graph in f32, and bench says so.
+    older = tmp_path / "older-int8"
+    shutil.copytree(bundle.root, older)
+    edited = json.loads((older / "manifest.json").read_text())
+    del edited["graphs"]["plain_int8"]
+    write_manifest(older, edited)
+    old_results = Guard.load(older, precision="int8").predict(test)
+    f32_plain = open_session(bundle.path("plain", "openvino"), "openvino").run(
+        {"images": int8_guard.preprocess(test)})["logits"]
+    flagged_old = np.array([r.shortcut_present for r in old_results])
+    np.testing.assert_allclose(np.stack([r.logits for r in old_results])[flagged_old], f32_plain[flagged_old],
+                               atol=1e-5)
+    from edgeshort.bench import bench_bundle
+
+    old_row = next(c for c in bench_bundle(older, backends=["openvino"], batches=(1,), rounds=1, block=1,
+                                           seed_pipeline=False, progress=False)["cases"] if c["precision"] == "int8")
+    assert "plain (f32)" in old_row["timings"]
     with pytest.raises(BundleError, match="has no INT8 graph; export it with .* --int8"):
         Guard.load(demo_bundle, precision="int8")
     with pytest.raises(InputError, match="the INT8 graph is OpenVINO IR"):
@@ -350,9 +387,7 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
     session = open_session(bundle.path("guarded_int8", "openvino"), "openvino")
     images = np.stack([x for _, b in demo_data["test"].subset(np.arange(8)).batches(bundle.preprocessing, 8) for x in b])
     assert session.run({"images": images})["ablated_logits"].shape == (8, 2)
-    # bench times the INT8 guarded graph against the f32 plain one, and says so.
-    from edgeshort.bench import bench_bundle
-
+    # bench times the INT8 guarded graph against the INT8 plain one.
     timed = bench_bundle(bundle.root, backends=["openvino"], batches=(1,), rounds=1, block=1, seed_pipeline=False,
                          progress=False)
     int8_row = next(c for c in timed["cases"] if c["precision"] == "int8")

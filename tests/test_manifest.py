@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeshort.data import dataset_from_source, load_images, load_manifest, merge_classes, parse_class_map
+from edgeshort.data import (
+    dataset_from_source,
+    load_images,
+    load_manifest,
+    load_unlabelled,
+    merge_classes,
+    parse_class_map,
+)
 from edgeshort.errors import ImageLoadError, InputError
 
 
@@ -138,8 +145,8 @@ def test_other_column_names_are_given_by_role(tmp_path):
         load_manifest(listing)
     with pytest.raises(InputError) as caught:
         load_manifest(listing, columns={"image": "scan"})
-    assert ("rename the label column's header to 'label', or name it (CLI: --columns label=HEADER; Python: "
-            "columns={'label': ...})") in str(caught.value)
+    assert ("rename the label column's header to 'label', or name it (CLI: --columns label=HEADER, for detect's "
+            "--eval --eval-columns; Python: columns={'label': ...})") in str(caught.value)
     data = load_manifest(listing, columns={"image": "scan", "label": "finding", "group": "sticker"})
     assert data.class_names == ("effusion", "normal") and data.groups.tolist() == [0, 1]
     assert dataset_from_source(data.source).groups.tolist() == [0, 1]
@@ -243,8 +250,11 @@ def test_detect_command_reads_csv_listings(demo_vit, demo_data, demo_result, tmp
     val_csv = write_listed(val, tmp_path / "val", mask_column=False, label_text=lambda i: ("NV", "MEL")[val.labels[i]])
     test_csv = write_listed(test, tmp_path / "test", label_text=lambda i: ("BKL" if i % 2 else "NV", "MEL")[
         test.labels[i]])
+    # The validation export has headers of its own, named by --columns; the test listing keeps the usual ones.
+    val_csv.write_text(val_csv.read_text().replace("path,label,group", "File Name,finding,has_patch", 1))
     settings = ["--num-selected", "50", "--knn-samples", "200", "--knn-negatives", "600"]  # the demo's
     assert main(["detect", "--model", str(model), "--data", str(val_csv), "--eval", str(test_csv),
+                 "--columns", "image=file name,label=finding,group=has_patch",
                  "--class-map", "MEL=malignant,NV=benign,BKL=benign", "-o", str(tmp_path / "run"), "--quiet",
                  *settings]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -288,5 +298,11 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
     assert json.loads((run / "metrics.json").read_text())["wga_ablated"] == metrics["wga_ablated"]
     with pytest.raises(InputError, match=r"column names apply to a CSV listing, .* is a folder; leave it out \(--columns\)"):
         load_images(tmp_path / "test" / "img", columns={"image": "file_name"})
+    # Export's calibration listing takes them too (labels unread), and refuses them without one.
+    assert len(load_unlabelled(listing, columns={"image": "File_Name"})) == 80  # any case, as the usual names
+    assert main(["export", str(run), "-o", str(tmp_path / "b"), "--columns", columns, "--quiet"]) == 2
+    assert "--image-root and --columns describe the --data listing, which was not given" in capsys.readouterr().err
+    assert main(["export", str(run), "-o", str(tmp_path / "b"), "--int8-calibration-size", "50", "--quiet"]) == 2
+    assert "--int8 was not given" in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert main(["report", str(run), "--eval", str(listing), "--columns", "file_name", "--quiet"]) == 2
     assert "expected the columns as ROLE=HEADER pairs" in capsys.readouterr().err

@@ -167,6 +167,10 @@ def test_load_records_backend_and_precision(guards, demo_bundle):
 
 def test_openvino_runs_f32_behind_virtual_devices_too(guards, demo_bundle, test_images):
     # Unasked, OpenVINO would run bf16 behind "AUTO:CPU" on CPUs that have it, while the records said f32.
+    import openvino as ov
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16: f32 is all OpenVINO could run here")
     f32 = stacked(guards["openvino"].predict(test_images[:16]), "logits")
     for device in ("AUTO:CPU", "MULTI:CPU", "HETERO:CPU"):
         guard = Guard.load(demo_bundle, backend="openvino", device=device)
@@ -695,7 +699,7 @@ def test_fuzzed_files_give_a_result_or_a_documented_error(guards, tmp_path_facto
     _outcome(guards["onnxruntime"], path)
 
 
-def test_a_thumbnail_is_predicted_with_a_warning_that_names_its_size(guards, test_images):
+def test_a_thumbnail_is_predicted_with_a_warning_that_names_its_size(guards, test_images, demo_bundle, tmp_path):
     from PIL import Image
 
     guard = guards["onnxruntime"]
@@ -704,10 +708,21 @@ def test_a_thumbnail_is_predicted_with_a_warning_that_names_its_size(guards, tes
     whole, small, tensor = guard.predict([full, thumbnail, guard.preprocess(full)[0]])
     assert whole.image_size == full.size and whole.enlargement == pytest.approx(1.0) and whole.warning is None
     assert small.image_size == (12, 12) and small.enlargement == pytest.approx(full.width / 12)
-    assert small.warning.startswith("the image is 12 x 12 pixels, enlarged 5.3-fold to the model's input")
+    assert demo_bundle.manifest["guard"]["calibration_enlargement"] == 1.0  # the demo's images are the input size
+    assert small.warning.startswith("the image is 12 x 12 pixels, enlarged 5.3-fold to the model's input (over "
+                                    "4-fold)")
     assert small.to_dict()["image_size"] == [12, 12] and small.to_dict()["warning"] == small.warning
     assert tensor.image_size is None and tensor.enlargement is None and tensor.warning is None  # size unknown
     assert guard.predict(full.resize((17, 17))).warning is None  # 3.8-fold: a low-resolution scan, still read
+    # A model calibrated on small images (scans upsampled to its input) warns only well beyond them.
+    small_data = tmp_path / "small"
+    shutil.copytree(demo_bundle.root, small_data)
+    manifest = json.loads((small_data / "manifest.json").read_text())
+    manifest["guard"]["calibration_enlargement"] = 4.0
+    write_manifest(small_data, manifest)  # sealed again: a deliberate change
+    upsampled = Guard.load(small_data, backend="onnxruntime").predict([thumbnail, full.resize((3, 3))])
+    assert upsampled[0].warning is None and upsampled[0].enlargement_limit == 16.0
+    assert "enlarged 21.3-fold to the model's input (over 16-fold)" in upsampled[1].warning
 
 
 def test_result_gives_the_final_probability_and_warns_when_flags_cover_most_of_the_image():

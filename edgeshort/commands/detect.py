@@ -47,7 +47,8 @@ def add_arguments(parser) -> None:
                         "(path,label[,group][,mask], or ISIC's one-hot ground truth), or ROOT/val for the seed layout")
     parser.add_argument("--eval", dest="eval_data", help="test images to evaluate on (same forms as --data)")
     parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
-    parser.add_argument("--columns", help=COLUMNS_HELP)
+    parser.add_argument("--columns", help=COLUMNS_HELP + " (for --data)")
+    parser.add_argument("--eval-columns", help="the same for the --eval listing, which may have other headers")
     parser.add_argument("--classes", help="comma list of the model's classes in its output order, named as the "
                                           "class folders or --class-map targets (default: sorted, as torchvision's "
                                           "ImageFolder)")
@@ -103,6 +104,7 @@ def run(args) -> int:
 
         fixed = [flag for flag, value in (("--classes", args.classes), ("--class-map", args.class_map),
                                           ("--image-root", args.image_root), ("--columns", args.columns),
+                                          ("--eval-columns", args.eval_columns),
                                           ("--img-size", args.img_size),
                                           ("--mean", args.mean), ("--std", args.std),
                                           ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct),
@@ -131,7 +133,11 @@ def run(args) -> int:
             classes = list(model.class_names)
             val = in_class_order(val, classes)
             print(f"classes in the model's output order (its id2label): {', '.join(classes)}")
-        test = load_images(args.eval_data, classes, class_map, args.image_root, columns) if args.eval_data else None
+        if args.eval_columns and not args.eval_data:
+            raise InputError("--eval-columns names the headers of the --eval listing, which was not given; add "
+                             "--eval TEST, or leave it out")
+        eval_columns = parse_columns(args.eval_columns) if args.eval_columns else None
+        test = load_images(args.eval_data, classes, class_map, args.image_root, eval_columns) if args.eval_data else None
         config = config_from_args(args)
     result = ShortcutDetector(config).fit(model, val, run_dir=args.out)
     print(result.summary())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from edgeshort.commands.detect import COLUMNS_HELP, IMAGE_ROOT_HELP
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", help="run folder written by `edgeshort detect`")
@@ -12,9 +14,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="also write INT8 guarded and plain graphs (nncf, OpenVINO), checked against f32 on "
                              "calibration images nncf did not see")
-    parser.add_argument("--int8-calibration-size", type=int, default=300,
-                        help="images nncf calibrates on, evenly spaced over the calibration images (default 300); "
-                             "up to 500 of the others check the INT8 graphs")
+    parser.add_argument("--int8-calibration-size", type=int, default=None,
+                        help="with --int8: images nncf calibrates on (default 300), evenly spaced over the "
+                             "calibration images left once up to 500 (at most half) are held out to check the INT8 "
+                             "graphs")
     parser.add_argument("--graphs", default="all", choices=("all", "fused", "split"),
                         help="graphs to ship: all (default), fused (guarded + plain) or split (embed + guard + "
                              "encoder_head); each graph with the encoder carries its weights, so fused is 2/3 and "
@@ -22,6 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| vs torch (default 1e-4)")
     parser.add_argument("--data", help="calibration images, labels not needed: a folder of images, an ImageFolder tree "
                                        "or a CSV listing (default: the run's validation images)")
+    parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
+    parser.add_argument("--columns", help=COLUMNS_HELP)
     parser.add_argument("--no-dfr", action="store_true",
                         help="leave the run's DFR head out: the final label is the ablated prediction")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
@@ -29,14 +34,26 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from edgeshort.data import load_unlabelled
+    from edgeshort.data import load_unlabelled, parse_columns
     from edgeshort.export import ExportOptions, export_bundle
 
+    if args.int8_calibration_size is not None and not args.int8:
+        from edgeshort.errors import InputError
+
+        raise InputError("--int8-calibration-size sets INT8's calibration, and --int8 was not given; add --int8, "
+                         "or leave it out")
+    int8_options = {} if args.int8_calibration_size is None else {"int8_calibration_size": args.int8_calibration_size}
     options = ExportOptions(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
-        int8=args.int8, int8_calibration_size=args.int8_calibration_size, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
+        int8=args.int8, tolerance=args.tolerance, **int8_options, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
     )
-    calibration = load_unlabelled(args.data) if args.data else None
+    if (args.image_root or args.columns) and not args.data:
+        from edgeshort.errors import InputError
+
+        raise InputError("--image-root and --columns describe the --data listing, which was not given; add --data "
+                         "CALIBRATION.csv, or leave them out (the run's own images are found as recorded)")
+    columns = parse_columns(args.columns) if args.columns else None
+    calibration = load_unlabelled(args.data, args.image_root, columns) if args.data else None
     bundle = export_bundle(args.run, args.out, options, calibration, overwrite=args.force)
     parity = bundle.manifest["parity"]
     print(f"bundle: {bundle.root}")
@@ -52,10 +69,10 @@ def run(args) -> int:
     int8 = (bundle.manifest.get("openvino") or {}).get("int8")
     if int8:
         seen = "held-out" if int8["check_held_out"] else "calibration (too few to hold any out)"
-        print(f"  INT8 ({', '.join(int8['graphs'])}, nncf on {int8['calibration_size']} images) against f32 on "
-              f"{int8['check_size']} {seen} images: final label {int8['final_label_agreement']:.1%}, plain label "
-              f"{int8['plain_label_agreement']:.1%}, shortcut present {int8['present_agreement']:.1%}, flags "
-              f"{int8['flag_agreement']:.1%} the same; max |logit diff| {int8['max_abs_logit_diff']:.2g}")
+        print(f"  INT8 ({', '.join(int8['graphs'])}, nncf on {int8['calibration_size']} images) against the f32 ONNX "
+              f"graphs on {int8['check_size']} {seen} images: final label {int8['final_label_agreement']:.1%}, "
+              f"plain label {int8['plain_label_agreement']:.1%}, shortcut present {int8['present_agreement']:.1%}, "
+              f"flags {int8['flag_agreement']:.1%} the same; max |logit diff| {int8['max_abs_logit_diff']:.2g}")
         if int8["warning"]:
             print(f"  WARNING: {int8['warning']}")
     guard = bundle.manifest["guard"]

@@ -313,24 +313,30 @@ def load_images(
         from edgeshort.data.manifest import load_manifest
 
         return load_manifest(path, class_names, image_root=image_root, columns=columns)
-    for value, what, flag in ((image_root, "an image root applies", "--image-root"),
-                              (columns, "column names apply", "--columns")):
-        if value is not None:
-            raise InputError(f"{what} to a CSV listing, but {str(path)!r} is a folder; leave it out ({flag}), or "
-                             "pass the CSV file")
+    _csv_options_only(path, image_root, columns)
     if not path.exists() and (path.parent / f"{path.name}_wo_patches").is_dir():
         return load_seed_layout(path.parent, path.name, class_names)
     return ImageFolder(path, class_names)
 
 
-def load_unlabelled(path: str | Path, image_root: str | Path | None = None) -> ImageDataset:
+def _csv_options_only(path: Path, image_root, columns) -> None:
+    for value, what, flag in ((image_root, "an image root applies", "--image-root"),
+                              (columns, "column names apply", "--columns")):
+        if value is not None:
+            raise InputError(f"{what} to a CSV listing, but {str(path)!r} is a folder; leave it out ({flag}), or "
+                             "pass the CSV file")
+
+
+def load_unlabelled(path: str | Path, image_root: str | Path | None = None,
+                    columns: Mapping[str, str] | None = None) -> ImageDataset:
     """Images whose labels do not matter (export calibration): every image under a folder (flat, a
     class tree or the seed's layout), or the images a CSV lists, with or without a label column."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
         from edgeshort.data.manifest import load_manifest
 
-        return load_manifest(path, image_root=image_root, labelled=False)
+        return load_manifest(path, image_root=image_root, columns=columns, labelled=False)
+    _csv_options_only(path, image_root, columns)
     if not path.is_dir():  # ROOT/SPLIT of the seed's layout, or a path that load_images explains
         return load_images(path)
     files, skipped = list_image_files(path, recursive=True)

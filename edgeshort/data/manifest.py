@@ -38,11 +38,11 @@ MISSING_SHOWN = 5
 
 
 def _find_column(header: list[str], role: str, given: str | None, csv_path: Path) -> str | None:
+    lowered = {h.strip().lower(): h for h in header}  # matched as the default names are: any case, spaces aside
     if given is not None:
-        if given not in header:
+        if given.strip().lower() not in lowered:
             raise InputError(f"{csv_path}: expected a column {given!r} for the {role}, found columns {header}")
-        return given
-    lowered = {h.strip().lower(): h for h in header}
+        return lowered[given.strip().lower()]
     return next((lowered[name] for name in COLUMN_NAMES[role] if name in lowered), None)
 
 
@@ -143,7 +143,7 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
         raise InputError(
             f"{csv_path}: found no label column (one of {list(COLUMN_NAMES['label'])}) and no one-hot class columns "
             f"of 0/1 values among {header}; rename the label column's header to 'label', or name it (CLI: "
-            "--columns label=HEADER; Python: columns={'label': ...})"
+            "--columns label=HEADER, for detect's --eval --eval-columns; Python: columns={'label': ...})"
         )
     hot = np.array([[float(row[h]) for h in onehot] for row in rows])
     bad = np.flatnonzero(hot.sum(1) != 1)
@@ -187,7 +187,8 @@ def load_manifest(
     if found["image"] is None:
         raise InputError(
             f"{csv_path}: found no image column among {header}; rename its header to one of "
-            f"{list(COLUMN_NAMES['image'])}, or name it (CLI: --columns image=HEADER; Python: columns={{'image': ...}})"
+            f"{list(COLUMN_NAMES['image'])}, or name it (CLI: --columns image=HEADER, for detect's --eval "
+            "--eval-columns; Python: columns={'image': ...})"
         )
     root = Path(image_root).resolve() if image_root is not None else csv_path.parent
     paths = [_resolve(row[found["image"]], root) for row in rows]

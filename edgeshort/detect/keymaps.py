@@ -87,16 +87,6 @@ def key_distance_maps(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.linalg.norm(keys - reference[None], axis=-1)
 
 
-def nearest_reference_distance_maps(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """(M, N_patches) Euclidean distance of each patch key to the nearest of the `reference` (R, d) keys, all of
-    them searched (the exported guard graph searches the same ones)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    d = keys.shape[-1]
-    found, _ = NearestNeighbors(n_neighbors=1).fit(reference).kneighbors(keys.reshape(-1, d))
-    return found[:, 0].reshape(keys.shape[:2]).astype(np.float32)
-
-
 # Enough clean keys to hold every kind of clean token; the nearest-neighbour search stays cheap.
 NEAREST_POOL_SIZE = 20000
 
@@ -115,14 +105,15 @@ def nearest_clean_distance_maps(
     return _nearest_clean_search(clean_keys, k, seed)(keys)
 
 
-def _nearest_clean_search(clean_keys: np.ndarray, k: int, seed: int):
-    """A function (M, N_patches, d) keys -> (M, N_patches) mean distance to the `k` nearest clean keys."""
+def _nearest_clean_search(clean_keys: np.ndarray, k: int, seed: int, pool_size: int | None = NEAREST_POOL_SIZE):
+    """A function (M, N_patches, d) keys -> (M, N_patches) mean distance to the `k` nearest clean keys, searched
+    among at most `pool_size` of them (None: all)."""
     from sklearn.neighbors import NearestNeighbors
 
     d = clean_keys.shape[-1]
     pool = clean_keys.reshape(-1, d)
-    if len(pool) > NEAREST_POOL_SIZE:
-        pool = pool[np.random.default_rng(seed).choice(len(pool), NEAREST_POOL_SIZE, replace=False)]
+    if pool_size is not None and len(pool) > pool_size:
+        pool = pool[np.random.default_rng(seed).choice(len(pool), pool_size, replace=False)]
     search = NearestNeighbors(n_neighbors=min(k, len(pool))).fit(pool)
 
     def distances(keys: np.ndarray) -> np.ndarray:
@@ -244,7 +235,8 @@ def saliency_distance_maps(keys: np.ndarray, contrast: str, knn: KeyKNN, clean_k
     """
     if contrast == "mean":
         return key_distance_maps(keys, clean_keys)
-    return nearest_reference_distance_maps(keys, knn.reference[knn.labels == 0])
+    # Every negative is searched, as the exported guard graph searches them.
+    return _nearest_clean_search(knn.reference[knn.labels == 0], 1, 0, pool_size=None)(keys)
 
 
 def describe_positives(candidates: int, positives: int | None, quantile: float, threshold: float) -> str:

@@ -146,13 +146,18 @@ def _skl2onnx_knn(result, path: Path, opset: int = 15) -> None:
     path.write_bytes(onx.SerializeToString())
 
 
-def _calibration_images(result, dataset, size: int) -> np.ndarray:
+def _calibration_images(result, dataset, size: int) -> tuple[np.ndarray, float]:
+    """The parity images, preprocessed, and the median of how many-fold they were enlarged to the model's
+    input (the runtime warns on images enlarged far more: thumbnails)."""
     from edgeshort.data import as_images
 
     dataset = as_images(dataset)  # only the pixels count: the labels may name other classes, or none
     idx = np.linspace(0, len(dataset) - 1, min(size, len(dataset))).round().astype(int)
     # Keep both flagged and clean images in the batch so the parity covers the masked path.
-    return dataset.subset(idx).preprocessed(result.adapter.preprocessing)
+    subset = dataset.subset(idx)
+    prep = result.adapter.preprocessing
+    enlargement = float(np.median([prep.enlargement(*subset.image(i).size) for i in range(len(subset))]))
+    return subset.preprocessed(prep), enlargement
 
 
 def _torch_reference(result, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -269,7 +274,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
     _check_destination(out, overwrite)
     if calibration is None:
         calibration = _resolve_calibration(result)
-    images = _calibration_images(result, calibration, options.calibration_size)
+    images, enlargement = _calibration_images(result, calibration, options.calibration_size)
     seconds: dict[str, float] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside the destination, so the final rename stays on one filesystem, and made by mkdir
@@ -323,6 +328,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
                                   options.int8_calibration_size, result.dfr_head is not None, options.progress)
             seconds["int8"] = round(time.perf_counter() - t, 3)
         manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted)
+        manifest["guard"]["calibration_enlargement"] = round(enlargement, 4)
         write_manifest(staging, manifest)
         if out.exists():
             shutil.rmtree(out)

@@ -7,6 +7,7 @@ it lacks (`ai.onnx.ml.ArrayFeatureExtractor`, `com.microsoft.CDist`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -32,13 +33,9 @@ class KeyGuard(nn.Module):
         if self.saliency == "mean":
             self.register_buffer("clean_keys", torch.from_numpy(result.clean_keys).float())
         else:  # the tint's nearest clean key is one of the KNN's negatives (DetectionResult.saliency_maps)
-            clean = reference[torch.from_numpy(result.knn.labels == 0)]
-            # Distances are expanded about the clean keys' centre, so a common offset of all keys does not
-            # cancel away their precision (bf16 on CPUs that have it).
-            centre = clean.mean(0)
-            self.register_buffer("clean_centre", centre)
-            self.register_buffer("clean_centred", clean - centre)
-            self.register_buffer("clean_centred_sq", ((clean - centre) ** 2).sum(1))  # for the ranking only
+            clean = torch.from_numpy(np.flatnonzero(result.knn.labels == 0))
+            self.register_buffer("clean_columns", clean)
+            self.register_buffer("clean_reference", reference[clean])
 
     def forward(self, keys: torch.Tensor):
         b, n, d = keys.shape
@@ -62,11 +59,11 @@ class KeyGuard(nn.Module):
         if self.saliency == "mean":
             distance = torch.linalg.vector_norm(keys - self.clean_keys[None], dim=-1)
         else:  # DetectionResult.saliency_maps: distance to the nearest clean reference key
-            centred = flat - self.clean_centre
-            nearest_clean = (self.clean_centred_sq[None, :] - 2.0 * centred @ self.clean_centred.T).argmin(1)
-            # Measured directly, not from the expansion: a key at or next to a clean key (the validation
-            # images' own) would get the square root of a rounding error.
-            distance = torch.linalg.vector_norm(centred - self.clean_centred[nearest_clean], dim=-1).reshape(b, n)
+            # The KNN's distances rank the clean keys; the nearest one's distance is then measured directly,
+            # since from the expansion a key at or next to a clean key (the validation images' own) would get
+            # the square root of a rounding error.
+            nearest_clean = dist.index_select(1, self.clean_columns).argmin(1)
+            distance = torch.linalg.vector_norm(flat - self.clean_reference[nearest_clean], dim=-1).reshape(b, n)
         saliency = (distance / self.saliency_scale).clamp(0.0, 1.0).reshape(b, *self.grid)
         return flags, raw, present, keep, saliency
 

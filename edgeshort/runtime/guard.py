@@ -27,6 +27,7 @@ from edgeshort.runtime.backends import (
     BACKENDS,
     PRECISIONS,
     Session,
+    check_threads,
     choose_backend,
     is_onnxruntime_device,
     open_session,
@@ -56,8 +57,9 @@ def log_run_warnings(bundle: Bundle) -> None:
 
 # Share of an image's patches flagged above which a result carries a warning.
 MOST_PATCHES = 0.5
-# Enlargement to the model's input above which a result carries a warning: a thumbnail or a crop of a few
-# pixels becomes blocks of one colour per pixel, with none of the detail the model learned from.
+# Enlargement to the model's input, beyond that of the images the bundle was calibrated on (its manifest's
+# guard.calibration_enlargement, when over 1), above which a result carries a warning: a thumbnail becomes
+# blocks of one colour per pixel, with none of the detail the model learned from.
 MOST_ENLARGEMENT = 4.0
 
 
@@ -87,6 +89,7 @@ class GuardResult:
     source: str | None = None
     image_size: tuple[int, int] | None = None  # (width, height) as decoded; None for a preprocessed array
     enlargement: float | None = None  # how many-fold the image was enlarged to the model's input
+    enlargement_limit: float = MOST_ENLARGEMENT  # above it, `warning` says so
 
     @property
     def flagged_patches(self) -> int:
@@ -132,11 +135,11 @@ class GuardResult:
             reasons.append(f"flags cover {self.flagged_patches} of {self.flags.size} patches: the image may be unlike "
                            "the images the guard was fitted on, and the guarded prediction rests on the few patches "
                            "left; review it by hand")
-        if self.enlargement is not None and self.enlargement > MOST_ENLARGEMENT:
+        if self.enlargement is not None and self.enlargement > self.enlargement_limit:
             width, height = self.image_size
             reasons.append(f"the image is {width} x {height} pixels, enlarged {self.enlargement:.1f}-fold to the "
-                           f"model's input: it lacks the detail the model learned from; pass the full-resolution "
-                           "image, not a thumbnail")
+                           f"model's input (over {self.enlargement_limit:g}-fold): it lacks the detail the model "
+                           "learned from; pass the full-resolution image, not a thumbnail")
         return "; ".join(reasons) or None
 
     def to_dict(self) -> dict:
@@ -213,6 +216,9 @@ class Guard:
         self.backend = backend
         self.max_pixels = max_pixels
         self.preprocessing = bundle.preprocessing
+        # Images the model was calibrated on may be small themselves (scans upsampled to its input).
+        fitted = bundle.manifest["guard"].get("calibration_enlargement") or 1.0
+        self.enlargement_limit = MOST_ENLARGEMENT * max(1.0, float(fitted))
         self.class_names = bundle.class_names
         self._options = options
         self._sessions = sessions
@@ -248,8 +254,7 @@ class Guard:
         start = time.perf_counter()
         if precision not in GUARD_PRECISIONS:
             raise InputError(f"expected precision in {GUARD_PRECISIONS}, got {precision!r}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise InputError(f"expected threads to be a positive integer or None, got {threads!r}")
+        check_threads(threads)
         if not isinstance(max_pixels, int) or max_pixels < 1:
             raise InputError(f"expected max_pixels to be a positive integer, got {max_pixels!r}")
         if providers is not None and backend == "auto":
@@ -532,6 +537,7 @@ class Guard:
                 saliency=_frozen(batch.saliency[i], np.float32), shortcut_present=bool(batch.present[i]),
                 class_names=names, source=source, image_size=sizes[i],
                 enlargement=None if sizes[i] is None else self.preprocessing.enlargement(*sizes[i]),
+                enlargement_limit=self.enlargement_limit,
             ))
         return results
 
