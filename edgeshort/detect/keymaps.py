@@ -227,8 +227,8 @@ class KeyKNN:
 def saliency_distance_maps(keys: np.ndarray, contrast: str, knn: KeyKNN, clean_keys: np.ndarray) -> np.ndarray:
     """(M, N_patches) the guard's per-patch tint before scaling.
 
-    "nearest": the distance to the nearest of the KNN's clean reference keys, the same contrast as the
-    heatmaps (a lesion token has near neighbours among clean lesion tokens, an artefact token has none),
+    "nearest": the distance to the nearest of the KNN's clean reference keys, the heatmaps' kind of
+    contrast (a lesion token has near neighbours among clean lesion tokens, an artefact token has none),
     from keys the bundle already holds. Measured on the demo's test images, the hottest clean-image
     tokens reach 0.33 (patch) and 0.63 (ruler) of the median artefact token's tint, against 0.50 and
     1.24 with "mean": the distance to the clean mean key at the same position, which tints every lesion.
