@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -148,6 +149,7 @@ def bench_bundle(
     if rounds < 1 or block < 1:  # a median needs timings: checked before the minutes of work
         raise InputError(f"expected at least 1 round and 1 call per block, got rounds {rounds} and block {block}; "
                          "e.g. --rounds 10 --block 5")
+    torch_before = "torch" in sys.modules
     bundle = load_bundle(bundle_dir)
     rng = np.random.default_rng(0)
     results: dict = {"bundle": str(bundle.root), "model": bundle.manifest["model"], "machine": machine_info(),
@@ -169,8 +171,10 @@ def bench_bundle(
                 print(f"  {variant['backend']} {variant['precision']} batch {batch} ...", flush=True)
             results["cases"].append(_bench_variant(bundle, variant, batch, inputs, rounds, block, threads))
             gc.collect()
-    # The runtime's peak, before the torch rows load torch (several hundred MiB no edge box needs).
+    # The runtime's peak, before the torch rows load torch (several hundred MiB no edge box needs). A process
+    # that loaded torch earlier (`edgeshort demo`, a notebook) has its own peak in it, and bench.md says so.
     results["peak_rss_mb"] = _peak_rss_mb()
+    results["torch_loaded_before"] = torch_before
     if seed_pipeline:
         results["cases"] += _seed_pipeline_cases(bundle, inputs.clean, inputs.flagged, rounds, block, progress)
         results["peak_rss_with_torch_mb"] = _peak_rss_mb()
@@ -432,9 +436,13 @@ def markdown_table(results: dict) -> str:
     lines += ["", "Cold start (load + compile + first call):", *[f"- {c}" for c in cold]]
     lines += ["", _settings_line(results)]
     with_torch = results.get("peak_rss_with_torch_mb")
-    lines += ["", f"Bundle size: {results['size']['total_bytes'] / 2**20:.1f} MiB; peak RSS "
-              f"{results.get('peak_rss_mb') or 0:.0f} MiB"
-              + (f" over the runtime's rows ({with_torch:.0f} MiB once the torch rows ran)" if with_torch else "")]
+    if results.get("torch_loaded_before"):
+        memory = (f"peak RSS {results.get('peak_rss_mb') or 0:.0f} MiB of this process, which had loaded torch "
+                  "before the bench (run `edgeshort bench BUNDLE` on its own for the runtime's)")
+    else:
+        memory = (f"peak RSS {results.get('peak_rss_mb') or 0:.0f} MiB over the runtime's rows"
+                  + (f" ({with_torch:.0f} MiB once the torch rows ran)" if with_torch else ""))
+    lines += ["", f"Bundle size: {results['size']['total_bytes'] / 2**20:.1f} MiB; {memory}"]
     return "\n".join(lines)
 
 
