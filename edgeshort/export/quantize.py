@@ -63,11 +63,6 @@ def int8_split(count: int, calibration_size: int) -> tuple[np.ndarray, np.ndarra
     return _evenly(np.setdiff1d(everything, check), calibration_size), check
 
 
-def _batches(images, indices: np.ndarray, prep):
-    for start in range(0, len(indices), _CHECK_BATCH):
-        yield images.subset(indices[start : start + _CHECK_BATCH]).preprocessed(prep)
-
-
 def quantize_fused(root: Path, graphs: dict, images, prep, calibration_size: int, has_dfr: bool,
                    progress: bool = True) -> dict:
     """Write the INT8 twins of the guarded and plain graphs into `root` (and `graphs`); return the
@@ -75,7 +70,7 @@ def quantize_fused(root: Path, graphs: dict, images, prep, calibration_size: int
     nncf = require("nncf", "int8")
     ov = require("openvino", "openvino")
     calibrate, check = int8_split(len(images), calibration_size)
-    calibration = np.concatenate(list(_batches(images, calibrate, prep)))
+    calibration = images.subset(calibrate).preprocessed(prep)
     dataset = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
     for name, int8_name in INT8_GRAPHS.items():
         model = ov.Core().read_model(str(root / graphs[name]["files"]["openvino"]))
@@ -95,7 +90,7 @@ def quantize_fused(root: Path, graphs: dict, images, prep, calibration_size: int
     sessions.update({int8: open_session(root / graphs[int8]["files"]["openvino"], "openvino")
                      for int8 in INT8_GRAPHS.values()})
     outputs: dict[str, list] = {}
-    for batch in _batches(images, checked, prep):
+    for _, batch in images.subset(checked).batches(prep, _CHECK_BATCH):
         for name, session in sessions.items():
             for key, value in session.run({"images": batch}).items():
                 outputs.setdefault(f"{name}/{key}", []).append(value)
