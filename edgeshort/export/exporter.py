@@ -147,11 +147,8 @@ def _skl2onnx_knn(result, path: Path, opset: int = 15) -> None:
 
 
 def _calibration_images(result, dataset, size: int) -> tuple[np.ndarray, float]:
-    """The parity images, preprocessed, and the median of how many-fold they were enlarged to the model's
-    input (the runtime warns on images enlarged far more: thumbnails)."""
-    from edgeshort.data import as_images
-
-    dataset = as_images(dataset)  # only the pixels count: the labels may name other classes, or none
+    """The parity images of `dataset` (pixels only, `as_images`), preprocessed, and the median of how
+    many-fold they were enlarged to the model's input (the runtime warns on images enlarged far more)."""
     idx = np.linspace(0, len(dataset) - 1, min(size, len(dataset))).round().astype(int)
     # Keep both flagged and clean images in the batch so the parity covers the masked path.
     subset = dataset.subset(idx)
@@ -274,6 +271,9 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
     _check_destination(out, overwrite)
     if calibration is None:
         calibration = _resolve_calibration(result)
+    from edgeshort.data import as_images
+
+    calibration = as_images(calibration)  # only the pixels count: the labels may name other classes, or none
     images, enlargement = _calibration_images(result, calibration, options.calibration_size)
     seconds: dict[str, float] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -320,11 +320,10 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
             )
         int8 = None
         if options.int8:
-            from edgeshort.data import as_images
             from edgeshort.export.quantize import quantize_fused
 
             t = time.perf_counter()
-            int8 = quantize_fused(staging, graphs, as_images(calibration), result.adapter.preprocessing,
+            int8 = quantize_fused(staging, graphs, calibration, result.adapter.preprocessing,
                                   options.int8_calibration_size, result.dfr_head is not None, options.progress)
             seconds["int8"] = round(time.perf_counter() - t, 3)
         manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted)
