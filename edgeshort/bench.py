@@ -125,8 +125,8 @@ def available_variants(bundle: Bundle, backends: list[str]) -> list[dict]:
 
 
 def _session(bundle: Bundle, graph: str, variant: dict, hint: str, threads: int | None):
-    if variant["precision"] == "int8" and INT8_GRAPHS.get(graph) in bundle.manifest["graphs"]:
-        graph = INT8_GRAPHS[graph]
+    if variant["precision"] == "int8":
+        graph = bundle.int8_graph(graph)
     precision = "f32" if variant["precision"] == "int8" else variant["precision"]
     kwargs = {"hint": hint} if variant["backend"] == "openvino" else {}
     return open_session(bundle.path(graph, variant["format"]), variant["backend"], precision=precision,
@@ -204,7 +204,7 @@ def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, t
             graphs.plain(images_flagged[present], None if tokens is None else tokens[present])
 
     # A bundle exported before plain_int8 existed times its INT8 guarded graph against the f32 plain one.
-    f32_plain = variant["precision"] == "int8" and INT8_GRAPHS["plain"] not in bundle.manifest["graphs"]
+    f32_plain = variant["precision"] == "int8" and bundle.int8_graph("plain") == "plain"
     plain_name = "plain (f32)" if f32_plain else "plain"
     cases = {
         plain_name: lambda: graphs.plain(images_clean),

@@ -95,6 +95,12 @@ class Bundle:
     def has_graphs(self, graphs: tuple[str, ...]) -> bool:
         return _has_graphs(self.manifest, graphs)
 
+    def int8_graph(self, graph: str) -> str:
+        """The graph that runs `graph` at precision int8: its INT8 twin where the bundle holds one, else itself
+        (a bundle exported before plain_int8 existed runs its plain graph in f32)."""
+        twin = INT8_GRAPHS.get(graph)
+        return twin if twin in self.manifest["graphs"] else graph
+
     def path(self, graph: str, fmt: str) -> Path:
         files = self.formats(graph)
         if graph not in self.manifest["graphs"]:

@@ -312,9 +312,7 @@ class Guard:
     def _compile(self, graph: str) -> float:
         """Compile one graph and run it once on zeros; returns the warm-up seconds."""
         o = self._options
-        stored = INT8_GRAPHS.get(graph, graph) if o["int8"] else graph
-        if stored not in self.bundle.manifest["graphs"]:  # a bundle from before plain_int8: plain in f32
-            stored = graph
+        stored = self.bundle.int8_graph(graph) if o["int8"] else graph
         session = open_session(self.bundle.path(stored, o["fmt"]), o["backend"], o["device"], o["threads"],
                                o["precision"], o["providers"], cache_dir=o["cache_dir"])
         h, w = self.preprocessing.size
