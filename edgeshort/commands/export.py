@@ -45,7 +45,8 @@ def run(args) -> int:
     int8_options = {} if args.int8_calibration_size is None else {"int8_calibration_size": args.int8_calibration_size}
     options = ExportOptions(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
-        int8=args.int8, tolerance=args.tolerance, **int8_options, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
+        int8=args.int8, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
+        **int8_options,
     )
     if (args.image_root or args.columns) and not args.data:
         from edgeshort.errors import InputError

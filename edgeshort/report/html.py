@@ -915,8 +915,9 @@ def _tint_legend(run: RunData) -> str:
     else:
         measure = ("the distance of its key to the nearest of the KNN's clean reference keys (<code>saliency</code> "
                    "= <code>nearest</code>): the key heatmaps' kind of contrast, measured against the clean keys the "
-                   "bundle holds rather than every validation patch. A lesion has near neighbours among the clean images' lesions, an artefact has "
-                   "none, so the tint is strongest where the image shows what the clean images never do")
+                   "bundle holds rather than every validation patch. A lesion has near neighbours among the clean "
+                   "images' lesions, an artefact has none, so the tint is strongest where the image shows what the "
+                   "clean images never do")
         key = "key distance to the nearest clean reference key, over its 99.9th percentile"
     return (
         "<p>Each test image is shown twice: <strong>left as it is</strong>, with an outline "
