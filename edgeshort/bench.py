@@ -175,6 +175,9 @@ def bench_bundle(
     # that loaded torch earlier (`edgeshort demo`, a notebook) has its own peak in it, and bench.md says so.
     results["peak_rss_mb"] = _peak_rss_mb()
     results["torch_loaded_before"] = torch_before
+    # After the runtime's peak: the comparison holds every precision's graph at once, which no deployment does.
+    results["precision_cases"] = _precision_comparison(bundle, variants, batches, inputs, rounds, block, threads,
+                                                       progress)
     if seed_pipeline:
         results["cases"] += _seed_pipeline_cases(bundle, inputs.clean, inputs.flagged, rounds, block, progress)
         results["peak_rss_with_torch_mb"] = _peak_rss_mb()
@@ -231,16 +234,45 @@ def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, t
     }
 
 
+def _precision_comparison(bundle, variants, batches, inputs: BenchInputs, rounds, block, threads,
+                          progress) -> list[dict]:
+    """OpenVINO's guarded prediction at every precision the bundle and CPU offer, timed side by side.
+
+    Each precision's block above is timed on its own, against its own plain graph; whether INT8 or bf16
+    is faster than f32 on this machine needs them interleaved with each other."""
+    compared = [v for v in variants if v["backend"] == "openvino"]
+    if len(compared) < 2:
+        return []
+    hint = "LATENCY"  # as in the per-precision blocks
+    graphs = {v["precision"]: _Graphs(bundle, v, hint, threads, guarded_only=True) for v in compared}
+    rows = []
+    for batch in batches:
+        if progress:
+            print(f"  openvino {' vs '.join(graphs)} batch {batch} ...", flush=True)
+        images = inputs.clean[:batch]
+        timings = interleaved({precision: (lambda g=g, x=images: g.guarded(x)) for precision, g in graphs.items()},
+                              rounds, block)
+        base = timings["f32"].median_ms
+        rows.append({
+            "backend": "openvino", "case": "guarded", "batch": len(images), "hint": hint,
+            "timings": {k: v.to_dict() for k, v in timings.items()},
+            "ratio_vs_f32": {k: round(v.median_ms / base, 4) for k, v in timings.items()},
+            "images_per_s": {k: round(len(images) / (v.median_ms / 1e3), 2) for k, v in timings.items()},
+        })
+    return rows
+
+
 class _Graphs:
     """The plain and the guarded prediction as the bundle holds them: the fused graphs, or embed ->
     guard -> encoder_head in a bundle exported with --graphs split (the plain pass reuses the tokens)."""
 
-    def __init__(self, bundle: Bundle, variant: dict, hint: str, threads: int | None) -> None:
+    def __init__(self, bundle: Bundle, variant: dict, hint: str, threads: int | None,
+                 guarded_only: bool = False) -> None:
         self.split = not bundle.has_graphs(FUSED_GRAPHS)
         self.plain_uses = ("embed", "encoder_head") if self.split else ("plain",)
         self.guarded_uses = SPLIT_GRAPHS if self.split else ("guarded",)
         self.sessions, self._compiled = {}, {}
-        for name in SPLIT_GRAPHS if self.split else FUSED_GRAPHS:
+        for name in self.guarded_uses if guarded_only else SPLIT_GRAPHS if self.split else FUSED_GRAPHS:
             t0 = time.perf_counter()
             self.sessions[name] = _session(bundle, name, variant, hint, threads)
             self._compiled[name] = time.perf_counter() - t0
@@ -409,6 +441,10 @@ def _seed_pipeline_cases(bundle, clean, flagged, rounds, block, progress) -> lis
 NOISY_P90 = 2.0
 
 
+def _noisy_mark(timing: dict) -> str:
+    return " *" if timing["p90_ms"] > NOISY_P90 * timing["median_ms"] else ""
+
+
 def markdown_table(results: dict) -> str:
     lines = ["| backend | precision | batch | case | median ms | p90 ms | ratio vs plain | images/s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -416,10 +452,13 @@ def markdown_table(results: dict) -> str:
     for case in results["cases"]:
         for name, t in case["timings"].items():
             ratio = case.get("ratio_vs_plain", {}).get(name, "")
-            mark = " *" if t["p90_ms"] > NOISY_P90 * t["median_ms"] else ""
+            mark = _noisy_mark(t)
             noisy += bool(mark)
             lines.append(f"| {case['backend']} | {case['precision']} | {case['batch']} | {name}{mark} | "
                          f"{t['median_ms']:.3f} | {t['p90_ms']:.3f} | {ratio} | {case['images_per_s'][name]} |")
+    precision_rows = results.get("precision_cases") or []
+    lines += _precision_table(precision_rows)
+    noisy += sum(bool(_noisy_mark(t)) for row in precision_rows for t in row["timings"].values())
     if noisy:
         lines += ["", f"\\* p90 over {NOISY_P90:g}x the median: the machine was busy; rerun with more --rounds "
                       "on an idle machine before trusting those rows' ratios."]
@@ -444,6 +483,18 @@ def markdown_table(results: dict) -> str:
                   + (f" ({with_torch:.0f} MiB once the torch rows ran)" if with_torch else ""))
     lines += ["", f"Bundle size: {results['size']['total_bytes'] / 2**20:.1f} MiB; {memory}"]
     return "\n".join(lines)
+
+
+def _precision_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "OpenVINO's guarded prediction at each precision, timed side by side (ratio under 1: faster than f32):",
+             "", "| batch | precision | median ms | p90 ms | ratio vs f32 | images/s |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        for precision, t in row["timings"].items():
+            lines.append(f"| {row['batch']} | {precision}{_noisy_mark(t)} | {t['median_ms']:.3f} | {t['p90_ms']:.3f} | "
+                         f"{row['ratio_vs_f32'][precision]} | {row['images_per_s'][precision]} |")
+    return lines
 
 
 def _settings_line(results: dict) -> str:

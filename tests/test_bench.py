@@ -78,6 +78,12 @@ def test_rows_with_disturbed_timings_are_marked():
     assert "| guarded * |" in table and "| plain |" in table and "p90 over 2x the median" in table
     results["cases"][0]["timings"]["guarded"] = timing(1.0, 1.5)
     assert "*" not in markdown_table(results)
+    # The precisions' side-by-side rows are marked the same way.
+    results["precision_cases"] = [{"batch": 8, "timings": {"f32": timing(2.0, 2.2), "int8": timing(1.0, 3.0)},
+                                   "ratio_vs_f32": {"f32": 1.0, "int8": 0.5}, "images_per_s": {"f32": 4000, "int8": 8000}}]
+    table = markdown_table(results)
+    assert "| 8 | int8 * | 1.000 | 3.000 | 0.5 | 8000 |" in table and "p90 over 2x the median" in table
+    assert "| 8 | f32 | 2.000 |" in table
 
 
 def test_bench_times_given_images_and_names_random_stand_ins(demo_bundle, demo_data, tmp_path, monkeypatch):

@@ -392,6 +392,13 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
                          progress=False)
     int8_row = next(c for c in timed["cases"] if c["precision"] == "int8")
     assert {"plain", "guarded"} <= set(int8_row["timings"]) and int8_row["ratio_vs_plain"]["plain"] == 1.0
+    # ... and, for whether INT8 pays off here, against f32's guarded graph in one interleaved block.
+    from edgeshort.bench import markdown_table
+
+    (side_by_side,) = timed["precision_cases"]
+    assert side_by_side["batch"] == 1 and {"f32", "int8"} <= set(side_by_side["timings"])
+    assert side_by_side["ratio_vs_f32"]["f32"] == 1.0 and side_by_side["ratio_vs_f32"]["int8"] > 0
+    assert "| 1 | int8 |" in markdown_table(timed).split("timed side by side (ratio under 1: faster than f32)")[1]
 
 
 def test_detection_warnings_travel_with_the_bundle_to_the_edge(demo_bundle, tmp_path, caplog):
