@@ -227,6 +227,21 @@ def test_auto_backend_follows_the_bundle_and_the_device(demo_bundle, tmp_path, m
             backends.choose_backend("auto", device=device)
 
 
+def test_openvino_device_names_are_checked_inside_virtual_devices(demo_bundle):
+    from edgeshort.runtime.backends import choose_backend, unknown_openvino_devices
+
+    available = ["CPU", "GPU.0", "GPU.1"]
+    for known in ("CPU", "GPU", "GPU.1", "AUTO", "AUTO:GPU,-CPU", "HETERO:GPU.1,CPU", "MULTI:CPU(4),GPU(2)"):
+        assert unknown_openvino_devices(known, available) == [], known
+    assert unknown_openvino_devices("AUTO:CPUX", available) == ["CPUX"]
+    assert unknown_openvino_devices("HETERO:NPU,CPU", available) == ["NPU"]
+    assert unknown_openvino_devices("GPU.2", available) == ["GPU.2"]
+    # A typo behind a virtual device gets edgeshort's device list, not OpenVINO's compile error on the graph.
+    with pytest.raises(InputError, match=r"got 'AUTO:CPUX': CPUX is not on this machine; `edgeshort env` lists"):
+        Guard.load(demo_bundle, backend="openvino", device="auto:cpux")
+    assert choose_backend("auto", device="GPU.1") == "openvino"
+
+
 def test_openvino_compiles_into_the_cache_dir(demo_bundle, test_images, guards, tmp_path, caplog):
     cached = Guard.load(demo_bundle, backend="openvino", cache_dir=tmp_path / "ov-cache")
     assert any((tmp_path / "ov-cache").iterdir()), "OpenVINO wrote no compiled blobs"

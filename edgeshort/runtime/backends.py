@@ -143,9 +143,12 @@ class OpenVINOSession(Session):
             raise InputError(f"expected precision in {PRECISIONS}, got {precision!r}")
         core = ov.Core()
         device = (device or "CPU").upper()  # OpenVINO's names are upper case; "cpu" means its "CPU"
-        if device not in core.available_devices and device.split(":")[0] not in ("AUTO", "MULTI", "HETERO"):
+        unknown = unknown_openvino_devices(device, core.available_devices)
+        if unknown:
             raise InputError(
-                f"expected an OpenVINO device from {core.available_devices}, got {device!r}"
+                f"expected an OpenVINO device from {core.available_devices} (or AUTO, MULTI, HETERO over them, "
+                f"e.g. AUTO:GPU,CPU), got {device!r}: {', '.join(unknown)} is not on this machine; `edgeshort env` "
+                "lists its devices"
             )
         config = {"PERFORMANCE_HINT": hint}
         if device.split(":")[0] in ("CPU", "AUTO", "MULTI", "HETERO"):
@@ -198,6 +201,22 @@ class OpenVINOSession(Session):
             self._requests.put(request)
 
 
+VIRTUAL_OPENVINO_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def unknown_openvino_devices(device: str, available: Sequence[str]) -> list[str]:
+    """The device names in `device` ("GPU", "GPU.1", "AUTO:GPU,-CPU", "HETERO:GPU,CPU") this machine lacks.
+
+    "GPU" is known where OpenVINO lists "GPU.0", "GPU.1": it means the first."""
+    virtual, _, listed = device.partition(":")
+    if virtual in VIRTUAL_OPENVINO_DEVICES:
+        names = [name.strip().lstrip("-").split("(")[0] for name in listed.split(",") if name.strip()]
+    else:
+        names = [device]
+    return [name for name in names
+            if name not in available and not any(a.startswith(name + ".") for a in available)]
+
+
 def is_intel_cpu() -> bool:
     name = platform.processor() or ""
     if "intel" not in name.lower() and Path("/proc/cpuinfo").is_file():
@@ -231,7 +250,8 @@ def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), 
     if is_onnxruntime_device(device):
         return "onnxruntime"
     # OpenVINO's own device names (its "CPU" is also ONNX Runtime's, so it decides nothing).
-    asks_openvino = device is not None and device.split(":")[0] in ("GPU", "NPU", "AUTO", "HETERO", "MULTI")
+    asks_openvino = (device is not None
+                     and device.split(":")[0].split(".")[0] in ("GPU", "NPU", *VIRTUAL_OPENVINO_DEVICES))
     other_choice = f"or pass an ONNX Runtime device ({', '.join(sorted(ORT_DEVICE_PROVIDERS))})"
     if "openvino" not in formats:
         if asks_openvino:
