@@ -537,6 +537,72 @@ def test_an_edited_manifest_is_refused(demo_bundle, tmp_path):
         Guard.load(root, backend="onnxruntime")
 
 
+RESEALED_MANIFEST_FAULTS = {
+    # The seal has no key: whoever can write a bundle can seal any manifest, so its fields are checked too.
+    "graph outside": (lambda m: m["graphs"]["guarded"]["files"].update(onnx="/etc/passwd"),
+                      r"expected graphs.guarded.files to be file names inside the bundle folder, got '/etc/passwd'"),
+    "file upward": (lambda m: m["files"].update({"../outside.onnx": {"sha256": "0" * 64, "bytes": 1}}),
+                    r"expected files to be file names inside the bundle folder, got '../outside.onnx'"),
+    "no classes": (lambda m: m.update(class_names=[]), r"expected class_names to be a list of two or more distinct"),
+    "same class twice": (lambda m: m.update(class_names=["x", "x"]), r"expected class_names to be .* got \['x', 'x'\]"),
+    "classes as text": (lambda m: m.update(class_names="bm"), r"expected class_names to be .* got 'bm'"),
+    "a class too many": (lambda m: m.update(class_names=["a", "b", "c"]),
+                         r"expected model.num_classes to be the number of class_names \(3\), got 2"),
+    "negative size": (lambda m: m["model"]["preprocessing"].update(size=[-64, -64]),
+                      r"model.preprocessing is unusable \(expected size as \(height, width\), two whole numbers"),
+    "giant size": (lambda m: m["model"]["preprocessing"].update(size=[100000, 100000]), r"from 1 to 4096, got"),
+    "mean as text": (lambda m: m["model"]["preprocessing"].update(mean="abc"), r"expected mean as three finite"),
+    "tiny crop": (lambda m: m["model"]["preprocessing"].update(crop_pct=1e-9), r"expected crop_pct as a fraction"),
+    "guard null": (lambda m: m.update(guard=None), r"expected guard to be an object, got None"),
+    "grid as text": (lambda m: m["model"].update(grid="8x8"), r"expected model.grid to be two positive whole numbers"),
+    "enlargement as text": (lambda m: m["guard"].update(calibration_enlargement="big"),
+                            r"expected guard.calibration_enlargement to be a positive number, got 'big'"),
+    "hash entry as text": (lambda m: m["files"].update({"plain.onnx": "abc"}),
+                           r"expected files.plain.onnx to be an object with a sha256 text"),
+}
+
+
+@pytest.mark.parametrize("fault", RESEALED_MANIFEST_FAULTS)
+def test_a_resealed_manifest_is_checked_field_by_field(demo_bundle, tmp_path, fault):
+    edit, message = RESEALED_MANIFEST_FAULTS[fault]
+    manifest = json.loads((demo_bundle.root / "manifest.json").read_text())
+    edit(manifest)
+    manifest["seal"] = bundle_module.manifest_seal(manifest)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))  # the fields are checked before any file
+    with pytest.raises(BundleError, match=message + ".*re-export the bundle"):
+        Guard.load(tmp_path, backend="onnxruntime")
+
+
+def test_a_manifest_that_is_not_a_manifest_object_is_refused(tmp_path):
+    cases = {b"[]": "holds a JSON list, not a manifest object",
+             '{"a": "\xe9"}'.encode("latin-1"): "is not valid JSON .*UnicodeDecodeError",  # not UTF-8
+             b"[" * 100_000 + b"]" * 100_000: "is not valid JSON .*RecursionError"}
+    for raw, message in cases.items():
+        (tmp_path / "manifest.json").write_bytes(raw)
+        with pytest.raises(BundleError, match=message):
+            Guard.load(tmp_path)
+
+
+def test_the_graphs_class_count_must_match_the_manifest(demo_bundle, tmp_path):
+    root = copy_bundle(demo_bundle, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["class_names"].append("third")
+    del manifest["model"]["num_classes"]
+    write_manifest(root, manifest)
+    for backend in BACKENDS:
+        with pytest.raises(BundleError, match=r"its (guarded|plain) graph scores .*2.* classes, but the manifest names 3"):
+            Guard.load(root, backend=backend)
+
+
+def test_a_bundle_file_of_the_wrong_size_is_refused_before_it_is_read(demo_bundle, tmp_path, monkeypatch):
+    root = copy_bundle(demo_bundle, tmp_path)
+    with open(root / "guarded.onnx", "ab") as fh:
+        fh.truncate(2**30)  # a sparse gigabyte: hashing it would take seconds
+    monkeypatch.setattr(bundle_module, "sha256_file", lambda path: pytest.fail(f"{path} was read"))
+    with pytest.raises(BundleError, match=r"bundle file 'guarded.onnx' holds 1,073,741,824 bytes, its manifest says"):
+        Guard.load(root, backend="onnxruntime")
+
+
 def test_bundle_access_problems_say_what_is_wrong(demo_bundle, tmp_path, monkeypatch):
     with pytest.raises(BundleError, match="bundle folder '.*nowhere' does not exist; check the path"):
         Guard.load(tmp_path / "nowhere")

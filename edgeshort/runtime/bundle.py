@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeshort.errors import BundleError
+from edgeshort.errors import BundleError, InputError
 from edgeshort.runtime.preprocess import Preprocessing
 
 # The newest format this edgeshort reads. 2 added the centre crop (`crop_pct` in the preprocessing).
@@ -154,6 +154,64 @@ def write_manifest(root: Path, manifest: dict) -> Path:
     return path
 
 
+# What the runtime reads from a manifest, checked at load so that a manifest sealed anew by hand (the
+# seal has no key) fails with its field named instead of a traceback or a wrong answer mid-run.
+def _check_structure(manifest: dict, path: Path) -> None:
+    def expect(ok: bool, field: str, expected: str, got) -> None:
+        if not ok:
+            raise BundleError(f"{str(path)!r}: expected {field} to be {expected}, got {got!r:.120}; "
+                              "re-export the bundle (edgeshort export RUN -o BUNDLE)")
+
+    for key in ("model", "class_names", "guard", "graphs", "files"):
+        if key not in manifest:
+            raise BundleError(f"{str(path)!r} lacks {key!r}; re-export the bundle")
+    model, names = manifest["model"], manifest["class_names"]
+    for key in ("model", "guard", "graphs", "files"):
+        expect(isinstance(manifest[key], dict), key, "an object", manifest[key])
+    expect(isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) and n for n in names)
+           and len(set(names)) == len(names), "class_names", "a list of two or more distinct names", names)
+    expect(model.get("num_classes", len(names)) == len(names), "model.num_classes",
+           f"the number of class_names ({len(names)})", model.get("num_classes"))
+    for key in ("grid", "num_prefix", "preprocessing"):
+        expect(key in model, f"model.{key}", "present", None)
+    grid = model["grid"]
+    expect(isinstance(grid, list) and len(grid) == 2 and all(_whole(g, 1) for g in grid), "model.grid",
+           "two positive whole numbers", grid)
+    expect(_whole(model["num_prefix"], 0), "model.num_prefix", "a whole number >= 0", model["num_prefix"])
+    try:
+        Preprocessing.from_dict(model["preprocessing"])
+    except (InputError, KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{str(path)!r}: its model.preprocessing is unusable ({exc}); re-export the bundle") from exc
+    guard = manifest["guard"]
+    warnings = guard.get("warnings") or []
+    expect(isinstance(warnings, list) and all(isinstance(w, str) for w in warnings), "guard.warnings",
+           "a list of texts", warnings)
+    enlargement = guard.get("calibration_enlargement") or 1.0
+    expect(isinstance(enlargement, (int, float)) and not isinstance(enlargement, bool) and enlargement > 0,
+           "guard.calibration_enlargement", "a positive number", enlargement)
+    for graph, entry in manifest["graphs"].items():
+        expect(isinstance(entry, dict) and isinstance(entry.get("files", {}), dict)
+               and isinstance(entry.get("outputs", []), list), f"graphs.{graph}",
+               "an object with a files object and an outputs list", entry)
+        for name in entry.get("files", {}).values():
+            expect(_plain_file_name(name), f"graphs.{graph}.files", "file names inside the bundle folder", name)
+    for name, entry in manifest["files"].items():
+        expect(_plain_file_name(name), "files", "file names inside the bundle folder", name)
+        expect(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _whole(entry.get("bytes"), 0),
+               f"files.{name}", "an object with a sha256 text and a bytes count", entry)
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _plain_file_name(name) -> bool:
+    """A bundle is one flat folder (write_manifest writes names only): an absolute path or one with a
+    folder part in a manifest would make the runtime read, and report on, files outside it."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not Path(name).is_absolute() and Path(name).name == name)
+
+
 def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     """Read and verify a bundle; raise `BundleError` naming the problem and the fix."""
     root = Path(root)
@@ -172,10 +230,14 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
     try:
         raw = path.read_bytes()
         manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{str(path)!r} is not valid JSON ({exc}); re-export the bundle") from exc
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise BundleError(f"{str(path)!r} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "re-export the bundle") from exc
     except OSError as exc:
         raise _unreadable(path, exc) from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{str(path)!r} holds a JSON {type(manifest).__name__}, not a manifest object; "
+                          "re-export the bundle")
     version = manifest.get("format")
     if not isinstance(version, int):
         raise BundleError(f"{str(path)!r} has no format version; re-export the bundle")
@@ -197,9 +259,7 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
             "preprocessing or guard settings may not be those its graphs were exported with; re-export the bundle, "
             "or, for a deliberate change, write it with edgeshort.runtime.bundle.write_manifest(folder, manifest)"
         )
-    for key in ("model", "class_names", "guard", "graphs", "files"):
-        if key not in manifest:
-            raise BundleError(f"{str(path)!r} lacks {key!r}; re-export the bundle")
+    _check_structure(manifest, path)
     has_dfr = bool(manifest["guard"].get("has_dfr"))
     for graph in ("guarded", "encoder_head"):
         outputs = manifest["graphs"].get(graph, {}).get("outputs")
@@ -218,6 +278,11 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
             if not file.is_file():
                 raise BundleError(f"bundle file {name!r} is missing from {str(root)!r}; re-export or copy it whole")
             try:
+                size = file.stat().st_size
+                if size != entry["bytes"]:  # before hashing: a wrong size needs no read of a file of any size
+                    raise BundleError(f"bundle file {name!r} holds {size:,} bytes, its manifest says "
+                                      f"{entry['bytes']:,}: it was modified, cut short or replaced; re-export the "
+                                      "bundle or copy it whole")
                 digest = sha256_file(file)
             except OSError as exc:
                 raise _unreadable(file, exc) from exc

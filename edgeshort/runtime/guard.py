@@ -319,13 +319,18 @@ class Guard:
         images = np.zeros((1, 3, h, w), np.float32)
         start = time.perf_counter()
         if graph in ("guarded", "plain", "embed"):
-            session.run({"images": images})
+            out = session.run({"images": images})
         else:
             tokens = self._session("embed").run({"images": images})["tokens"]
             feed = {"tokens": tokens}
             if graph == "encoder_head":
                 feed["keep"] = np.ones(tokens.shape[:2], bool)
-            session.run(feed)
+            out = session.run(feed)
+        widths = {name: out[name].shape[-1] for name in ("logits", "ablated_logits", "dfr_logits") if name in out}
+        if any(width != len(self.class_names) for width in widths.values()):
+            raise BundleError(f"bundle {str(self.bundle.root)!r}: its {stored} graph scores {widths} classes, but "
+                              f"the manifest names {len(self.class_names)} ({list(self.class_names)}); the manifest "
+                              "belongs to another model: re-export the bundle")
         self._sessions[graph] = session
         return time.perf_counter() - start
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -32,6 +33,10 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
 }
 CROP_MODES = ("center", "squash")
+# Bounds that no ViT comes near (the largest take 1024 px, timm crops at 0.875 to 1), so a value
+# beyond them is a mistake rather than a model, caught before it allocates gigabytes.
+MAX_INPUT_SIDE = 4096
+MIN_CROP_PCT = 0.1
 DEFAULT_MAX_PIXELS = 50_000_000
 # Below this many pixels an in-memory image preprocesses faster than a thread pool hands it over
 # (measured on 2 cores, eight images: 64x64 0.5 ms serial vs 1.1 ms threaded; 512x512 7.9 vs 4.8 ms).
@@ -153,7 +158,7 @@ def list_image_files(folder: Path, recursive: bool = False) -> tuple[list[Path],
 class Preprocessing:
     """How an image becomes the model's input: resize (and crop) to `size` (H, W), scale to [0, 1], normalise.
 
-    `crop_pct` None stretches the whole image to `size`. A fraction in (0, 1] resizes the image
+    `crop_pct` None stretches the whole image to `size`. A fraction in [0.1, 1] resizes the image
     to `size / crop_pct` and cuts out the centre `size`, in one of timm's two crop modes:
     "center" (its default, and torchvision's Resize + CenterCrop) keeps the aspect ratio,
     "squash" stretches to `size / crop_pct` first.
@@ -167,17 +172,26 @@ class Preprocessing:
     crop_mode: str = "center"
 
     def __post_init__(self) -> None:
+        size = self.size
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 < v <= MAX_INPUT_SIDE
+                           for v in size)):
+            raise InputError(f"expected size as (height, width), two whole numbers from 1 to {MAX_INPUT_SIDE}, got "
+                             f"{size!r}; give the model's input size, e.g. (224, 224)")
         if self.crop_mode not in CROP_MODES:
             raise InputError(f"expected crop_mode in {CROP_MODES}, got {self.crop_mode!r}")
         if self.crop_pct is not None and (isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float))
-                                          or not 0 < self.crop_pct <= 1):
+                                          or not MIN_CROP_PCT <= self.crop_pct <= 1):
             raise InputError(
-                f"expected crop_pct as a fraction in (0, 1] or None (stretch the whole image), got {self.crop_pct!r}; "
+                f"expected crop_pct as a fraction in [{MIN_CROP_PCT}, 1] or None (stretch the whole image), got "
+                f"{self.crop_pct!r}; "
                 "torchvision's Resize(256) + CenterCrop(224) is 0.875"
             )
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if len(values) != 3 or not all(np.isfinite(v) for v in values):
+            if (not isinstance(values, (tuple, list)) or len(values) != 3
+                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+                               for v in values)):
                 raise InputError(f"expected {name} as three finite numbers (R, G, B), got {values!r}")
         if min(self.std) <= 0:
             raise InputError(f"expected a positive std for every channel, got {self.std!r}")
