@@ -67,6 +67,7 @@ def messy_tree(tmp_path, locked_folders) -> Path:
     save_png(root / "._a.png", 3)
     save_png(root / ".hidden" / "h.png", 4)
     os.mkfifo(root / "pipe.png")
+    (root / "device.png").symlink_to("/dev/null")  # a link that can be followed, to no file
     save_png(root / "locked" / "l.png", 5)
     locked_folders.add(str(root / "locked"))
     (root / "notes.txt").write_text("not an image")
@@ -81,16 +82,17 @@ def test_folder_search_follows_links_once_and_names_what_it_leaves_out(messy_tre
     assert sorted(p.name for p in contents.hidden) == [".DS_Store", "._a.png", ".hidden"]
     assert contents.repeated == [root / "sub" / "loop"]  # the cycle is searched once
     problems = dict(contents.problems)
-    assert set(problems) == {root / "dangling.png", root / "pipe.png", root / "locked"}
+    assert set(problems) == {root / "dangling.png", root / "pipe.png", root / "device.png", root / "locked"}
     assert "is a link that cannot be followed" in problems[root / "dangling.png"]
     assert "fix the link or remove it" in problems[root / "dangling.png"]
     assert "not a regular file" in problems[root / "pipe.png"]
+    assert "(a link to '/dev/null') is not a regular file but a FIFO, socket or device" in problems[root / "device.png"]
     assert "Permission denied" in problems[root / "locked"] and "make it readable" in problems[root / "locked"]
 
 
 def test_data_sets_refuse_a_folder_search_that_loses_images(messy_tree, tmp_path):
     # Training and evaluation data must not silently shrink: a broken image link or a locked folder is an error.
-    with pytest.raises(InputError, match=r"cannot use 3 entries under .*batch.*fix the link or remove it"):
+    with pytest.raises(InputError, match=r"cannot use 4 entries under .*batch.*fix the link or remove it"):
         list_image_files(messy_tree, recursive=True)
     clean = tmp_path / "clean"
     save_png(clean / "x.png")
@@ -105,7 +107,8 @@ def test_inputs_keep_their_folder_paths_for_overlays_and_report_problems_in_orde
     search = predict.find_inputs([str(messy_tree), str(messy_tree / "sub" / "a.png")])
     assert [(Path(f.path).relative_to(messy_tree).as_posix(), f.overlay_name, f.problem is not None)
             for f in search.files] == [
-        ("a.png", "a.png", False), ("dangling.png", None, True), ("link_dir/linked.png", "link_dir/linked.png", False),
+        ("a.png", "a.png", False), ("dangling.png", None, True), ("device.png", None, True),
+        ("link_dir/linked.png", "link_dir/linked.png", False),
         ("locked", None, True), ("pipe.png", None, True), ("sub/a.png", "sub/a.png", False),
         ("sub/a.png", "a.png", False),  # given by name: its own name
     ]

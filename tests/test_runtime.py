@@ -435,6 +435,36 @@ def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards,
         guard.predict(big_endian)
     low_big_endian = Image.frombytes("I;16B", (64, 64), (ramp * 255).round().astype(">u2").tobytes())
     np.testing.assert_array_equal(guard.predict(low_big_endian).logits, guard.predict(as_8bit).logits)
+    # One NaN pixel made Pillow's extrema NaN, and a 0..60000 float image passed as if in range.
+    with_nan = (ramp * 60000).astype(np.float32)
+    with_nan[0, 0] = np.nan
+    Image.fromarray(with_nan).save(tmp_path / "nan.tif")
+    with pytest.raises(ImageLoadError, match=r"nan.tif.* is a float image with NaN or infinite pixels"):
+        guard.predict(tmp_path / "nan.tif")
+    signed = Image.fromarray((ramp * 300 - 5).astype(np.int32))
+    with pytest.raises(ImageLoadError, match=r"values -5 to 295; .*\(e.g. map -5..295 to 0..255\)"):
+        guard.predict(signed)
+
+
+def test_a_file_of_several_frames_is_refused_not_cut_to_its_first(guards, tmp_path):
+    # A TIFF stack or an animation: the model would see the first frame only, and nobody would know.
+    frames = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (0, 128, 255)]
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    for name, kind in (("stack.tif", "TIFF"), ("anim.gif", "GIF")):
+        with pytest.raises(ImageLoadError, match=rf"{name}' holds 3 {kind} frames \(pages\).*save each frame"):
+            guards["onnxruntime"].predict(tmp_path / name)
+    # A phone's JPEG (MPO: the photo, then its previews) is its first frame.
+    mpo = tmp_path / "phone.jpg"
+    frames[1].save(mpo, format="MPO", save_all=True, append_images=[frames[2]])
+    assert Image.open(mpo).n_frames == 2
+    assert guards["onnxruntime"].predict(mpo).image_size == (64, 64)
+
+
+def test_a_fifo_named_as_an_image_is_not_called_missing(guards, tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ImageLoadError, match=r"pipe.png' is not a regular file but a FIFO, socket or device"):
+        guards["onnxruntime"].predict(tmp_path / "pipe.png")
 
 
 @pytest.mark.parametrize(

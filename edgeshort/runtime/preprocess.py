@@ -101,12 +101,11 @@ def search_folder(folder: Path, recursive: bool = True) -> FolderContents:
                     contents.linked_images.append(path.resolve())
             elif not is_image:
                 contents.others.append(path)
-            elif entry.is_symlink():
+            elif entry.is_symlink() and not path.exists():
                 contents.problems.append((path, f"{str(path)!r} is a link that cannot be followed "
                                                 f"({_link_problem(path)}); fix the link or remove it"))
             else:
-                contents.problems.append((path, f"{str(path)!r} is not a regular file (a FIFO, socket or device); "
-                                                "copy the image to a file"))
+                contents.problems.append((path, _not_regular_file(path)))
         if recursive:
             pending.extend(reversed(subfolders))  # depth first, in sorted order
     contents.images.sort()
@@ -126,6 +125,11 @@ def _is_file(entry: os.DirEntry) -> bool:
         return entry.is_file()
     except OSError:
         return False
+
+
+def _not_regular_file(path: Path) -> str:
+    link = f" (a link to {os.readlink(path)!r})" if path.is_symlink() else ""
+    return f"{str(path)!r}{link} is not a regular file but a FIFO, socket or device; copy the image to a file"
 
 
 def _link_problem(path: Path) -> str:
@@ -292,6 +296,8 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     if path.is_dir():
         raise ImageLoadError(f"expected an image file, got the folder {str(path)!r}; pass the files in it")
     if not path.is_file():
+        if path.exists():  # a FIFO or device: reading it could block for ever or never end
+            raise ImageLoadError(_not_regular_file(path))
         raise ImageLoadError(f"image file {str(path)!r} does not exist; check the path")
     return _decode(path, repr(str(path)), max_pixels, f"image {str(path)!r}")
 
@@ -305,6 +311,14 @@ def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = 
             width, height = img.size
             if width * height > max_pixels:
                 raise _pixel_limit_error(source, width, height, max_pixels)
+            frames = getattr(img, "n_frames", 1)
+            # A phone's JPEG (MPO) holds the photo first and previews after it; any other second frame
+            # (a TIFF stack, an animation) would go unseen.
+            if frames > 1 and img.format != "MPO":
+                raise ImageLoadError(
+                    f"{source} holds {frames} {img.format or ''} frames (pages), and the model sees one image per "
+                    "file; save each frame to predict as a file of its own (Pillow: img.seek(i); img.save(...))"
+                )
             img.load()
             return to_rgb(img, source=source)
     except ImageLoadError:
@@ -348,12 +362,20 @@ def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
 def _check_8bit_range(img: Image.Image, source: str) -> None:
     """16-bit, 32-bit and float images (radiographs, scientific TIFFs) convert to RGB by clipping at
     255: a 16-bit X-ray turns white and a [0, 1] float image black, silently. Refuse those."""
-    low, high = img.getextrema()
+    if img.mode == "F":
+        values = np.asarray(img)
+        if not np.isfinite(values).all():  # NaN would also hide the range from Pillow's extrema
+            raise ImageLoadError(f"{source} is a float image with NaN or infinite pixels, which have no colour; "
+                                 "replace them (e.g. with the background value) and save it as 8-bit PNG or JPEG")
+        low, high = float(values.min()), float(values.max())
+    else:
+        low, high = img.getextrema()
     if low < 0 or high > 255:
+        scale = f"scale by 255 / {high:g}" if low >= 0 else f"map {low:g}..{high:g} to 0..255"
         raise ImageLoadError(
             f"{source} is a {img.mode!r} (16/32-bit or float) image with values {low:g} to {high:g}; converting it to "
-            "RGB would clip everything above 255 to white. Convert it to 8-bit the way the model's training images "
-            f"were (e.g. scale by 255 / {high:g}) and save it as PNG or JPEG"
+            "RGB would clip them to 0..255 (values above 255 turn white). Convert it to 8-bit the way the model's "
+            f"training images were (e.g. {scale}) and save it as PNG or JPEG"
         )
     if img.mode == "F" and 0 < high <= 1:
         raise ImageLoadError(
