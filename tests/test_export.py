@@ -217,8 +217,8 @@ def test_a_models_own_preprocessing_reaches_the_edge(tmp_path):
     # The overlay draws the flag grid over the square the model saw, not over the whole 37x45 image.
     from edgeshort.commands.predict import OverlayWriter
 
-    overlay = Image.open(OverlayWriter(tmp_path / "overlays", bundle.preprocessing).write(str(files[0]), data.image(0),
-                                                                                          edge[0]))
+    writer = OverlayWriter(tmp_path / "overlays", bundle.preprocessing)
+    overlay = Image.open(writer.write(str(files[0]), writer.picture(data.image(0)), edge[0]))
     assert abs(overlay.width / overlay.height - 1) < 0.05  # the whole image is 37/45 = 0.82 (to the pixel)
 
 

@@ -162,7 +162,7 @@ def test_odd_file_names_and_bad_outputs(demo_bundle, demo_data, tmp_path, capsys
     # An --overlays path that is a file is refused before the earlier results in --out are touched.
     before = out.read_text()
     assert main(["predict", str(demo_bundle.root), str(folder), "--backend", "onnxruntime", "-o", str(out),
-                 "--overlays", str(out)]) == 2
+                 "--overlays", str(tmp_path / "one.csv")]) == 2
     assert "cannot write the overlays to" in capsys.readouterr().err and out.read_text() == before
 
 

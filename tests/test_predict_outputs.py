@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 from edgeshort.cli import main
 from edgeshort.commands import predict
 from edgeshort.errors import ImageLoadError, InputError
+from edgeshort.runtime import Guard
 from edgeshort.runtime.preprocess import as_pil, list_image_files, search_folder
 
 
@@ -171,6 +173,56 @@ def test_overlays_that_overlap_the_inputs_are_refused_and_the_images_kept(demo_b
     assert "is the input folder" in capsys.readouterr().err
     assert {p: digest(p) for p in images.rglob("*.png")} == before
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_records_that_would_overwrite_the_bundle_or_an_input_are_refused(demo_bundle, test_pngs, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(demo_bundle.root, bundle)
+    named_input = tmp_path / "same.json"
+    named_input.write_bytes(test_pngs[0].read_bytes())
+    cases = [
+        ([str(test_pngs[0]), "-o", str(bundle / "manifest.json")], "lies in the bundle folder"),
+        ([str(named_input), "-o", str(named_input)], "is one of the inputs: it would be emptied before it is read"),
+        ([str(test_pngs[0]), "-o", str(tmp_path / "ov"), "--overlays", str(tmp_path / "ov")], "name the same path"),
+    ]
+    for args, message in cases:
+        assert main(["predict", str(bundle), *args, "--backend", "onnxruntime"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "choose an --out file outside the bundle, the inputs" in err
+    assert Guard.load(bundle, backend="onnxruntime")  # still verifies
+    assert named_input.read_bytes() == test_pngs[0].read_bytes() and not (tmp_path / "ov").exists()
+
+
+def test_a_batch_keeps_no_decoded_image(demo_bundle, test_pngs, tmp_path, monkeypatch):
+    # A 7000 x 7000 upload is 140 MiB decoded; the batch needs only the model's input (and a small overlay picture).
+    import gc
+    import weakref
+
+    from edgeshort.runtime import preprocess
+
+    decoded, load = [], preprocess.load_image
+
+    def load_and_watch(*args, **kwargs):
+        image = load(*args, **kwargs)
+        decoded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(preprocess, "load_image", load_and_watch)
+    predict_images = Guard.predict
+
+    def predict_after_the_images_are_gone(self, images, **kwargs):
+        if len(images):  # not the empty call that checks the options
+            gc.collect()
+            assert decoded and all(ref() is None for ref in decoded), "decoded images are still held"
+        return predict_images(self, images, **kwargs)
+
+    monkeypatch.setattr(Guard, "predict", predict_after_the_images_are_gone)
+    for overlays in ([], ["--overlays", str(tmp_path / "ov")]):
+        out = tmp_path / f"r{len(overlays)}.jsonl"
+        assert run_predict(demo_bundle, *map(str, test_pngs), "-o", str(out), *overlays) == 0
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(records) == 3 and all(r["error"] is None for r in records)
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 3
 
 
 def test_overlays_mirror_the_input_folders(demo_bundle, test_pngs, tmp_path, capsys):

@@ -170,6 +170,22 @@ def check_overlays_apart(folder: str, search: InputSearch) -> None:
                              f"replace; {fix}")
 
 
+def check_records_apart(out: str, search: InputSearch, bundle_root: Path, overlays: str | None) -> None:
+    """Refuse an --out that would overwrite the bundle's files or an input before it is read, or that is the
+    --overlays folder itself."""
+    from edgeshort.errors import InputError
+
+    target = Path(out).resolve()
+    fix = "choose an --out file outside the bundle, the inputs and the --overlays folder"
+    if target.is_relative_to(bundle_root.resolve()):
+        raise InputError(f"--out {out!r} lies in the bundle folder {str(bundle_root)!r}: the records would replace "
+                         f"or join its verified files, and the next load would refuse the bundle; {fix}")
+    if target in search.real_files:
+        raise InputError(f"--out {out!r} is one of the inputs: it would be emptied before it is read; {fix}")
+    if overlays and target == Path(overlays).resolve():
+        raise InputError(f"--out {out!r} and --overlays {overlays!r} name the same path; {fix}")
+
+
 class RecordWriter:
     """JSONL, a JSON array (.json) or CSV records, to a file or stdout; CSV has one logit column per class and output."""
 
@@ -296,15 +312,20 @@ class OverlayWriter:
         self._used: set[str] = set()
         self.renamed = 0
 
-    def write(self, path: str, image, result, name: str | None = None) -> str:
+    def picture(self, image):
+        """The part of a decoded image an overlay shows (the part the model sees), at most OVERLAY_MAX_SIDE."""
         from PIL import Image
-
-        from edgeshort.report.draw import guard_overlay
 
         seen = self.preprocessing.seen_part(image).convert("RGB")
         if max(seen.size) > OVERLAY_MAX_SIDE:
             seen.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
-        pixels = np.asarray(seen)
+        return seen
+
+    def write(self, path: str, picture, result, name: str | None = None) -> str:
+        """Draw `result` over `picture` (from `picture(image)`) and save it as PNG; returns its path."""
+        from edgeshort.report.draw import guard_overlay
+
+        pixels = np.asarray(picture)
         scale = max(1, -(-OVERLAY_MIN_SIDE // max(1, min(pixels.shape[:2]))))
         picture = guard_overlay(pixels, result.saliency, result.flags, scale=scale)
         name = name or overlay_name(Path(path).name or "image")
@@ -323,7 +344,8 @@ class OverlayWriter:
 def run(args) -> int:
     from edgeshort.errors import EdgeshortError, InputError
     from edgeshort.runtime import Guard
-    from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, map_images
+    from edgeshort.runtime.guard import PreparedImage
+    from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, map_images, preprocess_image
 
     if args.drop_tokens and not args.split:
         raise InputError("--drop-tokens works on the split graphs; add --split")
@@ -338,6 +360,8 @@ def run(args) -> int:
     guard.predict([], **predict_options)  # no images: only checks the options against the bundle (--split), now
     inputs = find_inputs(args.images)
     # Both outputs are checked before either is written, so a bad one costs no earlier results.
+    if args.out:
+        check_records_apart(args.out, inputs, guard.bundle.root, args.overlays)
     if args.overlays:
         check_overlays_apart(args.overlays, inputs)
         try:
@@ -379,24 +403,27 @@ def run(args) -> int:
             return
 
         def load(i: int, path: str):
-            """-> (image, None), or (None, problem): a file that cannot be read becomes its record's error."""
+            """-> ((model input, overlay picture), None), or (None, problem): a file that cannot be read becomes
+            its record's error. The batch keeps no decoded image: a 7000 x 7000 PNG is 140 MiB of pixels."""
             if pending[i].problem is not None:
                 return None, pending[i].problem
             try:
-                return load_image(path, guard.max_pixels), None
+                image = load_image(path, guard.max_pixels)
             except EdgeshortError as exc:
                 return None, str(exc)
+            prepared = PreparedImage(preprocess_image(image, guard.preprocessing), image.size, path)
+            return (prepared, overlays.picture(image) if overlays else None), None
 
         loaded = map_images(load, [entry.path for entry in pending], args.threads)
-        images = [image for image, _ in loaded if image is not None]
-        results = iter(guard.predict(images, **predict_options) if images else ())
-        for entry, (image, problem) in zip(pending, loaded):
+        prepared = [item[0] for item, _ in loaded if item is not None]
+        results = iter(guard.predict(prepared, **predict_options) if prepared else ())
+        for entry, (item, problem) in zip(pending, loaded):
             if problem is not None:
                 fail(entry.path, problem)
                 continue
             result = next(results)
             try:
-                overlay = overlays.write(entry.path, image, result, entry.overlay_name) if overlays else None
+                overlay = overlays.write(entry.path, item[1], result, entry.overlay_name) if overlays else None
             except OSError as exc:
                 raise OutputFailure(f"cannot write the overlay of {entry.path!r} to {args.overlays!r} "
                                     f"({exc.strerror or exc})") from exc

@@ -201,6 +201,16 @@ class _Batch:
     saliency: np.ndarray
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image already brought to the model's input (`preprocess_image`), with its decoded (width, height):
+    what a caller that decodes files itself passes to `predict`, so a batch need not keep decoded images."""
+
+    pixels: np.ndarray  # float32 (3, H, W)
+    size: tuple[int, int]
+    source: str
+
+
 class Guard:
     """A loaded bundle, compiled for one backend: `Guard.load(bundle).predict(images)`.
 
@@ -360,6 +370,8 @@ class Guard:
     def _expand_item(self, item: Any, name: str) -> list[tuple[Any, str]]:
         if isinstance(item, (str, Path)):
             return [(item, str(item))]
+        if isinstance(item, PreparedImage):
+            return [(item, item.source)]
         if isinstance(item, np.ndarray) and item.ndim == 4:
             # A stacked batch: preprocessed float32 (B, 3, H, W) or uint8 images (B, H, W, C).
             if item.dtype == np.uint8 or item.dtype == np.float32:
@@ -371,6 +383,8 @@ class Guard:
         array already preprocessed)."""
         if isinstance(item, np.ndarray) and item.dtype != np.uint8:
             return self._check_tensor(item, source), None
+        if isinstance(item, PreparedImage):
+            return self._check_tensor(item.pixels, source), item.size
         image = as_pil(item, self.max_pixels, source=source)
         return preprocess_image(image, self.preprocessing), image.size
 
