@@ -127,6 +127,12 @@ def test_overlay_names_keep_apart_files_that_differ_only_by_suffix():
     assert predict.overlay_name("a.PNG") == "a.PNG.png"
 
 
+def test_csv_cells_that_a_spreadsheet_would_run_are_text():
+    for cell in ("=1+1.png", "+1", "-1", "@SUM(A1)", "\t=1+1.png", "\r=1+1.png"):
+        assert predict._spreadsheet_safe(cell) == "'" + cell
+    assert predict._spreadsheet_safe("a=1.png") == "a=1.png" and predict._spreadsheet_safe(0.5) == 0.5
+
+
 def test_printable_leaves_no_lone_surrogate():
     assert predict.printable(os.fsdecode(b"bad\xff.png")) == "bad\\xff.png"
     assert predict.printable("class \ud800") == "class \\ud800"  # e.g. from a JSON escape: no byte behind it

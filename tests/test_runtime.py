@@ -691,7 +691,8 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
                      + _png_chunk(b"IEND", b""))
 
 
-def test_images_over_the_pixel_limit_are_refused_before_decoding(demo_bundle, guards, test_images, tmp_path):
+def test_images_over_the_pixel_limit_are_refused_before_decoding(demo_bundle, guards, test_images, tmp_path,
+                                                                 monkeypatch):
     # The claimed size would be 7,000 x 7,000 x 3 = 147 MB decoded; the file is under 100 bytes, and
     # decoding it would fail as truncated: the pixel-limit message shows it was refused before that.
     bomb = tmp_path / "bomb.png"
@@ -706,8 +707,14 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(demo_bundle, gu
     # Past Pillow's own limit the file is refused inside Image.open; the message still says what to do.
     huge = tmp_path / "huge.png"
     _png_header_only(huge, 60_000, 60_000)
-    with pytest.raises(ImageLoadError, match="decompression bomb.*downscale it first"):
+    with pytest.raises(ImageLoadError, match="decompression-bomb limit caps max_pixels.*downscale it first"):
         guards["onnxruntime"].predict(huge)
+    # A max_pixels above Pillow's limit would not take effect: refused, with how to lift Pillow's.
+    with pytest.raises(InputError, match=r"at most 178,956,970, Pillow's own decompression-bomb limit, got "
+                                         r"1,000,000,000.*PIL.Image.MAX_IMAGE_PIXELS = None"):
+        Guard.load(demo_bundle, backend="onnxruntime", max_pixels=1_000_000_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert Guard.load(demo_bundle, backend="onnxruntime", max_pixels=1_000_000_000).max_pixels == 1_000_000_000
 
 
 # -- reliability ----------------------------------------------------------------------------------

@@ -262,10 +262,11 @@ class RecordWriter:
 
 
 def _spreadsheet_safe(value):
-    """A CSV cell a spreadsheet shows as text: a leading =, +, - or @ would make it a formula."""
+    """A CSV cell a spreadsheet shows as text: a leading =, +, - or @ (or a tab or carriage return before one,
+    which some spreadsheets skip) would make it a formula."""
     if value is None:
         return ""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return value
 

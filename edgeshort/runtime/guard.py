@@ -33,7 +33,13 @@ from edgeshort.runtime.backends import (
     open_session,
 )
 from edgeshort.runtime.bundle import FUSED_GRAPHS, INT8_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
-from edgeshort.runtime.preprocess import DEFAULT_MAX_PIXELS, as_pil, map_images, preprocess_image
+from edgeshort.runtime.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    as_pil,
+    check_max_pixels,
+    map_images,
+    preprocess_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -265,8 +271,7 @@ class Guard:
         if precision not in GUARD_PRECISIONS:
             raise InputError(f"expected precision in {GUARD_PRECISIONS}, got {precision!r}")
         check_threads(threads)
-        if not isinstance(max_pixels, int) or max_pixels < 1:
-            raise InputError(f"expected max_pixels to be a positive integer, got {max_pixels!r}")
+        check_max_pixels(max_pixels)
         if providers is not None and backend == "auto":
             backend = "onnxruntime"  # providers are ONNX Runtime's
         # A `Bundle` object is verified again: its files may have changed since it was loaded.

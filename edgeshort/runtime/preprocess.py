@@ -280,6 +280,24 @@ class Preprocessing:
         return img.crop(self._centre_crop(*img.size))
 
 
+def pillow_pixel_limit() -> int | None:
+    """The size above which Pillow itself refuses an image as a decompression bomb (twice
+    PIL.Image.MAX_IMAGE_PIXELS; None where that is lifted), whatever max_pixels says."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
+def check_max_pixels(max_pixels) -> None:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise InputError(f"expected max_pixels to be a positive integer, got {max_pixels!r}")
+    limit = pillow_pixel_limit()
+    if limit is not None and max_pixels > limit:
+        raise InputError(
+            f"expected max_pixels of at most {limit:,}, Pillow's own decompression-bomb limit, got {max_pixels:,}: "
+            "Pillow would refuse the larger images anyway. To read them, lift its limit in Python first "
+            "(PIL.Image.MAX_IMAGE_PIXELS = None, or a larger number) and pass max_pixels"
+        )
+
+
 def _pixel_limit_error(source: str, width: int, height: int, max_pixels: int) -> ImageLoadError:
     return ImageLoadError(
         f"expected an image of at most {max_pixels:,} pixels, got {source} with {width}x{height} = "
@@ -326,8 +344,8 @@ def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = 
     except Image.DecompressionBombError as exc:
         # Pillow's own limit (about 179 million pixels) fires inside Image.open, before ours can.
         raise ImageLoadError(
-            f"expected an image of at most {max_pixels:,} pixels, got {source}, which Pillow refuses "
-            f"as a decompression bomb ({exc}); downscale it first"
+            f"expected an image of at most {min(max_pixels, pillow_pixel_limit() or max_pixels):,} pixels (Pillow's "
+            f"decompression-bomb limit caps max_pixels), got {source}, which Pillow refuses ({exc}); downscale it first"
         ) from exc
     except Exception as exc:  # Pillow raises several unrelated types for broken files
         raise _unreadable(named or source, exc) from exc
