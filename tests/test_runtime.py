@@ -567,6 +567,26 @@ def test_an_edited_manifest_is_refused(demo_bundle, tmp_path):
         Guard.load(root, backend="onnxruntime")
 
 
+def test_a_pinned_bundle_refuses_a_resealed_copy(demo_bundle, tmp_path, capsys):
+    pinned = demo_bundle.manifest_sha256
+    assert Guard.load(demo_bundle, backend="onnxruntime", expected_sha256=pinned.upper()).info.manifest_sha256 == pinned
+    # The seal stops hand edits, but whoever can write a bundle can seal it again: only a pin tells.
+    root = copy_bundle(demo_bundle, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["class_names"] = manifest["class_names"][::-1]
+    write_manifest(root, manifest)
+    assert Guard.load(root, backend="onnxruntime").class_names == tuple(manifest["class_names"])
+    with pytest.raises(BundleError, match=rf"is not the one pinned: its manifest.json has sha256 [0-9a-f]{{64}}, "
+                                          rf"expected {pinned}; it was re-exported or changed"):
+        Guard.load(root, backend="onnxruntime", expected_sha256=pinned)
+    from edgeshort.cli import main
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    assert main(["predict", str(root), str(image), "--bundle-sha256", pinned, "--quiet"]) == 2
+    assert "is not the one pinned" in capsys.readouterr().err
+
+
 RESEALED_MANIFEST_FAULTS = {
     # The seal has no key: whoever can write a bundle can seal any manifest, so its fields are checked too.
     "graph outside": (lambda m: m["graphs"]["guarded"]["files"].update(onnx="/etc/passwd"),

@@ -65,6 +65,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--drop-tokens", action="store_true", help="with --split: remove flagged tokens instead of masking")
     parser.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (default 50 "
                                                          "million)")
+    parser.add_argument("--bundle-sha256", metavar="HEX",
+                        help="run only the bundle whose manifest.json has this sha256 (records carry it as "
+                             "bundle_sha256): a bundle re-exported or re-sealed since you checked it is refused")
     parser.add_argument("--quiet", action="store_true", help="no summary on stderr")
 
 
@@ -355,7 +358,8 @@ def run(args) -> int:
         if value is not None and value < 1:
             raise InputError(f"expected {flag} of at least 1, got {value}")
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
-                       precision=args.precision, max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels)
+                       precision=args.precision, max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
+                       expected_sha256=args.bundle_sha256)
     predict_options = {"batch_size": args.batch_size, "path": "split" if args.split else None,
                        "drop_tokens": args.drop_tokens}
     guard.predict([], **predict_options)  # no images: only checks the options against the bundle (--split), now

@@ -212,8 +212,11 @@ def _plain_file_name(name) -> bool:
             and "\0" not in name and not Path(name).is_absolute() and Path(name).name == name)
 
 
-def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
-    """Read and verify a bundle; raise `BundleError` naming the problem and the fix."""
+def load_bundle(root: str | Path, expected_sha256: str | None = None) -> Bundle:
+    """Read and verify a bundle; raise `BundleError` naming the problem and the fix.
+
+    `expected_sha256` pins the bundle: the sha256 of its manifest.json bytes, which cover every file's hash.
+    The seal alone catches edits, not who made the bundle (anyone who can write it can seal it anew)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.exists():
@@ -235,6 +238,16 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
                           "re-export the bundle") from exc
     except OSError as exc:
         raise _unreadable(path, exc) from exc
+    manifest_sha256 = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and not isinstance(expected_sha256, str):
+        raise InputError(f"expected expected_sha256 as a hex text, got {type(expected_sha256).__name__}")
+    if expected_sha256 is not None and manifest_sha256 != expected_sha256.strip().lower():
+        raise BundleError(
+            f"bundle {str(root)!r} is not the one pinned: its manifest.json has sha256 {manifest_sha256}, expected "
+            f"{expected_sha256.strip()}; it was re-exported or changed since it was accepted. Check where it came from, "
+            "and pin the new one only once it is accepted (its sha256: `sha256sum manifest.json`, or any record's "
+            "bundle_sha256)"
+        )
     if not isinstance(manifest, dict):
         raise BundleError(f"{str(path)!r} holds a JSON {type(manifest).__name__}, not a manifest object; "
                           "re-export the bundle")
@@ -272,23 +285,22 @@ def load_bundle(root: str | Path, verify_hashes: bool = True) -> Bundle:
                 if listed not in manifest["files"]:
                     raise BundleError(f"{str(path)!r} lists no hash for its graph file {listed!r}, so it cannot be "
                                       "verified; re-export the bundle")
-    if verify_hashes:
-        for name, entry in manifest["files"].items():
-            file = root / name
-            if not file.is_file():
-                raise BundleError(f"bundle file {name!r} is missing from {str(root)!r}; re-export or copy it whole")
-            try:
-                size = file.stat().st_size
-                if size != entry["bytes"]:  # before hashing: a wrong size needs no read of a file of any size
-                    raise BundleError(f"bundle file {name!r} holds {size:,} bytes, its manifest says "
-                                      f"{entry['bytes']:,}: it was modified, cut short or replaced; re-export the "
-                                      "bundle or copy it whole")
-                digest = sha256_file(file)
-            except OSError as exc:
-                raise _unreadable(file, exc) from exc
-            if digest != entry["sha256"]:
-                raise BundleError(
-                    f"bundle file {name!r} does not match its manifest hash (sha256 {digest[:12]}… != "
-                    f"{entry['sha256'][:12]}…): it was modified or corrupted; re-export the bundle"
-                )
-    return Bundle(root, manifest, hashlib.sha256(raw).hexdigest())
+    for name, entry in manifest["files"].items():
+        file = root / name
+        if not file.is_file():
+            raise BundleError(f"bundle file {name!r} is missing from {str(root)!r}; re-export or copy it whole")
+        try:
+            size = file.stat().st_size
+            if size != entry["bytes"]:  # before hashing: a wrong size needs no read of a file of any size
+                raise BundleError(f"bundle file {name!r} holds {size:,} bytes, its manifest says "
+                                  f"{entry['bytes']:,}: it was modified, cut short or replaced; re-export the "
+                                  "bundle or copy it whole")
+            digest = sha256_file(file)
+        except OSError as exc:
+            raise _unreadable(file, exc) from exc
+        if digest != entry["sha256"]:
+            raise BundleError(
+                f"bundle file {name!r} does not match its manifest hash (sha256 {digest[:12]}… != "
+                f"{entry['sha256'][:12]}…): it was modified or corrupted; re-export the bundle"
+            )
+    return Bundle(root, manifest, manifest_sha256)

@@ -253,6 +253,7 @@ class Guard:
         providers: Sequence[str] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         cache_dir: str | Path | None = None,
+        expected_sha256: str | None = None,
     ) -> Guard:
         """Verify a bundle (format version, sha256 of every file), compile its graphs and warm them up:
         the fused ones, or the split ones in a bundle exported without them (`--graphs split`).
@@ -265,7 +266,8 @@ class Guard:
         f32 unless `precision="bf16"`; `precision="int8"` runs the bundle's INT8 guarded and plain graphs
         (`export --int8`, OpenVINO; a bundle exported before plain_int8 existed runs its plain graph in
         f32). `cache_dir` keeps OpenVINO's compiled graphs between loads. Images over `max_pixels` are
-        refused before decoding.
+        refused before decoding. `expected_sha256` accepts only the bundle whose manifest.json has that
+        sha256 (`Guard.info.manifest_sha256` of a bundle you checked).
         """
         start = time.perf_counter()
         if precision not in GUARD_PRECISIONS:
@@ -275,7 +277,7 @@ class Guard:
         if providers is not None and backend == "auto":
             backend = "onnxruntime"  # providers are ONNX Runtime's
         # A `Bundle` object is verified again: its files may have changed since it was loaded.
-        loaded = load_bundle(bundle.root if isinstance(bundle, Bundle) else bundle)
+        loaded = load_bundle(bundle.root if isinstance(bundle, Bundle) else bundle, expected_sha256=expected_sha256)
         graphs = FUSED_GRAPHS if loaded.has_graphs(FUSED_GRAPHS) else SPLIT_GRAPHS
         if precision != "f32" and backend == "auto" and is_onnxruntime_device(device):
             raise InputError(f"precision {precision} runs on OpenVINO only, and {device!r} is an ONNX Runtime "
