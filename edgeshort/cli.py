@@ -22,7 +22,7 @@ COMMANDS = {
 }
 
 
-def build_parser(load_arguments: bool = True, only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the `only` command's arguments are loaded (its module imported)."""
     parser = argparse.ArgumentParser(
         prog="edgeshort",
@@ -32,7 +32,7 @@ def build_parser(load_arguments: bool = True, only: str | None = None) -> argpar
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        if load_arguments and only == name:
+        if only == name:
             importlib.import_module(module).add_arguments(command)
     return parser
 

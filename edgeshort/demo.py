@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgeshort.data import ImageDataset, SplitSpec, SyntheticConfig, generate
-from edgeshort.detect.config import DEMO_DETECTOR, DetectorConfig  # noqa: F401 (DEMO_DETECTOR: the demo's)
+from edgeshort.detect.config import DEMO_DETECTOR  # noqa: F401 (the demo's settings, kept beside DetectorConfig)
 from edgeshort.models.train import TrainConfig, cached_tiny_vit
 
 # ISIC-like: the artefact on half the benign training images and on 3% of malignant ones, those

@@ -22,6 +22,25 @@ def test_help_does_not_import_torch():
     assert "detect" in out.stdout and "export" in out.stdout
 
 
+def test_cli_choices_are_the_librarys(tmp_path):
+    # The parsers spell their choices out, so that `--help` loads no library module; this keeps them in step.
+    from edgeshort.cli import build_parser
+    from edgeshort.data.synthetic import ARTEFACTS
+    from edgeshort.export.exporter import GRAPH_SETS
+    from edgeshort.runtime.backends import BACKENDS
+    from edgeshort.runtime.guard import GUARD_PRECISIONS
+
+    def choices(command: str, option: str) -> tuple:
+        parser = build_parser(only=command)
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        return tuple(next(a for a in sub._actions if option in a.option_strings).choices)
+
+    assert choices("predict", "--backend") == ("auto", *BACKENDS)
+    assert choices("predict", "--precision") == GUARD_PRECISIONS
+    assert choices("export", "--graphs") == tuple(GRAPH_SETS)
+    assert choices("demo", "--artefact") == ARTEFACTS and choices("detect", "--demo") == ARTEFACTS
+
+
 def test_env_prints_versions_and_backends():
     out = subprocess.run([sys.executable, "-m", "edgeshort.cli", "env", "--json"], capture_output=True, text=True,
                          check=True)

@@ -483,7 +483,8 @@ def test_bad_input_is_a_clear_error(caplog):
 
 
 def test_naming_assembles_prompts_with_a_fake_client(tmp_path):
-    from edgeshort.detect.naming import CAPTION_PROMPT, name_shortcut
+    from edgeshort.detect import name_shortcut
+    from edgeshort.detect.naming import CAPTION_PROMPT
 
     grids = []
     for i in range(3):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from edgeshort.errors import InputError, NotFittedError
-from edgeshort.spray.assess import risk_rank
+from edgeshort.spray.assess import CleverHansCriteria
+from edgeshort.spray.choices import risk_rank
 from edgeshort.spray.detector import SpRAyDetector
 from edgeshort.spray.synthetic import make_spray_heatmaps
 
@@ -223,6 +224,12 @@ def test_report_is_json_with_the_documented_layout(tmp_path) -> None:
         assert key in report["report"]
     assert report["risk_level"] in ("none", "low", "medium", "high")
     assert len(report["report"]["clusters"]) == detector.n_clusters_
+    # "Flagged" means at medium risk or above, in the metric as in clever_hans.flagged_clusters: a cluster
+    # that cannot be pure enough is a low-risk flag, not a flagged cluster.
+    assert report["metrics"]["n_flagged_clusters"] == len(report["report"]["clever_hans"]["flagged_clusters"]) >= 1
+    lenient = SpRAyDetector(criteria=CleverHansCriteria(min_purity=1.01)).fit(data.heatmaps, data.labels).get_report()
+    assert [f["risk_level"] for f in lenient["report"]["clever_hans"]["flags"]] == ["low"]
+    assert lenient["metrics"]["n_flagged_clusters"] == 0
     for cluster in report["report"]["clusters"]:
         for key in ("cluster_id", "size", "fraction", "label_purity", "majority_label", "focus", "risk_level"):
             assert key in cluster

@@ -54,15 +54,13 @@ def write_test_images(test, out: Path) -> tuple[Path, Path]:
     return folder, listing
 
 
-ARTEFACT = "artefact"  # the demo's group names in the SpRAy report
-
-
 def spray_demo(result, val, out: Path) -> None:
     """SpRAy per class on GradCAM maps of the block before the last (the last block's patch outputs
     do not reach a class-token head); written to `RUN/spray/`, where the report shows it."""
     import numpy as np
     import torch
 
+    from edgeshort.evaluation import ARTEFACT_GROUP_NAMES
     from edgeshort.report.html import artefact_share
     from edgeshort.spray import SpRAyDetector
     from edgeshort.spray.cli import GRID_NAME, write_outputs
@@ -71,7 +69,7 @@ def spray_demo(result, val, out: Path) -> None:
     inputs = torch.from_numpy(val.preprocessed(result.adapter.preprocessing))
     spray = SpRAyDetector(per_class=True).fit(
         inputs=inputs, labels=np.asarray(val.class_names)[val.labels], model=model,
-        group_labels=np.where(val.groups == 1, ARTEFACT, "no artefact"), target_layer=f"blocks.{len(model.blocks) - 2}",
+        group_labels=np.asarray(ARTEFACT_GROUP_NAMES)[val.groups], target_layer=f"blocks.{len(model.blocks) - 2}",
     )
     write_outputs(spray, out)
     print(f"  {len(val)} heatmaps, {spray.n_clusters_} clusters; risk {spray.risk_level_.upper()}")

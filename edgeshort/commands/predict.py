@@ -56,7 +56,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, help="inference threads (default: the backend's choice)")
     parser.add_argument("--precision", default="f32", choices=("f32", "bf16", "int8"),
                         help="OpenVINO inference precision: f32 (default), bf16 on CPUs that have it, or the "
-                             "bundle's INT8 guarded graph (export --int8)")
+                             "bundle's INT8 guarded and plain graphs (export --int8)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference call (default 8)")
     parser.add_argument("-o", "--out", help="write records to this .jsonl, .json (one array) or .csv file (default: JSONL on stdout)")
     parser.add_argument("--overlays", help="folder for overlay PNGs (image + saliency + flagged patches), apart from the "

@@ -14,6 +14,9 @@ _LAZY = {
     "DetectionResult": "edgeshort.detect.detector",
     "Predictions": "edgeshort.detect.detector",
     "ShortcutDetector": "edgeshort.detect.detector",
+    "NamingClient": "edgeshort.detect.naming",
+    "ShortcutName": "edgeshort.detect.naming",
+    "name_shortcut": "edgeshort.detect.naming",
 }
 
 __all__ = ["DetectorConfig", *_LAZY]

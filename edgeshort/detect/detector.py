@@ -72,7 +72,7 @@ class Predictions:
     flags: np.ndarray  # (N, gh, gw) excluded patches: raw flags dilated, where a shortcut is present
     present: np.ndarray  # (N,) shortcut present (>= min_patches raw flags)
     saliency: np.ndarray  # (N, gh, gw) the guard's tint in [0, 1] (DetectionResult.saliency_maps)
-    input_sha256: np.ndarray | None = None  # (N,) `input_digests` of the images predicted
+    input_sha256: np.ndarray | None = None  # (N,) `input_digests` of the images predicted (sha256 prefixes)
 
     def labels(self, kind: str) -> np.ndarray:
         logits = {"original": self.logits, "ablated": self.ablated_logits, "dfr": self.dfr_logits}[kind]

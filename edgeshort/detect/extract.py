@@ -103,7 +103,7 @@ def extract(
             x = torch.from_numpy(images)
             tokens = adapter.embed(x)
             encoded = adapter.encode(tokens)
-            pooled.append(encoded[:, adapter.num_prefix :].mean(1).numpy())
+            pooled.append(adapter.pool(encoded).numpy())
             keys.append(adapter.keys(tokens, key_layer).numpy())
             logits.append(adapter.head_linear()(adapter.pre_logits(encoded)).numpy())
     features = Features(np.concatenate(pooled), np.concatenate(keys), np.concatenate(logits))

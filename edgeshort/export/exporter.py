@@ -73,7 +73,7 @@ class ExportOptions:
         if self.graphs not in GRAPH_SETS:
             raise InputError(f"expected graphs in {tuple(GRAPH_SETS)}, got {self.graphs!r}")
         if self.int8 and self.graphs == "split":
-            raise InputError("INT8 quantises the fused guarded graph; export with graphs 'all' or 'fused'")
+            raise InputError("INT8 quantises the fused guarded and plain graphs; export with graphs 'all' or 'fused'")
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats or "onnx" not in self.formats:
             raise InputError(f"expected formats from {FORMATS} including 'onnx', got {self.formats}; e.g. "

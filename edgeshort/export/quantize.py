@@ -17,6 +17,7 @@ import numpy as np
 from edgeshort._optional import require
 from edgeshort.runtime.backends import open_session
 from edgeshort.runtime.bundle import INT8_GRAPHS
+from edgeshort.runtime.guard import unguarded_logits
 
 # Held-out images the INT8 graphs are checked on, at most.
 INT8_CHECK_SIZE = 500
@@ -97,10 +98,10 @@ def quantize_fused(root: Path, graphs: dict, images, prep, calibration_size: int
     out = {k: np.concatenate(v) for k, v in outputs.items()}
     final = "dfr_logits" if has_dfr else "ablated_logits"
     f32_final, int8_final = out[f"guarded/{final}"].argmax(1), out[f"guarded_int8/{final}"].argmax(1)
-    # The plain label as the runtime gives it: the plain graph's where a shortcut is present, else the
-    # guarded graph's, which then masks nothing.
+    # The plain label as the runtime gives it.
     present = out["guarded_int8/present"].astype(bool)
-    int8_plain = np.where(present[:, None], out["plain_int8/logits"], out["guarded_int8/ablated_logits"]).argmax(1)
+    int8_plain = unguarded_logits(out["guarded_int8/ablated_logits"], present,
+                                  lambda idx: out["plain_int8/logits"][idx]).argmax(1)
     f32_plain = out["plain/logits"].argmax(1)
     logit_keys = ["ablated_logits", *(["dfr_logits"] if has_dfr else [])]
     report = {

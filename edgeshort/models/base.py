@@ -102,7 +102,11 @@ class ViTAdapter(ABC):
 
     def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
         """Mean of the last block's patch-token outputs: the seed's clustering feature."""
-        return self.encode(self.embed(images))[:, self.num_prefix :].mean(dim=1)
+        return self.pool(self.encode(self.embed(images)))
+
+    def pool(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The clustering feature of already encoded tokens: the mean over the patch tokens (prefix left out)."""
+        return encoded[:, self.num_prefix :].mean(dim=1)
 
     def keys(self, tokens: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """The seed's patch keys: `tokens[:, P:] @ W_K^T`, split per head, mean over heads -> (B, N, d_head).

@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeshort._optional import require
 from edgeshort.errors import InputError
+from edgeshort.evaluation import KIND_TITLES
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,6 @@ logger = logging.getLogger(__name__)
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 # What the clusters were found in (metrics.json `cluster_space_used`), for titles and captions.
 CLUSTER_SPACE_TITLES = {"pooled": "Pooled features", "class_centred": "Pooled features minus their class's mean"}
-KIND_LABELS = {"original": "original", "ablated": "ablated", "dfr": "ablated + DFR"}
 KIND_COLOURS = {"original": "#999999", "ablated": "#56B4E9", "dfr": "#0072B2"}
 
 
@@ -110,7 +110,7 @@ def group_accuracy_bars(tables: dict[str, dict], path: str | Path, intervals: di
         values = [cell["accuracy"] for cell in tables[kind]["cells"]] + [tables[kind]["average"], tables[kind]["worst"]]
         heights = [np.nan if v is None else v for v in values]
         bars = ax.bar(x + (j - (len(kinds) - 1) / 2) * width, heights, width * 0.95,
-                      label=KIND_LABELS.get(kind, kind), color=KIND_COLOURS.get(kind, PALETTE[j % len(PALETTE)]))
+                      label=KIND_TITLES.get(kind, kind), color=KIND_COLOURS.get(kind, PALETTE[j % len(PALETTE)]))
         bounds = [None] * len(cells) + [(intervals or {}).get(kind, {}).get(key) for key in ("average", "worst")]
         for bar, v, interval in zip(bars, values, bounds):
             if interval and v is not None:

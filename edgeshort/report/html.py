@@ -1031,7 +1031,7 @@ def _spray_text(value) -> str:
 
 # Group labels that say whether an image carries the known artefact: the detector's 0 / 1 and the
 # names the demo gives SpRAy. Other group labels (sites, scanners) are shown as stored.
-ARTEFACT_GROUP_VALUES = {"1": True, "artefact": True, "0": False, "no artefact": False}
+ARTEFACT_GROUP_VALUES = {"0": False, "1": True, ARTEFACT_GROUP_NAMES[0]: False, ARTEFACT_GROUP_NAMES[1]: True}
 
 
 def _carries_artefact(group) -> bool | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,7 @@ class GuardInfo:
     providers: tuple[str, ...] | None
     threads: int | None
     backend_version: str
-    load_seconds: float  # manifest check + compile + warm-up of the fused graphs (cold start)
+    load_seconds: float  # manifest check + compile + warm-up of the graphs compiled at load (cold start)
     warmup_seconds: float
     input_size: tuple[int, int]
     class_names: tuple[str, ...]
@@ -205,6 +205,17 @@ class _Batch:
     raw_flags: np.ndarray
     present: np.ndarray
     saliency: np.ndarray
+
+
+def unguarded_logits(ablated: np.ndarray, present: np.ndarray,
+                     plain_where_present: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The plain model's logits: where no shortcut is present the guarded graph masked nothing, so its
+    ablated logits are the plain ones; the plain graph runs only for the rest (`plain_where_present(indices)`)."""
+    logits = ablated.copy()
+    if present.any():
+        idx = np.flatnonzero(present)
+        logits[idx] = plain_where_present(idx)
+    return logits
 
 
 @dataclass(frozen=True)
@@ -492,11 +503,8 @@ class Guard:
         out = self._session("guarded").run({"images": x})
         present = np.asarray(out["present"], bool)
         ablated = out["ablated_logits"]
-        logits = ablated.copy()
-        if present.any():
-            # The unguarded answer differs only where something was masked; compute it only there.
-            idx = np.flatnonzero(present)
-            logits[idx] = self._session("plain").run({"images": np.ascontiguousarray(x[idx])})["logits"]
+        logits = unguarded_logits(ablated, present, lambda idx: self._session("plain").run(
+            {"images": np.ascontiguousarray(x[idx])})["logits"])
         return _Batch(logits, ablated, out.get("dfr_logits"), out["flags"], out["raw_flags"], present,
                       out["saliency"])
 
@@ -510,11 +518,12 @@ class Guard:
         else:
             out = head.run({"tokens": tokens, "keep": keep})
             ablated, dfr = out["logits"], out.get("dfr_logits")
-        logits = ablated.copy()
-        if present.any():
-            idx = np.flatnonzero(present)
+
+        def plain(idx: np.ndarray) -> np.ndarray:
             sub = np.ascontiguousarray(tokens[idx])
-            logits[idx] = head.run({"tokens": sub, "keep": np.ones(sub.shape[:2], bool)})["logits"]
+            return head.run({"tokens": sub, "keep": np.ones(sub.shape[:2], bool)})["logits"]
+
+        logits = unguarded_logits(ablated, present, plain)
         return _Batch(logits, ablated, dfr, g["flags"], g["raw_flags"], present, g["saliency"])
 
     def _head_dropping(self, head: Session, tokens: np.ndarray, keep: np.ndarray, present: np.ndarray):

@@ -1,4 +1,5 @@
-"""Flag-grid operations shared by the offline detector and the runtime (numpy only)."""
+"""Flag-grid operations of the offline detector and bench's seed-style pipeline (numpy only); the runtime's
+dilation is inside the exported guard graph."""
 
 from __future__ import annotations
 

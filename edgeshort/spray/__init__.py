@@ -41,7 +41,7 @@ from edgeshort._lazy import lazy_getattr
 _LAZY = {
     "SpRAyDetector": "edgeshort.spray.detector",
     "CleverHansCriteria": "edgeshort.spray.assess",
-    "RISK_LEVELS": "edgeshort.spray.assess",
+    "RISK_LEVELS": "edgeshort.spray.choices",
     "GradCAMHeatmaps": "edgeshort.spray.heatmaps",
     "TokenGridReshape": "edgeshort.spray.heatmaps",
     "preserved_model_state": "edgeshort.spray.heatmaps",

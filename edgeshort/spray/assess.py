@@ -31,8 +31,6 @@ import numpy as np
 
 from edgeshort.spray.focus import centroid_scatter
 
-RISK_LEVELS = ("none", "low", "medium", "high")
-
 
 @dataclass(frozen=True)
 class CleverHansCriteria:
@@ -48,10 +46,6 @@ class CleverHansCriteria:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def risk_rank(level: str) -> int:
-    return RISK_LEVELS.index(level)
 
 
 def _plain(value):

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-RISK_CHOICES = ("none", "low", "medium", "high")
+from edgeshort.spray.choices import AFFINITIES, CLUSTER_SELECTIONS, RISK_LEVELS, risk_rank
+
 REPORT_NAME, SUMMARY_NAME, GRID_NAME = "report.json", "summary.txt", "representative_heatmaps.png"
 
 
@@ -19,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heatmaps", required=True, type=Path, help="heatmaps (N, H, W) as .npy")
     parser.add_argument("--labels", type=Path, default=None, help="labels (N,) as .npy (sharpens the verdict)")
     parser.add_argument("-o", "--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--affinity", choices=("cosine", "rbf", "knn"), default="cosine")
-    parser.add_argument("--cluster-selection", choices=("auto", "eigengap", "fixed"), default="auto")
+    parser.add_argument("--affinity", choices=AFFINITIES, default="cosine")
+    parser.add_argument("--cluster-selection", choices=CLUSTER_SELECTIONS, default="auto")
     parser.add_argument("--n-clusters", type=int, default=None, help="number of clusters (default: eigengap)")
     parser.add_argument("--max-clusters", type=int, default=8, help="upper bound of the eigengap choice")
     parser.add_argument("--downsample-size", type=int, default=32, help="processing resolution (longer side)")
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-state", type=int, default=0)
     parser.add_argument(
         "--fail-on",
-        choices=RISK_CHOICES[1:],
+        choices=RISK_LEVELS[1:],
         default=None,
         help="exit with status 1 when the risk level is at least this (for CI gates)",
     )
@@ -134,6 +135,6 @@ def run(args: argparse.Namespace) -> int:
     summary = write_outputs(detector, out, full_resolution=args.full_resolution)
     print(summary)
     print(f"\nwrote {out / REPORT_NAME}, {out / SUMMARY_NAME}, {out / GRID_NAME}")
-    if args.fail_on is not None and RISK_CHOICES.index(detector.risk_level_) >= RISK_CHOICES.index(args.fail_on):
+    if args.fail_on is not None and risk_rank(detector.risk_level_) >= risk_rank(args.fail_on):
         return 1
     return 0

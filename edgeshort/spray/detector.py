@@ -14,14 +14,13 @@ from sklearn.base import BaseEstimator
 from edgeshort._version import __version__
 from edgeshort.errors import InputError, NotFittedError
 from edgeshort.spray import fit_warnings, preprocess
-from edgeshort.spray.assess import RISK_LEVELS, CleverHansCriteria, assess_cluster, risk_rank
+from edgeshort.spray.assess import CleverHansCriteria, assess_cluster
+from edgeshort.spray.choices import AFFINITIES, CLUSTER_SELECTIONS, RISK_LEVELS, risk_rank
 from edgeshort.spray.focus import centroid_scatter, sample_focus
 from edgeshort.spray.spectral import DENSE_MAX_SAMPLES, SpectralResult, spectral_clusters
 
 logger = logging.getLogger(__name__)
 
-AFFINITIES = ("cosine", "rbf", "knn")
-CLUSTER_SELECTIONS = ("auto", "eigengap", "fixed")
 MIN_SAMPLES = 3
 HeatmapGenerator = Callable[[Any], Any]
 
@@ -531,7 +530,7 @@ class SpRAyDetector(BaseEstimator):
                 "mean_label_purity": float(np.mean(purities)) if purities else None,
                 "max_label_purity": float(np.max(purities)) if purities else None,
                 "mean_focus": float(np.mean(self.sample_focus_["focus"])),
-                "n_flagged_clusters": len(self.clever_hans_["flags"]),
+                "n_flagged_clusters": len(self.clever_hans_["flagged_clusters"]),
                 "fit_seconds": round(float(self.fit_seconds_), 4),
             },
             "metadata": {

@@ -66,12 +66,6 @@ def sample_focus(heatmaps: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def map_centroid(heatmap: np.ndarray) -> tuple[float, float]:
-    """Relevance-weighted centre (y, x) in [0, 1] of one (h, w) map (the middle if it is empty)."""
-    stats = sample_focus(heatmap[None])
-    return float(stats["centroid_y"][0]), float(stats["centroid_x"][0])
-
-
 def centroid_scatter(stats: dict[str, np.ndarray], members: np.ndarray) -> float:
     """RMS distance of the members' centroids from their mean centroid: how consistently a
     group of maps looks at the same place (an artefact at a fixed position gives ~0)."""
