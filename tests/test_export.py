@@ -511,7 +511,7 @@ def test_a_bundle_of_one_path_is_smaller_and_runs_that_path(demo_result, demo_da
     (case,) = bench["cases"]
     assert {"plain", "guarded", "guarded+original (flagged image)", "Guard.predict (clean image)"} <= set(case["timings"])
     assert case["clean_inputs_flagged"] == 0.0 and case["cold_start_s"]["guarded"] > 0
-    with pytest.raises(InputError, match="INT8 quantises the fused guarded graph"):
+    with pytest.raises(InputError, match="INT8 quantises the fused guarded and plain graphs"):
         ExportOptions(graphs="split", int8=True)
 
 
