@@ -175,12 +175,12 @@ def bench_bundle(
     # that loaded torch earlier (`edgeshort demo`, a notebook) has its own peak in it, and bench.md says so.
     results["peak_rss_mb"] = _peak_rss_mb()
     results["torch_loaded_before"] = torch_before
-    # After the runtime's peak: the comparison holds every precision's graph at once, which no deployment does.
-    results["precision_cases"] = _precision_comparison(bundle, variants, batches, inputs, rounds, block, threads,
-                                                       progress)
     if seed_pipeline:
         results["cases"] += _seed_pipeline_cases(bundle, inputs.clean, inputs.flagged, rounds, block, progress)
         results["peak_rss_with_torch_mb"] = _peak_rss_mb()
+    # After both peaks: the comparison holds every precision's graph at once, which no deployment does.
+    results["precision_cases"] = _precision_comparison(bundle, variants, batches, inputs, rounds, block, threads,
+                                                       progress)
     return results
 
 

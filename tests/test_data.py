@@ -146,6 +146,11 @@ def test_bad_input_is_named(tmp_path):
         ImageDataset.from_arrays(np.zeros((3, 8, 8, 3), np.uint8), [0, 1], ["a", "b"])
     with pytest.raises(InputError, match=r"expected labels in \[0, 1\]"):
         ImageDataset.from_arrays(np.zeros((2, 8, 8, 3), np.uint8), [0, 2], ["a", "b"])
+    # Class names label every record and bundle: two alike, or an empty one, would leave answers ambiguous.
+    for names in (["a", "a"], ["", "b"], [" ", "b"]):
+        with pytest.raises(InputError, match="expected distinct, non-empty class names"):
+            ImageDataset.from_arrays(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], names)
+    assert ImageDataset.from_arrays(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], [0, 1]).class_names == ("0", "1")
 
 
 def test_recorded_folder_sources_reload_from_another_directory(tmp_path, monkeypatch):

@@ -440,7 +440,7 @@ def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
     with pytest.raises(InputError, match="on the 0-1 pixel scale.*divided by 255"):  # ImageNet's, as 0-255
         load_adapter(model).set_preprocessing(mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
     for bad in (0.0, 1.5, True, "0.9"):
-        with pytest.raises(InputError, match=r"expected crop_pct as a fraction in \(0, 1\] or None"):
+        with pytest.raises(InputError, match=r"expected crop_pct as a fraction in \[0.1, 1\] or None"):
             load_adapter(model).set_preprocessing(crop_pct=bad)
 
 

@@ -187,15 +187,20 @@ def test_records_that_would_overwrite_the_bundle_or_an_input_are_refused(demo_bu
     named_input = tmp_path / "same.json"
     named_input.write_bytes(test_pngs[0].read_bytes())
     cases = [
-        ([str(test_pngs[0]), "-o", str(bundle / "manifest.json")], "lies in the bundle folder"),
+        ([str(test_pngs[0]), "-o", str(bundle / "manifest.json")], "is one of the bundle's own files"),
+        ([str(test_pngs[0]), "-o", str(bundle / "guarded.onnx")], "is one of the bundle's own files"),
         ([str(named_input), "-o", str(named_input)], "is one of the inputs: it would be emptied before it is read"),
         ([str(test_pngs[0]), "-o", str(tmp_path / "ov"), "--overlays", str(tmp_path / "ov")], "name the same path"),
     ]
     for args, message in cases:
         assert main(["predict", str(bundle), *args, "--backend", "onnxruntime"]) == 2
         err = capsys.readouterr().err
-        assert message in err and "choose an --out file outside the bundle, the inputs" in err
+        assert message in err and "choose another --out file" in err
     assert Guard.load(bundle, backend="onnxruntime")  # still verifies
+    # A new file beside the bundle's own harms nothing.
+    assert main(["predict", str(bundle), str(test_pngs[0]), "--backend", "onnxruntime", "-o", str(bundle / "r.jsonl"),
+                 "--quiet"]) == 0
+    assert Guard.load(bundle, backend="onnxruntime")
     assert named_input.read_bytes() == test_pngs[0].read_bytes() and not (tmp_path / "ov").exists()
 
 

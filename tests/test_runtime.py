@@ -236,6 +236,7 @@ def test_openvino_device_names_are_checked_inside_virtual_devices(demo_bundle):
     assert unknown_openvino_devices("AUTO:CPUX", available) == ["CPUX"]
     assert unknown_openvino_devices("HETERO:NPU,CPU", available) == ["NPU"]
     assert unknown_openvino_devices("GPU.2", available) == ["GPU.2"]
+    assert unknown_openvino_devices("GPU.0", ["CPU", "GPU"]) == [] and unknown_openvino_devices("GPU.1", ["GPU"]) == ["GPU.1"]
     # A typo behind a virtual device gets edgeshort's device list, not OpenVINO's compile error on the graph.
     with pytest.raises(InputError, match=r"got 'AUTO:CPUX': CPUX is not on this machine; `edgeshort env` lists"):
         Guard.load(demo_bundle, backend="openvino", device="auto:cpux")
@@ -452,8 +453,13 @@ def test_a_file_of_several_frames_is_refused_not_cut_to_its_first(guards, tmp_pa
     frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     for name, kind in (("stack.tif", "TIFF"), ("anim.gif", "GIF")):
-        with pytest.raises(ImageLoadError, match=rf"{name}' holds 3 {kind} frames \(pages\).*save each frame"):
+        with pytest.raises(ImageLoadError, match=rf"{name}' holds 3 {kind} frames \(pages\) of the same size.*save each"):
             guards["onnxruntime"].predict(tmp_path / name)
+    # A smaller second page is the first's preview (a scanner's TIFF thumbnail): the first page is the picture.
+    frames[1].save(tmp_path / "with_preview.tif", save_all=True, append_images=[frames[2].resize((16, 16))])
+    first_page = guards["onnxruntime"].predict(tmp_path / "with_preview.tif")
+    assert first_page.image_size == (64, 64)
+    np.testing.assert_allclose(first_page.logits, guards["onnxruntime"].predict(frames[1]).logits, atol=1e-6)
     # A phone's JPEG (MPO: the photo, then its previews) is its first frame.
     mpo = tmp_path / "phone.jpg"
     frames[1].save(mpo, format="MPO", save_all=True, append_images=[frames[2]])
@@ -585,6 +591,10 @@ def test_a_pinned_bundle_refuses_a_resealed_copy(demo_bundle, tmp_path, capsys):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
     assert main(["predict", str(root), str(image), "--bundle-sha256", pinned, "--quiet"]) == 2
     assert "is not the one pinned" in capsys.readouterr().err
+    # A whole `sha256sum` line, or an empty pin, is a malformed pin, not another bundle.
+    for malformed in (f"{pinned}  manifest.json", ""):
+        with pytest.raises(InputError, match=r"expected the pinned sha256 as 64 hex digits.*first field of `sha256sum"):
+            Guard.load(demo_bundle, backend="onnxruntime", expected_sha256=malformed)
 
 
 RESEALED_MANIFEST_FAULTS = {
@@ -733,6 +743,19 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(demo_bundle, gu
     with pytest.raises(InputError, match=r"at most 178,956,970, Pillow's own decompression-bomb limit, got "
                                          r"1,000,000,000.*PIL.Image.MAX_IMAGE_PIXELS = None"):
         Guard.load(demo_bundle, backend="onnxruntime", max_pixels=1_000_000_000)
+    # The CLI owns its process: there --max-pixels moves Pillow's limit, and its own check still refuses from the header.
+    from edgeshort.cli import main
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    small = tmp_path / "small.png"
+    Image.fromarray(test_images[0]).save(small)
+    assert main(["predict", str(demo_bundle.root), str(small), "--max-pixels", "1000000000", "--quiet",
+                 "-o", str(tmp_path / "r.jsonl")]) == 0
+    assert Image.MAX_IMAGE_PIXELS == 1_000_000_000
+    assert main(["predict", str(demo_bundle.root), str(huge), "--max-pixels", "1000000000", "--quiet",
+                 "-o", str(tmp_path / "r2.jsonl")]) == 1
+    record = json.loads((tmp_path / "r2.jsonl").read_text())
+    assert "at most 1,000,000,000 pixels" in record["error"] and "truncated" not in record["error"]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     assert Guard.load(demo_bundle, backend="onnxruntime", max_pixels=1_000_000_000).max_pixels == 1_000_000_000
 

@@ -173,16 +173,21 @@ def check_overlays_apart(folder: str, search: InputSearch) -> None:
                              f"replace; {fix}")
 
 
-def check_records_apart(out: str, search: InputSearch, bundle_root: Path, overlays: str | None) -> None:
-    """Refuse an --out that would overwrite the bundle's files or an input before it is read, or that is the
-    --overlays folder itself."""
+def check_records_apart(out: str, search: InputSearch, bundle_root: Path, bundle_files, overlays: str | None) -> None:
+    """Refuse an --out that would overwrite one of the bundle's files or an input before it is read, or that is
+    the --overlays folder itself."""
     from edgeshort.errors import InputError
+    from edgeshort.runtime.bundle import MANIFEST
 
-    target = Path(out).resolve()
-    fix = "choose an --out file outside the bundle, the inputs and the --overlays folder"
-    if target.is_relative_to(bundle_root.resolve()):
-        raise InputError(f"--out {out!r} lies in the bundle folder {str(bundle_root)!r}: the records would replace "
-                         f"or join its verified files, and the next load would refuse the bundle; {fix}")
+    try:
+        target = Path(out).resolve()
+    except (OSError, RuntimeError):  # a link loop: opening it gives its own error
+        return
+    fix = "choose another --out file"
+    own_files = {(bundle_root / name).resolve() for name in (MANIFEST, *bundle_files)}
+    if target in own_files:
+        raise InputError(f"--out {out!r} is one of the bundle's own files: the records would replace it, and the "
+                         f"next load would refuse the bundle; {fix}")
     if target in search.real_files:
         raise InputError(f"--out {out!r} is one of the inputs: it would be emptied before it is read; {fix}")
     if overlays and target == Path(overlays).resolve():
@@ -357,6 +362,13 @@ def run(args) -> int:
                         ("--max-pixels", args.max_pixels)):
         if value is not None and value < 1:
             raise InputError(f"expected {flag} of at least 1, got {value}")
+    if args.max_pixels is not None:
+        from PIL import Image
+
+        if Image.MAX_IMAGE_PIXELS is not None and args.max_pixels > Image.MAX_IMAGE_PIXELS:
+            # This process is the CLI's own: Pillow's decompression-bomb guard moves up to --max-pixels, which
+            # edgeshort's header check enforces before any image is decoded.
+            Image.MAX_IMAGE_PIXELS = args.max_pixels
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
                        precision=args.precision, max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
                        expected_sha256=args.bundle_sha256)
@@ -366,7 +378,7 @@ def run(args) -> int:
     inputs = find_inputs(args.images)
     # Both outputs are checked before either is written, so a bad one costs no earlier results.
     if args.out:
-        check_records_apart(args.out, inputs, guard.bundle.root, args.overlays)
+        check_records_apart(args.out, inputs, guard.bundle.root, guard.bundle.manifest["files"], args.overlays)
     if args.overlays:
         check_overlays_apart(args.overlays, inputs)
         try:

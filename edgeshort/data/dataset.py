@@ -62,7 +62,11 @@ class ImageDataset:
             raise InputError(f"expected {len(labels)} artefact masks, got {len(masks)}")
         self.sources = sources
         self.labels = labels
-        self.class_names = tuple(class_names)
+        names = [str(name) for name in class_names]  # runs and bundles record them as text
+        if len(set(names)) != len(names) or not all(name.strip() for name in names):
+            raise InputError(f"expected distinct, non-empty class names, got {list(class_names)}; name each class once "
+                             "(the names label every prediction and every bundle)")
+        self.class_names = tuple(names)
         self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
         self.masks = masks
         self.name = name

@@ -207,14 +207,15 @@ VIRTUAL_OPENVINO_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
 def unknown_openvino_devices(device: str, available: Sequence[str]) -> list[str]:
     """The device names in `device` ("GPU", "GPU.1", "AUTO:GPU,-CPU", "HETERO:GPU,CPU") this machine lacks.
 
-    "GPU" is known where OpenVINO lists "GPU.0", "GPU.1": it means the first."""
+    "GPU" is known where OpenVINO lists "GPU.0", "GPU.1" (it means the first), and "GPU.0" where it lists "GPU"."""
     virtual, _, listed = device.partition(":")
     if virtual in VIRTUAL_OPENVINO_DEVICES:
         names = [name.strip().lstrip("-").split("(")[0] for name in listed.split(",") if name.strip()]
     else:
         names = [device]
     return [name for name in names
-            if name not in available and not any(a.startswith(name + ".") for a in available)]
+            if name not in available and not any(a.startswith(name + ".") for a in available)
+            and not (name.endswith(".0") and name[:-2] in available)]
 
 
 def is_intel_cpu() -> bool:

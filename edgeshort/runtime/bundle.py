@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,8 +240,10 @@ def load_bundle(root: str | Path, expected_sha256: str | None = None) -> Bundle:
     except OSError as exc:
         raise _unreadable(path, exc) from exc
     manifest_sha256 = hashlib.sha256(raw).hexdigest()
-    if expected_sha256 is not None and not isinstance(expected_sha256, str):
-        raise InputError(f"expected expected_sha256 as a hex text, got {type(expected_sha256).__name__}")
+    if expected_sha256 is not None and not (isinstance(expected_sha256, str)
+                                            and re.fullmatch(r"[0-9a-f]{64}", expected_sha256.strip().lower())):
+        raise InputError(f"expected the pinned sha256 as 64 hex digits, got {expected_sha256!r:.100}; give only the "
+                         "hash (the first field of `sha256sum manifest.json`, or a record's bundle_sha256)")
     if expected_sha256 is not None and manifest_sha256 != expected_sha256.strip().lower():
         raise BundleError(
             f"bundle {str(root)!r} is not the one pinned: its manifest.json has sha256 {manifest_sha256}, expected "

@@ -101,7 +101,7 @@ def search_folder(folder: Path, recursive: bool = True) -> FolderContents:
                     contents.linked_images.append(path.resolve())
             elif not is_image:
                 contents.others.append(path)
-            elif entry.is_symlink() and not path.exists():
+            elif entry.is_symlink() and not os.path.exists(path):  # False, not an error, where it cannot look
                 contents.problems.append((path, f"{str(path)!r} is a link that cannot be followed "
                                                 f"({_link_problem(path)}); fix the link or remove it"))
             else:
@@ -158,6 +158,19 @@ def list_image_files(folder: Path, recursive: bool = False) -> tuple[list[Path],
     return contents.images, contents.others
 
 
+def _numbers(values, kind) -> tuple | None:
+    """`values` (a sequence or array) as a tuple when every item is a number of `kind` (bools are not), else None."""
+    if isinstance(values, (str, bytes)):
+        return None
+    try:
+        items = tuple(np.asarray(values).reshape(-1).tolist()) if isinstance(values, np.ndarray) else tuple(values)
+    except TypeError:
+        return None
+    if not all(isinstance(v, kind) and not isinstance(v, (bool, np.bool_)) for v in items):
+        return None
+    return items
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How an image becomes the model's input: resize (and crop) to `size` (H, W), scale to [0, 1], normalise.
@@ -176,27 +189,27 @@ class Preprocessing:
     crop_mode: str = "center"
 
     def __post_init__(self) -> None:
-        size = self.size
-        if (not isinstance(size, (tuple, list)) or len(size) != 2
-                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 < v <= MAX_INPUT_SIDE
-                           for v in size)):
+        # Stored as Python numbers whatever came in (numpy scalars or arrays), so runs and bundles write them as JSON.
+        size = _numbers(self.size, numbers.Integral)
+        if size is None or len(size) != 2 or not all(0 < v <= MAX_INPUT_SIDE for v in size):
             raise InputError(f"expected size as (height, width), two whole numbers from 1 to {MAX_INPUT_SIDE}, got "
-                             f"{size!r}; give the model's input size, e.g. (224, 224)")
+                             f"{self.size!r}; give the model's input size, e.g. (224, 224)")
+        object.__setattr__(self, "size", tuple(int(v) for v in size))
         if self.crop_mode not in CROP_MODES:
             raise InputError(f"expected crop_mode in {CROP_MODES}, got {self.crop_mode!r}")
-        if self.crop_pct is not None and (isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float))
-                                          or not MIN_CROP_PCT <= self.crop_pct <= 1):
-            raise InputError(
-                f"expected crop_pct as a fraction in [{MIN_CROP_PCT}, 1] or None (stretch the whole image), got "
-                f"{self.crop_pct!r}; "
-                "torchvision's Resize(256) + CenterCrop(224) is 0.875"
-            )
+        if self.crop_pct is not None:
+            crop = _numbers([self.crop_pct], numbers.Real)
+            if crop is None or not MIN_CROP_PCT <= crop[0] <= 1:
+                raise InputError(
+                    f"expected crop_pct as a fraction in [{MIN_CROP_PCT}, 1] or None (stretch the whole image), got "
+                    f"{self.crop_pct!r}; torchvision's Resize(256) + CenterCrop(224) is 0.875"
+                )
+            object.__setattr__(self, "crop_pct", float(crop[0]))
         for name in ("mean", "std"):
-            values = getattr(self, name)
-            if (not isinstance(values, (tuple, list)) or len(values) != 3
-                    or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
-                               for v in values)):
-                raise InputError(f"expected {name} as three finite numbers (R, G, B), got {values!r}")
+            values = _numbers(getattr(self, name), numbers.Real)
+            if values is None or len(values) != 3 or not all(np.isfinite(v) for v in values):
+                raise InputError(f"expected {name} as three finite numbers (R, G, B), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
         if min(self.std) <= 0:
             raise InputError(f"expected a positive std for every channel, got {self.std!r}")
         if min(self.mean) < 0 or max(self.mean) > 1 or max(self.std) > 1:
@@ -329,14 +342,7 @@ def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = 
             width, height = img.size
             if width * height > max_pixels:
                 raise _pixel_limit_error(source, width, height, max_pixels)
-            frames = getattr(img, "n_frames", 1)
-            # A phone's JPEG (MPO) holds the photo first and previews after it; any other second frame
-            # (a TIFF stack, an animation) would go unseen.
-            if frames > 1 and img.format != "MPO":
-                raise ImageLoadError(
-                    f"{source} holds {frames} {img.format or ''} frames (pages), and the model sees one image per "
-                    "file; save each frame to predict as a file of its own (Pillow: img.seek(i); img.save(...))"
-                )
+            _check_one_picture(img, source)
             img.load()
             return to_rgb(img, source=source)
     except ImageLoadError:
@@ -349,6 +355,27 @@ def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = 
         ) from exc
     except Exception as exc:  # Pillow raises several unrelated types for broken files
         raise _unreadable(named or source, exc) from exc
+
+
+def _check_one_picture(img: Image.Image, source: str) -> None:
+    """Refuse a file of several pictures the model would see only the first of: a TIFF stack or an animation,
+    whose frames share the first one's size. Smaller later frames are previews of the first (a scanner's
+    TIFF thumbnail, a pyramid's levels), as are a phone JPEG's (MPO)."""
+    frames = getattr(img, "n_frames", 1)
+    if frames < 2 or img.format == "MPO":
+        return
+    size = img.size
+    try:
+        for i in range(1, frames):
+            img.seek(i)
+            if img.size == size:
+                raise ImageLoadError(
+                    f"{source} holds {frames} {img.format or ''} frames (pages) of the same size, a stack or an "
+                    "animation, and the model sees one image per file; save each frame to predict as a file of its "
+                    "own (Pillow: img.seek(i); img.save(...))"
+                )
+    finally:
+        img.seek(0)
 
 
 def _unreadable(named: str, exc: Exception) -> ImageLoadError:
