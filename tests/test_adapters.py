@@ -385,6 +385,13 @@ def test_a_transformers_save_pretrained_folder_loads_with_its_preprocessing_and_
     prep = adapter.preprocessing
     assert (prep.mean, prep.std, prep.interpolation) == ((0.4, 0.45, 0.5), (0.2, 0.25, 0.3), "bicubic")
     assert adapter.class_names == ("nevus", "melanoma", "bcc")
+    # One value for every channel, as transformers allows (0.5 or [0.5]); a wrong count names the file.
+    for mean, std in ((0.5, 0.25), ([0.5], [0.25])):
+        (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+        assert load_adapter_file(tmp_path / "hf").preprocessing.mean == (0.5, 0.5, 0.5)
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5], "image_std": 0.5}))
+    with pytest.raises(InputError, match=r"preprocessor_config.json': expected mean as three finite numbers"):
+        load_adapter_file(tmp_path / "hf")
     x = torch.randn(2, 3, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(adapter.model(x).logits, model(x).logits)
@@ -423,3 +430,43 @@ def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
     assert code == 0
     assert "classes in the model's output order (its id2label): nevus, melanoma, bcc" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "run.json").read_text())["class_names"] == ["nevus", "melanoma", "bcc"]
+    # The Python API orders them the same way; before, it kept the sorted order and every answer was a wrong class.
+    from edgeshort import DetectorConfig, ShortcutDetector
+    from edgeshort.data import load_images
+
+    config = DetectorConfig(num_selected=2, knn_samples=8, dfr="none", progress=False)
+    result = ShortcutDetector(config).fit(model, load_images(tmp_path / "val"))
+    assert result.class_names == ("nevus", "melanoma", "bcc")
+    # Names the model does not use are refused, not matched by sorted order; a case difference names the rename.
+    (tmp_path / "val" / "bcc").rename(tmp_path / "val" / "BCC")
+    with pytest.raises(InputError, match=r"the model names its classes \['nevus', 'melanoma', 'bcc'\] \(its id2label\), "
+                                         r"and the data's are \['BCC', 'melanoma', 'nevus'\]; they differ only in case: "
+                                         r"rename the data's with --class-map BCC=bcc,melanoma=melanoma,nevus=nevus"):
+        ShortcutDetector(config).fit(model, load_images(tmp_path / "val"))
+    code = main(["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run2"),
+                 "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet"])
+    assert code == 2 and "give the data's names in the model's output order (--classes A,B,C" in capsys.readouterr().err
+    code = main(["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run2"),
+                 "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet", "--class-map",
+                 "BCC=bcc,melanoma=melanoma,nevus=nevus"])
+    assert code == 0
+
+
+def test_a_one_channel_model_is_refused_with_the_conversion_that_keeps_its_outputs():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    gray_hf = ViTForImageClassification(ViTConfig(image_size=IMAGE, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=64, num_channels=1))
+    for model in (_timm(in_chans=1), gray_hf):
+        with pytest.raises(UnsupportedModelError, match=r"expected a model that takes RGB images \(3 input channels\), "
+                                                        r"got one whose patch embedding takes 1.*repeat\(1, 3, 1, 1\) / 3"):
+            load_adapter(model)
+    # The conversion the message names gives the same logits on a grayscale image fed as RGB.
+    torch.manual_seed(0)
+    gray = _timm(in_chans=1).eval()
+    state = gray.state_dict()
+    state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].repeat(1, 3, 1, 1) / 3
+    rgb = _timm()
+    rgb.load_state_dict(state)
+    image = torch.rand(2, 1, IMAGE, IMAGE)
+    torch.testing.assert_close(load_adapter(rgb.eval()).model(image.repeat(1, 3, 1, 1)), gray(image), atol=1e-5, rtol=0)

@@ -95,7 +95,7 @@ def config_from_args(args, base: DetectorConfig | None = None) -> DetectorConfig
 
 def run(args) -> int:
     from edgeshort.data import load_images, parse_class_map, parse_columns
-    from edgeshort.data.dataset import in_class_order
+    from edgeshort.data.dataset import in_model_class_order
     from edgeshort.detect import ShortcutDetector
     from edgeshort.models import load_adapter_file
 
@@ -128,11 +128,11 @@ def run(args) -> int:
         class_map = parse_class_map(args.class_map) if args.class_map else None
         columns = parse_columns(args.columns) if args.columns else None
         val = load_images(args.data, classes, class_map, args.image_root, columns)
-        if classes is None and model.class_names and set(model.class_names) == set(val.class_names):
-            # The model names its outputs (transformers' id2label) and the data has the same classes.
-            classes = list(model.class_names)
-            val = in_class_order(val, classes)
-            print(f"classes in the model's output order (its id2label): {', '.join(classes)}")
+        if classes is None:
+            val, reordered = in_model_class_order(val, model.class_names)
+            if reordered:
+                classes = list(val.class_names)
+                print(f"classes in the model's output order (its id2label): {', '.join(classes)}")
         if args.eval_columns and not args.eval_data:
             raise InputError("--eval-columns names the headers of the --eval listing, which was not given; add "
                              "--eval TEST, or leave it out")

@@ -437,6 +437,28 @@ def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDa
 
 
 
+def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str] | None) -> tuple[ImageDataset, bool]:
+    """`dataset` with its labels in the model's output order where the model names its classes (transformers'
+    id2label) -> (dataset, whether it was reordered). Data whose classes the model does not name is refused:
+    which output is which class would be a guess (sorted order), and a wrong guess inverts every answer."""
+    if not model_class_names or tuple(dataset.class_names) == tuple(model_class_names):
+        return dataset, False
+    if set(dataset.class_names) == set(model_class_names):
+        return in_class_order(dataset, model_class_names), True
+    by_case = {name.casefold(): name for name in model_class_names}
+    renames = {name: by_case[name.casefold()] for name in dataset.class_names if name.casefold() in by_case}
+    hint = ""
+    if len(renames) == len(dataset.class_names) == len(model_class_names):
+        mapping = ",".join(f"{old}={new}" for old, new in renames.items())
+        hint = (f"; they differ only in case: rename the data's with --class-map {mapping} "
+                f"(Python: load_images(..., class_map={renames!r}))")
+    raise InputError(
+        f"the model names its classes {list(model_class_names)} (its id2label), and the data's are "
+        f"{list(dataset.class_names)}{hint}; or, where they are the same classes under other names, give the "
+        "data's names in the model's output order (--classes A,B,C; Python: fit(..., class_names=[...]))"
+    )
+
+
 class ArrayDataset(ImageDataset):
     """Images already preprocessed for a model: float (N, 3, H, W) arrays or tensors, used as given."""
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset, as_dataset, as_images, input_digests
+from edgeshort.data.dataset import in_model_class_order
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
 from edgeshort.detect.dfr import LinearHead, dfr_fit_warnings, fit_dfr_adam, fit_dfr_logreg
 from edgeshort.detect.extract import Features, extract, weights_fingerprint
@@ -392,6 +393,10 @@ class ShortcutDetector:
             logger.warning("the classes are named %s; pass fit(..., class_names=[...]) in the model's output order "
                            "for names the run, report and bundle can show", ", ".join(class_names))
         dataset = as_dataset(val, class_names)
+        if class_names is None:  # the model's own names order the data, as in `edgeshort detect`
+            dataset, reordered = in_model_class_order(dataset, adapter.class_names)
+            if reordered:
+                logger.info("classes in the model's output order (its id2label): %s", ", ".join(dataset.class_names))
         _check_dataset(dataset, adapter, cfg)
         run_dir = Path(run_dir) if run_dir is not None else None
         seconds: dict[str, float] = {}

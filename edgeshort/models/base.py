@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from edgeshort.errors import InputError
+from edgeshort.errors import InputError, UnsupportedModelError
 from edgeshort.runtime.preprocess import Preprocessing
 
 # `set_preprocessing(crop_pct=KEEP)` leaves the crop alone; None is a choice of its own (stretch).
@@ -29,6 +29,15 @@ class ViTAdapter(ABC):
     family: str = "unknown"
 
     def __init__(self, model: nn.Module) -> None:
+        patch_embedding = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if patch_embedding is not None and patch_embedding.in_channels != 3:
+            # Images reach every model as RGB (grayscale repeated over three channels, as convert("RGB") does).
+            raise UnsupportedModelError(
+                f"expected a model that takes RGB images (3 input channels), got one whose patch embedding takes "
+                f"{patch_embedding.in_channels}; edgeshort feeds grayscale images as RGB with equal channels. For a "
+                "model trained on one channel, rebuild it with three and load its weights with the patch embedding's "
+                "spread over them (weight.repeat(1, 3, 1, 1) / 3 gives the same outputs on such images)"
+            )
         self.model = model.eval()
 
     # -- model structure ------------------------------------------------------------------

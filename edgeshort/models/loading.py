@@ -207,6 +207,11 @@ def _load_pretrained_folder(path: Path):
     return model.eval()
 
 
+def _per_channel(value) -> tuple:
+    values = [value] if isinstance(value, (int, float)) else list(value) if isinstance(value, list) else [value]
+    return tuple(values * 3) if len(values) == 1 else tuple(values)
+
+
 def folder_preprocessing(path: str | Path) -> dict | None:
     """set_preprocessing arguments from a transformers folder's preprocessor_config.json, if it has one:
     the normalisation and resize filter its image processor applies (the size is the model's)."""
@@ -218,7 +223,8 @@ def folder_preprocessing(path: str | Path) -> dict | None:
     config = json.loads(config_path.read_text())
     prep: dict = {}
     if config.get("do_normalize", True) and "image_mean" in config and "image_std" in config:
-        prep["mean"], prep["std"] = tuple(config["image_mean"]), tuple(config["image_std"])
+        # transformers broadcasts one value (0.5, or [0.5]) over the channels; images here are RGB.
+        prep["mean"], prep["std"] = (_per_channel(config[key]) for key in ("image_mean", "image_std"))
     elif not config.get("do_normalize", True):
         prep["mean"], prep["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if config.get("resample") in _RESAMPLE_NAMES:
@@ -235,7 +241,10 @@ def load_adapter_file(path: str | Path, arch: str | None = None,
     """
     adapter = load_adapter(load_model_file(path, arch=arch, **_image_size_argument(arch, image_size)))
     prep = folder_preprocessing(path)
-    return adapter.set_preprocessing(**prep) if prep else adapter
+    try:
+        return adapter.set_preprocessing(**prep) if prep else adapter
+    except InputError as exc:
+        raise InputError(f"{str(Path(path) / 'preprocessor_config.json')!r}: {exc}") from exc
 
 
 def _image_size_argument(arch: str | None, image_size) -> dict:
