@@ -124,18 +124,31 @@ def describe_change(change: dict, tables: dict[str, dict], confidence: float, ti
             f"({100 * confidence:.0f}% CI {lo:+.3f} to {hi:+.3f}, {verdict})")
 
 
-def dfr_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
-    """A warning when the retrained head lowers worst-group accuracy beyond test-set noise, with the fix.
+def _step_loss(tables: dict[str, dict], intervals: dict, before: str, after: str) -> str | None:
+    """The description of the step before -> after when it lowers worst-group accuracy beyond test-set noise.
 
-    Only a loss the paired interval puts wholly below zero counts: a head judged on a change the
+    Only a loss the paired interval puts wholly below zero counts: a step judged on a change the
     test set cannot resolve would be chosen by noise.
     """
     for change in intervals["changes"]:
-        if change["from"] == "ablated" and change["to"] == "dfr" and change_verdict(change, tables) == "loss":
-            return (f"the DFR head lowers worst-group accuracy on this test set "
-                    f"({describe_change(change, tables, intervals['confidence'])}); "
-                    "ship the ablated prediction instead: `edgeshort export --no-dfr` (ExportOptions(dfr=False))")
+        if change["from"] == before and change["to"] == after and change_verdict(change, tables) == "loss":
+            return describe_change(change, tables, intervals["confidence"])
     return None
+
+
+def dfr_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
+    """A warning when the retrained head lowers worst-group accuracy beyond test-set noise, with the fix."""
+    loss = _step_loss(tables, intervals, "ablated", "dfr")
+    return loss and (f"the DFR head lowers worst-group accuracy on this test set ({loss}); ship the ablated "
+                     "prediction instead: `edgeshort export --no-dfr` (ExportOptions(dfr=False))")
+
+
+def guard_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
+    """A warning when masking the flagged tokens lowers worst-group accuracy beyond test-set noise."""
+    loss = _step_loss(tables, intervals, "original", "ablated")
+    return loss and (f"the guard lowers worst-group accuracy on this test set ({loss}): its flags mask what the "
+                     "model needs, not only the artefact. Check the key heatmaps and the flag pictures, and do not "
+                     "ship this bundle until the flags mark the artefact")
 
 
 def format_table(results: dict[str, dict], intervals: dict | None = None) -> str:

@@ -36,6 +36,7 @@ def test_demo_shortcut_is_found_flagged_and_mitigated(demo_result):
     # the average.
     assert dfr["from"] == "ablated" and dfr["worst_interval"][1] > 0
     assert metrics["dfr_warning"] is None  # so nothing advises leaving the head out
+    assert metrics["guard_warning"] is None and metrics["val_shortcut_present_rate"] < 0.9
     assert metrics["aga_dfr"] >= metrics["aga_ablated"]
     assert metrics["warnings"] == []
     assert metrics["val_balanced_accuracy_ablated"] > metrics["val_balanced_accuracy_original"]
@@ -480,6 +481,20 @@ def test_bad_input_is_a_clear_error(caplog):
     sigmoid_model = TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2, num_classes=1).eval()
     with pytest.raises(InputError, match=r"one output \(a sigmoid binary head\).*two logits \[-z/2, z/2\]"):
         detector.fit(sigmoid_model, (images, torch.tensor([0, 1] * 3)), class_names=["benign", "malignant"])
+
+
+def test_a_guard_that_flags_nearly_every_image_says_so(monkeypatch):
+    # An artefact some images carry leaves most unflagged; flags on every image mark the object.
+    from edgeshort.detect import keymaps
+
+    torch.manual_seed(0)
+    model = TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2, num_classes=2).eval()
+    images, labels = torch.randn(12, 3, 32, 32), torch.tensor([0, 1] * 6)
+    config = DetectorConfig(n_clusters=2, num_selected=2, knn_samples=4, knn_negatives=8, dfr="none", progress=False)
+    monkeypatch.setattr(keymaps.KeyKNN, "flags", lambda self, keys: np.ones(keys.shape[:2], bool))
+    result = ShortcutDetector(config).fit(model, (images, labels), class_names=["a", "b"])
+    assert result.metrics["val_shortcut_present_rate"] == 1.0
+    assert any(w.startswith("the guard finds a shortcut in 100% of the validation images") for w in result.metrics["warnings"])
 
 
 def test_naming_assembles_prompts_with_a_fake_client(tmp_path):

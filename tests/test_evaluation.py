@@ -108,6 +108,29 @@ def test_dfr_warning_only_for_a_worst_group_loss_beyond_noise():
     assert warning_for(labels.copy()) is None  # a gain
 
 
+def test_guard_warning_only_when_masking_loses_beyond_noise():
+    # A guard whose flags mask the object lowers worst-group accuracy against the unguarded model.
+    from edgeshort.evaluation import guard_loss_warning
+
+    labels, groups = _balanced(200)
+    worst_cell = np.flatnonzero((labels == 1) & (groups == 1))
+    names = ("benign", "malignant")
+
+    def warning_for(ablated):
+        kinds = {"original": labels, "ablated": ablated}
+        tables = {k: group_accuracy(v, labels, groups, names) for k, v in kinds.items()}
+        return guard_loss_warning(tables, bootstrap_intervals(kinds, labels, groups, 2))
+
+    masked_object = labels.copy()
+    masked_object[worst_cell[:40]] = 0
+    warning = warning_for(masked_object)
+    assert "the guard lowers worst-group accuracy on this test set (worst group, ablated vs original: -0.200" in warning
+    assert "do not ship this bundle until the flags mark the artefact" in warning
+    slight = labels.copy()
+    slight[worst_cell[:2]] = 0
+    assert warning_for(slight) is None and warning_for(labels.copy()) is None
+
+
 def test_a_cell_of_a_few_images_is_not_called_a_gain():
     """Three images of a cell all fixed give a bootstrap interval of +1 to +1; that is no finding."""
     labels, groups = _balanced(3)

@@ -422,7 +422,8 @@ def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards,
     xray = tmp_path / "xray16.png"
     Image.fromarray((ramp * 65535).astype(np.uint16)).save(xray)
     assert Image.open(xray).mode == "I;16"
-    with pytest.raises(ImageLoadError, match=r"xray16.png.*values 0 to 65535; converting it to RGB would clip"):
+    with pytest.raises(ImageLoadError, match=r"xray16.png.*values 0 to 65535; converting it to RGB would clip.*one fixed "
+                                             r"factor for all, e.g. x \* 255 / 65535 for 16-bit.*not each by its own"):
         guard.predict(xray)
     with pytest.raises(ImageLoadError, match=r"float image with values 0 to 1; as RGB it would be almost black"):
         guard.predict(Image.fromarray(ramp.astype(np.float32)))
@@ -443,7 +444,7 @@ def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards,
     with pytest.raises(ImageLoadError, match=r"nan.tif.* is a float image with NaN or infinite pixels"):
         guard.predict(tmp_path / "nan.tif")
     signed = Image.fromarray((ramp * 300 - 5).astype(np.int32))
-    with pytest.raises(ImageLoadError, match=r"values -5 to 295; .*\(e.g. map -5..295 to 0..255\)"):
+    with pytest.raises(ImageLoadError, match=r"values -5 to 295; .*\(one fixed window for all, mapped to 0..255, not each by its own maximum\)"):
         guard.predict(signed)
 
 

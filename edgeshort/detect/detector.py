@@ -41,6 +41,7 @@ from edgeshort.evaluation import (
     dfr_loss_warning,
     format_table,
     group_accuracy,
+    guard_loss_warning,
 )
 from edgeshort.models import ViTAdapter, load_adapter
 from edgeshort.runtime.masking import dilate, keep_mask
@@ -48,11 +49,13 @@ from edgeshort.runtime.masking import dilate, keep_mask
 logger = logging.getLogger(__name__)
 
 PREDICTION_KINDS = ("original", "ablated", "dfr")
+# Share of validation images with a shortcut found above which the run warns.
+MOST_FLAGGED_IMAGES = 0.9
 # What `evaluate` measures on a test set. Each evaluation replaces all of them, so nothing of an
 # earlier test set lingers; those here are null until measured (no test set, group labels or masks).
 NULLABLE_TEST_METRICS = (
     "patch_precision", "patch_recall", *(f"{m}_{kind}" for kind in PREDICTION_KINDS for m in ("aga", "wga")),
-    "dfr_warning",
+    "dfr_warning", "guard_warning",
 )
 TEST_METRICS = (
     *NULLABLE_TEST_METRICS, "test_size", "test_source", "test_sha256", "test_shortcut_present_rate",
@@ -237,10 +240,12 @@ class DetectionResult:
                 metrics[f"wga_{kind}"] = tables[kind]["worst"] if kind in tables else None
             metrics["group_accuracy_intervals"] = intervals
             metrics["results_table"] = format_table(tables, intervals)
+            metrics["guard_warning"] = guard_loss_warning(tables, intervals)
             if "dfr" in tables:
                 metrics["dfr_warning"] = dfr_loss_warning(tables, intervals)
-                if metrics["dfr_warning"]:
-                    logger.warning("%s", metrics["dfr_warning"])
+            for key in ("guard_warning", "dfr_warning"):
+                if metrics[key]:
+                    logger.warning("%s", metrics[key])
         if print_table:
             if test.groups is not None:
                 print(metrics["results_table"])
@@ -444,6 +449,15 @@ class ShortcutDetector:
         raw = knn.flags(feats.keys).reshape(len(dataset), *adapter.grid)
         present = raw.reshape(len(dataset), -1).sum(1) >= cfg.min_patches
         seconds["knn"] = time.perf_counter() - t
+        present_warnings = []
+        if present.mean() >= MOST_FLAGGED_IMAGES:
+            # An artefact some images carry leaves most unflagged; one found in nearly all is part of every image.
+            present_warnings.append(
+                f"the guard finds a shortcut in {present.mean():.0%} of the validation images: an artefact some "
+                "images carry would leave most unflagged, so the flags likely mark something every image has (the "
+                "object, the background, a border). Check the key heatmaps and the flag pictures before exporting"
+            )
+            logger.warning("%s", present_warnings[-1])
 
         result = DetectionResult(
             config=cfg, adapter=adapter, class_names=dataset.class_names, scores=scores,
@@ -456,7 +470,8 @@ class ShortcutDetector:
         t = time.perf_counter()
         features = _masked_head_features(result, dataset)
         accuracy = _ablation_check(result, dataset, feats.logits, features)
-        accuracy["warnings"] = chance_warnings + class_following["warnings"] + positive_warnings + accuracy["warnings"]
+        accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
+                                + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -385,7 +385,8 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
             # it, and its test set's verdict on a DFR head the bundle ships.
             "warnings": [w for w in result.metrics.get("warnings") or []
                          if result.dfr_head is not None or w not in _dfr_fit_warnings(result.metrics)]
-            + ([dfr_warning] if dfr_warning and result.dfr_head is not None else []),
+            + ([dfr_warning] if dfr_warning and result.dfr_head is not None else [])
+            + ([result.metrics["guard_warning"]] if result.metrics.get("guard_warning") else []),
         },
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
         "openvino": ({"version": ov_version, "weights": options.weights, "int8": int8}

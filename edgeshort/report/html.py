@@ -526,7 +526,7 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append(f"Balanced validation accuracy {_num(m['val_balanced_accuracy_original'])} before ablation, "
                           f"{_num(m['val_balanced_accuracy_ablated'])} after it"
                           + (" (a real shortcut's ablation gains or keeps it)." if gains else " (see the warning)."))
-        for warning in [*(m.get("warnings") or []), *([m["dfr_warning"]] if m.get("dfr_warning") else [])]:
+        for warning in [*(m.get("warnings") or []), *(m[key] for key in ("guard_warning", "dfr_warning") if m.get(key))]:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
         if run.changed_test_images:
             points.append(f'<span class="no">{len(run.changed_test_images)} of the test images drawn under Flags '

@@ -416,11 +416,13 @@ def _check_8bit_range(img: Image.Image, source: str) -> None:
     else:
         low, high = img.getextrema()
     if low < 0 or high > 255:
-        scale = f"scale by 255 / {high:g}" if low >= 0 else f"map {low:g}..{high:g} to 0..255"
+        # One rule for the whole set: scaling each image by its own maximum would change every image's contrast.
+        rule = ("one fixed factor for all, e.g. x * 255 / 65535 for 16-bit or x * 255 / 4095 for 12-bit data"
+                if low >= 0 else "one fixed window for all, mapped to 0..255")
         raise ImageLoadError(
             f"{source} is a {img.mode!r} (16/32-bit or float) image with values {low:g} to {high:g}; converting it to "
-            "RGB would clip them to 0..255 (values above 255 turn white). Convert it to 8-bit the way the model's "
-            f"training images were (e.g. {scale}) and save it as PNG or JPEG"
+            "RGB would clip them to 0..255 (values above 255 turn white). Convert the images to 8-bit the way the "
+            f"model's training images were ({rule}, not each by its own maximum) and save them as PNG or JPEG"
         )
     if img.mode == "F" and 0 < high <= 1:
         raise ImageLoadError(
