@@ -283,10 +283,10 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
     run = tmp_path / "run"
     shutil.copytree(demo_result.run_dir, run)
     listing = write_listed(demo_data["test"], tmp_path / "test", rows=range(0, 800, 10))
-    listing.write_text(listing.read_text().replace("path,label,group,mask", "file_name,finding,has_patch,outline", 1))
+    listing.write_text(listing.read_text().replace("path,label,group,mask", "img_file,finding,has_patch,outline", 1))
     assert main(["report", str(run), "--eval", str(listing), "--quiet"]) == 2
     assert "found no image column" in capsys.readouterr().err
-    columns = "image=file_name,label=finding,group=has_patch,mask=outline"
+    columns = "image=img_file,label=finding,group=has_patch,mask=outline"
     assert main(["report", str(run), "--columns", columns, "--quiet"]) == 2  # nothing to apply them to
     assert "--columns describe the test images of --eval, which was not given" in capsys.readouterr().err
     assert main(["report", str(run), "--eval", str(listing), "--columns", columns, "--quiet"]) == 0
@@ -299,7 +299,7 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
     with pytest.raises(InputError, match=r"column names apply to a CSV listing, .* is a folder; leave it out \(--columns\)"):
         load_images(tmp_path / "test" / "img", columns={"image": "file_name"})
     # Export's calibration listing takes them too (labels unread), and refuses them without one.
-    assert len(load_unlabelled(listing, columns={"image": "File_Name"})) == 80  # any case, as the usual names
+    assert len(load_unlabelled(listing, columns={"image": "Img_File"})) == 80  # any case, as the usual names
     assert main(["export", str(run), "-o", str(tmp_path / "b"), "--columns", columns, "--quiet"]) == 2
     assert "--image-root and --columns describe the --data listing, which was not given" in capsys.readouterr().err
     assert main(["export", str(run), "-o", str(tmp_path / "b"), "--int8-calibration-size", "50", "--quiet"]) == 2
