@@ -234,7 +234,7 @@ def test_dfr_that_stops_before_converging_says_so_once(monkeypatch, caplog):
         warnings.simplefilter("error")  # scikit-learn's per-fit warnings do not reach the caller
         head = dfr.fit_dfr_logreg(features, labels, present, 3, subsamples=4)
     assert head.info["unconverged_fits"] == len(dfr.C_GRID) + 4
-    assert [w for w in dfr.dfr_fit_warnings(head, 3) if "iteration limit" in w] == [
+    assert [w for w in dfr.dfr_fit_warnings(head, ("a", "b", "c")) if "iteration limit" in w] == [
         f"DFR: {len(dfr.C_GRID) + 4} logistic-regression fits stopped at the {dfr.DFR_MAX_ITER}-iteration limit "
         "before converging; the head averages their last iterates"]
     assert head.weight.shape == (3, 16) and np.isfinite(head.weight).all()
@@ -247,15 +247,16 @@ def test_dfr_on_groups_too_small_to_trust_is_a_run_warning():
     features = rng.normal(size=(120, 16)).astype(np.float32)
     labels = np.arange(120) % 2
     balanced = (np.arange(120) // 2) % 2 == 1  # 30 images in each (class, flag) group
-    assert dfr.dfr_fit_warnings(dfr.fit_dfr_logreg(features, labels, balanced, 2, subsamples=2), 2) == []
+    assert dfr.dfr_fit_warnings(dfr.fit_dfr_logreg(features, labels, balanced, 2, subsamples=2), ("a", "b")) == []
     rare = np.zeros(120, bool)
     rare[[1, 3, 5, 7]] = True  # the guard flagged four images of class 1 only
     head = dfr.fit_dfr_logreg(features, labels, rare, 2, subsamples=2)
-    missing, small = dfr.dfr_fit_warnings(head, 2)
+    missing, small = dfr.dfr_fit_warnings(head, ("benign", "malignant"))
     assert head.info["group_size"] == 4
     assert "at 4 validation images each, fewer than 10" in small and "--dfr none" in small
     # No image of class 0 was flagged: its shortcut-found group is empty, and the run says so.
-    assert missing.startswith("DFR: only groups [0, 2, 3] of 4 (class x shortcut found / not found")
+    assert missing.startswith("DFR: no validation image of 'benign' with a shortcut found, so its balancing covers the "
+                              "other 3 of the 4 (class, shortcut found / not found) groups alone")
 
 
 def test_a_result_refuses_weights_it_was_not_fitted_on_and_leaves_the_models_mode(tmp_path):

@@ -484,7 +484,7 @@ class ShortcutDetector:
                 result.dfr_head = fit_dfr_adam(
                     features, dataset.labels, present, dataset.num_classes, adapter.head_linear(), seed=cfg.seed
                 )
-            fit_warnings = dfr_fit_warnings(result.dfr_head, dataset.num_classes)
+            fit_warnings = dfr_fit_warnings(result.dfr_head, dataset.class_names)
             for warning in fit_warnings:
                 logger.warning("%s", warning)
             accuracy["warnings"] += fit_warnings

@@ -10,6 +10,7 @@ whole set. `adam` is the seed notebook's variant (a linear layer trained with Ad
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,14 +99,17 @@ def usable_groups(labels: np.ndarray, present: np.ndarray, num_classes: int, min
     return usable
 
 
-def dfr_fit_warnings(head: LinearHead, num_classes: int) -> list[str]:
+def dfr_fit_warnings(head: LinearHead, class_names: Sequence[str]) -> list[str]:
     """The run's warnings about how its DFR head was fitted: groups without images, fits that did not
     converge, groups too small to trust (fewer than DFR_MIN_GROUP images each)."""
     found = []
+    num_classes = len(class_names)
     groups, size = head.info["groups"], head.info["group_size"]
     if len(groups) < 2 * num_classes:
-        found.append(f"DFR: only groups {groups} of {2 * num_classes} (class x shortcut found / not found, "
-                        "group = 2 x class + found) have validation images, so its balancing covers those alone")
+        empty = [f"{class_names[g // 2]!r} with {'a' if g % 2 else 'no'} shortcut found" for g in range(2 * num_classes)
+                 if g not in groups]
+        found.append(f"DFR: no validation image of {', '.join(empty)}, so its balancing covers the other "
+                     f"{len(groups)} of the {2 * num_classes} (class, shortcut found / not found) groups alone")
     unconverged = head.info.get("unconverged_fits")
     if unconverged:
         found.append(f"DFR: {unconverged} logistic-regression fits stopped at the {DFR_MAX_ITER}-iteration limit "
