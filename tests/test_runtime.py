@@ -468,6 +468,14 @@ def test_a_file_of_several_frames_is_refused_not_cut_to_its_first(guards, tmp_pa
     assert guards["onnxruntime"].predict(mpo).image_size == (64, 64)
 
 
+def test_a_listing_passed_as_an_image_says_so(guards, tmp_path):
+    listing = tmp_path / "test.csv"
+    listing.write_text("path,label\na.png,benign\n")
+    with pytest.raises(ImageLoadError, match=r"cannot read .*test.csv.*'test.csv' looks like a listing.*pass the images "
+                                             r"or their folder"):
+        guards["onnxruntime"].predict(listing)
+
+
 def test_a_fifo_named_as_an_image_is_not_called_missing(guards, tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(ImageLoadError, match=r"pipe.png' is not a regular file but a FIFO, socket or device"):
@@ -485,6 +493,8 @@ def test_a_fifo_named_as_an_image_is_not_called_missing(guards, tmp_path):
         (np.zeros((1, 1, 3, 64, 64), np.float32), r"expected a float32 preprocessed array of shape.*got 5-D"),
         (np.zeros((3, 64, 64), np.float64), r"expected a float32 preprocessed array, got float64; convert"),
         (np.zeros((64, 64, 3), np.int16), r"expected a uint8 \(H, W, C\) image or a float32 preprocessed"),
+        (np.zeros((64, 64), np.uint16), r"got dtype uint16 .*\(x \* 255 / 65535\).round\(\).astype\(np.uint8\) for "
+                                        r"16-bit data, one factor for every image"),
         (np.zeros((0, 64, 3), np.uint8), r"expected a non-empty image"),
         (np.full((3, 64, 64), np.nan, np.float32), r"expected finite values, got NaN or infinity"),
         # Skipped normalisation: 0-255 floats would be answered near chance.

@@ -413,9 +413,12 @@ class Guard:
                 f"{source}: expected a float32 preprocessed array, got {x.dtype}; convert it with x.astype(np.float32)"
             )
         if x.dtype != np.float32:
+            # A 16-bit scan as an array: the conversion must be one fixed rule for every image, as for files.
+            hint = ("(x * 255 / 65535).round().astype(np.uint8) for 16-bit data, one factor for every image"
+                    if x.dtype in (np.uint16, np.int16, np.uint32, np.int32) else "convert it to one of those")
             raise InputError(
                 f"{source}: expected a uint8 (H, W, C) image or a float32 preprocessed (3, {h}, {w}) array, got "
-                f"dtype {x.dtype} with shape {x.shape}; convert it to one of those"
+                f"dtype {x.dtype} with shape {x.shape}; {hint}"
             )
         if x.ndim != 3:
             raise InputError(

@@ -43,6 +43,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 THREADED_MIN_PIXELS = 256 * 256
 # File suffixes treated as images when a folder is searched.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LISTING_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl")
 
 
 @dataclass
@@ -330,7 +331,13 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         if path.exists():  # a FIFO or device: reading it could block for ever or never end
             raise ImageLoadError(_not_regular_file(path))
         raise ImageLoadError(f"image file {str(path)!r} does not exist; check the path")
-    return _decode(path, repr(str(path)), max_pixels, f"image {str(path)!r}")
+    try:
+        return _decode(path, repr(str(path)), max_pixels, f"image {str(path)!r}")
+    except ImageLoadError as exc:
+        if path.suffix.lower() in LISTING_SUFFIXES:  # a listing passed where images are read
+            raise ImageLoadError(f"{exc}. {path.name!r} looks like a listing, and images are read only from image "
+                                 "files and folders here: pass the images or their folder") from exc
+        raise
 
 
 def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = None) -> Image.Image:
