@@ -450,6 +450,19 @@ def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
                  "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet", "--class-map",
                  "BCC=bcc,melanoma=melanoma,nevus=nevus"])
     assert code == 0
+    # An order the caller gives is the mapping, whatever the names: --classes, or load_images(path, class_names).
+    code = main(["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run3"),
+                 "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet", "--classes", "nevus,melanoma,BCC"])
+    assert code == 0 and json.loads((tmp_path / "run3" / "run.json").read_text())["class_names"] == ["nevus", "melanoma", "BCC"]
+    given = ShortcutDetector(config).fit(model, load_images(tmp_path / "val", ["nevus", "melanoma", "BCC"]))
+    assert given.class_names == ("nevus", "melanoma", "BCC")
+    # Integer labels are the model's output indices: its own names name them.
+    rows = ["path,label"] + [f"{folder}/{i}.png,{index}" for index, folder in enumerate(("nevus", "melanoma", "BCC"))
+                             for i in range(4)]
+    (tmp_path / "val" / "listing.csv").write_text("\n".join(rows) + "\n")
+    by_index = ShortcutDetector(config).fit(model, load_images(tmp_path / "val" / "listing.csv"))
+    assert by_index.class_names == ("nevus", "melanoma", "bcc")
+    assert np.array_equal(by_index.val_labels, np.repeat([0, 1, 2], 4))
 
 
 def test_a_one_channel_model_is_refused_with_the_conversion_that_keeps_its_outputs():

@@ -255,7 +255,7 @@ def test_dfr_on_groups_too_small_to_trust_is_a_run_warning():
     assert head.info["group_size"] == 4
     assert "at 4 validation images each, fewer than 10" in small and "--dfr none" in small
     # No image of class 0 was flagged: its shortcut-found group is empty, and the run says so.
-    assert missing.startswith("DFR: no validation image of 'benign' with a shortcut found, so its balancing covers the "
+    assert missing.startswith("DFR: fewer than two validation images of 'benign' with a shortcut found, so its balancing covers the "
                               "other 3 of the 4 (class, shortcut found / not found) groups alone")
 
 

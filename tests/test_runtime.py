@@ -444,7 +444,7 @@ def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards,
     with pytest.raises(ImageLoadError, match=r"nan.tif.* is a float image with NaN or infinite pixels"):
         guard.predict(tmp_path / "nan.tif")
     signed = Image.fromarray((ramp * 300 - 5).astype(np.int32))
-    with pytest.raises(ImageLoadError, match=r"values -5 to 295; .*\(one fixed window for all, mapped to 0..255, not each by its own maximum\)"):
+    with pytest.raises(ImageLoadError, match=r"values -5 to 295; .*\(one fixed window for all \(e.g. a CT window\), mapped to 0..255, not each by its own"):
         guard.predict(signed)
 
 
@@ -493,8 +493,11 @@ def test_a_fifo_named_as_an_image_is_not_called_missing(guards, tmp_path):
         (np.zeros((1, 1, 3, 64, 64), np.float32), r"expected a float32 preprocessed array of shape.*got 5-D"),
         (np.zeros((3, 64, 64), np.float64), r"expected a float32 preprocessed array, got float64; convert"),
         (np.zeros((64, 64, 3), np.int16), r"expected a uint8 \(H, W, C\) image or a float32 preprocessed"),
-        (np.zeros((64, 64), np.uint16), r"got dtype uint16 .*\(x \* 255 / 65535\).round\(\).astype\(np.uint8\) for "
-                                        r"16-bit data, one factor for every image"),
+        (np.full((64, 64), 4000, np.uint16), r"got dtype uint16 .*convert it to uint8 by one fixed factor for all, e.g. "
+                                             r"x \* 255 / 65535 for 16-bit or x \* 255 / 4095 for 12-bit data"),
+        (np.full((64, 64), 200, np.int32), r"got dtype int32 .*convert it to uint8 by x.astype\(np.uint8\): the values "
+                                           r"already fit"),
+        (np.full((64, 64), -1000, np.int16), r"got dtype int16 .*one fixed window for all \(e.g. a CT window\)"),
         (np.zeros((0, 64, 3), np.uint8), r"expected a non-empty image"),
         (np.full((3, 64, 64), np.nan, np.float32), r"expected finite values, got NaN or infinity"),
         # Skipped normalisation: 0-255 floats would be answered near chance.

@@ -35,6 +35,9 @@ class ImageDataset:
     path of a mask image (CSV listings, loaded when asked for), or None for no artefact.
     """
 
+    # Whether the caller named the class order (the model's), rather than it following sorted names.
+    class_order_given = False
+
     def __init__(
         self,
         sources: Sequence,
@@ -310,6 +313,12 @@ def load_images(
     CSV listing's paths are relative to (default: the CSV's own folder); `columns` names its headers
     by role where the defaults do not recognise them (see `load_manifest`).
     """
+    dataset = _read_images(path, class_names, class_map, image_root, columns)
+    dataset.class_order_given = class_names is not None
+    return dataset
+
+
+def _read_images(path, class_names, class_map, image_root, columns) -> ImageDataset:
     if class_map is not None:
         return merge_classes(load_images(path, image_root=image_root, columns=columns), class_map, class_names)
     path = Path(path)
@@ -421,8 +430,10 @@ def parse_columns(text: str) -> dict[str, str]:
 def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDataset:
     """`dataset` with labels renumbered to `class_names`' order (the model's), matched by name."""
     class_names = tuple(class_names)
+    relabelled = copy.copy(dataset)  # keeps the dataset's kind (files, arrays) and everything else
+    relabelled.class_order_given = True
     if dataset.class_names == class_names:
-        return dataset
+        return relabelled
     unknown = [c for c in dataset.class_names if c not in class_names]
     if unknown:
         raise InputError(
@@ -430,7 +441,6 @@ def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDa
             f"{unknown} not among them; rename the folders, or pass class names in the model's output order"
         )
     order = np.array([class_names.index(c) for c in dataset.class_names], dtype=np.int64)
-    relabelled = copy.copy(dataset)  # keeps the dataset's kind (files, arrays) and everything else
     relabelled.labels, relabelled.class_names = order[dataset.labels], class_names
     return relabelled
 
@@ -440,11 +450,17 @@ def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDa
 def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str] | None) -> tuple[ImageDataset, bool]:
     """`dataset` with its labels in the model's output order where the model names its classes (transformers'
     id2label) -> (dataset, whether it was reordered). Data whose classes the model does not name is refused:
-    which output is which class would be a guess (sorted order), and a wrong guess inverts every answer."""
-    if not model_class_names or tuple(dataset.class_names) == tuple(model_class_names):
+    which output is which class would be a guess (sorted order), and a wrong guess inverts every answer.
+    Data whose order the caller gave (`class_names`, `--classes`) is left as given."""
+    if not model_class_names or tuple(dataset.class_names) == tuple(model_class_names) or dataset.class_order_given:
         return dataset, False
     if set(dataset.class_names) == set(model_class_names):
         return in_class_order(dataset, model_class_names), True
+    if dataset.class_names == tuple(str(i) for i in range(len(model_class_names))):
+        # Integer labels are the model's output indices: its names name them.
+        named = copy.copy(dataset)
+        named.class_names = tuple(model_class_names)
+        return named, True
     by_case = {name.casefold(): name for name in model_class_names}
     renames = {name: by_case[name.casefold()] for name in dataset.class_names if name.casefold() in by_case}
     hint = ""
@@ -455,7 +471,8 @@ def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str]
     raise InputError(
         f"the model names its classes {list(model_class_names)} (its id2label), and the data's are "
         f"{list(dataset.class_names)}{hint}; or, where they are the same classes under other names, give the "
-        "data's names in the model's output order (--classes A,B,C; Python: fit(..., class_names=[...]))"
+        "data's names in the model's output order (--classes A,B,C; Python: load_images(path, class_names) or "
+        "fit(..., class_names=[...]))"
     )
 
 

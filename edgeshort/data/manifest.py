@@ -27,7 +27,7 @@ from edgeshort.runtime.preprocess import IMAGE_SUFFIXES
 
 # Header names recognised for each role (compared case-insensitively); `columns=` names others.
 COLUMN_NAMES = {
-    "image": ("path", "image", "file", "filename", "file_name", "image_path", "image_id", "image_name", "isic_id"),
+    "image": ("path", "image", "file", "filename", "image_path", "image_id", "image_name", "isic_id", "file_name"),
     "label": ("label", "class", "target", "diagnosis", "dx"),
     "group": ("group", "artefact", "artifact", "shortcut"),
     "mask": ("mask", "artefact_mask", "artifact_mask", "mask_path"),

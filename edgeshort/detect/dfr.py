@@ -108,8 +108,8 @@ def dfr_fit_warnings(head: LinearHead, class_names: Sequence[str]) -> list[str]:
     if len(groups) < 2 * num_classes:
         empty = [f"{class_names[g // 2]!r} with {'a' if g % 2 else 'no'} shortcut found" for g in range(2 * num_classes)
                  if g not in groups]
-        found.append(f"DFR: no validation image of {', '.join(empty)}, so its balancing covers the other "
-                     f"{len(groups)} of the {2 * num_classes} (class, shortcut found / not found) groups alone")
+        found.append(f"DFR: fewer than two validation images of {', '.join(empty)}, so its balancing covers the "
+                     f"other {len(groups)} of the {2 * num_classes} (class, shortcut found / not found) groups alone")
     unconverged = head.info.get("unconverged_fits")
     if unconverged:
         found.append(f"DFR: {unconverged} logistic-regression fits stopped at the {DFR_MAX_ITER}-iteration limit "

@@ -37,6 +37,7 @@ from edgeshort.runtime.preprocess import (
     DEFAULT_MAX_PIXELS,
     as_pil,
     check_max_pixels,
+    eight_bit_rule,
     map_images,
     preprocess_image,
 )
@@ -413,9 +414,9 @@ class Guard:
                 f"{source}: expected a float32 preprocessed array, got {x.dtype}; convert it with x.astype(np.float32)"
             )
         if x.dtype != np.float32:
-            # A 16-bit scan as an array: the conversion must be one fixed rule for every image, as for files.
-            hint = ("(x * 255 / 65535).round().astype(np.uint8) for 16-bit data, one factor for every image"
-                    if x.dtype in (np.uint16, np.int16, np.uint32, np.int32) else "convert it to one of those")
+            # A 16-bit scan as an array: converted by one rule for every image, as for files.
+            hint = (f"convert it to uint8 by {eight_bit_rule(float(x.min()), float(x.max()))}"
+                    if x.dtype.kind in "iu" and x.size else "convert it to one of those")
             raise InputError(
                 f"{source}: expected a uint8 (H, W, C) image or a float32 preprocessed (3, {h}, {w}) array, got "
                 f"dtype {x.dtype} with shape {x.shape}; {hint}"

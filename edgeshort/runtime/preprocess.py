@@ -411,6 +411,17 @@ def to_rgb(img: Image.Image, source: str = "image") -> Image.Image:
     )
 
 
+def eight_bit_rule(low: float, high: float) -> str:
+    """How to bring values from `low` to `high` to 0..255: one rule for the whole set, since scaling each
+    image by its own maximum would change every image's contrast."""
+    if 0 <= low and high <= 255:
+        return "x.astype(np.uint8): the values already fit"
+    if low >= 0:
+        return ("one fixed factor for all, e.g. x * 255 / 65535 for 16-bit or x * 255 / 4095 for 12-bit data, "
+                "not each by its own maximum")
+    return "one fixed window for all (e.g. a CT window), mapped to 0..255, not each by its own range"
+
+
 def _check_8bit_range(img: Image.Image, source: str) -> None:
     """16-bit, 32-bit and float images (radiographs, scientific TIFFs) convert to RGB by clipping at
     255: a 16-bit X-ray turns white and a [0, 1] float image black, silently. Refuse those."""
@@ -423,13 +434,10 @@ def _check_8bit_range(img: Image.Image, source: str) -> None:
     else:
         low, high = img.getextrema()
     if low < 0 or high > 255:
-        # One rule for the whole set: scaling each image by its own maximum would change every image's contrast.
-        rule = ("one fixed factor for all, e.g. x * 255 / 65535 for 16-bit or x * 255 / 4095 for 12-bit data"
-                if low >= 0 else "one fixed window for all, mapped to 0..255")
         raise ImageLoadError(
             f"{source} is a {img.mode!r} (16/32-bit or float) image with values {low:g} to {high:g}; converting it to "
             "RGB would clip them to 0..255 (values above 255 turn white). Convert the images to 8-bit the way the "
-            f"model's training images were ({rule}, not each by its own maximum) and save them as PNG or JPEG"
+            f"model's training images were ({eight_bit_rule(low, high)}) and save them as PNG or JPEG"
         )
     if img.mode == "F" and 0 < high <= 1:
         raise ImageLoadError(
