@@ -184,13 +184,26 @@ def bench_bundle(
     return results
 
 
+# Each timed call is one synchronous request: OpenVINO's THROUGHPUT hint splits the cores into
+# streams that only a queue of asynchronous requests fills, so a single request runs on one
+# stream (measured: vit_b_16 batch 8 took 2.9 s with it, 1.55 s on ONNX Runtime). LATENCY
+# gives one request all cores, for batch 1 and batch 8 alike.
+OPENVINO_HINT = "LATENCY"
+
+
+def _compared(timings: dict[str, Timing], base: str, batch: int, ratio_key: str) -> dict:
+    """Each case's timing, its ratio of medians to the `base` case's (under `ratio_key`), and images per second."""
+    base_ms = timings[base].median_ms
+    return {
+        "timings": {k: v.to_dict() for k, v in timings.items()},
+        ratio_key: {k: round(v.median_ms / base_ms, 4) for k, v in timings.items()},
+        "images_per_s": {k: round(batch / (v.median_ms / 1e3), 2) for k, v in timings.items()},
+    }
+
+
 def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, threads) -> dict:
     """Plain vs guarded (and guarded + original on a flagged image) for one backend and batch size."""
-    # Each call here is one synchronous request: OpenVINO's THROUGHPUT hint splits the cores into
-    # streams that only a queue of asynchronous requests fills, so a single request runs on one
-    # stream (measured: vit_b_16 batch 8 took 2.9 s with it, 1.55 s on ONNX Runtime). LATENCY
-    # gives one request all cores, for batch 1 and batch 8 alike.
-    hint = "LATENCY"
+    hint = OPENVINO_HINT
     images_clean, images_flagged = inputs.clean[:batch], inputs.flagged[:batch]
     graphs = _Graphs(bundle, variant, hint, threads)
     t0 = time.perf_counter()
@@ -221,15 +234,12 @@ def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, t
     cold["Guard.load (verify + compile + warm up)"] = round(guard.info.load_seconds, 3)
     cases[f"Guard.predict ({inputs.clean_kind})"] = lambda: guard.predict(images_clean, batch_size=batch)
     timings = interleaved(cases, rounds, block)
-    base = timings[plain_name].median_ms
     return {
         **variant, "batch": len(images_clean), "hint": hint,
         # Share of the "clean" inputs the guard flags (0 unless they are random images).
         "clean_inputs_flagged": clean_present,
         "cold_start_s": cold,
-        "timings": {k: v.to_dict() for k, v in timings.items()},
-        "ratio_vs_plain": {k: round(v.median_ms / base, 4) for k, v in timings.items()},
-        "images_per_s": {k: round(batch / (v.median_ms / 1e3), 2) for k, v in timings.items()},
+        **_compared(timings, plain_name, batch, "ratio_vs_plain"),
         "rss_mb": _rss_mb(),
     }
 
@@ -243,7 +253,7 @@ def _precision_comparison(bundle, variants, batches, inputs: BenchInputs, rounds
     compared = [v for v in variants if v["backend"] == "openvino"]
     if len(compared) < 2:
         return []
-    hint = "LATENCY"  # as in the per-precision blocks
+    hint = OPENVINO_HINT
     graphs = {v["precision"]: _Graphs(bundle, v, hint, threads, guarded_only=True) for v in compared}
     rows = []
     for batch in batches:
@@ -252,13 +262,8 @@ def _precision_comparison(bundle, variants, batches, inputs: BenchInputs, rounds
         images = inputs.clean[:batch]
         timings = interleaved({precision: (lambda g=g, x=images: g.guarded(x)) for precision, g in graphs.items()},
                               rounds, block)
-        base = timings["f32"].median_ms
-        rows.append({
-            "backend": "openvino", "case": "guarded", "batch": len(images), "hint": hint,
-            "timings": {k: v.to_dict() for k, v in timings.items()},
-            "ratio_vs_f32": {k: round(v.median_ms / base, 4) for k, v in timings.items()},
-            "images_per_s": {k: round(len(images) / (v.median_ms / 1e3), 2) for k, v in timings.items()},
-        })
+        rows.append({"backend": "openvino", "case": "guarded", "batch": len(images), "hint": hint,
+                     **_compared(timings, "f32", len(images), "ratio_vs_f32")})
     return rows
 
 

@@ -208,7 +208,7 @@ def _load_pretrained_folder(path: Path):
 
 
 def _per_channel(value) -> tuple:
-    values = [value] if isinstance(value, (int, float)) else list(value) if isinstance(value, list) else [value]
+    values = list(value) if isinstance(value, list) else [value]
     return tuple(values * 3) if len(values) == 1 else tuple(values)
 
 

@@ -476,7 +476,8 @@ class Guard:
         Accepts file paths, PIL images, uint8 (H, W[, C]) arrays, encoded image bytes or binary file
         objects (an upload's io.BytesIO, open(path, "rb")), float32 arrays already preprocessed as
         (3, H, W) / (B, 3, H, W), or `PreparedImage`s (preprocessed pixels with the image's size, so the
-        thumbnail check still applies). A PIL image is taken at its current frame. Images are processed `batch_size` at a time.
+        thumbnail check still applies). A PIL image is taken at its current frame. Images are processed
+        `batch_size` at a time.
         `path="fused"` runs the fused graphs, `path="split"` embed -> guard -> encoder_head; None
         takes the fused ones when the bundle has them. `drop_tokens=True` (split only) removes
         flagged tokens instead of masking them, one image at a time.
