@@ -428,7 +428,9 @@ def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
     code = main(["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run"),
                  "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet"])
     assert code == 0
-    assert "classes in the model's output order (its id2label): nevus, melanoma, bcc" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "classes in the model's output order (its id2label): nevus, melanoma, bcc" in captured.out
+    assert "Loading weights" not in captured.err  # --quiet hides transformers' own bar too
     assert json.loads((tmp_path / "run" / "run.json").read_text())["class_names"] == ["nevus", "melanoma", "bcc"]
     # The Python API orders them the same way; before, it kept the sorted order and every answer was a wrong class.
     from edgeshort import DetectorConfig, ShortcutDetector

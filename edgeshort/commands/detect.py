@@ -120,7 +120,8 @@ def run(args) -> int:
     else:
         if not args.data:
             raise InputError("expected --data VAL with --model; pass the validation image folder or CSV listing")
-        model = load_adapter_file(args.model, arch=args.arch, image_size=_image_size(args.img_size)).set_preprocessing(
+        model = load_adapter_file(args.model, arch=args.arch, image_size=_image_size(args.img_size),
+                                  progress=not args.quiet).set_preprocessing(
             _channels(args.mean, "--mean"), _channels(args.std, "--std"), args.interpolation, _crop_pct(args.crop_pct),
             args.crop_mode,
         )

@@ -190,8 +190,9 @@ def _build_and_load(arch: str, state: dict, arch_kwargs: dict, path: Path):
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
-def _load_pretrained_folder(path: Path):
-    """A transformers `save_pretrained` folder (config.json + weights), read from disk only."""
+def _load_pretrained_folder(path: Path, progress: bool = True):
+    """A transformers `save_pretrained` folder (config.json + weights), read from disk only; `progress=False`
+    hides transformers' own "Loading weights" bar."""
     if not (path / "config.json").is_file():
         raise UnsupportedModelError(
             f"{str(path)!r} is a folder without config.json; pass a model file, or a transformers "
@@ -200,10 +201,17 @@ def _load_pretrained_folder(path: Path):
     from edgeshort._optional import require
 
     transformers = require("transformers", "transformers")
+    bars = transformers.utils.logging
+    shown = bars.is_progress_bar_enabled()
+    if not progress:
+        bars.disable_progress_bar()
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"transformers cannot load the folder {str(path)!r}: {exc}") from exc
+    finally:
+        if shown:
+            bars.enable_progress_bar()
     return model.eval()
 
 
@@ -233,13 +241,15 @@ def folder_preprocessing(path: str | Path) -> dict | None:
 
 
 def load_adapter_file(path: str | Path, arch: str | None = None,
-                      image_size: int | tuple[int, int] | None = None) -> ViTAdapter:
+                      image_size: int | tuple[int, int] | None = None, progress: bool = True) -> ViTAdapter:
     """The adapter of a saved model, with the preprocessing its folder records (transformers).
 
     `image_size` is the input size a timm or torchvision state dict was fine-tuned at; a square one
     is read from its position embeddings, so only a non-square size needs giving (CLI: --img-size).
+    `progress=False` hides the loading bar transformers draws for a folder.
     """
-    adapter = load_adapter(load_model_file(path, arch=arch, **_image_size_argument(arch, image_size)))
+    adapter = load_adapter(load_model_file(path, arch=arch, progress=progress,
+                                           **_image_size_argument(arch, image_size)))
     prep = folder_preprocessing(path)
     try:
         return adapter.set_preprocessing(**prep) if prep else adapter
@@ -267,18 +277,19 @@ def _image_size_argument(arch: str | None, image_size) -> dict:
     return {"img_size": (height, width)}
 
 
-def load_model_file(path: str | Path, arch: str | None = None, **arch_kwargs: Any):
+def load_model_file(path: str | Path, arch: str | None = None, progress: bool = True, **arch_kwargs: Any):
     """Load a model saved as a whole module, an edgeshort checkpoint, or a state dict (+ `arch`).
 
     A state dict may sit in a training checkpoint under 'state_dict', 'model_state_dict' or 'model'
     (timm's train.py and most training loops); a DataParallel 'module.' prefix is removed.
+    `progress=False` hides the loading bar transformers draws for a folder.
     """
     import torch
 
     path = Path(path)
     if path.is_dir():
         _refuse_arch_kwargs(path, arch_kwargs)
-        return _load_pretrained_folder(path)
+        return _load_pretrained_folder(path, progress)
     if not path.is_file():
         raise FileNotFoundError(f"model file {str(path)!r} does not exist; check the path")
     if path.suffix == ".safetensors":
