@@ -41,10 +41,12 @@ def write_test_images(test, out: Path) -> tuple[Path, Path]:
 
     import numpy as np
 
+    from edgeshort._spacing import evenly_spaced
+
     folder = out / "test_images"
     folder.mkdir(exist_ok=True)
     rows = [("path", "label", "group")]
-    for i in np.linspace(0, len(test) - 1, PREDICT_SAMPLE).round().astype(int):
+    for i in evenly_spaced(np.arange(len(test)), PREDICT_SAMPLE):
         name = f"test_{i:04d}_{test.class_names[test.labels[i]]}.png"
         test.image(int(i)).save(folder / name)
         rows.append((f"{folder.name}/{name}", test.class_names[test.labels[i]], int(test.groups[i])))

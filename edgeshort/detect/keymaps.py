@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeshort._spacing import evenly_spaced
 from edgeshort.detect.config import NEGATIVE_CHOICES
 from edgeshort.errors import InputError
 
@@ -160,7 +161,7 @@ def calibrated_positives(
     count = min(count, len(heat))
     if len(above) >= count:  # evenly over the candidates' heat ranking: faint variants get their share
         ranked = above[np.argsort(heat[above], kind="stable")]
-        chosen = ranked[np.linspace(0, len(ranked) - 1, count).round().astype(np.int64)]
+        chosen = evenly_spaced(ranked, count)
     else:  # too few: the hottest tokens fill the count, as the seed's rule would
         chosen = np.argsort(heat, kind="stable")[-count:]
     return PositiveChoice(member_keys[chosen], threshold, int(len(above)))
@@ -191,7 +192,7 @@ def knn_training_keys(
     negative_count = min(len(positives) if negative_count is None else negative_count, len(neg_dist))
     ranking = np.argsort(neg_dist, kind="stable")
     if negatives == "spread":
-        chosen = ranking[np.linspace(0, len(ranking) - 1, negative_count).round().astype(np.int64)]
+        chosen = evenly_spaced(ranking, negative_count)
     elif negatives == "closest":
         chosen = ranking[:negative_count]
     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshort._optional import require
+from edgeshort._spacing import evenly_spaced
 from edgeshort._version import __version__, package_versions
 from edgeshort.errors import BundleError, InputError, ParityError
 from edgeshort.export.graphs import graph_specs
@@ -149,7 +150,7 @@ def _skl2onnx_knn(result, path: Path, opset: int = 15) -> None:
 def _calibration_images(result, dataset, size: int) -> tuple[np.ndarray, float]:
     """The parity images of `dataset` (pixels only, `as_images`), preprocessed, and the median of how
     many-fold they were enlarged to the model's input (the runtime warns on images enlarged far more)."""
-    idx = np.linspace(0, len(dataset) - 1, min(size, len(dataset))).round().astype(int)
+    idx = evenly_spaced(np.arange(len(dataset)), size)
     # Keep both flagged and clean images in the batch so the parity covers the masked path.
     subset = dataset.subset(idx)
     prep = result.adapter.preprocessing

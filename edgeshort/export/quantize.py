@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeshort._optional import require
+from edgeshort._spacing import evenly_spaced
 from edgeshort.runtime.backends import open_session
 from edgeshort.runtime.bundle import INT8_GRAPHS
 from edgeshort.runtime.guard import unguarded_logits
@@ -47,21 +48,14 @@ def _quiet_nncf(quiet: bool):
         logger.setLevel(level)
 
 
-def _evenly(indices: np.ndarray, count: int) -> np.ndarray:
-    """`count` of `indices`, evenly spaced (all of them when there are fewer)."""
-    if count >= len(indices):
-        return indices
-    return indices[np.linspace(0, len(indices) - 1, count).round().astype(np.int64)]
-
-
 def int8_split(count: int, calibration_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of `count` images: held out for the check first (up to INT8_CHECK_SIZE, at most half),
     then up to `calibration_size` of the rest for nncf, each evenly spaced. A single image is both."""
     everything = np.arange(count)
     if count < 2:
         return everything, np.empty(0, np.int64)
-    check = _evenly(everything, min(INT8_CHECK_SIZE, count // 2))
-    return _evenly(np.setdiff1d(everything, check), calibration_size), check
+    check = evenly_spaced(everything, min(INT8_CHECK_SIZE, count // 2))
+    return evenly_spaced(np.setdiff1d(everything, check), calibration_size), check
 
 
 def quantize_fused(root: Path, graphs: dict, images, prep, calibration_size: int, has_dfr: bool,

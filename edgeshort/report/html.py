@@ -27,6 +27,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
+from edgeshort._spacing import evenly_spaced
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, SETTING_NOTES, SETTINGS_OF_EARLIER_RUNS
 from edgeshort.detect.keymaps import describe_positives
 from edgeshort.errors import InputError
@@ -1097,7 +1098,7 @@ def _describe_heatmap_source(source: str | None) -> str:
 
 def _gradient(table: np.ndarray, stops: int = 9) -> str:
     """A CSS linear gradient through `stops` evenly spaced colours of a (256, 3) colour map."""
-    picks = table[np.linspace(0, len(table) - 1, stops).round().astype(int)]
+    picks = evenly_spaced(table, stops)
     return "linear-gradient(to right, " + ", ".join(f"rgb({r}, {g}, {b})" for r, g, b in picks) + ")"
 
 
