@@ -452,6 +452,10 @@ def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
                  "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet", "--class-map",
                  "BCC=bcc,melanoma=melanoma,nevus=nevus"])
     assert code == 0
+    code = main(["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run4"),
+                 "--quiet", "--class-map", "BCC=bcc,melanoma=melanoma,nevus=nevus", "--eval-columns", "label=finding"])
+    assert code == 2 and ("--eval-columns describes the headers of the --eval listing, and --eval was not given; "
+                          "add --eval TEST, or leave it out") in capsys.readouterr().err
     # An order the caller gives is the mapping, whatever the names: --classes, or load_images(path, class_names).
     code = main(["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run3"),
                  "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet", "--classes", "nevus,melanoma,BCC"])

@@ -288,7 +288,8 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
     assert "found no image column" in capsys.readouterr().err
     columns = "image=img_file,label=finding,group=has_patch,mask=outline"
     assert main(["report", str(run), "--columns", columns, "--quiet"]) == 2  # nothing to apply them to
-    assert "--columns describe the test images of --eval, which was not given" in capsys.readouterr().err
+    assert ("--columns describes the test images of --eval, and --eval was not given; add --eval TEST_IMAGES, "
+            "or leave it out") in capsys.readouterr().err
     assert main(["report", str(run), "--eval", str(listing), "--columns", columns, "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_size"] == 80 and metrics["patch_recall"] is not None and metrics["wga_ablated"] is not None
@@ -301,8 +302,13 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
     # Export's calibration listing takes them too (labels unread), and refuses them without one.
     assert len(load_unlabelled(listing, columns={"image": "Img_File"})) == 80  # any case, as the usual names
     assert main(["export", str(run), "-o", str(tmp_path / "b"), "--columns", columns, "--quiet"]) == 2
-    assert "--image-root and --columns describe the --data listing, which was not given" in capsys.readouterr().err
+    assert "--columns describes the --data listing, and --data was not given" in capsys.readouterr().err
+    assert main(["export", str(run), "-o", str(tmp_path / "b"), "--image-root", str(tmp_path), "--columns", columns,
+                 "--quiet"]) == 2
+    assert ("--image-root and --columns describe the --data listing, and --data was not given; add --data "
+            "CALIBRATION.csv, or leave them out (the run's own images") in capsys.readouterr().err
     assert main(["export", str(run), "-o", str(tmp_path / "b"), "--int8-calibration-size", "50", "--quiet"]) == 2
-    assert "--int8 was not given" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert ("--int8-calibration-size describes INT8's calibration, and --int8 was not given; add --int8, "
+            "or leave it out") in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert main(["report", str(run), "--eval", str(listing), "--columns", "file_name", "--quiet"]) == 2
     assert "expected the columns as ROLE=HEADER pairs" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from edgeshort.commands import refuse_without
 from edgeshort.detect.config import (
     CLUSTER_SPACES,
     DEMO_DETECTOR,
@@ -134,9 +135,9 @@ def run(args) -> int:
             if reordered:
                 classes = list(val.class_names)
                 print(f"classes in the model's output order (its id2label): {', '.join(classes)}")
-        if args.eval_columns and not args.eval_data:
-            raise InputError("--eval-columns names the headers of the --eval listing, which was not given; add "
-                             "--eval TEST, or leave it out")
+        if not args.eval_data:
+            refuse_without(["--eval-columns"] if args.eval_columns else [], "the headers of the --eval listing",
+                           "--eval", "--eval TEST")
         eval_columns = parse_columns(args.eval_columns) if args.eval_columns else None
         test = load_images(args.eval_data, classes, class_map, args.image_root, eval_columns) if args.eval_data else None
         config = config_from_args(args)

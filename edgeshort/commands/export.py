@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from edgeshort.commands import refuse_without
 from edgeshort.commands.detect import COLUMNS_HELP, IMAGE_ROOT_HELP
 
 
@@ -37,22 +38,19 @@ def run(args) -> int:
     from edgeshort.data import load_unlabelled, parse_columns
     from edgeshort.export import ExportOptions, export_bundle
 
-    if args.int8_calibration_size is not None and not args.int8:
-        from edgeshort.errors import InputError
-
-        raise InputError("--int8-calibration-size sets INT8's calibration, and --int8 was not given; add --int8, "
-                         "or leave it out")
+    if not args.int8:
+        refuse_without(["--int8-calibration-size"] if args.int8_calibration_size is not None else [],
+                       "INT8's calibration", "--int8", "--int8")
     int8_options = {} if args.int8_calibration_size is None else {"int8_calibration_size": args.int8_calibration_size}
     options = ExportOptions(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
         int8=args.int8, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
         **int8_options,
     )
-    if (args.image_root or args.columns) and not args.data:
-        from edgeshort.errors import InputError
-
-        raise InputError("--image-root and --columns describe the --data listing, which was not given; add --data "
-                         "CALIBRATION.csv, or leave them out (the run's own images are found as recorded)")
+    if not args.data:
+        refuse_without([flag for flag, value in (("--image-root", args.image_root), ("--columns", args.columns)) if value],
+                       "the --data listing", "--data", "--data CALIBRATION.csv",
+                       " (the run's own images are found as recorded)")
     columns = parse_columns(args.columns) if args.columns else None
     calibration = load_unlabelled(args.data, args.image_root, columns) if args.data else None
     bundle = export_bundle(args.run, args.out, options, calibration, overwrite=args.force)

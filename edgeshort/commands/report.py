@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgeshort.commands import refuse_without
 from edgeshort.commands.detect import CLASS_MAP_HELP, COLUMNS_HELP, IMAGE_ROOT_HELP
 
 
@@ -30,11 +31,8 @@ def run(args) -> int:
     test = None
     loose = [flag for flag, value in (("--class-map", args.class_map), ("--image-root", args.image_root),
                                       ("--columns", args.columns)) if value]
-    if loose and not args.eval_data:
-        from edgeshort.errors import InputError
-
-        raise InputError(f"{', '.join(loose)} describe the test images of --eval, which was not given; add "
-                         "--eval TEST_IMAGES, or leave them out")
+    if not args.eval_data:
+        refuse_without(loose, "the test images of --eval", "--eval", "--eval TEST_IMAGES")
     if args.eval_data:
         # Evaluation needs the model (torch); reporting alone does not.
         from dataclasses import replace
