@@ -62,11 +62,9 @@ def interleaved(cases: dict[str, Callable[[], object]], rounds: int, block: int,
     return timings
 
 
-def _rss_mb() -> float | None:
-    try:
-        import psutil
-    except ImportError:
-        return None
+def _rss_mb() -> float:
+    import psutil
+
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -175,8 +173,9 @@ def bench_bundle(
     # that loaded torch earlier (`edgeshort demo`, a notebook) has its own peak in it, and bench.md says so.
     results["peak_rss_mb"] = _peak_rss_mb()
     results["torch_loaded_before"] = torch_before
-    if seed_pipeline:
-        results["cases"] += _seed_pipeline_cases(bundle, inputs.clean, inputs.flagged, rounds, block, progress)
+    seed_rows = _seed_pipeline_cases(bundle, inputs.clean, inputs.flagged, rounds, block, progress) if seed_pipeline else []
+    if seed_rows:  # a peak "once the torch rows ran" only where they did
+        results["cases"] += seed_rows
         results["peak_rss_with_torch_mb"] = _peak_rss_mb()
     # After both peaks: the comparison holds every precision's graph at once, which no deployment does.
     results["precision_cases"] = _precision_comparison(bundle, variants, batches, inputs, rounds, block, threads,
@@ -408,6 +407,8 @@ def _seed_pipeline_cases(bundle, clean, flagged, rounds, block, progress) -> lis
         from edgeshort.detect import ShortcutDetector
         from edgeshort.runtime.masking import dilate
     except ImportError:
+        logger.warning("the seed-style row needs torch and scikit-learn (pip install 'edgeshort[offline]'); "
+                       "skipping it (--no-seed-pipeline skips it without this warning)")
         return []
     if progress:
         print("  seed-style torch + scikit-learn pipeline ...", flush=True)
@@ -542,7 +543,8 @@ def chart(results: dict, path: Path) -> Path | None:
     return path
 
 
-def write_outputs(results: dict, out: Path) -> dict[str, Path]:
+def write_outputs(results: dict, out: str | Path) -> dict[str, Path]:
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench.json", "markdown": out / "bench.md", "chart": out / "bench.png"}
     paths["json"].write_text(json.dumps(results, indent=2, default=str))

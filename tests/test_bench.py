@@ -44,6 +44,33 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
     assert paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_on_the_core_install_times_the_runtime_and_says_why_torch_rows_are_missing(demo_bundle, tmp_path,
+                                                                                           import_blocker):
+    """Without torch and scikit-learn the runtime's rows and memory are measured; the seed-style row is
+    skipped with a reason, and no peak 'once the torch rows ran' is claimed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    blocked = {"torch", "torchvision", "sklearn", "scipy", "onnx", "onnxscript", "skl2onnx", "pytorch_grad_cam"}
+    script = import_blocker(blocked) + textwrap.dedent(f"""
+        import json
+        from edgeshort.bench import bench_bundle, write_outputs
+        results = bench_bundle({str(demo_bundle.root)!r}, backends=["onnxruntime"], batches=(1,), rounds=1, block=1,
+                               progress=False)
+        write_outputs(results, {str(tmp_path)!r})
+        assert not [m for m in BLOCKED if m in sys.modules]
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "the seed-style row needs torch and scikit-learn (pip install 'edgeshort[offline]')" in done.stderr
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert {c["backend"] for c in data["cases"]} == {"onnxruntime"} and "peak_rss_with_torch_mb" not in data
+    assert data["peak_rss_mb"] > 0 and all(c["rss_mb"] > 0 for c in data["cases"])  # psutil is a core dependency
+    table = (tmp_path / "bench.md").read_text()
+    assert "over the runtime's rows" in table and "torch rows" not in table
+
+
 @pytest.mark.parametrize("backends, batches", [(["onnx"], (1,)), (["onnxruntime"], (0, 8)), (["onnxruntime"], ())])
 def test_bench_refuses_unknown_backends_and_empty_batches(demo_bundle, backends, batches):
     with pytest.raises(InputError, match="expected backends from"):
