@@ -15,7 +15,7 @@ def require(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependencyError(
-            f"{module!r} is needed here but is not importable ({exc}); "
+            f"{module!r} is needed here but is not importable ({type(exc).__name__}: {exc}); "
             f"install it with: pip install 'edgeshort[{extra}]'"
         ) from exc
 

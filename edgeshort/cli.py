@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from edgeshort._version import __version__
+
 # name -> (module with add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS = {
     "demo": ("edgeshort.commands.demo", "run the whole chain on the built-in synthetic data and tiny ViT"),
@@ -29,6 +31,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Find the shortcuts a Vision Transformer has learned and ship a guarded model to the edge.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"edgeshort {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)

@@ -41,13 +41,29 @@ def test_cli_choices_are_the_librarys(tmp_path):
     assert choices("demo", "--artefact") == ARTEFACTS and choices("detect", "--demo") == ARTEFACTS
 
 
-def test_env_prints_versions_and_backends():
-    out = subprocess.run([sys.executable, "-m", "edgeshort.cli", "env", "--json"], capture_output=True, text=True,
-                         check=True)
+def test_env_prints_versions_backends_and_whether_openvino_reports_usage(tmp_path):
+    import os
+
+    from edgeshort import __version__
+
+    # A user who never opted out: OpenVINO's import reports usage, and env says so and how to stop it.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")} | {"HOME": str(home)}
+    out = subprocess.run([sys.executable, "-m", "edgeshort", "env", "--json"], capture_output=True, text=True,
+                         check=True, env=env)
     info = json.loads(out.stdout)
+    assert info["edgeshort"] == __version__
     assert info["packages"]["onnxruntime"] and info["packages"]["torch"] and "CPUExecutionProvider" in info["onnxruntime_providers"]
     assert info["openvino_devices"] and "CPU" in info["openvino_devices"]
     assert 1 <= info["usable_cores"] <= info["cpu_count"]
+    assert info["openvino_telemetry"] == "on (opt out once per user: opt_in_out --opt_out)"
+    (home / "intel").mkdir(exist_ok=True)
+    (home / "intel" / "openvino_telemetry").write_text("0")  # what `opt_in_out --opt_out` writes
+    out = subprocess.run([sys.executable, "-m", "edgeshort", "env"], capture_output=True, text=True, check=True, env=env)
+    assert "openvino_telemetry off" in " ".join(out.stdout.split())
+    version = subprocess.run([sys.executable, "-m", "edgeshort", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"edgeshort {__version__}"
 
 
 def test_offline_steps_on_a_runtime_only_install_name_the_extra(tmp_path, import_blocker):
@@ -63,6 +79,11 @@ def test_offline_steps_on_a_runtime_only_install_name_the_extra(tmp_path, import
         "try:\n    edgeshort.ShortcutDetector\nexcept edgeshort.errors.MissingDependencyError as exc:\n"
         "    print('python:', exc)\n"
         "print('codes', codes)\n"
+        "import importlib\n"
+        "from edgeshort.models import Preprocessing  # torch-free, as the runtime's\n"
+        "for module, name in (('edgeshort.models', 'load_adapter_file'), ('edgeshort.export', 'export_bundle')):\n"
+        "    try:\n        getattr(importlib.import_module(module), name)\n"
+        "    except edgeshort.errors.MissingDependencyError as exc:\n        print(f'{module}.{name}:', exc)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -71,6 +92,22 @@ def test_offline_steps_on_a_runtime_only_install_name_the_extra(tmp_path, import
            "'edgeshort[offline]'" in out.stderr
     assert "edgeshort spray: error: this needs 'sklearn'" in out.stderr and "Traceback" not in out.stderr
     assert "python: this needs 'torch'" in out.stdout and "edgeshort[offline]" in out.stdout
+    for name in ("edgeshort.models.load_adapter_file", "edgeshort.export.export_bundle"):
+        assert f"{name}: this needs 'torch', which is not installed; install it with: pip install 'edgeshort[offline]'" \
+            in out.stdout
+
+
+def test_demo_names_a_missing_extra_before_it_starts(tmp_path, monkeypatch, capsys):
+    """The demo's last stages need OpenVINO and matplotlib: without one, it stops before training, not after."""
+    from edgeshort.cli import main
+
+    for module, extra in (("openvino", "openvino"), ("matplotlib", "report")):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, module, None)  # makes `import` fail, as when not installed
+            assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"edgeshort demo: error: {module!r} is needed here" in err and f"pip install 'edgeshort[{extra}]'" in err
+        assert not (tmp_path / "demo").exists()
 
 
 def test_user_errors_exit_2_with_the_message(tmp_path):
@@ -80,7 +117,7 @@ def test_user_errors_exit_2_with_the_message(tmp_path):
     assert "is not a detection run folder" in out.stderr
     out = subprocess.run([sys.executable, "-m", "edgeshort.cli", "detect", "--demo", "--classes", "b,a", "-o",
                           str(tmp_path / "run")], capture_output=True, text=True)
-    assert out.returncode == 2 and "--classes describe your own model and data; the demo's are fixed" in out.stderr
+    assert out.returncode == 2 and "--classes describes your own model and data; the demo's are fixed" in out.stderr
 
 
 def test_detect_flags_reach_every_detector_setting(tmp_path):

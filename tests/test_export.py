@@ -7,13 +7,20 @@ import logging
 import os
 import shutil
 import stat
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from edgeshort.errors import BundleError, InputError, ParityError, UnsupportedModelError
+from edgeshort.errors import (
+    BundleError,
+    InputError,
+    MissingDependencyError,
+    ParityError,
+    UnsupportedModelError,
+)
 from edgeshort.export import ExportOptions, export_bundle
 from edgeshort.runtime.backends import open_session
 from edgeshort.runtime.bundle import load_bundle, write_manifest
@@ -168,6 +175,15 @@ def test_runs_that_cannot_be_exported_fail_clearly(demo_result, demo_data, tmp_p
     torch.save(torch.nn.Linear(3, 3), run2 / "model.pt")
     with pytest.raises(UnsupportedModelError, match="no adapter for a torch.nn.modules.linear.Linear"):
         export_bundle(run2, tmp_path / "b2", calibration=demo_data["val"])
+
+    # A missing extra is named before any work, not after the ONNX export and the parity check.
+    for options, blocked, extra in ((ExportOptions(int8=True), "nncf", "int8"), (ExportOptions(), "openvino", "openvino")):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(sys.modules, blocked, None)  # makes `import` fail, as when not installed
+            patch.setattr("edgeshort.export.exporter.graph_specs", lambda *a: pytest.fail("the export began"))
+            with pytest.raises(MissingDependencyError, match=rf"pip install 'edgeshort\[{extra}\]'"):
+                export_bundle(demo_result, tmp_path / "b3", options, calibration=demo_data["val"])
+        assert not (tmp_path / "b3").exists() and not list(tmp_path.glob(".b3.partial-*"))
 
     with pytest.raises(InputError, match="expected formats"):
         ExportOptions(formats=("tflite",))

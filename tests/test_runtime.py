@@ -720,7 +720,9 @@ def test_missing_backend_names_the_extra(demo_bundle, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"pip install 'edgeshort\[openvino\]'"):
         Guard.load(demo_bundle, backend="openvino")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(MissingDependencyError, match="'onnxruntime' is a core dependency of edgeshort.*reinstall it"):
+    with pytest.raises(MissingDependencyError, match=r"'onnxruntime' is a core dependency of edgeshort but is not "
+                                                     r"importable \(ModuleNotFoundError: .*\); upgrade it with: pip "
+                                                     r"install --upgrade 'onnxruntime>=1.18.1'"):
         Guard.load(demo_bundle, backend="onnxruntime")
 
 

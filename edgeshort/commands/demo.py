@@ -84,6 +84,12 @@ def spray_demo(result, val, out: Path) -> None:
 
 
 def run(args) -> int:
+    from edgeshort._optional import require
+
+    # Every extra the chain needs, checked before minutes of training rather than when its stage comes.
+    for module, extra in (("torch", "offline"), ("sklearn", "offline"), ("pytorch_grad_cam", "offline"),
+                          ("openvino", "openvino"), ("matplotlib", "report")):
+        require(module, extra)
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
     out = Path(args.out)

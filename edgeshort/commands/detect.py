@@ -112,7 +112,8 @@ def run(args) -> int:
                                           ("--crop-mode", args.crop_mode))
                  if value]
         if fixed:
-            raise InputError(f"{', '.join(fixed)} describe your own model and data; the demo's are fixed")
+            raise InputError(f"{', '.join(fixed)} {'describes' if len(fixed) == 1 else 'describe'} your own model "
+                             "and data; the demo's are fixed")
 
         datasets = demo_datasets(args.demo)
         model = demo_model(args.demo, datasets, progress=not args.quiet)

@@ -42,7 +42,21 @@ def collect() -> dict:
         info["openvino_devices"] = {d: core.get_property(d, "FULL_DEVICE_NAME") for d in core.available_devices}
     except Exception:
         info["openvino_devices"] = None
+    info["openvino_telemetry"] = openvino_telemetry()
     return info
+
+
+def openvino_telemetry() -> str | None:
+    """Whether importing OpenVINO reports usage to Intel for this user ("on" unless opted out with
+    `opt_in_out --opt_out`, or run in CI); None without openvino-telemetry, or where its API has changed."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+        # The same check OpenVINO's import makes (no dialog; off in CI).
+        consent = OptInChecker().check(enable_opt_in_dialog=False, disable_in_ci=True)
+    except Exception:
+        return None
+    return "off" if consent == ConsentCheckResult.DECLINED else "on (opt out once per user: opt_in_out --opt_out)"
 
 
 def run(args) -> int:

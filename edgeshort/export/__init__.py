@@ -1,5 +1,18 @@
-"""Export a detection run to a bundle the torch-free runtime loads."""
+"""Export a detection run to a bundle the torch-free runtime loads.
 
-from edgeshort.export.exporter import ExportOptions, export_bundle
+Exporting needs torch and onnx (`pip install 'edgeshort[offline]'`), imported on first use.
+"""
 
-__all__ = ["ExportOptions", "export_bundle"]
+from __future__ import annotations
+
+from edgeshort._lazy import lazy_getattr
+
+_LAZY = {
+    "ExportOptions": "edgeshort.export.exporter",
+    "export_bundle": "edgeshort.export.exporter",
+}
+
+__all__ = list(_LAZY)
+
+
+__getattr__ = lazy_getattr("edgeshort.export", _LAZY)

@@ -263,6 +263,11 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
     from edgeshort.detect import DetectionResult, ShortcutDetector
 
     options = options or ExportOptions()
+    # The extras these options need, checked before minutes of export rather than when their step comes.
+    if "openvino" in options.formats:
+        require("openvino", "openvino")
+    if options.int8:
+        require("nncf", "int8")
     result = run if isinstance(run, DetectionResult) else ShortcutDetector.load(run)
     result.check_weights()  # a bundle of new weights with an old guard would pass its own parity check
     dfr_omitted = not options.dfr and result.dfr_head is not None

@@ -1,20 +1,24 @@
-"""ViT adapters: one small interface over every supported model family."""
+"""ViT adapters: one small interface over every supported model family.
 
-from edgeshort.models.base import Preprocessing, ViTAdapter
-from edgeshort.models.loading import (
-    build_architecture,
-    load_adapter,
-    load_adapter_file,
-    load_model_file,
-    save_checkpoint,
-)
+They need torch (`pip install 'edgeshort[offline]'`), imported on first use, so that a runtime-only
+install is told which extra to add rather than that torch is missing.
+"""
 
-__all__ = [
-    "Preprocessing",
-    "ViTAdapter",
-    "build_architecture",
-    "load_adapter",
-    "load_adapter_file",
-    "load_model_file",
-    "save_checkpoint",
-]
+from __future__ import annotations
+
+from edgeshort._lazy import lazy_getattr
+
+_LAZY = {
+    "Preprocessing": "edgeshort.runtime.preprocess",
+    "ViTAdapter": "edgeshort.models.base",
+    "build_architecture": "edgeshort.models.loading",
+    "load_adapter": "edgeshort.models.loading",
+    "load_adapter_file": "edgeshort.models.loading",
+    "load_model_file": "edgeshort.models.loading",
+    "save_checkpoint": "edgeshort.models.loading",
+}
+
+__all__ = list(_LAZY)
+
+
+__getattr__ = lazy_getattr("edgeshort.models", _LAZY)

@@ -69,9 +69,10 @@ def import_onnxruntime() -> ModuleType:
         return importlib.import_module("onnxruntime")
     except ImportError as exc:
         raise MissingDependencyError(
-            f"'onnxruntime' is a core dependency of edgeshort but is not importable ({exc}); "
-            "reinstall it with: pip install 'onnxruntime>=1.18' (or the onnxruntime-gpu build you use), "
-            "or use backend='openvino' after pip install 'edgeshort[openvino]'"
+            f"'onnxruntime' is a core dependency of edgeshort but is not importable ({type(exc).__name__}: {exc}); "
+            "upgrade it with: pip install --upgrade 'onnxruntime>=1.18.1' (or the onnxruntime-gpu build you use; "
+            "a build made for NumPy 1 fails to import beside NumPy 2), or use backend='openvino' after "
+            "pip install 'edgeshort[openvino]'"
         ) from exc
 
 
