@@ -393,6 +393,10 @@ def test_cached_features_are_reused_only_for_the_same_model_input(tmp_path, capl
     logits, reused = fit(load_adapter(_small_model()))
     assert not reused
     assert fit(load_adapter(_small_model()))[1]
+    with np.load(tmp_path / "run" / "features_val.npz") as cached:  # as written before head features were kept
+        older = {k: cached[k] for k in cached.files if k != "head"}
+    np.savez(tmp_path / "run" / "features_val.npz", **older)
+    assert not fit(load_adapter(_small_model()))[1]
     other_logits, reused = fit(load_adapter(_small_model()).set_preprocessing(mean=(0.2, 0.3, 0.4)))
     assert not reused and not np.allclose(other_logits, logits)
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "val" / "a" / "0.png")  # same name, new pixels
@@ -598,3 +602,35 @@ def test_predictions_name_the_pixels_they_were_made_on(demo_result, demo_data):
     mirrored = np.stack([np.asarray(test.image(i))[:, ::-1] for i in range(6)])
     edited = ImageDataset.from_arrays(mirrored, test.labels, test.class_names)
     assert not set(edited.input_digests(prep)) & set(preds.input_sha256)
+
+
+def test_only_images_with_masked_tokens_run_the_encoder_again(demo_result, demo_data, monkeypatch):
+    """Masking nothing gives the plain features, so the ablation pass and predict encode only the images whose
+    tokens the guard leaves out; the answers are those of masking every image (on vit_b_16 this saves a
+    quarter-second per unflagged image)."""
+    from edgeshort.detect.detector import _masked_head_features
+
+    adapter, val = demo_result.adapter, demo_data["val"].subset(np.arange(0, 1500, 5))
+    encoded_rows = []
+    head_features = adapter.head_features
+
+    def counting(tokens, keep=None):
+        if keep is not None:
+            encoded_rows.append(len(tokens))
+        return head_features(tokens, keep)
+
+    monkeypatch.setattr(adapter, "head_features", counting)
+    predictions = demo_result.predict(val, progress=False)
+    assert 0 < sum(encoded_rows) == predictions.present.sum() < len(val)
+    clean = ~predictions.present
+    np.testing.assert_array_equal(predictions.ablated_logits[clean], predictions.logits[clean])
+    # Against masking every image, as before: the same features, bit for bit.
+    with torch.inference_mode():
+        every = [head_features(t, demo_result.guard_tokens(t)[-1]).numpy()
+                 for t in (adapter.embed(torch.from_numpy(x)) for _, x in val.batches(adapter.preprocessing, 64))]
+        plain = np.concatenate([head_features(adapter.embed(torch.from_numpy(x))).numpy()
+                                for _, x in val.batches(adapter.preprocessing, 64)])
+    encoded_rows.clear()
+    result = replace(demo_result, val_present=predictions.present)
+    np.testing.assert_array_equal(_masked_head_features(result, val, plain), np.concatenate(every))
+    assert sum(encoded_rows) == predictions.present.sum()
