@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None):
     """tqdm when installed and enabled, else the plain iterable."""
@@ -12,3 +14,9 @@ def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None):
     except ImportError:
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def stage(enabled: bool, text: str) -> None:
+    """A line on stderr before a step that has no bar of its own, so a long run never sits silent."""
+    if enabled:
+        print(text, file=sys.stderr, flush=True)

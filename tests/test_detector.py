@@ -63,6 +63,7 @@ def test_run_folder_holds_everything_and_reloads(demo_result, demo_data):
     assert float(low[3]) == metrics["group_accuracy_intervals"]["kinds"]["original"]["worst"][0]
 
     reloaded = ShortcutDetector.load(run)
+    assert not demo_result.config.progress and reloaded.config.progress  # bars belong to the session, not the run
     subset = demo_data["test"].subset(np.arange(0, 800, 20))
     a, b = demo_result.predict(subset, progress=False), reloaded.predict(subset, progress=False)
     assert np.array_equal(a.flags, b.flags) and np.array_equal(a.present, b.present)
@@ -368,7 +369,7 @@ def _small_model():
     return TinyViT(image_size=32, patch_size=8, dim=32, depth=1, num_heads=2).eval()
 
 
-def test_cached_features_are_reused_only_for_the_same_model_input(tmp_path, caplog):
+def test_cached_features_are_reused_only_for_the_same_model_input(tmp_path, caplog, capsys):
     """Fitting again into a run folder reuses its features, unless the preprocessing or an image changed
     (the fix the chance warning suggests must not be answered from the old cache)."""
     from PIL import Image
@@ -392,6 +393,10 @@ def test_cached_features_are_reused_only_for_the_same_model_input(tmp_path, capl
 
     logits, reused = fit(load_adapter(_small_model()))
     assert not reused
+    # Steps without a bar of their own say what runs, so a long fit never sits silent.
+    ShortcutDetector(replace(config, progress=True)).fit(load_adapter(_small_model()), load_images(tmp_path / "val"))
+    err = capsys.readouterr().err
+    assert "clustering 12 images and scoring the clusters" in err and "training the key KNN and flagging" in err
     assert fit(load_adapter(_small_model()))[1]
     with np.load(tmp_path / "run" / "features_val.npz") as cached:  # as written before head features were kept
         older = {k: cached[k] for k in cached.files if k != "head"}

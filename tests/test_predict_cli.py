@@ -88,6 +88,19 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
     assert [index[i]["flagged_patches"] for i in range(NUM_IMAGES)] == reference.flags.sum((1, 2)).tolist()
 
 
+def test_a_long_run_reports_progress_unless_quiet(demo_bundle, image_folder, tmp_path, capsys, monkeypatch):
+    import re
+
+    monkeypatch.setattr("edgeshort.commands.predict.PROGRESS_EVERY_S", 0.0)  # every batch counts as "long"
+    argv = ["predict", str(demo_bundle.root), str(image_folder), "--backend", "onnxruntime", "--batch-size", "4",
+            "--out", str(tmp_path / "r.jsonl")]
+    main(argv)
+    lines = re.findall(r"edgeshort predict: (\d+) of 11 inputs \([\d.]+/s, about \d+ s left\)", capsys.readouterr().err)
+    assert [int(done) for done in lines] == [4, 8]  # after each full batch; the summary tells the end
+    main([*argv, "--quiet"])
+    assert "inputs (" not in capsys.readouterr().err
+
+
 def test_files_to_csv_on_the_split_path(demo_bundle, image_folder, reference, tmp_path):
     files = sorted(str(p) for p in image_folder.rglob("img*.png"))
     out = tmp_path / "results.csv"

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "
                  "bundle_sha256", "runtime")
 # Overlays are drawn at least this many pixels on the short side, so small inputs stay readable, and
 # at most this many on the long side, so a 12-MP photo's outlines are not too thin to see on a screen.
+# A long run prints a line on stderr this often (a log file gets lines, not a redrawn bar).
+PROGRESS_EVERY_S = 10.0
 OVERLAY_MIN_SIDE = 256
 OVERLAY_MAX_SIDE = 1024
 # Exit codes; 2 (bad arguments, bundle or outputs, before any prediction) comes from edgeshort.cli.
@@ -450,6 +453,19 @@ def run(args) -> int:
             counts["warned"] += int(result.warning is not None)
         pending.clear()
 
+    started = last_report = time.monotonic()
+
+    def report_progress() -> None:
+        nonlocal last_report
+        now = time.monotonic()
+        if args.quiet or now - last_report < PROGRESS_EVERY_S:
+            return
+        last_report = now
+        done, total = counts["images"] + counts["failed"], len(inputs.files)
+        rate = done / max(now - started, 1e-9)
+        print(f"edgeshort predict: {done:,} of {total:,} inputs ({rate:.1f}/s, about "
+              f"{_duration((total - done) / rate if rate else 0)} left)", file=sys.stderr, flush=True)
+
     stopped_by = None
     try:
         pending: list[InputFile] = []
@@ -457,6 +473,7 @@ def run(args) -> int:
             pending.append(entry)
             if len(pending) >= args.batch_size:
                 flush(pending)
+                report_progress()
         flush(pending)
     except BrokenPipeError:
         raise  # the reader of stdout stopped early (`| head`): edgeshort.cli ends quietly
@@ -497,3 +514,12 @@ def run(args) -> int:
                   "inputs from different folders share a name; each record's overlay field names its own",
                   file=sys.stderr)
     return EXIT_INPUTS_FAILED if counts["failed"] else 0
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '2.5 h': how long is left, to the precision a waiting user needs."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

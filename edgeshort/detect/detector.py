@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeshort._progress import progress_bar
+from edgeshort._progress import progress_bar, stage
 from edgeshort.data import ImageDataset, as_dataset, as_images, input_digests
 from edgeshort.data.dataset import in_model_class_order
 from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
@@ -413,6 +413,7 @@ class ShortcutDetector:
         seconds["extract"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        stage(cfg.progress, f"clustering {len(dataset):,} images and scoring the clusters")
         clustering, class_following = _cluster(feats.pooled, dataset.labels, cfg)
         probs = softmax(feats.logits.astype(np.float64))
         scores = score_clusters(probs, dataset.labels, clustering.assignments, dataset.num_classes, cfg.lambdas)
@@ -432,6 +433,8 @@ class ShortcutDetector:
         seconds["heatmaps"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        stage(cfg.progress, f"training the key KNN and flagging the {len(dataset) * adapter.num_patches:,} validation "
+                            "patches")
         count = cfg.knn_sample_count(adapter.num_patches)
         chosen = None
         if cfg.positives == "calibrated":
@@ -478,9 +481,10 @@ class ShortcutDetector:
         if cfg.dfr != "none":
             if cfg.dfr == "logreg":
                 result.dfr_head = fit_dfr_logreg(
-                    features, dataset.labels, present, dataset.num_classes, cfg.dfr_subsamples, cfg.seed
+                    features, dataset.labels, present, dataset.num_classes, cfg.dfr_subsamples, cfg.seed, cfg.progress
                 )
             else:
+                stage(cfg.progress, "retraining the last layer (DFR, Adam)")
                 result.dfr_head = fit_dfr_adam(
                     features, dataset.labels, present, dataset.num_classes, adapter.head_linear(), seed=cfg.seed
                 )

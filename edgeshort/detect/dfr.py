@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeshort._progress import progress_bar
 from edgeshort.errors import InputError
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
@@ -125,7 +126,7 @@ def dfr_fit_warnings(head: LinearHead, class_names: Sequence[str]) -> list[str]:
 
 def fit_dfr_logreg(
     features: np.ndarray, labels: np.ndarray, present: np.ndarray, num_classes: int,
-    subsamples: int = 10, seed: int = 0,
+    subsamples: int = 10, seed: int = 0, progress: bool = False,
 ) -> LinearHead:
     groups = dfr_groups(labels, present, num_classes)
     usable = usable_groups(labels, present, num_classes)
@@ -140,7 +141,7 @@ def fit_dfr_logreg(
     usable_a = [g for g in usable if (groups[half_a] == g).sum() >= 1]
     usable_b = [g for g in usable if (groups[half_b] == g).sum() >= 1]
     if len({g // 2 for g in usable_a}) == num_classes and usable_b:
-        for c in C_GRID:
+        for c in progress_bar(C_GRID, progress, "DFR: choosing the regularisation", len(C_GRID)):
             idx = half_a[balanced_indices(groups[half_a], rng, usable_a)]
             model, converged = _fit_logreg(x[idx], labels[idx], c, seed)
             fits.append((c, converged))
@@ -148,7 +149,7 @@ def fit_dfr_logreg(
             if wga > best_wga:
                 best_c, best_wga = c, wga
     coefs, intercepts = [], []
-    for _ in range(subsamples):
+    for _ in progress_bar(range(subsamples), progress, "DFR: fitting the head on balanced subsamples", subsamples):
         idx = balanced_indices(groups, rng, usable)
         model, converged = _fit_logreg(x[idx], labels[idx], best_c, seed)
         fits.append((best_c, converged))

@@ -155,8 +155,9 @@ def calibrated_positives(
     heat_of = _nearest_clean_search(keys[pool], k, seed)
     threshold = float(np.quantile(heat_of(keys[null_images]), quantile))
     members = np.flatnonzero(assignments == cluster)
-    heat = heat_of(keys[members]).reshape(-1)
-    member_keys = keys[members].reshape(-1, keys.shape[-1])
+    member_keys = keys[members]  # one copy of the cluster's keys, for the search and the choice
+    heat = heat_of(member_keys).reshape(-1)
+    member_keys = member_keys.reshape(-1, keys.shape[-1])
     above = np.flatnonzero(heat > threshold)
     count = min(count, len(heat))
     if len(above) >= count:  # evenly over the candidates' heat ranking: faint variants get their share
@@ -222,7 +223,7 @@ class KeyKNN:
     def flags(self, keys: np.ndarray) -> np.ndarray:
         """(B, N_patches, d) keys -> (B, N_patches) bool raw flags."""
         b, n, d = keys.shape
-        return self.classifier.predict(keys.reshape(-1, d).astype(np.float32)).reshape(b, n).astype(bool)
+        return self.classifier.predict(keys.reshape(-1, d).astype(np.float32, copy=False)).reshape(b, n).astype(bool)
 
 
 def saliency_distance_maps(keys: np.ndarray, contrast: str, knn: KeyKNN, clean_keys: np.ndarray) -> np.ndarray:

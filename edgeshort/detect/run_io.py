@@ -150,7 +150,9 @@ def load_result(run_dir: Path, model=None):
             dfr_head = LinearHead(z["weight"], z["bias"], meta.get("dfr") or {})
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     return DetectionResult(
-        config=DetectorConfig.from_dict({**SETTINGS_OF_EARLIER_RUNS, **meta["config"]}), adapter=adapter, class_names=tuple(meta["class_names"]),
+        # Progress belongs to the session, not the run: a run fitted with --quiet still shows bars when loaded.
+        config=DetectorConfig.from_dict({**SETTINGS_OF_EARLIER_RUNS, **meta["config"], "progress": True}),
+        adapter=adapter, class_names=tuple(meta["class_names"]),
         scores=[ClusterScore(**s) for s in meta["scores"]], shortcut_cluster=int(meta["shortcut_cluster"]),
         clustering=clustering, selected=selected, heatmaps=heatmaps, knn=knn, clean_keys=clean_keys,
         saliency_scale=float(meta["saliency_scale"]), dfr_head=dfr_head, val_labels=labels,
