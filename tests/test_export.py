@@ -452,9 +452,15 @@ def test_no_dfr_bundle_acts_on_the_ablated_prediction(demo_result, demo_data, tm
     calibration.mkdir()
     for i in range(6):
         Image.fromarray(demo_data["test"].array(i)).save(calibration / f"{i}.png")
-    assert main(["export", str(run), "-o", str(out), "--formats", "onnx", "--no-dfr", "--quiet",
+    assert main(["export", str(run), "-o", str(out), "--formats", "onnx", "--no-dfr",
                  "--data", str(calibration)]) == 0
-    assert "final label: ablated prediction (the run's DFR head left out by --no-dfr)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "final label: ablated prediction (the run's DFR head left out by --no-dfr)" in printed
+    # Each step says what runs before it runs: a large model's graph takes minutes.
+    import re
+
+    assert re.search(r"  exporting guarded +\.\.\. [\d.]+ s\n", printed), printed
+    assert re.search(r"  checking every graph against torch on 6 images \.\.\. [\d.]+ s\n", printed), printed
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # readable by a service running as another user

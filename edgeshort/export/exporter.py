@@ -292,6 +292,8 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
         graphs = {}
         for name, (module, example, input_names, output_names, dynamic) in specs.items():
             t = time.perf_counter()
+            if options.progress:  # the line is finished with the time taken: a large model's graph takes minutes
+                print(f"  exporting {name:<13} ...", end="", flush=True)
             files = {"onnx": f"{name}.onnx"}
             _export_onnx(name, module, example, input_names, output_names, dynamic, staging / files["onnx"])
             if "openvino" in options.formats:
@@ -301,13 +303,17 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
                             "description": GRAPHS[name]}
             seconds[f"export_{name}"] = round(time.perf_counter() - t, 3)
             if options.progress:
-                print(f"  exported {name:<13} ({seconds[f'export_{name}']:.1f} s)", flush=True)
+                print(f" {seconds[f'export_{name}']:.1f} s", flush=True)
         t = time.perf_counter()
+        if options.progress:
+            print(f"  checking every graph against torch on {len(images)} images ...", end="", flush=True)
         # One torch pass over the calibration images serves the parity and the KNN cross-check.
         ref = _torch_reference(result, images)
         parity = _parity(staging, graphs, options.formats, images, ref, options.tolerance,
                          fp16_openvino=options.weights == "fp16")
         seconds["parity"] = round(time.perf_counter() - t, 3)
+        if options.progress:
+            print(f" {seconds['parity']:.1f} s", flush=True)
         extra_files = []
         knn_check = None
         if options.skl2onnx_check:
