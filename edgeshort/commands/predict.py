@@ -26,10 +26,10 @@ import numpy as np
 RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "final_probability", "shortcut_present",
                  "flagged_patches", "warning", "logits", "ablated_logits", "dfr_logits", "overlay", "error",
                  "bundle_sha256", "runtime")
-# Overlays are drawn at least this many pixels on the short side, so small inputs stay readable, and
-# at most this many on the long side, so a 12-MP photo's outlines are not too thin to see on a screen.
 # A long run prints a line on stderr this often (a log file gets lines, not a redrawn bar).
 PROGRESS_EVERY_S = 10.0
+# Overlays are drawn at least this many pixels on the short side, so small inputs stay readable, and
+# at most this many on the long side, so a 12-MP photo's outlines are not too thin to see on a screen.
 OVERLAY_MIN_SIDE = 256
 OVERLAY_MAX_SIDE = 1024
 # Exit codes; 2 (bad arguments, bundle or outputs, before any prediction) comes from edgeshort.cli.

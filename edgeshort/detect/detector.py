@@ -679,7 +679,8 @@ def _masked_head_features(result: DetectionResult, dataset: ImageDataset, plain:
                                          total):
             tokens = adapter.embed(torch.from_numpy(images))
             keep = result.guard_tokens(tokens)[-1]
-            out[flagged[rows]] = _masked_where_flagged(adapter, tokens, keep, torch.from_numpy(plain[flagged[rows]]))
+            masked = _masked_where_flagged(adapter, tokens, keep, torch.from_numpy(plain[flagged[rows]]))
+            out[flagged[rows]] = masked.numpy()
     return out
 
 
