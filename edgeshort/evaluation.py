@@ -101,54 +101,69 @@ def bootstrap_intervals(
 MIN_CELL_FOR_VERDICT = 10
 
 
-def change_verdict(change: dict, tables: dict[str, dict]) -> str:
-    """"gain" or "loss" when the paired worst-group interval excludes zero, else "noise"; "too few"
-    when the smallest (class, group) cell is too small for the interval to mean anything."""
+def change_verdict(change: dict, tables: dict[str, dict], stat: str = "worst") -> str:
+    """"gain" or "loss" when the paired interval of the worst (or `stat="average"`) group accuracy's change
+    excludes zero, else "noise"; "too few" when the smallest (class, group) cell is too small for the
+    interval to mean anything."""
     sizes = [cell["n"] for cell in tables[change["to"]]["cells"] if cell["n"]]
     if not sizes or min(sizes) < MIN_CELL_FOR_VERDICT:
         return "too few"
-    lo, hi = change["worst_interval"]
+    lo, hi = change[f"{stat}_interval"]
     return "gain" if lo > 0 else "loss" if hi < 0 else "noise"
 
 
-def describe_change(change: dict, tables: dict[str, dict], confidence: float, titles: dict = KIND_TITLES) -> str:
-    """One line: the worst-group change of a step, its interval, and whether test-set noise explains it."""
-    delta = tables[change["to"]]["worst"] - tables[change["from"]]["worst"]
-    lo, hi = change["worst_interval"]
+def describe_change(change: dict, tables: dict[str, dict], confidence: float, titles: dict = KIND_TITLES,
+                    stat: str = "worst") -> str:
+    """One line: the worst-group (or `stat="average"`) change of a step, its interval, and whether test-set
+    noise explains it."""
+    delta = tables[change["to"]][stat] - tables[change["from"]][stat]
+    lo, hi = change[f"{stat}_interval"]
     verdict = {
         "gain": "a real gain", "loss": "a real loss", "noise": "within test-set noise",
         "too few": f"too few images in the smallest cell (under {MIN_CELL_FOR_VERDICT}) to tell from noise",
-    }[change_verdict(change, tables)]
+    }[change_verdict(change, tables, stat)]
     to, of = (titles.get(k, k) for k in (change["to"], change["from"]))
-    return (f"worst group, {to} vs {of}: {delta:+.3f} "
+    return (f"{stat} group, {to} vs {of}: {delta:+.3f} "
             f"({100 * confidence:.0f}% CI {lo:+.3f} to {hi:+.3f}, {verdict})")
 
 
-def _step_loss(tables: dict[str, dict], intervals: dict, before: str, after: str) -> str | None:
-    """The description of the step before -> after when it lowers worst-group accuracy beyond test-set noise.
+def _step_loss(tables: dict[str, dict], intervals: dict, before: str, after: str) -> tuple[str, str] | None:
+    """(which accuracy, the description of the step before -> after) when it lowers worst-group or average
+    group accuracy beyond test-set noise: a step can lift the worst cell while costing every other.
 
     Only a loss the paired interval puts wholly below zero counts: a step judged on a change the
     test set cannot resolve would be chosen by noise.
     """
     for change in intervals["changes"]:
-        if change["from"] == before and change["to"] == after and change_verdict(change, tables) == "loss":
-            return describe_change(change, tables, intervals["confidence"])
+        if change["from"] == before and change["to"] == after:
+            for stat in ("worst", "average"):
+                if change_verdict(change, tables, stat) == "loss":
+                    name = "worst-group" if stat == "worst" else "average group"
+                    return name, describe_change(change, tables, intervals["confidence"], stat=stat)
     return None
 
 
-def dfr_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
-    """A warning when the retrained head lowers worst-group accuracy beyond test-set noise, with the fix."""
+# Said of a loss measured on the guard's own flag groups, where the test set has no artefact labels.
+BY_FLAG_GROUPS = ", measured on the guard's own flag groups (the test set has no artefact labels)"
+
+
+def dfr_loss_warning(tables: dict[str, dict], intervals: dict, by_flag: bool = False) -> str | None:
+    """A warning when the retrained head lowers worst-group or average group accuracy beyond test-set noise,
+    with the fix; `by_flag`: the groups are the guard's own flags."""
     loss = _step_loss(tables, intervals, "ablated", "dfr")
-    return loss and (f"the DFR head lowers worst-group accuracy on this test set ({loss}); ship the ablated "
-                     "prediction instead: `edgeshort export --no-dfr` (ExportOptions(dfr=False))")
+    return loss and (f"the DFR head lowers {loss[0]} accuracy on this test set ({loss[1]}"
+                     f"{BY_FLAG_GROUPS if by_flag else ''}); ship the ablated prediction instead: "
+                     "`edgeshort export --no-dfr` (ExportOptions(dfr=False))")
 
 
-def guard_loss_warning(tables: dict[str, dict], intervals: dict) -> str | None:
-    """A warning when masking the flagged tokens lowers worst-group accuracy beyond test-set noise."""
+def guard_loss_warning(tables: dict[str, dict], intervals: dict, by_flag: bool = False) -> str | None:
+    """A warning when masking the flagged tokens lowers worst-group or average group accuracy beyond test-set
+    noise; `by_flag`: the groups are the guard's own flags."""
     loss = _step_loss(tables, intervals, "original", "ablated")
-    return loss and (f"the guard lowers worst-group accuracy on this test set ({loss}): its flags mask what the "
-                     "model needs, not only the artefact. Check the key heatmaps and the flag pictures, and do not "
-                     "ship this bundle until the flags mark the artefact")
+    return loss and (f"the guard lowers {loss[0]} accuracy on this test set ({loss[1]}"
+                     f"{BY_FLAG_GROUPS if by_flag else ''}): its flags mask what the model needs, not only the "
+                     "artefact. Check the key heatmaps and the flag pictures, and do not ship this bundle until the "
+                     "flags mark the artefact")
 
 
 def format_table(results: dict[str, dict], intervals: dict | None = None) -> str:

@@ -639,3 +639,37 @@ def test_only_images_with_masked_tokens_run_the_encoder_again(demo_result, demo_
     result = replace(demo_result, val_present=predictions.present)
     np.testing.assert_array_equal(_masked_head_features(result, val, plain), np.concatenate(every))
     assert sum(encoded_rows) == predictions.present.sum()
+
+
+def test_a_test_set_warns_when_its_labels_or_images_are_unlike_the_validation_data(demo_result, demo_data, tmp_path):
+    """A site's own test set: swapped labels, or flags on images without the artefact (or, without artefact labels,
+    far more images flagged than in validation), warn in metrics.json and so the report; the demo's own test set,
+    with or without artefact labels, does not."""
+    from edgeshort.data import ArrayDataset
+    from edgeshort.detect.detector import _flag_rate_check
+
+    test = demo_data["test"]
+    result = replace(demo_result)  # each evaluation replaces its metrics; the shared fixture's are kept
+    assert result.evaluate(test, out=tmp_path / "labelled")["test_warnings"] == []
+    # Without artefact labels, at the validation set's share of images with the artefact (35%).
+    clean, marked = np.flatnonzero(test.groups == 0), np.flatnonzero(test.groups == 1)
+    chosen = np.sort(np.concatenate([clean, marked[: round(len(clean) * 35 / 65)]]))
+    images = test.subset(chosen).preprocessed(demo_result.adapter.preprocessing)
+    plain = ArrayDataset(images, test.labels[chosen], test.class_names)
+    metrics = result.evaluate(plain, out=tmp_path / "plain")
+    assert metrics["test_warnings"] == [] and metrics["guard_warning"] is None and metrics["dfr_warning"] is None
+    swapped = ArrayDataset(images, 1 - plain.labels, test.class_names)
+    (warning,) = result.evaluate(swapped, out=tmp_path / "swapped")["test_warnings"]
+    assert warning.startswith("the model's test predictions agree with the labels less than chance")
+    assert "a label column or --class-map that swaps them inverts every answer" in warning
+    assert json.loads((tmp_path / "swapped" / "metrics.json").read_text())["test_warnings"] == [warning]
+    # A site's images the guard flags far more often: 60% of 300 against 35% in validation ...
+    (rise,) = _flag_rate_check(np.arange(300) < 180, 0.35)
+    assert rise.startswith("the guard finds a shortcut in 60% of the test images, against 35% of the validation")
+    assert _flag_rate_check(np.arange(300) < 120, 0.35) == [] and _flag_rate_check(np.arange(300) < 180, None) == []
+    # ... and, with artefact labels, flags on images without the artefact (112 of 231).
+    groups = np.repeat([0, 1], [231, 69])
+    present = np.r_[np.arange(231) < 112, np.ones(69, bool)]
+    (false_flags,) = _flag_rate_check(present, 0.35, groups)
+    assert false_flags.startswith("the guard finds a shortcut in 48% of the test images without the artefact (112 of 231)")
+    assert _flag_rate_check(np.r_[np.arange(231) < 10, np.ones(69, bool)], 0.35, groups) == []

@@ -37,6 +37,7 @@ from edgeshort.errors import InputError
 from edgeshort.evaluation import (
     ARTEFACT_GROUP_NAMES,
     FLAG_GROUP_NAMES,
+    MIN_CELL_FOR_VERDICT,
     bootstrap_intervals,
     dfr_loss_warning,
     format_table,
@@ -57,8 +58,14 @@ NULLABLE_TEST_METRICS = (
     "patch_precision", "patch_recall", *(f"{m}_{kind}" for kind in PREDICTION_KINDS for m in ("aga", "wga")),
     "dfr_warning", "guard_warning",
 )
+# A test set's own warnings (e.g. predictions at chance, far more images flagged than in validation).
+TEST_WARNINGS = "test_warnings"
+# The guard flagging this much more of a test set than of the validation images (and beyond chance) warns,
+# as does flagging this share of the test images an artefact label says are without it.
+FLAG_RATE_RISE = 0.10
+FALSE_FLAG_SHARE = 0.10
 TEST_METRICS = (
-    *NULLABLE_TEST_METRICS, "test_size", "test_source", "test_sha256", "test_shortcut_present_rate",
+    *NULLABLE_TEST_METRICS, TEST_WARNINGS, "test_size", "test_source", "test_sha256", "test_shortcut_present_rate",
     "test_changed_by_ablation_rate",
     *(f"accuracy_{kind}" for kind in PREDICTION_KINDS), "group_accuracy", "group_accuracy_intervals", "results_table",
     "flag_group_accuracy", "flag_group_accuracy_intervals", "flag_results_table",
@@ -224,6 +231,9 @@ class DetectionResult:
                 float((labels_by_kind[kind] == test.labels).mean()) if kind in labels_by_kind else None
             )
         metrics["test_changed_by_ablation_rate"] = float((labels_by_kind["ablated"] != labels_by_kind["original"]).mean())
+        metrics[TEST_WARNINGS] = (_chance_check(preds.logits, test.labels, self.class_names, "test")
+                                  + _flag_rate_check(preds.present, self.metrics.get("val_shortcut_present_rate"),
+                                                     test.groups))
         # The guard's own flag groups every test set, labelled for artefacts or not. It is chosen by the
         # detector, so not an unbiased worst-group estimate, but it shows what the guard does to the
         # images it acts on: the only per-group view a test set without artefact labels allows.
@@ -232,7 +242,10 @@ class DetectionResult:
         metrics["flag_group_accuracy"] = flag_tables
         metrics["flag_group_accuracy_intervals"] = flag_intervals
         metrics["flag_results_table"] = format_table(flag_tables, flag_intervals)
-        if test.groups is not None:
+        # Without artefact labels the flag groups judge the steps: all a site's own test set may allow.
+        by_flag = test.groups is None
+        tables, intervals = flag_tables, flag_intervals
+        if not by_flag:
             tables, intervals = self._group_tables(labels_by_kind, test.labels, test.groups)
             metrics["group_accuracy"] = tables
             for kind in PREDICTION_KINDS:
@@ -240,14 +253,14 @@ class DetectionResult:
                 metrics[f"wga_{kind}"] = tables[kind]["worst"] if kind in tables else None
             metrics["group_accuracy_intervals"] = intervals
             metrics["results_table"] = format_table(tables, intervals)
-            metrics["guard_warning"] = guard_loss_warning(tables, intervals)
-            if "dfr" in tables:
-                metrics["dfr_warning"] = dfr_loss_warning(tables, intervals)
-            for key in ("guard_warning", "dfr_warning"):
-                if metrics[key]:
-                    logger.warning("%s", metrics[key])
+        metrics["guard_warning"] = guard_loss_warning(tables, intervals, by_flag)
+        if "dfr" in tables:
+            metrics["dfr_warning"] = dfr_loss_warning(tables, intervals, by_flag)
+        for key in ("guard_warning", "dfr_warning"):
+            if metrics[key]:
+                logger.warning("%s", metrics[key])
         if print_table:
-            if test.groups is not None:
+            if not by_flag:
                 print(metrics["results_table"])
             else:
                 print("The test set has no artefact labels: accuracy by the guard's own flag instead "
@@ -632,8 +645,40 @@ def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> tup
 CHANCE_P_VALUE = 0.01
 
 
-def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names) -> list[str]:
-    """A warning when the model's validation predictions agree with the labels no better than chance.
+def _flag_rate_check(present: np.ndarray, val_rate: float | None, groups: np.ndarray | None = None) -> list[str]:
+    """A warning when the guard flags images unlike the validation data (another scanner, colour balance or size),
+    drawing flags on what the model needs. With artefact labels: FALSE_FLAG_SHARE or more of the test images
+    without the artefact flagged. Without: far more of the test set flagged than of the validation images (at
+    least FLAG_RATE_RISE more, and beyond chance), which a higher artefact prevalence explains too."""
+    from scipy.stats import binomtest
+
+    if groups is not None:
+        clean = groups == 0
+        flagged = int(present[clean].sum())
+        if clean.sum() < MIN_CELL_FOR_VERDICT or flagged < FALSE_FLAG_SHARE * clean.sum():
+            return []
+        warning = (f"the guard finds a shortcut in {flagged / clean.sum():.0%} of the test images without the "
+                   f"artefact ({flagged} of {int(clean.sum())}): on these images its flags mask what they show. Look "
+                   "at the flag pictures (edgeshort report) before shipping the guard for such images")
+        logger.warning("%s", warning)
+        return [warning]
+    if val_rate is None or not len(present):
+        return []
+    found, rate = int(present.sum()), float(present.mean())
+    if rate - val_rate < FLAG_RATE_RISE or binomtest(found, len(present), val_rate, alternative="greater").pvalue > \
+            CHANCE_P_VALUE:
+        return []
+    warning = (f"the guard finds a shortcut in {rate:.0%} of the test images, against {val_rate:.0%} of the validation "
+               "images it was fitted on: these images may differ from the validation data (scanner, colour balance, "
+               "size) or carry the artefact more often. Look at the flag pictures (edgeshort report) and the accuracy by "
+               "flag group before shipping the guard for them")
+    logger.warning("%s", warning)
+    return [warning]
+
+
+def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, images: str = "validation") -> list[str]:
+    """A warning when the model's `images` ("validation" or "test") predictions agree with the labels no better
+    than chance.
 
     Chance agreement is Cohen's: the sum over classes of (share predicted) x (share labelled), what
     predictions independent of the image would score; the count of right predictions is tested
@@ -649,15 +694,22 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names) -> list[s
     if chance >= 1.0 or binomtest(right, n, chance, alternative="greater").pvalue <= CHANCE_P_VALUE:
         return []
     below = binomtest(right, n, chance, alternative="less").pvalue <= CHANCE_P_VALUE
-    warning = (
-        f"the model's validation predictions agree with the labels {'less' if below else 'no better'} than chance "
-        f"(accuracy {right / n:.3f}, {chance:.3f} by chance on {n} images), so its clusters and flags cannot "
-        "point at a shortcut. "
-        + (f"Check that the data's class order {list(class_names)} is the model's output order; if not, give "
-           f"that order (CLI: --classes {','.join(reversed(class_names)) if k == 2 else 'NAME,NAME,...'})"
-           if below else "Check the weights and the preprocessing (image size, mean, std and crop) the model was trained "
-           f"with, and that the data's class order {list(class_names)} is the model's output order")
-    )
+    agree = (f"the model's {images} predictions agree with the labels {'less' if below else 'no better'} than chance "
+             f"(accuracy {right / n:.3f}, {chance:.3f} by chance on {n} images)")
+    if images == "test":
+        warning = (f"{agree}, so these test results cannot judge the model or its guard. "
+                   + (f"Check that the test labels name the model's classes {list(class_names)} as the model means "
+                      "them: a label column or --class-map that swaps them inverts every answer" if below else
+                      "Check that the test images are of the kind the model was trained on, and that their labels "
+                      f"name the model's classes {list(class_names)} as the model means them"))
+    else:
+        warning = (
+            f"{agree}, so its clusters and flags cannot point at a shortcut. "
+            + (f"Check that the data's class order {list(class_names)} is the model's output order; if not, give "
+               f"that order (CLI: --classes {','.join(reversed(class_names)) if k == 2 else 'NAME,NAME,...'})"
+               if below else "Check the weights and the preprocessing (image size, mean, std and crop) the model was "
+               f"trained with, and that the data's class order {list(class_names)} is the model's output order")
+        )
     logger.warning("%s", warning)
     return [warning]
 

@@ -513,10 +513,16 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                      if m.get(f"accuracy_{k}") is not None]
             points.append(f"Test accuracy (no artefact labels, so no worst group): {' &rarr; '.join(chain)}. "
                           f"Ablation changed {_pct(m['test_changed_by_ablation_rate'], 1)} of the predictions.")
+        if m.get("test_shortcut_present_rate") is not None and m.get("val_shortcut_present_rate") is not None:
+            points.append(f"The guard finds a shortcut in {_pct(m['test_shortcut_present_rate'], 1)} of the test images "
+                          f"({_pct(m['val_shortcut_present_rate'], 1)} of the validation images).")
         intervals, tables = m.get("group_accuracy_intervals"), m.get("group_accuracy")
+        groups = "group"
+        if not tables and m.get("flag_group_accuracy"):  # no artefact labels: the guard's own flag groups
+            intervals, tables, groups = m.get("flag_group_accuracy_intervals"), m["flag_group_accuracy"], "flag group"
         if intervals and tables:
             steps = [describe_change(c, tables, intervals["confidence"]) for c in intervals["changes"]]
-            points.append("Each step on the same test images (paired bootstrap over each class and group): "
+            points.append(f"Each step on the same test images (paired bootstrap over each class and {groups}): "
                           + "; ".join(_e(step[0].upper() + step[1:]) for step in steps) + ".")
         counts = None if run.predictions is None else _unflagged_changes(run.predictions)
         if counts is not None:
@@ -527,7 +533,8 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append(f"Balanced validation accuracy {_num(m['val_balanced_accuracy_original'])} before ablation, "
                           f"{_num(m['val_balanced_accuracy_ablated'])} after it"
                           + (" (a real shortcut's ablation gains or keeps it)." if gains else " (see the warning)."))
-        for warning in [*(m.get("warnings") or []), *(m[key] for key in ("guard_warning", "dfr_warning") if m.get(key))]:
+        for warning in [*(m.get("warnings") or []), *(m.get("test_warnings") or []),
+                        *(m[key] for key in ("guard_warning", "dfr_warning") if m.get(key))]:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
         if run.changed_test_images:
             points.append(f'<span class="no">{len(run.changed_test_images)} of the test images drawn under Flags '
