@@ -122,8 +122,20 @@ def test_class_order_follows_the_model_when_given(tmp_path):
     renumbered = as_dataset(in_sorted_order, ("malignant", "benign"))
     assert np.array_equal(renumbered.labels, in_model_order.labels)
     assert renumbered.groups is in_sorted_order.groups and in_sorted_order.class_names == ("benign", "malignant")
-    with pytest.raises(InputError, match=r"\['benign'\] not among them"):
+    with pytest.raises(InputError, match=r"\['benign'\] not among them; map them to the model's classes \(--class-map"):
         as_dataset(in_sorted_order, ("malignant", "nevus"))
+    # Names that differ only in case get the rename that fixes them, for a dataset and for a CSV's labels.
+    with pytest.raises(InputError, match=r"they differ only in case: rename the data's with --class-map "
+                                         r"benign=Benign,malignant=Malignant \(Python: class_map="):
+        as_dataset(in_sorted_order, ("Benign", "Malignant"))
+    listing = tmp_path / "site.csv"
+    listing.write_text("path,label\n" + "".join(f"{p},{'Benign' if i % 2 else 'Malignant'}\n"
+                                                for i, p in enumerate(in_sorted_order.sources[:4])))
+    with pytest.raises(InputError, match=r"labels \['Benign', 'Malignant'\] are not among the classes \['benign', "
+                                         r"'malignant'\]; they differ only in case: rename the data's with --class-map "
+                                         r"Benign=benign,Malignant=malignant"):
+        load_images(listing, ["benign", "malignant"])
+    assert load_images(listing, ["benign", "malignant"], class_map={"Benign": "benign", "Malignant": "malignant"})
     with pytest.raises(InputError, match=r"is not one of the classes .*--class-map benign=malignant,\.\.\..*pass class names that include it"):
         load_images(tmp_path / "test", ["malignant"])
     with pytest.raises(InputError, match="expected at least one class name, got none"):

@@ -291,6 +291,7 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
     assert ("--columns describes the test images of --eval, and --eval was not given; add --eval TEST_IMAGES, "
             "or leave it out") in capsys.readouterr().err
     assert main(["report", str(run), "--eval", str(listing), "--columns", columns, "--quiet"]) == 0
+    assert "worst group" in capsys.readouterr().out  # --quiet drops the progress bars, not the results
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_size"] == 80 and metrics["patch_recall"] is not None and metrics["wga_ablated"] is not None
     again = _eval_argument(metrics["test_source"])

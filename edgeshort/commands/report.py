@@ -45,7 +45,7 @@ def run(args) -> int:
         columns = parse_columns(args.columns) if args.columns else None
         test = load_images(args.eval_data, result.class_names, class_map, args.image_root, columns)
         result.config = replace(result.config, progress=not args.quiet)
-        result.evaluate(test, print_table=not args.quiet)
+        result.evaluate(test, print_table=True)  # the results, which --quiet (no progress bars) keeps
     out = write_report(Path(args.run), args.out, test_dataset=test, embed=args.embed)
     print(f"report: {out}")
     return 0

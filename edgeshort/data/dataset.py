@@ -438,13 +438,25 @@ def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDa
     if unknown:
         raise InputError(
             f"expected the classes {list(class_names)} (the model's), got {list(dataset.class_names)} with "
-            f"{unknown} not among them; rename the folders, or pass class names in the model's output order"
+            f"{unknown} not among them{rename_hint(unknown, class_names)}; map them to the model's classes "
+            "(--class-map NAME=CLASS,...; Python: class_map={...}), or pass class names in the model's output order"
         )
     order = np.array([class_names.index(c) for c in dataset.class_names], dtype=np.int64)
     relabelled.labels, relabelled.class_names = order[dataset.labels], class_names
     return relabelled
 
 
+
+
+def rename_hint(data_names: Sequence[str], class_names: Sequence[str]) -> str:
+    """"; they differ only in case: rename ... with --class-map ..." when every one of the data's names is one of
+    `class_names` in another case, else "" (the fix a case-only difference has, on the CLI and in Python)."""
+    by_case = {name.casefold(): name for name in class_names}
+    renames = {name: by_case[name.casefold()] for name in data_names if name.casefold() in by_case}
+    if not data_names or len(renames) != len(data_names):
+        return ""
+    mapping = ",".join(f"{old}={new}" for old, new in renames.items())
+    return f"; they differ only in case: rename the data's with --class-map {mapping} (Python: class_map={renames!r})"
 
 
 def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str] | None) -> tuple[ImageDataset, bool]:
@@ -461,13 +473,8 @@ def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str]
         named = copy.copy(dataset)
         named.class_names = tuple(model_class_names)
         return named, True
-    by_case = {name.casefold(): name for name in model_class_names}
-    renames = {name: by_case[name.casefold()] for name in dataset.class_names if name.casefold() in by_case}
-    hint = ""
-    if len(renames) == len(dataset.class_names) == len(model_class_names):
-        mapping = ",".join(f"{old}={new}" for old, new in renames.items())
-        hint = (f"; they differ only in case: rename the data's with --class-map {mapping} "
-                f"(Python: load_images(..., class_map={renames!r}))")
+    hint = rename_hint(dataset.class_names, model_class_names) if len(dataset.class_names) == len(model_class_names) \
+        else ""
     raise InputError(
         f"the model names its classes {list(model_class_names)} (its id2label), and the data's are "
         f"{list(dataset.class_names)}{hint}; or, where they are the same classes under other names, give the "
