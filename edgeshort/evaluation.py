@@ -17,7 +17,8 @@ KIND_TITLES = {"original": "original", "ablated": "ablated", "dfr": "ablated + D
 def group_accuracy(
     predictions: np.ndarray, labels: np.ndarray, groups: np.ndarray, class_names, group_names=ARTEFACT_GROUP_NAMES
 ) -> dict:
-    """Accuracy per (class, group) cell, their average (AGA) and the worst cell (WGA).
+    """Accuracy per (class, group) cell, their average (AGA) and the worst cell (WGA), and per class over
+    all its images ("classes": a class's recall; with two classes, sensitivity and specificity).
 
     AGA is the mean over the cells that have samples, so a balanced test set and an
     imbalanced one are judged alike.
@@ -36,6 +37,8 @@ def group_accuracy(
         "average": float(np.mean(accs)) if accs else None,
         "worst": float(np.min(accs)) if accs else None,
         "overall": float((predictions == labels).mean()) if len(labels) else None,
+        "classes": {cname: float((predictions[labels == c] == c).mean()) if (labels == c).any() else None
+                    for c, cname in enumerate(class_names)},
     }
 
 
@@ -193,5 +196,12 @@ def format_table(results: dict[str, dict], intervals: dict | None = None) -> str
         label = f"{100 * intervals['confidence']:.0f}% CI"
         lines.append(f"{'  ' + label:<32}" + "".join(
             f"{'{:.3f}-{:.3f}'.format(*intervals['kinds'][k]['worst']):>12}" for k in kinds))
+    for name in first.get("classes") or {}:  # each class over all its images: its recall
+        row = f"{'recall ' + name:<32}"
+        for k in kinds:
+            v = results[k]["classes"][name]
+            row += f"{'-' if v is None else f'{v:.3f}':>12}"
+        lines.append(row)
+    if intervals:
         lines += [describe_change(change, results, intervals["confidence"]) for change in intervals["changes"]]
     return "\n".join(lines)

@@ -171,3 +171,15 @@ def test_a_cell_of_a_few_images_is_not_called_a_gain():
     big = {"original": np.where((big_labels == 1) & (big_groups == 1), 0, big_labels), "ablated": big_labels}
     big_tables = {k: group_accuracy(v, big_labels, big_groups, ("a", "b")) for k, v in big.items()}
     assert change_verdict(bootstrap_intervals(big, big_labels, big_groups, 2)["changes"][0], big_tables) == "gain"
+
+
+def test_each_class_gets_its_recall_over_all_its_images():
+    """Sensitivity and specificity (two classes) are what a clinician reads first: per class over all its images,
+    whatever the groups."""
+    labels, groups = _balanced(10)
+    predictions = labels.copy()
+    predictions[np.flatnonzero(labels == 1)[:5]] = 0  # 5 of 20 malignant missed
+    table = group_accuracy(predictions, labels, groups, ("benign", "malignant"))
+    assert table["classes"] == {"benign": 1.0, "malignant": 0.75}
+    text = format_table({"original": table})
+    assert "recall benign                          1.000" in text and "recall malignant                       0.750" in text

@@ -1012,6 +1012,9 @@ def _group_table(tables: dict, assets: Assets, figure_path: Path, table_id: str,
             rows.append([f'<td class="text ci" colspan="3">{_e(ci_label)}</td>',
                          *[f'<td class="ci">{_interval(by_kind.get(k, {}).get(key))}</td>' for k in kinds]])
             classes.append(None)
+    for name in tables[kinds[0]].get("classes") or {}:  # a class over all its images (absent in older runs)
+        rows.append([f"recall {_e(name)}", "", "", *[_num(tables[k]["classes"][name]) for k in kinds]])
+        classes.append(None)
     from edgeshort.report.figures import group_accuracy_bars
 
     path = group_accuracy_bars(tables, figure_path, by_kind, (intervals or {}).get("confidence", 0.95))
