@@ -313,3 +313,14 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
             "or leave it out") in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert main(["report", str(run), "--eval", str(listing), "--columns", "file_name", "--quiet"]) == 2
     assert "expected the columns as ROLE=HEADER pairs" in capsys.readouterr().err
+    # Artefact labels under a header no role reads are named, with the way to read them.
+    assert main(["report", str(run), "--eval", str(listing), "--columns", "image=img_file,label=finding", "--quiet"]) == 0
+    assert ("Columns of the test listing that are not read: has_patch, outline. If one holds artefact labels (1 = the "
+            "image carries it), name it: --columns group=HEADER") in capsys.readouterr().out
+    blank = listing.parent / "blank.csv"
+    lines = listing.read_text().splitlines()
+    cells = lines[1].split(",")
+    blank.write_text("\n".join([lines[0], ",".join([*cells[:2], "", *cells[3:]]), *lines[2:]]) + "\n")
+    assert main(["report", str(run), "--eval", str(blank), "--columns", columns, "--quiet"]) == 2
+    assert "row 2: column 'has_patch' is empty, and artefact labels are needed for every image or none" in \
+        capsys.readouterr().err

@@ -37,6 +37,8 @@ class ImageDataset:
 
     # Whether the caller named the class order (the model's), rather than it following sorted names.
     class_order_given = False
+    # A listing's columns that no role read, where it gave no artefact labels: one may hold them under another name.
+    unread_columns: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -52,6 +52,11 @@ def _is_binary(values: list[str]) -> bool:
 
 def _flag(value: str, row: int, column: str, csv_path: Path) -> int:
     word = value.strip().lower()
+    if not word:
+        raise InputError(
+            f"{csv_path}, row {row}: column {column!r} is empty, and artefact labels are needed for every image or "
+            "none; evaluate the labelled rows from a listing of their own, and the rest without the column"
+        )
     if word in TRUE_WORDS:
         return 1
     if word in FALSE_WORDS:
@@ -220,8 +225,11 @@ def load_manifest(
         source["root"] = str(root)
     if columns:
         source["columns"] = columns
-    return ImageDataset(paths, labels, order, groups, masks, name=csv_path.stem,
-                        source="manifest:" + json.dumps(source))
+    dataset = ImageDataset(paths, labels, order, groups, masks, name=csv_path.stem,
+                           source="manifest:" + json.dumps(source))
+    if groups is None:
+        dataset.unread_columns = tuple(h for h in header if h not in used and h not in order)
+    return dataset
 
 
 def manifest_from_source(spec: str, class_names: Sequence[str] | None = None) -> ImageDataset:

@@ -263,6 +263,11 @@ class DetectionResult:
             if not by_flag:
                 print(metrics["results_table"])
             else:
+                unread = test.unread_columns
+                if unread:
+                    print(f"Columns of the test listing that are not read: {', '.join(unread)}. If one holds artefact "
+                          "labels (1 = the image carries it), name it: --columns group=HEADER (detect: --eval-columns)"
+                          "; Python: columns={'group': HEADER}.")
                 print("The test set has no artefact labels: accuracy by the guard's own flag instead "
                       "(the detector chose these groups, so they show its effect, not an unbiased worst group).")
                 print(metrics["flag_results_table"])
