@@ -673,3 +673,12 @@ def test_a_test_set_warns_when_its_labels_or_images_are_unlike_the_validation_da
     (false_flags,) = _flag_rate_check(present, 0.35, groups)
     assert false_flags.startswith("the guard finds a shortcut in 48% of the test images without the artefact (112 of 231)")
     assert _flag_rate_check(np.r_[np.arange(231) < 10, np.ones(69, bool)], 0.35, groups) == []
+    # Images whose flags cover most of them are counted, as the runtime marks each one.
+    from edgeshort.detect.detector import _mostly_flagged_check
+
+    flags = np.zeros((10, 8, 8), bool)
+    flags[:3, :5] = True  # 40 of 64 patches
+    flags[3] = True
+    (most,) = _mostly_flagged_check(flags)
+    assert most.startswith("flags cover over 50% of the patches of 4 of the 10 test images (all patches of 1, whose")
+    assert _mostly_flagged_check(flags[4:]) == []

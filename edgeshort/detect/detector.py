@@ -45,6 +45,7 @@ from edgeshort.evaluation import (
     guard_loss_warning,
 )
 from edgeshort.models import ViTAdapter, load_adapter
+from edgeshort.runtime.guard import MOST_PATCHES
 from edgeshort.runtime.masking import dilate, keep_mask
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,8 @@ class DetectionResult:
         metrics["test_changed_by_ablation_rate"] = float((labels_by_kind["ablated"] != labels_by_kind["original"]).mean())
         metrics[TEST_WARNINGS] = (_chance_check(preds.logits, test.labels, self.class_names, "test")
                                   + _flag_rate_check(preds.present, self.metrics.get("val_shortcut_present_rate"),
-                                                     test.groups))
+                                                     test.groups)
+                                  + _mostly_flagged_check(preds.flags))
         # The guard's own flag groups every test set, labelled for artefacts or not. It is chosen by the
         # detector, so not an unbiased worst-group estimate, but it shows what the guard does to the
         # images it acts on: the only per-group view a test set without artefact labels allows.
@@ -677,6 +679,21 @@ def _flag_rate_check(present: np.ndarray, val_rate: float | None, groups: np.nda
                "images it was fitted on: these images may differ from the validation data (scanner, colour balance, "
                "size) or carry the artefact more often. Look at the flag pictures (edgeshort report) and the accuracy by "
                "flag group before shipping the guard for them")
+    logger.warning("%s", warning)
+    return [warning]
+
+
+def _mostly_flagged_check(flags: np.ndarray) -> list[str]:
+    """A warning counting the test images whose flags cover most of their patches: each of them the runtime marks
+    for review (`GuardResult.warning`, by the same bound), and so should a test set's figures."""
+    share = flags.reshape(len(flags), -1).mean(1)
+    most, every = int((share > MOST_PATCHES).sum()), int((share == 1).sum())
+    if not most:
+        return []
+    warning = (f"flags cover over {MOST_PATCHES:.0%} of the patches of {most} of the {len(flags)} test images"
+               + (f" (all patches of {every}, whose guarded prediction saw nothing)" if every else "")
+               + ": the runtime marks each of them for review, as images unlike those the guard was fitted on, and "
+               "their guarded predictions rest on the few patches left")
     logger.warning("%s", warning)
     return [warning]
 
