@@ -741,3 +741,17 @@ def test_flags_are_not_drawn_on_images_that_changed_since_the_evaluation(demo_re
         np.savez(run / "test_predictions.npz", **{k: z[k] for k in z.files if k != "input_sha256"})
     page = write_report(run, tmp_path / "older.html", test_dataset=test).read_text()
     assert "stores no digest of its test images" in page_text(page, "flags")
+
+
+def test_a_test_source_is_described_in_words_not_as_its_recorded_json():
+    import json
+
+    from edgeshort.report.html import _describe_source
+
+    listing = "manifest:" + json.dumps({"csv": "/site/test.csv", "columns": {"image": "file_name", "label": "diagnosis"}})
+    merged = "merged:" + json.dumps({"class_map": {"Benign": "benign", "<b>": "malignant"}, "source": listing})
+    assert _describe_source(listing, brief=True) == ("the CSV listing <code>/site/test.csv</code> (columns image = "
+                                                     "file_name, label = diagnosis)")
+    assert _describe_source(merged, brief=True).endswith(", its classes mapped (Benign &rarr; benign, &lt;b&gt; &rarr; "
+                                                         "malignant)")
+    assert "{" in _describe_source(merged)  # in full under Provenance

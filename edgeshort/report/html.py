@@ -400,6 +400,18 @@ def _describe_source(source: str | None, brief: bool = False) -> str:
                     f"{_e(spec.get('seed'))}; the whole recipe under Provenance)")
         except ValueError:
             pass
+    if brief and kind in ("manifest", "merged", "folder"):
+        try:
+            if kind == "folder":
+                return f"the image folder <code>{_e(rest)}</code>"
+            spec = json.loads(rest)
+            if kind == "merged":
+                mapping = ", ".join(f"{_e(k)} &rarr; {_e(v)}" for k, v in (spec.get("class_map") or {}).items())
+                return f"{_describe_source(spec.get('source'), brief=True)}, its classes mapped ({mapping})"
+            columns = ", ".join(f"{_e(role)} = {_e(header)}" for role, header in (spec.get("columns") or {}).items())
+            return (f"the CSV listing <code>{_e(spec['csv'])}</code>" + (f" (columns {columns})" if columns else ""))
+        except (ValueError, KeyError, AttributeError):
+            pass
     words = {"folder": "the image folder", "seed": "the seed layout", "manifest": "the CSV listing",
              "synthetic": "built-in synthetic data, generated again from its settings",
              "merged": "images with classes merged by a class map"}.get(kind)
