@@ -363,7 +363,9 @@ def _pick_images(bundle: Bundle, rng, count: int, images: list[str] | None = Non
     from edgeshort.data.dataset import unlabelled
 
     if images:
-        batches, source = unlabelled(_image_paths(images), "--images").batches(bundle.preprocessing, 64), "--images"
+        paths = _image_paths(images)
+        batches = unlabelled(paths, "--images").batches(bundle.preprocessing, 64)
+        source = f"{len(paths):,} image files from --images {' '.join(str(i) for i in images)}"
     else:
         source_run = bundle.manifest.get("source_run")
         try:

@@ -142,7 +142,10 @@ def test_bench_times_given_images_and_names_random_stand_ins(demo_bundle, demo_d
     for i in range(0, len(test), len(test) // 12):
         test.image(i).save(folder / f"img_{i}.png")
     results = bench_bundle(far, **quick, images=[str(folder)])
-    assert results["inputs"] == {"source": "--images", "clean": "clean image", "flagged": "flagged image"}
+    count = len(list(folder.iterdir()))
+    assert results["inputs"] == {"source": f"{count} image files from --images {folder}", "clean": "clean image",
+                                 "flagged": "flagged image"}
+    assert f"Inputs: {count} image files from --images {folder}." in markdown_table(results)
     assert {"Guard.predict (clean image)", "guarded+original (flagged image)"} <= set(results["cases"][0]["timings"])
     assert results["cases"][0]["clean_inputs_flagged"] == 0.0
     with pytest.raises(InputError, match="expected --images to name image files or folders, got '.*nothing'"):
