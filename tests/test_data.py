@@ -152,6 +152,12 @@ def test_bad_input_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="one sub-folder per class"):
         load_images(tmp_path / "empty")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "empty" / "scan.png")  # a site's unlabelled images, flat
+    with pytest.raises(InputError, match=r"found none; it holds images without class folders, so without labels: list "
+                                         r"them with their labels in a CSV \(path,label\), or predict them instead"):
+        load_images(tmp_path / "empty")
     from edgeshort.data import ImageDataset
 
     with pytest.raises(InputError, match="one label per image"):

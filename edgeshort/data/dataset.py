@@ -173,7 +173,12 @@ def _class_folders(root: Path) -> list[Path]:
         raise InputError(f"expected an image folder at {str(root)!r}, but it does not exist")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise InputError(f"expected one sub-folder per class in {str(root)!r}, found none")
+        loose = any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+        raise InputError(
+            f"expected one sub-folder per class in {str(root)!r}, found none"
+            + ("; it holds images without class folders, so without labels: list them with their labels in a CSV "
+               "(path,label), or predict them instead (edgeshort predict BUNDLE FOLDER)" if loose else "")
+        )
     return folders
 
 
