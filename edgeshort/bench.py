@@ -71,8 +71,11 @@ def _rss_mb() -> float:
 def _peak_rss_mb() -> float | None:
     try:
         import resource
-    except ImportError:
-        return None
+    except ImportError:  # Windows: psutil's peak working set
+        import psutil
+
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)
+        return None if peak is None else peak / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if platform.system() != "Darwin" else peak / 2**20
 
@@ -365,7 +368,8 @@ def _pick_images(bundle: Bundle, rng, count: int, images: list[str] | None = Non
     if images:
         paths = _image_paths(images)
         batches = unlabelled(paths, "--images").batches(bundle.preprocessing, 64)
-        source = f"{len(paths):,} image files from --images {' '.join(str(i) for i in images)}"
+        named = " ".join(str(i) for i in images[:3]) + (f" and {len(images) - 3:,} more" if len(images) > 3 else "")
+        source = f"{len(paths):,} image files from --images {named}"
     else:
         source_run = bundle.manifest.get("source_run")
         try:
@@ -404,6 +408,7 @@ def _seed_pipeline_cases(bundle, clean, flagged, rounds, block, progress) -> lis
         logger.warning("the bundle's source run is not reachable; skipping the seed-style row")
         return []
     try:
+        import sklearn  # noqa: F401 (the loaded run's KNN)
         import torch
 
         from edgeshort.detect import ShortcutDetector

@@ -132,14 +132,16 @@ def describe_change(change: dict, tables: dict[str, dict], confidence: float, ti
 
 def _step_loss(tables: dict[str, dict], intervals: dict, before: str, after: str) -> tuple[str, str] | None:
     """(which accuracy, the description of the step before -> after) when it lowers worst-group or average
-    group accuracy beyond test-set noise: a step can lift the worst cell while costing every other.
+    group accuracy beyond test-set noise: a step can lift the worst cell a little while costing every other.
 
     Only a loss the paired interval puts wholly below zero counts: a step judged on a change the
-    test set cannot resolve would be chosen by noise.
+    test set cannot resolve would be chosen by noise. An average loss beside a real worst-group gain is the
+    trade removing a shortcut makes (the cells it carried lose it), not a fault.
     """
     for change in intervals["changes"]:
         if change["from"] == before and change["to"] == after:
-            for stat in ("worst", "average"):
+            worst = change_verdict(change, tables, "worst")
+            for stat in ("worst",) if worst == "gain" else ("worst", "average"):
                 if change_verdict(change, tables, stat) == "loss":
                     name = "worst-group" if stat == "worst" else "average group"
                     return name, describe_change(change, tables, intervals["confidence"], stat=stat)

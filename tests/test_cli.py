@@ -41,27 +41,30 @@ def test_cli_choices_are_the_librarys(tmp_path):
     assert choices("demo", "--artefact") == ARTEFACTS and choices("detect", "--demo") == ARTEFACTS
 
 
-def test_env_prints_versions_backends_and_whether_openvino_reports_usage(tmp_path):
-    import os
-
+def test_env_prints_versions_backends_and_whether_openvino_reports_usage(tmp_path, monkeypatch):
     from edgeshort import __version__
+    from edgeshort.commands.env import openvino_telemetry
 
-    # A user who never opted out: OpenVINO's import reports usage, and env says so and how to stop it.
+    # A user who never opted out: OpenVINO's import reports usage, and env says so and how to stop it (checked
+    # in-process, so the test itself imports nothing that reports).
     home = tmp_path / "home"
     home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")} | {"HOME": str(home)}
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("CI", "TF_BUILD", "JENKINS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert openvino_telemetry() == "on (opt out once per user: mkdir -p ~/intel && echo 0 > ~/intel/openvino_telemetry)"
+    (home / "intel").mkdir()
+    (home / "intel" / "openvino_telemetry").write_text("0")  # the opt-out the README gives
+    assert openvino_telemetry() == "off"
+    import os
+
     out = subprocess.run([sys.executable, "-m", "edgeshort", "env", "--json"], capture_output=True, text=True,
-                         check=True, env=env)
+                         check=True, env=dict(os.environ))
     info = json.loads(out.stdout)
-    assert info["edgeshort"] == __version__
+    assert info["edgeshort"] == __version__ and info["openvino_telemetry"] == "off"
     assert info["packages"]["onnxruntime"] and info["packages"]["torch"] and "CPUExecutionProvider" in info["onnxruntime_providers"]
-    assert info["openvino_devices"] and "CPU" in info["openvino_devices"]
+    assert info["packages"]["psutil"] and info["openvino_devices"] and "CPU" in info["openvino_devices"]
     assert 1 <= info["usable_cores"] <= info["cpu_count"]
-    assert info["openvino_telemetry"] == "on (opt out once per user: opt_in_out --opt_out)"
-    (home / "intel").mkdir(exist_ok=True)
-    (home / "intel" / "openvino_telemetry").write_text("0")  # what `opt_in_out --opt_out` writes
-    out = subprocess.run([sys.executable, "-m", "edgeshort", "env"], capture_output=True, text=True, check=True, env=env)
-    assert "openvino_telemetry off" in " ".join(out.stdout.split())
     version = subprocess.run([sys.executable, "-m", "edgeshort", "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == f"edgeshort {__version__}"
 

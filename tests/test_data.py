@@ -126,7 +126,7 @@ def test_class_order_follows_the_model_when_given(tmp_path):
         as_dataset(in_sorted_order, ("malignant", "nevus"))
     # Names that differ only in case get the rename that fixes them, for a dataset and for a CSV's labels.
     with pytest.raises(InputError, match=r"they differ only in case: rename the data's with --class-map "
-                                         r"benign=Benign,malignant=Malignant \(Python: class_map="):
+                                         r"benign=Benign,malignant=Malignant \(Python: load_images\(\.\.\., class_map="):
         as_dataset(in_sorted_order, ("Benign", "Malignant"))
     listing = tmp_path / "site.csv"
     listing.write_text("path,label\n" + "".join(f"{p},{'Benign' if i % 2 else 'Malignant'}\n"

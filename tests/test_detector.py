@@ -57,7 +57,8 @@ def test_run_folder_holds_everything_and_reloads(demo_result, demo_data):
     assert all(key in metrics for key in REQUIRED_METRICS)
     csv_rows = (run / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("class,group,n,accuracy_original,accuracy_ablated,accuracy_dfr")
-    assert len(csv_rows) == 1 + 4 + 2 + 4  # cells, average and worst group, their 95% interval ends
+    assert len(csv_rows) == 1 + 4 + 2 + 2 + 4  # cells, average and worst group, each class's recall, interval ends
+    assert csv_rows[7].startswith("recall benign,,,")
     low = csv_rows[-2].split(",")
     assert low[:2] == ["worst group 95% CI low", ""]  # the first column names each row once
     assert float(low[3]) == metrics["group_accuracy_intervals"]["kinds"]["original"]["worst"][0]
@@ -399,7 +400,7 @@ def test_cached_features_are_reused_only_for_the_same_model_input(tmp_path, capl
     assert "clustering 12 images and scoring the clusters" in err and "training the key KNN and flagging" in err
     assert fit(load_adapter(_small_model()))[1]
     with np.load(tmp_path / "run" / "features_val.npz") as cached:  # as written before head features were kept
-        older = {k: cached[k] for k in cached.files if k != "head"}
+        older = {k: cached[k] for k in cached.files if k != "head_features"}
     np.savez(tmp_path / "run" / "features_val.npz", **older)
     assert not fit(load_adapter(_small_model()))[1]
     other_logits, reused = fit(load_adapter(_small_model()).set_preprocessing(mean=(0.2, 0.3, 0.4)))
@@ -631,13 +632,13 @@ def test_only_images_with_masked_tokens_run_the_encoder_again(demo_result, demo_
     np.testing.assert_array_equal(predictions.ablated_logits[clean], predictions.logits[clean])
     # Against masking every image, as before: the same features, bit for bit.
     with torch.inference_mode():
-        every = [head_features(t, demo_result.guard_tokens(t)[-1]).numpy()
-                 for t in (adapter.embed(torch.from_numpy(x)) for _, x in val.batches(adapter.preprocessing, 64))]
-        plain = np.concatenate([head_features(adapter.embed(torch.from_numpy(x))).numpy()
-                                for _, x in val.batches(adapter.preprocessing, 64)])
+        tokens = [adapter.embed(torch.from_numpy(x)) for _, x in val.batches(adapter.preprocessing, 64)]
+        every = np.concatenate([head_features(t, demo_result.guard_tokens(t)[-1]).numpy() for t in tokens])
+        plain = np.concatenate([head_features(t).numpy() for t in tokens])
+        keys = np.concatenate([adapter.keys(t, demo_result.config.key_layer).numpy() for t in tokens])
     encoded_rows.clear()
     result = replace(demo_result, val_present=predictions.present)
-    np.testing.assert_array_equal(_masked_head_features(result, val, plain), np.concatenate(every))
+    np.testing.assert_array_equal(_masked_head_features(result, val, plain, keys), every)
     assert sum(encoded_rows) == predictions.present.sum()
 
 
@@ -663,6 +664,17 @@ def test_a_test_set_warns_when_its_labels_or_images_are_unlike_the_validation_da
     assert warning.startswith("the model's test predictions agree with the labels less than chance")
     assert "a label column or --class-map that swaps them inverts every answer" in warning
     assert json.loads((tmp_path / "swapped" / "metrics.json").read_text())["test_warnings"] == [warning]
+    # One class, or a few images near chance, say little about the labels: no warning.
+    from edgeshort.detect.detector import _chance_check
+
+    names, rng = ("benign", "malignant"), np.random.default_rng(0)
+    one_class = np.zeros(200, np.int64)
+    logits = np.where(rng.random((200, 1)) < 0.85, [[1.0, 0.0]], [[0.0, 1.0]])
+    assert _chance_check(logits, one_class, names, "test") == []
+    few = np.repeat([0, 1], 15)
+    guesses = np.where(rng.random(30) < 0.7, few, 1 - few)
+    assert _chance_check(np.eye(2)[guesses], few, names, "test") == []
+    assert _chance_check(np.eye(2)[1 - few], few, names, "test")  # all 30 swapped: below chance
     # A site's images the guard flags far more often: 60% of 300 against 35% in validation ...
     (rise,) = _flag_rate_check(np.arange(300) < 180, 0.35)
     assert rise.startswith("the guard finds a shortcut in 60% of the test images, against 35% of the validation")
@@ -670,9 +682,13 @@ def test_a_test_set_warns_when_its_labels_or_images_are_unlike_the_validation_da
     # ... and, with artefact labels, flags on images without the artefact (112 of 231).
     groups = np.repeat([0, 1], [231, 69])
     present = np.r_[np.arange(231) < 112, np.ones(69, bool)]
-    (false_flags,) = _flag_rate_check(present, 0.35, groups)
-    assert false_flags.startswith("the guard finds a shortcut in 48% of the test images without the artefact (112 of 231)")
+    (false_flags,) = _flag_rate_check(present, 0.35, groups, 0.02)
+    assert false_flags.startswith("the guard finds a shortcut in 48% of the test images without the artefact (112 of "
+                                  "231; 2% of such validation images)")
     assert _flag_rate_check(np.r_[np.arange(231) < 10, np.ones(69, bool)], 0.35, groups) == []
+    assert _flag_rate_check(present, 0.35, groups, 0.45) == []  # as often as in validation: nothing new here
+    few = np.repeat([0, 1], [10, 5])
+    assert _flag_rate_check(np.r_[np.arange(10) < 2, np.ones(5, bool)], 0.35, few, 0.05) == []  # 2 of 10: chance
     # Images whose flags cover most of them are counted, as the runtime marks each one.
     from edgeshort.detect.detector import _mostly_flagged_check
 

@@ -88,6 +88,7 @@ def run(args) -> int:
 
     # Every extra the chain needs, checked before minutes of training rather than when its stage comes.
     for module, extra in (("torch", "offline"), ("sklearn", "offline"), ("pytorch_grad_cam", "offline"),
+                          ("onnx", "offline"), ("onnxscript", "offline"), ("skl2onnx", "offline"),
                           ("openvino", "openvino"), ("matplotlib", "report")):
         require(module, extra)
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model

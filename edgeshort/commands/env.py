@@ -26,7 +26,8 @@ def collect() -> dict:
         "usable_cores": usable_cores(),  # what image preprocessing runs on; a container may allow fewer
         "packages": {},
     }
-    info["packages"] = package_versions(("numpy", "Pillow", "onnxruntime", "openvino", "onnx", "torch", "torchvision",
+    info["packages"] = package_versions(("numpy", "Pillow", "onnxruntime", "psutil", "openvino", "onnx", "torch",
+                                         "torchvision",
                                          "scikit-learn", "skl2onnx", "timm", "transformers", "nncf", "matplotlib",
                                          "grad-cam"))
     try:
@@ -47,8 +48,8 @@ def collect() -> dict:
 
 
 def openvino_telemetry() -> str | None:
-    """Whether importing OpenVINO reports usage to Intel for this user ("on" unless opted out with
-    `opt_in_out --opt_out`, or run in CI); None without openvino-telemetry, or where its API has changed."""
+    """Whether importing OpenVINO reports usage to Intel for this user ("on" unless opted out, or run in CI);
+    None without openvino-telemetry, or where its API has changed."""
     try:
         from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
 
@@ -56,7 +57,8 @@ def openvino_telemetry() -> str | None:
         consent = OptInChecker().check(enable_opt_in_dialog=False, disable_in_ci=True)
     except Exception:
         return None
-    return "off" if consent == ConsentCheckResult.DECLINED else "on (opt out once per user: opt_in_out --opt_out)"
+    return ("off" if consent == ConsentCheckResult.DECLINED
+            else "on (opt out once per user: mkdir -p ~/intel && echo 0 > ~/intel/openvino_telemetry)")
 
 
 def run(args) -> int:
@@ -70,5 +72,5 @@ def run(args) -> int:
             for k, v in value.items():
                 print(f"  {k:<14} {v if v is not None else 'not installed'}")
         else:
-            print(f"{key:<16} {value}")
+            print(f"{key:<16} {'not known' if value is None else value}")
     return 0

@@ -71,7 +71,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bundle-sha256", metavar="HEX",
                         help="run only the bundle whose manifest.json has this sha256 (records carry it as "
                              "bundle_sha256): a bundle re-exported or re-sealed since you checked it is refused")
-    parser.add_argument("--quiet", action="store_true", help="no summary on stderr")
+    parser.add_argument("--quiet", action="store_true", help="no summary or progress lines on stderr")
 
 
 class OutputFailure(Exception):

@@ -445,8 +445,9 @@ def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDa
     if unknown:
         raise InputError(
             f"expected the classes {list(class_names)} (the model's), got {list(dataset.class_names)} with "
-            f"{unknown} not among them{rename_hint(unknown, class_names)}; map them to the model's classes "
-            "(--class-map NAME=CLASS,...; Python: class_map={...}), or pass class names in the model's output order"
+            f"{unknown} not among them{rename_hint(dataset.class_names, class_names)}; map them to the model's "
+            "classes (--class-map NAME=CLASS,...; Python: load_images(..., class_map={...})), or pass class names in "
+            "the model's output order"
         )
     order = np.array([class_names.index(c) for c in dataset.class_names], dtype=np.int64)
     relabelled.labels, relabelled.class_names = order[dataset.labels], class_names
@@ -463,7 +464,8 @@ def rename_hint(data_names: Sequence[str], class_names: Sequence[str]) -> str:
     if not data_names or len(renames) != len(data_names):
         return ""
     mapping = ",".join(f"{old}={new}" for old, new in renames.items())
-    return f"; they differ only in case: rename the data's with --class-map {mapping} (Python: class_map={renames!r})"
+    return (f"; they differ only in case: rename the data's with --class-map {mapping} "
+            f"(Python: load_images(..., class_map={renames!r}))")
 
 
 def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str] | None) -> tuple[ImageDataset, bool]:

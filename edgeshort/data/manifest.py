@@ -139,9 +139,9 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
         unknown = sorted(set(names) - set(order))
         if unknown:
             raise InputError(
-                f"{csv_path}: labels {unknown} are not among the classes {order}{rename_hint(unknown, order)}; map "
-                "them to those classes (--class-map LABEL=CLASS,...; Python: class_map={...}), or pass class names "
-                "that include them, in the model's output order"
+                f"{csv_path}: labels {unknown} are not among the classes {order}{rename_hint(sorted(set(names)), order)}"
+                "; map them to those classes (--class-map LABEL=CLASS,...; Python: load_images(..., class_map={...})), "
+                "or pass class names that include them, in the model's output order"
             )
         return [order.index(n) for n in names], order
     onehot = [h for h in header if h not in used and _is_binary([row[h] for row in rows])]

@@ -234,7 +234,7 @@ class DetectionResult:
         metrics["test_changed_by_ablation_rate"] = float((labels_by_kind["ablated"] != labels_by_kind["original"]).mean())
         metrics[TEST_WARNINGS] = (_chance_check(preds.logits, test.labels, self.class_names, "test")
                                   + _flag_rate_check(preds.present, self.metrics.get("val_shortcut_present_rate"),
-                                                     test.groups)
+                                                     test.groups, self._val_clean_flag_rate())
                                   + _mostly_flagged_check(preds.flags))
         # The guard's own flag groups every test set, labelled for artefacts or not. It is chosen by the
         # detector, so not an unbiased worst-group estimate, but it shows what the guard does to the
@@ -292,6 +292,12 @@ class DetectionResult:
             )
         return metrics
 
+    def _val_clean_flag_rate(self) -> float | None:
+        """The share of validation images without the artefact that the guard flagged; None without labels."""
+        if self.val_groups is None or not (self.val_groups == 0).any():
+            return None
+        return float(self.val_present[self.val_groups == 0].mean())
+
     def _group_tables(self, labels_by_kind: dict, labels: np.ndarray, groups: np.ndarray,
                       group_names: tuple[str, str] = ARTEFACT_GROUP_NAMES) -> tuple[dict, dict]:
         """Accuracy per (class, group) cell for each prediction kind, with paired bootstrap intervals."""
@@ -321,6 +327,8 @@ class DetectionResult:
                                      *[_fmt(tables[k]["cells"][i]["accuracy"]) for k in kinds]])
                 writer.writerow(["average", "", "", *[_fmt(tables[k]["average"]) for k in kinds]])
                 writer.writerow(["worst group", "", "", *[_fmt(tables[k]["worst"]) for k in kinds]])
+                for name in tables[kinds[0]].get("classes") or {}:  # each class over all its images
+                    writer.writerow([f"recall {name}", "", "", *[_fmt(tables[k]["classes"][name]) for k in kinds]])
                 # The console's 95% intervals (paired bootstrap over each cell), as rows: the columns stay the seed's.
                 ranges = intervals.get("kinds", {})
                 if all(k in ranges for k in kinds):
@@ -491,7 +499,7 @@ class ShortcutDetector:
         )
 
         t = time.perf_counter()
-        features = _masked_head_features(result, dataset, feats.head)
+        features = _masked_head_features(result, dataset, feats.head_features, feats.keys)
         accuracy = _ablation_check(result, dataset, feats.logits, features)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
                                 + accuracy["warnings"])
@@ -650,23 +658,29 @@ def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> tup
 # A model whose validation predictions are this likely under chance agreement has not learned the
 # task on these images, so its clusters and flags say nothing about shortcuts.
 CHANCE_P_VALUE = 0.01
+# A test set this large at chance warns; a smaller one warns only below chance (its labels likely swapped).
+TEST_CHANCE_MIN_IMAGES = 100
 
 
-def _flag_rate_check(present: np.ndarray, val_rate: float | None, groups: np.ndarray | None = None) -> list[str]:
+def _flag_rate_check(present: np.ndarray, val_rate: float | None, groups: np.ndarray | None = None,
+                     val_clean_rate: float | None = None) -> list[str]:
     """A warning when the guard flags images unlike the validation data (another scanner, colour balance or size),
-    drawing flags on what the model needs. With artefact labels: FALSE_FLAG_SHARE or more of the test images
-    without the artefact flagged. Without: far more of the test set flagged than of the validation images (at
-    least FLAG_RATE_RISE more, and beyond chance), which a higher artefact prevalence explains too."""
+    drawing flags on what the model needs. With artefact labels: FALSE_FLAG_SHARE more of the test images without
+    the artefact flagged than of such validation images (`val_clean_rate`, 0 when unknown), and beyond chance.
+    Without: FLAG_RATE_RISE more of the test set flagged than of the validation images (`val_rate`), and beyond
+    chance, which a higher artefact prevalence explains too."""
     from scipy.stats import binomtest
 
     if groups is not None:
         clean = groups == 0
-        flagged = int(present[clean].sum())
-        if clean.sum() < MIN_CELL_FOR_VERDICT or flagged < FALSE_FLAG_SHARE * clean.sum():
+        flagged, baseline = int(present[clean].sum()), val_clean_rate or 0.0
+        if (clean.sum() < MIN_CELL_FOR_VERDICT or flagged / clean.sum() - baseline < FALSE_FLAG_SHARE
+                or binomtest(flagged, int(clean.sum()), baseline, alternative="greater").pvalue > CHANCE_P_VALUE):
             return []
         warning = (f"the guard finds a shortcut in {flagged / clean.sum():.0%} of the test images without the "
-                   f"artefact ({flagged} of {int(clean.sum())}): on these images its flags mask what they show. Look "
-                   "at the flag pictures (edgeshort report) before shipping the guard for such images")
+                   f"artefact ({flagged} of {int(clean.sum())}; {baseline:.0%} of such validation images): on these "
+                   "images its flags mask what they show. Look at the flag pictures (edgeshort report) before shipping "
+                   "the guard for such images")
         logger.warning("%s", warning)
         return [warning]
     if val_rate is None or not len(present):
@@ -698,9 +712,10 @@ def _mostly_flagged_check(flags: np.ndarray) -> list[str]:
     return [warning]
 
 
-def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, images: str = "validation") -> list[str]:
-    """A warning when the model's `images` ("validation" or "test") predictions agree with the labels no better
-    than chance.
+def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, split: str = "validation") -> list[str]:
+    """A warning when the model's `split` ("validation" or "test") predictions agree with the labels no better
+    than chance. A test set warns only below chance, or at chance on TEST_CHANCE_MIN_IMAGES or more: a site's
+    test set may be small or hold one class, where chance agreement says little.
 
     Chance agreement is Cohen's: the sum over classes of (share predicted) x (share labelled), what
     predictions independent of the image would score; the count of right predictions is tested
@@ -711,14 +726,18 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, images: s
 
     predictions, n = logits.argmax(1), len(labels)
     k = len(class_names)
+    if len(np.unique(labels)) < 2:  # one class: chance agreement is the accuracy itself
+        return []
     chance = float((np.bincount(predictions, minlength=k) * np.bincount(labels, minlength=k)).sum() / n**2)
     right = int((predictions == labels).sum())
     if chance >= 1.0 or binomtest(right, n, chance, alternative="greater").pvalue <= CHANCE_P_VALUE:
         return []
     below = binomtest(right, n, chance, alternative="less").pvalue <= CHANCE_P_VALUE
-    agree = (f"the model's {images} predictions agree with the labels {'less' if below else 'no better'} than chance "
+    if split == "test" and not below and n < TEST_CHANCE_MIN_IMAGES:
+        return []
+    agree = (f"the model's {split} predictions agree with the labels {'less' if below else 'no better'} than chance "
              f"(accuracy {right / n:.3f}, {chance:.3f} by chance on {n} images)")
-    if images == "test":
+    if split == "test":
         warning = (f"{agree}, so these test results cannot judge the model or its guard. "
                    + (f"Check that the test labels name the model's classes {list(class_names)} as the model means "
                       "them: a label column or --class-map that swaps them inverts every answer" if below else
@@ -736,11 +755,13 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, images: s
     return [warning]
 
 
-def _masked_head_features(result: DetectionResult, dataset: ImageDataset, plain: np.ndarray) -> np.ndarray:
+def _masked_head_features(result: DetectionResult, dataset: ImageDataset, plain: np.ndarray,
+                          keys: np.ndarray) -> np.ndarray:
     """Head features of the validation images with flagged tokens excluded where a shortcut is present.
 
     Only those images run through the encoder again: every other image's are its `plain` ones (from
-    extraction), which masking nothing would only compute again (on vit_b_16, a quarter-second per image)."""
+    extraction), which masking nothing would only compute again (on vit_b_16, a quarter-second per image).
+    Their flags come from their extracted `keys`, the ones `val_present` was decided on."""
     import torch
 
     adapter, cfg = result.adapter, result.config
@@ -752,7 +773,8 @@ def _masked_head_features(result: DetectionResult, dataset: ImageDataset, plain:
         for rows, images in progress_bar(batches, cfg.progress, f"ablating the flagged images of {dataset.name}",
                                          total):
             tokens = adapter.embed(torch.from_numpy(images))
-            keep = result.guard_tokens(tokens)[-1]
+            _, flags, present, _ = result.guard_keys(keys[flagged[rows]])
+            keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))
             masked = _masked_where_flagged(adapter, tokens, keep, torch.from_numpy(plain[flagged[rows]]))
             out[flagged[rows]] = masked.numpy()
     return out

@@ -23,11 +23,12 @@ class Features:
     pooled: np.ndarray  # (N, D) mean of the last block's patch tokens
     keys: np.ndarray  # (N, gh*gw, d_head) seed keys
     logits: np.ndarray  # (N, C)
-    head: np.ndarray  # (N, F) what the classification head reads (pre-logits), unmasked
+    head_features: np.ndarray  # (N, F) what the classification head reads (pre-logits), unmasked
 
     def save(self, path: Path, fingerprint: str) -> None:
         # Uncompressed: float features barely compress (7% on vit_b_16's keys), and compressing took 27x as long.
-        np.savez(path, pooled=self.pooled, keys=self.keys, logits=self.logits, head=self.head, fingerprint=fingerprint)
+        np.savez(path, pooled=self.pooled, keys=self.keys, logits=self.logits, head_features=self.head_features,
+                 fingerprint=fingerprint)
 
     @classmethod
     def load(cls, path: Path, fingerprint: str | None = None) -> Features | None:
@@ -36,9 +37,9 @@ class Features:
         with np.load(path) as data:
             if fingerprint is not None and str(data["fingerprint"]) != fingerprint:
                 return None
-            if "head" not in data:  # a cache from before head features were kept: extract again
+            if "head_features" not in data:  # a cache from before head features were kept: extract again
                 return None
-            return cls(data["pooled"], data["keys"], data["logits"], data["head"])
+            return cls(data["pooled"], data["keys"], data["logits"], data["head_features"])
 
 
 def weights_fingerprint(model) -> str:
@@ -99,7 +100,7 @@ def extract(
         if cached is not None:
             logger.info("reusing cached features from %s", cache)
             return cached
-    pooled, keys, logits, head = [], [], [], []
+    pooled, keys, logits, head_features = [], [], [], []
     batches = dataset.batches(adapter.preprocessing, batch_size)
     total = (len(dataset) + batch_size - 1) // batch_size
     with torch.inference_mode():
@@ -109,10 +110,11 @@ def extract(
             encoded = adapter.encode(tokens)
             pooled.append(adapter.pool(encoded).numpy())
             keys.append(adapter.keys(tokens, key_layer).numpy())
-            features = adapter.pre_logits(encoded)
-            head.append(features.numpy())
-            logits.append(adapter.head_linear()(features).numpy())
-    features = Features(np.concatenate(pooled), np.concatenate(keys), np.concatenate(logits), np.concatenate(head))
+            pre_logits = adapter.pre_logits(encoded)
+            head_features.append(pre_logits.numpy())
+            logits.append(adapter.head_linear()(pre_logits).numpy())
+    features = Features(np.concatenate(pooled), np.concatenate(keys), np.concatenate(logits),
+                        np.concatenate(head_features))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         features.save(cache, stamp)

@@ -268,6 +268,8 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
         require("openvino", "openvino")
     if options.int8:
         require("nncf", "int8")
+    if options.skl2onnx_check:
+        require("skl2onnx", "offline")
     result = run if isinstance(run, DetectionResult) else ShortcutDetector.load(run)
     result.check_weights()  # a bundle of new weights with an old guard would pass its own parity check
     dfr_omitted = not options.dfr and result.dfr_head is not None

@@ -387,8 +387,9 @@ def _metrics_disagreements(m: dict) -> list[str]:
 
 
 def _describe_source(source: str | None, brief: bool = False) -> str:
-    """A dataset's recorded source string in words (HTML), the string itself in full; `brief` names
-    built-in synthetic data by its split, seed and artefact instead of its whole recipe."""
+    """A dataset's recorded source string in words (HTML), the string itself in full; `brief` gives it in words
+    alone: built-in synthetic data by its split, seed and artefact, a listing by its path and columns, a class
+    map by its mapping."""
     if not source:
         return "not recorded"
     kind, _, rest = source.partition(":")
