@@ -121,6 +121,9 @@ def test_user_errors_exit_2_with_the_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edgeshort.cli", "detect", "--demo", "--classes", "b,a", "-o",
                           str(tmp_path / "run")], capture_output=True, text=True)
     assert out.returncode == 2 and "--classes describes your own model and data; the demo's are fixed" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "edgeshort.cli", "detect", "--demo", "--classes", "b,a", "--mean", "0.5",
+                          "--std", "0.5", "-o", str(tmp_path / "run")], capture_output=True, text=True)
+    assert "--classes, --mean and --std describe your own model and data" in out.stderr
 
 
 def test_detect_flags_reach_every_detector_setting(tmp_path):

@@ -1,6 +1,13 @@
 """One module per CLI command: `add_arguments(parser)` and `run(args) -> int`."""
 
 
+def options_describe(given: list[str]) -> str:
+    """'--a describes', '--a and --b describe', '--a, --b and --c describe': options named in a sentence."""
+    if len(given) == 1:
+        return f"{given[0]} describes"
+    return f"{', '.join(given[:-1])} and {given[-1]} describe"
+
+
 def refuse_without(given: list[str], describes: str, missing: str, add: str, note: str = "") -> None:
     """Refuse the options in `given` (those the user gave) when the option they describe, `missing`,
     was not given: one wording for every command, naming only what was given."""
@@ -8,6 +15,6 @@ def refuse_without(given: list[str], describes: str, missing: str, add: str, not
         return
     from edgeshort.errors import InputError
 
-    names = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
-    verb, pronoun = ("describes", "it") if len(given) == 1 else ("describe", "them")
-    raise InputError(f"{names} {verb} {describes}, and {missing} was not given; add {add}, or leave {pronoun} out{note}")
+    pronoun = "it" if len(given) == 1 else "them"
+    raise InputError(f"{options_describe(given)} {describes}, and {missing} was not given; add {add}, or leave "
+                     f"{pronoun} out{note}")

@@ -6,7 +6,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from edgeshort.commands import refuse_without
+from edgeshort.commands import options_describe, refuse_without
 from edgeshort.detect.config import (
     CLUSTER_SPACES,
     DEMO_DETECTOR,
@@ -112,8 +112,7 @@ def run(args) -> int:
                                           ("--crop-mode", args.crop_mode))
                  if value]
         if fixed:
-            raise InputError(f"{', '.join(fixed)} {'describes' if len(fixed) == 1 else 'describe'} your own model "
-                             "and data; the demo's are fixed")
+            raise InputError(f"{options_describe(fixed)} your own model and data; the demo's are fixed")
 
         datasets = demo_datasets(args.demo)
         model = demo_model(args.demo, datasets, progress=not args.quiet)
