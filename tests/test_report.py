@@ -200,6 +200,13 @@ def test_report_advises_leaving_out_a_dfr_head_the_test_set_condemns(demo_report
     verdict = section(write_report(run, test_dataset=demo_data["test"]).read_text(), "verdict")
     assert html.escape("The DFR head lowers worst-group accuracy on this test set") in verdict
     assert "DFR head lowers" not in section(demo_report.read_text(), "verdict")  # the demo's head is kept
+    # A test set's own warnings reach the verdict too, with the test flag rate beside the validation's.
+    doubt = "the model's test predictions agree with the labels less than chance (...)"
+    (run / "metrics.json").write_text(json.dumps({**metrics, "test_warnings": [doubt]}))
+    verdict = section(write_report(run, test_dataset=demo_data["test"]).read_text(), "verdict")
+    assert html.escape("The model's test predictions agree with the labels less than chance") in verdict
+    assert (f"The guard finds a shortcut in {metrics['test_shortcut_present_rate']:.1%} of the test images "
+            f"({metrics['val_shortcut_present_rate']:.1%} of the validation images).") in verdict
 
 
 def test_verdict_calls_a_loss_only_beyond_noise_and_names_the_clustering_space(demo_result, demo_data, tmp_path):
