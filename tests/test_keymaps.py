@@ -149,3 +149,22 @@ def test_positives_are_described_as_drawn():
     # Too few tokens pass: the sentence must not claim the positives were spread over them.
     short = describe_positives(0, 163, 0.999, 0.5)
     assert short.startswith("Only 0 shortcut-cluster tokens are hotter") and "the hottest tokens" in short
+
+
+def test_the_guards_tint_builds_its_clean_key_search_once(monkeypatch):
+    """predict tints every batch: the nearest-clean-key search is built on the first and reused, with the same
+    distances as a search built anew."""
+    from edgeshort.detect import keymaps
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(60, 4)).astype(np.float32)
+    knn = keymaps.KeyKNN(reference, np.r_[np.zeros(40), np.ones(20)].astype(np.int64), 3)
+    built = []
+    original = keymaps._nearest_clean_search
+    monkeypatch.setattr(keymaps, "_nearest_clean_search", lambda *a, **k: built.append(1) or original(*a, **k))
+    batches = [rng.normal(size=(5, 9, 4)).astype(np.float32) for _ in range(3)]
+    tints = [keymaps.saliency_distance_maps(b, "nearest", knn, np.zeros((9, 4), np.float32)) for b in batches]
+    assert len(built) == 1
+    fresh = original(reference[:40], 1, 0, pool_size=None)
+    for batch, tint in zip(batches, tints):
+        np.testing.assert_array_equal(tint, fresh(batch))

@@ -219,6 +219,14 @@ class KeyKNN:
         self.labels = np.asarray(labels, np.int64)
         self.k = int(k)
         self.classifier = KNeighborsClassifier(n_neighbors=self.k).fit(self.reference, self.labels)
+        self._clean_search = None
+
+    def nearest_clean(self, keys: np.ndarray) -> np.ndarray:
+        """(M, N_patches, d) keys -> (M, N_patches) distance to the nearest clean reference key, every negative
+        searched (as the exported guard graph searches them); the search is built once, not per batch."""
+        if self._clean_search is None:
+            self._clean_search = _nearest_clean_search(self.reference[self.labels == 0], 1, 0, pool_size=None)
+        return self._clean_search(keys)
 
     def flags(self, keys: np.ndarray) -> np.ndarray:
         """(B, N_patches, d) keys -> (B, N_patches) bool raw flags."""
@@ -237,8 +245,7 @@ def saliency_distance_maps(keys: np.ndarray, contrast: str, knn: KeyKNN, clean_k
     """
     if contrast == "mean":
         return key_distance_maps(keys, clean_keys)
-    # Every negative is searched, as the exported guard graph searches them.
-    return _nearest_clean_search(knn.reference[knn.labels == 0], 1, 0, pool_size=None)(keys)
+    return knn.nearest_clean(keys)
 
 
 def describe_positives(candidates: int, positives: int | None, quantile: float, threshold: float) -> str:
