@@ -188,22 +188,18 @@ def format_table(results: dict[str, dict], intervals: dict | None = None) -> str
             row += f"{'-' if acc is None else f'{acc:.3f}':>12}"
         lines.append(row)
     lines.append("-" * len(header))
+
+    def summary_row(label: str, values: list) -> str:
+        return f"{label:<32}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in values)
+
     for label, key in (("average", "average"), ("worst group", "worst")):
-        row = f"{label:<32}"
-        for k in kinds:
-            v = results[k][key]
-            row += f"{'-' if v is None else f'{v:.3f}':>12}"
-        lines.append(row)
+        lines.append(summary_row(label, [results[k][key] for k in kinds]))
     if intervals:
         label = f"{100 * intervals['confidence']:.0f}% CI"
         lines.append(f"{'  ' + label:<32}" + "".join(
             f"{'{:.3f}-{:.3f}'.format(*intervals['kinds'][k]['worst']):>12}" for k in kinds))
     for name in first.get("classes") or {}:  # each class over all its images: its recall
-        row = f"{'recall ' + name:<32}"
-        for k in kinds:
-            v = results[k]["classes"][name]
-            row += f"{'-' if v is None else f'{v:.3f}':>12}"
-        lines.append(row)
+        lines.append(summary_row(f"recall {name}", [results[k]["classes"][name] for k in kinds]))
     if intervals:
         lines += [describe_change(change, results, intervals["confidence"]) for change in intervals["changes"]]
     return "\n".join(lines)

@@ -88,9 +88,11 @@ def run(args) -> int:
 
     # Every extra the chain needs, checked before minutes of training rather than when its stage comes.
     for module, extra in (("torch", "offline"), ("sklearn", "offline"), ("pytorch_grad_cam", "offline"),
-                          ("onnx", "offline"), ("onnxscript", "offline"), ("skl2onnx", "offline"),
-                          ("openvino", "openvino"), ("matplotlib", "report")):
+                          ("matplotlib", "report")):
         require(module, extra)
+    from edgeshort.export.exporter import ExportOptions, require_export_extras
+
+    require_export_extras(ExportOptions())  # the demo's export
     from edgeshort.demo import DEMO_DETECTOR, demo_datasets, demo_model
 
     out = Path(args.out)

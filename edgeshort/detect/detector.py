@@ -143,14 +143,24 @@ class DetectionResult:
         indices = np.concatenate([s[: len(h)] for s, h in zip(self.selected, self.heatmaps)]).astype(np.int64)
         return maps, self.val_labels[indices], indices
 
-    def guard_keys(self, keys: np.ndarray):
-        """Keys (B, N, d) -> raw KNN flags, flags to exclude (B, gh, gw), shortcut present (B,), saliency."""
+    def flag_keys(self, keys: np.ndarray):
+        """Keys (B, N, d) -> raw KNN flags, flags to exclude (B, gh, gw), shortcut present (B,)."""
         b = keys.shape[0]
         raw = self.knn.flags(keys).reshape(b, *self.grid)
         present = raw.reshape(b, -1).sum(1) >= self.config.min_patches
         # The flags are what the ablation excludes: dilated, and only where a shortcut is present.
         flags = dilate(raw, self.config.dilation_radius) & present[:, None, None]
-        return raw, flags, present, self.saliency_maps(keys)
+        return raw, flags, present
+
+    def guard_keys(self, keys: np.ndarray):
+        """Keys (B, N, d) -> raw KNN flags, flags to exclude (B, gh, gw), shortcut present (B,), saliency."""
+        return (*self.flag_keys(keys), self.saliency_maps(keys))
+
+    def keep_tensor(self, flags: np.ndarray, present: np.ndarray):
+        """The (B, tokens) torch keep mask of `flags` where a shortcut is `present`, prefix tokens kept."""
+        import torch
+
+        return torch.from_numpy(keep_mask(flags, self.adapter.num_prefix, present))
 
     def saliency_maps(self, keys: np.ndarray) -> np.ndarray:
         """Keys (B, N, d) -> (B, gh, gw) the guard's tint: the key distance of `config.saliency`
@@ -162,12 +172,9 @@ class DetectionResult:
 
     def guard_tokens(self, tokens):
         """Tokens -> (keys, raw flags, flags, present, saliency, keep): the guard and its keep mask tensor."""
-        import torch
-
         keys = self.adapter.keys(tokens, self.config.key_layer).numpy()
         raw, flags, present, saliency = self.guard_keys(keys)
-        keep = torch.from_numpy(keep_mask(flags, self.adapter.num_prefix, present))
-        return keys, raw, flags, present, saliency, keep
+        return keys, raw, flags, present, saliency, self.keep_tensor(flags, present)
 
     def predict(self, data, batch_size: int | None = None, progress: bool | None = None) -> Predictions:
         """Plain, ablated and ablated+DFR predictions, flags and saliency for `data`: a dataset, an (images,
@@ -773,10 +780,11 @@ def _masked_head_features(result: DetectionResult, dataset: ImageDataset, plain:
         for rows, images in progress_bar(batches, cfg.progress, f"ablating the flagged images of {dataset.name}",
                                          total):
             tokens = adapter.embed(torch.from_numpy(images))
-            _, flags, present, _ = result.guard_keys(keys[flagged[rows]])
-            keep = torch.from_numpy(keep_mask(flags, adapter.num_prefix, present))
-            masked = _masked_where_flagged(adapter, tokens, keep, torch.from_numpy(plain[flagged[rows]]))
-            out[flagged[rows]] = masked.numpy()
+            images_of = flagged[rows]
+            _, flags, present = result.flag_keys(keys[images_of])  # no tint: the ablation needs only the flags
+            masked = _masked_where_flagged(adapter, tokens, result.keep_tensor(flags, present),
+                                           torch.from_numpy(plain[images_of]))
+            out[images_of] = masked.numpy()
     return out
 
 

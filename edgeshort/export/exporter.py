@@ -250,6 +250,20 @@ def _knn_cross_check(root: Path, ref: dict) -> dict:
     return report
 
 
+def require_export_extras(options: ExportOptions) -> None:
+    """Raise naming the extra to install for any package an export with `options` needs, before minutes of export
+    rather than when its step comes."""
+    needs = [("onnx", "offline"), ("onnxscript", "offline")]
+    if "openvino" in options.formats:
+        needs.append(("openvino", "openvino"))
+    if options.int8:
+        needs.append(("nncf", "int8"))
+    if options.skl2onnx_check:
+        needs.append(("skl2onnx", "offline"))
+    for module, extra in needs:
+        require(module, extra)
+
+
 def export_bundle(run, out: str | Path, options: ExportOptions | None = None, calibration=None,
                   overwrite: bool = False):
     """Write a verified bundle for a detection run (a run folder or a `DetectionResult`) to `out`.
@@ -263,13 +277,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
     from edgeshort.detect import DetectionResult, ShortcutDetector
 
     options = options or ExportOptions()
-    # The extras these options need, checked before minutes of export rather than when their step comes.
-    if "openvino" in options.formats:
-        require("openvino", "openvino")
-    if options.int8:
-        require("nncf", "int8")
-    if options.skl2onnx_check:
-        require("skl2onnx", "offline")
+    require_export_extras(options)
     result = run if isinstance(run, DetectionResult) else ShortcutDetector.load(run)
     result.check_weights()  # a bundle of new weights with an old guard would pass its own parity check
     dfr_omitted = not options.dfr and result.dfr_head is not None
