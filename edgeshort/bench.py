@@ -94,13 +94,17 @@ def machine_info() -> dict:
 
 
 def bundle_size(bundle: Bundle) -> dict:
-    by_graph = {}
+    """Bytes on disk: the bundle, each graph's own files per format, and the files graphs share (the ONNX
+    graphs' weights), counted once under `shared_bytes` rather than in every graph."""
+    by_graph, shared = {}, {}
     for graph, entry in bundle.manifest["graphs"].items():
         for fmt, name in entry["files"].items():
             paths = [bundle.root / name] + ([bundle.root / (name[:-4] + ".bin")] if name.endswith(".xml") else [])
             by_graph[f"{graph}.{fmt}"] = sum(p.stat().st_size for p in paths)
+        if entry.get("onnx_external_data"):
+            shared[entry["onnx_external_data"]] = (bundle.root / entry["onnx_external_data"]).stat().st_size
     total = sum(p.stat().st_size for p in bundle.root.iterdir() if p.is_file())
-    return {"total_bytes": total, "by_graph_bytes": by_graph}
+    return {"total_bytes": total, "by_graph_bytes": by_graph, "shared_bytes": shared}
 
 
 def available_variants(bundle: Bundle, backends: list[str]) -> list[dict]:

@@ -17,6 +17,10 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
     paths = write_outputs(results, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["machine"]["cpu_count"] and data["size"]["total_bytes"] > 0
+    # The ONNX graphs' shared weights are counted once, beside the graphs' own files.
+    shared = data["size"]["shared_bytes"]["weights.onnx.data"]
+    assert shared == (demo_bundle.root / "weights.onnx.data").stat().st_size
+    assert data["size"]["by_graph_bytes"]["guarded.onnx"] < shared < data["size"]["total_bytes"]
     rows = [c for c in data["cases"] if c["backend"] in ("onnxruntime", "openvino")]
     assert {(c["backend"], c["precision"], c["batch"]) for c in rows} >= {
         ("onnxruntime", "f32", 1), ("onnxruntime", "f32", 12), ("openvino", "f32", 1), ("openvino", "f32", 12)}

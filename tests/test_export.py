@@ -23,7 +23,7 @@ from edgeshort.errors import (
 )
 from edgeshort.export import ExportOptions, export_bundle
 from edgeshort.runtime.backends import open_session
-from edgeshort.runtime.bundle import load_bundle, write_manifest
+from edgeshort.runtime.bundle import SEAL, load_bundle, manifest_seal, write_manifest
 
 TOLERANCE = 1e-4
 
@@ -54,7 +54,7 @@ def test_demo_bundle_parity_is_recorded_and_within_tolerance(demo_bundle, demo_r
     # The guard's MatMul + TopK KNN flags exactly what scikit-learn's KNN flags (and skl2onnx agrees).
     assert manifest["knn_cross_check"]["mismatches_vs_sklearn"] == 0
     assert manifest["knn_cross_check"]["mismatches_vs_guard_graph"] == 0
-    assert manifest["onnx"] == {"opset": 20, "ir_version": 10}
+    assert {key: manifest["onnx"][key] for key in ("opset", "ir_version")} == {"opset": 20, "ir_version": 10}
     assert manifest["guard"]["has_dfr"] is True
     assert manifest["guard"]["warnings"] == []  # the demo run's ablation raised validation accuracy
     for name in ("guarded.onnx", "guarded.xml", "guarded.bin", "manifest.json"):
@@ -150,6 +150,45 @@ def test_bundle_round_trip_rejects_tampering_and_newer_formats(demo_bundle, tmp_
         load_bundle(copy)
     with pytest.raises(BundleError, match="not an edgeshort bundle"):
         load_bundle(tmp_path)
+
+
+def test_a_bundles_onnx_graphs_hold_the_weights_once(demo_bundle, tmp_path):
+    """guarded, plain and encoder_head each hold the encoder; their ONNX files share one weights file."""
+    import onnx
+
+    root = demo_bundle.root
+    weights = root / "weights.onnx.data"
+    held = {}
+    for graph, entry in demo_bundle.manifest["graphs"].items():
+        if "onnx" not in entry["files"]:
+            continue
+        assert entry["onnx_external_data"] == "weights.onnx.data"
+        model = onnx.load(str(root / entry["files"]["onnx"]), load_external_data=False)
+        external = [{e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.external_data]
+        assert external and {e["location"] for e in external} == {"weights.onnx.data"}
+        held[graph] = sum(int(e["length"]) for e in external)
+    assert sorted(f for f in os.listdir(root) if ".onnx." in f) == ["weights.onnx.data"]  # no per-graph files left
+    # The guarded graph alone holds every weight (encoder, guard, heads): the shared file is about one copy.
+    assert weights.stat().st_size < 1.15 * held["guarded"]
+    assert sum(held.values()) > 2.5 * weights.stat().st_size
+    recorded = demo_bundle.manifest["onnx"]["weights"]
+    assert recorded["file"] == "weights.onnx.data" and recorded["bytes_after"] == weights.stat().st_size
+    assert demo_bundle.manifest["files"]["weights.onnx.data"]["bytes"] == weights.stat().st_size
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(root, copy)
+    data = bytearray((copy / "weights.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "weights.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="weights.onnx.data' does not match its manifest hash"):
+        load_bundle(copy)
+    shutil.copy(root / "weights.onnx.data", copy / "weights.onnx.data")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["files"]["weights.onnx.data"]  # unhashed, ONNX Runtime would read it unverified
+    manifest[SEAL] = manifest_seal(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="lists no hash for its graph file 'weights.onnx.data'"):
+        load_bundle(copy)
 
 
 def test_ir_newer_than_the_runtime_is_rejected(demo_bundle, tmp_path):
@@ -501,6 +540,10 @@ def test_force_replaces_only_a_bundle(demo_result, tmp_path):
     assert sorted(p.name for p in run_copy.iterdir()) == before
 
 
+def _onnx_bytes(manifest: dict) -> int:
+    return sum(entry["bytes"] for name, entry in manifest["files"].items() if name.endswith((".onnx", ".onnx.data")))
+
+
 def test_a_bundle_of_one_path_is_smaller_and_runs_that_path(demo_result, demo_data, demo_bundle, tmp_path):
     from edgeshort.bench import bench_bundle
     from edgeshort.runtime import Guard
@@ -513,7 +556,7 @@ def test_a_bundle_of_one_path_is_smaller_and_runs_that_path(demo_result, demo_da
                                                                              progress=False),
                                calibration=demo_data["val"])
         assert set(bundle.manifest["graphs"]) == kept
-        sizes[graphs] = sum(entry["bytes"] for entry in bundle.manifest["files"].values())
+        sizes[graphs] = _onnx_bytes(bundle.manifest)
         guard = Guard.load(bundle, backend="onnxruntime")
         assert set(guard.info.compiled) == kept
         results = guard.predict(images)  # the path the bundle has
@@ -523,7 +566,8 @@ def test_a_bundle_of_one_path_is_smaller_and_runs_that_path(demo_result, demo_da
         other = "split" if graphs == "fused" else "fused"
         with pytest.raises(BundleError, match=f"path='{other}' needs the graphs .* --graphs all"):
             guard.predict(images[:1], path=other)
-    assert sizes["split"] < sizes["fused"]  # one copy of the encoder's weights instead of two
+    # Every ONNX set holds the encoder's weights once (one shared file); one path has fewer graphs to describe.
+    assert max(sizes.values()) < _onnx_bytes(demo_bundle.manifest)
     # Older runtimes expect the fused graphs: a bundle without them says it needs a newer one.
     assert load_bundle(tmp_path / "split").manifest["format"] == 3
     assert load_bundle(tmp_path / "fused").manifest["format"] < 3

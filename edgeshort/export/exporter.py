@@ -3,7 +3,7 @@
 Graphs go through `torch.onnx.export(dynamo=True)` traced with batch 2 and a declared dynamic
 batch axis (a batch-1 example silently fixes the batch at 1). OpenVINO IR is converted from the
 ONNX file (converting the torch module directly fails on torchvision's ViT) and saved with f32
-weights unless FP16 is asked for. Parity is measured with the runtime's own backends, so what
+weights unless FP16 is asked for. The ONNX graphs then share one weights file (`onnx_weights`). Parity is measured with the runtime's own backends, so what
 was checked is exactly what will run; a bundle whose parity exceeds tolerance is not written.
 OpenVINO graphs with FP16 weights are checked too, within looser limits the manifest records.
 """
@@ -26,6 +26,7 @@ from edgeshort._spacing import evenly_spaced
 from edgeshort._version import __version__, package_versions
 from edgeshort.errors import BundleError, InputError, ParityError
 from edgeshort.export.graphs import graph_specs
+from edgeshort.export.onnx_weights import WEIGHTS_FILE, share_onnx_weights
 from edgeshort.runtime.backends import open_session
 from edgeshort.runtime.bundle import FUSED_GRAPHS, GRAPHS, MANIFEST, SPLIT_GRAPHS, load_bundle, write_manifest
 
@@ -113,11 +114,12 @@ def _export_onnx(name, module, example, input_names, output_names, dynamic, path
         warnings.filterwarnings("ignore", message=r"# The axis name")
         torch.onnx.export(
             module, example, str(path), input_names=input_names, output_names=output_names,
-            dynamic_shapes=shapes, dynamo=True, opset_version=OPSET, external_data=False, verbose=False,
+            dynamic_shapes=shapes, dynamo=True, opset_version=OPSET, external_data=True, verbose=False,
         )
-    model = onnx.load(str(path))
+    # The weights stay in torch's `<graph>.onnx.data` until share_onnx_weights gathers every graph's.
+    model = onnx.load(str(path), load_external_data=False)
     model.ir_version = IR_VERSION
-    onnx.save(model, str(path))
+    path.write_bytes(model.SerializeToString())
     logger.info("exported %s to %s", name, path.name)
 
 
@@ -314,6 +316,14 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
             seconds[f"export_{name}"] = round(time.perf_counter() - t, 3)
             if options.progress:
                 print(f" {seconds[f'export_{name}']:.1f} s", flush=True)
+        # After the OpenVINO conversions, which read each graph's own weights file, and before the parity
+        # check, so that what is checked is what ships.
+        shared = share_onnx_weights(staging, [graph["files"]["onnx"] for graph in graphs.values()])
+        for graph in graphs.values():
+            graph["onnx_external_data"] = WEIGHTS_FILE
+        logger.info("ONNX weights: %d tensors, %d distinct, %.1f MB in %s instead of %.1f MB",
+                    shared["tensors"], shared["distinct"], shared["bytes_after"] / 1e6, WEIGHTS_FILE,
+                    shared["bytes_before"] / 1e6)
         t = time.perf_counter()
         if options.progress:
             print(f"  checking every graph against torch on {len(images)} images ...", end="", flush=True)
@@ -350,6 +360,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
             seconds["int8"] = round(time.perf_counter() - t, 3)
         manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted)
         manifest["guard"]["calibration_enlargement"] = round(enlargement, 4)
+        manifest["onnx"]["weights"] = {"file": WEIGHTS_FILE, **shared}
         write_manifest(staging, manifest)
         if out.exists():
             shutil.rmtree(out)

@@ -135,16 +135,24 @@ def _format_needed(manifest: dict) -> int:
     return 2 if manifest["model"]["preprocessing"].get("crop_pct") is not None else 1
 
 
+def graph_file_names(graph: dict) -> list[str]:
+    """Every file a graph entry runs from: its graph files, an IR's weights (`.bin`), and the ONNX graphs'
+    shared weights file (`onnx_external_data`, which the ONNX files name and ONNX Runtime reads beside them)."""
+    names = []
+    for name in graph.get("files", {}).values():
+        names += [name, name[:-4] + ".bin"] if name.endswith(".xml") else [name]
+    if graph.get("onnx_external_data"):
+        names.append(graph["onnx_external_data"])
+    return names
+
+
 def write_manifest(root: Path, manifest: dict) -> Path:
     """Hash every listed file and write `manifest.json` (the last file written to a bundle)."""
     files = {}
     for graph in manifest["graphs"].values():
-        for name in graph.get("files", {}).values():
-            paths = [root / name]
-            if name.endswith(".xml"):
-                paths.append(root / (name[:-4] + ".bin"))
-            for p in paths:
-                files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for name in graph_file_names(graph):
+            p = root / name
+            files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     for extra in manifest.get("extra_files", []):
         p = root / extra
         files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -196,6 +204,9 @@ def _check_structure(manifest: dict, path: Path) -> None:
                "an object with a files object and an outputs list", entry)
         for name in entry.get("files", {}).values():
             expect(_plain_file_name(name), f"graphs.{graph}.files", "file names inside the bundle folder", name)
+        if "onnx_external_data" in entry:
+            expect(_plain_file_name(entry["onnx_external_data"]), f"graphs.{graph}.onnx_external_data",
+                   "a file name inside the bundle folder", entry["onnx_external_data"])
     for name, entry in manifest["files"].items():
         expect(_plain_file_name(name), "files", "file names inside the bundle folder", name)
         expect(isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _whole(entry.get("bytes"), 0),
@@ -283,11 +294,10 @@ def load_bundle(root: str | Path, expected_sha256: str | None = None) -> Bundle:
             raise BundleError(f"{str(path)!r} says has_dfr {has_dfr}, but its {graph} graph "
                               f"{'lacks' if has_dfr else 'has'} a DFR output: the manifest was edited; re-export the bundle")
     for graph in manifest["graphs"].values():
-        for name in graph.get("files", {}).values():
-            for listed in (name, name[:-4] + ".bin") if name.endswith(".xml") else (name,):
-                if listed not in manifest["files"]:
-                    raise BundleError(f"{str(path)!r} lists no hash for its graph file {listed!r}, so it cannot be "
-                                      "verified; re-export the bundle")
+        for listed in graph_file_names(graph):
+            if listed not in manifest["files"]:
+                raise BundleError(f"{str(path)!r} lists no hash for its graph file {listed!r}, so it cannot be "
+                                  "verified; re-export the bundle")
     for name, entry in manifest["files"].items():
         file = root / name
         if not file.is_file():
