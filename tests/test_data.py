@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -103,6 +105,19 @@ def test_seed_layout_round_trip(tmp_path):
         image.unlink()
     cells = load_images(tmp_path / "test")
     assert len(cells) == 8 - int(((data["test"].groups == 1) & (data["test"].labels == 1)).sum())
+    # So may a whole group: a split without artefacts has no `_w_patches` folder, or an empty one.
+    shutil.rmtree(tmp_path / "test_w_patches")
+    clean = load_images(tmp_path / "test")
+    assert len(clean) == int((data["test"].groups == 0).sum()) and not clean.groups.any()
+    (tmp_path / "test_w_patches").mkdir()
+    assert len(load_images(tmp_path / "test")) == len(clean)
+    shutil.rmtree(tmp_path / "test_wo_patches")  # every image with the artefact: found by the other folder
+    (tmp_path / "test_w_patches" / "benign").mkdir()
+    shutil.copy(next((tmp_path / "val_w_patches").rglob("*.png")), tmp_path / "test_w_patches" / "benign")
+    assert load_images(tmp_path / "test").groups.tolist() == [1]
+    shutil.rmtree(tmp_path / "test_w_patches")
+    with pytest.raises(InputError, match="expected an image folder at"):
+        load_images(tmp_path / "test")
 
 
 def test_class_order_follows_the_model_when_given(tmp_path):

@@ -24,6 +24,10 @@ def assert_shortcut_found_and_ablated(metrics: dict) -> None:
     assert metrics["patch_precision"] >= 0.6
     assert metrics["patch_recall"] >= 0.8
     assert metrics["wga_ablated"] > metrics["wga_original"]
+    # The run says so on validation alone, and the test set confirms it.
+    assert metrics["shortcut_verdict"]["verdict"] == "found" and metrics["shortcut_verdict"]["p_helps"] < 1e-6
+    assert metrics["shortcut_verdict_test"]["verdict"] == "found"
+    assert metrics["shortcut_verdict_test"]["test_worst_group_change"] == "gain"
 
 
 def test_demo_shortcut_is_found_flagged_and_mitigated(demo_result):
@@ -433,8 +437,9 @@ def test_a_run_keeps_the_preprocessing_it_was_fitted_with(tmp_path):
     assert reloaded.adapter.preprocessing == adapter.preprocessing
     assert result.config.dilation_radius == reloaded.config.dilation_radius == 0  # 4 x 4 grid: the radius it used
     # The run says what it fed the model, so a wrong crop or normalisation shows before the results do.
-    assert result.summary().startswith("model: tiny ViT, input 32x32 (crop 0.8 (center), bicubic, mean (0.2, 0.3, "
-                                       "0.4), std (0.9, 0.8, 0.7)), 4x4 patches, flags grown by 0")
+    assert result.summary().splitlines()[1].startswith(  # beneath the verdict
+        "model: tiny ViT, input 32x32 (crop 0.8 (center), bicubic, mean (0.2, 0.3, 0.4), std (0.9, 0.8, 0.7)), 4x4 "
+        "patches, flags grown by 0")
     logits = result.predict(data, progress=False).logits
     np.testing.assert_allclose(reloaded.predict(data, progress=False).logits, logits, atol=1e-5)
     # The family's default feeds the model other numbers, so the reload must not fall back to it,
@@ -555,19 +560,20 @@ def test_ablation_that_removes_the_object_is_reported(caplog):
     data = ImageDataset.from_arrays(np.zeros((20, 8, 8, 3), np.uint8), labels, class_names=("a", "b"))
     right = np.eye(2)[labels] * 3.0
     # Ablation that keeps the features: no warning.
-    checked = _ablation_check(result, data, right, right)
+    checked, _ = _ablation_check(result, data, right, right)
     assert checked["val_balanced_accuracy_ablated"] == 1.0 and checked["warnings"] == []
     # Ablation after which every image looks like class "a": half the balanced accuracy is lost.
     collapsed = np.tile([1.0, 0.0], (20, 1))
     with caplog.at_level("WARNING"):
-        checked = _ablation_check(result, data, right, collapsed)
+        checked, ablated = _ablation_check(result, data, right, collapsed)
+    np.testing.assert_array_equal(ablated, np.zeros(20))  # the ablated predictions, for the verdict
     assert checked["val_balanced_accuracy_ablated"] == 0.5
     assert "lowers balanced validation accuracy from 1.000 to 0.500, chance level (0.500)" in checked["warnings"][0]
     assert "or the model learned little besides the artefact (likely when" in caplog.text
     # Above chance, neither cause is favoured.
     half = right.copy()
     half[:6] = [1.0, 0.0]
-    checked = _ablation_check(result, data, right, half)
+    checked, _ = _ablation_check(result, data, right, half)
     assert "chance" not in checked["warnings"][0] and "flags parts of the object, or" in checked["warnings"][0]
 
 

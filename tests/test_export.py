@@ -283,7 +283,8 @@ def _fitted_and_exported(model, images, labels, config, out):
 
     names = [f"class {c}" for c in range(int(labels.max()) + 1)]
     result = ShortcutDetector(config).fit(model, (images, labels), class_names=names)
-    bundle = export_bundle(result, out, ExportOptions(progress=False, calibration_size=len(images)),
+    # A random model learned no shortcut, and its run says so: exported anyway, as the mechanics are tested.
+    bundle = export_bundle(result, out, ExportOptions(progress=False, calibration_size=len(images), ignore_verdict=True),
                            calibration=(images, labels))
     parity = bundle.manifest["parity"]
     assert parity["passed"] and set(parity["backends"]) == {"onnxruntime", "openvino"}

@@ -9,6 +9,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from edgeshort.detect.verdict import current_verdict, verdict_line
+
 PREDICT_SAMPLE = 16  # test images written to disk and run through `edgeshort predict`
 
 
@@ -120,6 +122,7 @@ def run(args) -> int:
         print(f"\n  shortcut cluster purity (artefact share): {metrics['shortcut_cluster_group_purity']:.3f}")
         print(f"  flagged patches vs true artefact patches: precision {metrics['patch_precision']:.3f}, "
               f"recall {metrics['patch_recall']:.3f}")
+        print(f"  {verdict_line(current_verdict(metrics))}")
         print(f"  run folder: {out / 'run'}")
 
     with _Stage("spray: SpRAy, a second detector, on GradCAM heatmaps of the validation images"):

@@ -18,6 +18,7 @@ from edgeshort.detect.config import (
     SETTING_NOTES,
     DetectorConfig,
 )
+from edgeshort.detect.verdict import TEST_VERDICT, verdict_line
 from edgeshort.errors import InputError
 from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 
@@ -197,3 +198,5 @@ def _print_headline(metrics: dict) -> None:
     shown = [f"{k}={metrics[k]:.3f}" for k in keys if metrics.get(k) is not None]
     if shown:
         print("  ".join(shown))
+    if metrics.get(TEST_VERDICT):  # the fit's verdict led the summary; the test set's may differ
+        print(verdict_line(metrics[TEST_VERDICT]))

@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--columns", help=COLUMNS_HELP)
     parser.add_argument("--no-dfr", action="store_true",
                         help="leave the run's DFR head out: the final label is the ablated prediction")
+    parser.add_argument("--ignore-verdict", action="store_true",
+                        help="export even when the run's verdict is that no shortcut is found or the model does not "
+                             "rely on what the guard masks (the bundle then carries the verdict as a warning)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -45,7 +48,7 @@ def run(args) -> int:
     options = ExportOptions(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), weights=args.weights,
         int8=args.int8, tolerance=args.tolerance, progress=not args.quiet, dfr=not args.no_dfr, graphs=args.graphs,
-        **int8_options,
+        ignore_verdict=args.ignore_verdict, **int8_options,
     )
     if not args.data:
         refuse_without([flag for flag, value in (("--image-root", args.image_root), ("--columns", args.columns)) if value],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgeshort.commands import refuse_without
 from edgeshort.commands.detect import CLASS_MAP_HELP, COLUMNS_HELP, IMAGE_ROOT_HELP
+from edgeshort.detect.verdict import current_verdict, verdict_line
 
 
 def add_arguments(parser) -> None:
@@ -45,7 +46,9 @@ def run(args) -> int:
         columns = parse_columns(args.columns) if args.columns else None
         test = load_images(args.eval_data, result.class_names, class_map, args.image_root, columns)
         result.config = replace(result.config, progress=not args.quiet)
-        result.evaluate(test, print_table=True)  # the results, which --quiet (no progress bars) keeps
+        metrics = result.evaluate(test, print_table=True)  # the results, which --quiet (no progress bars) keeps
+        if current_verdict(metrics):
+            print(verdict_line(current_verdict(metrics)))
     out = write_report(Path(args.run), args.out, test_dataset=test, embed=args.embed)
     print(f"report: {out}")
     return 0

@@ -253,18 +253,26 @@ def load_seed_layout(root: str | Path, split: str, class_names: Sequence[str] | 
     Classes are in sorted order unless `class_names` gives the model's order.
     """
     root = Path(root).resolve()  # the recorded source must reload from any working directory
-    without, with_ = root / f"{split}_wo_patches", root / f"{split}_w_patches"
+    without, with_ = seed_layout_folders(root, split)
+    # A (class, artefact) cell may hold no images, e.g. no patched malignant lesion, as in ISIC; so may a
+    # whole group (a split without artefacts): its folder may then be missing or empty.
+    present = [(folder, group) for group, folder in enumerate((without, with_))
+               if folder.is_dir() and any(folder.iterdir())]
     names = list(class_names) if class_names is not None else sorted(
-        {p.name for folder in (without, with_) for p in _class_folders(folder)}
+        {p.name for folder, _ in present for p in _class_folders(folder)}
     )
-    # A (class, artefact) cell may hold no images, e.g. no patched malignant lesion, as in ISIC.
-    merged = concat([ImageFolder(without, names, group=0, allow_empty=True),
-                     ImageFolder(with_, names, group=1, allow_empty=True)], name=split)
-    if not len(merged):
+    groups = [ImageFolder(folder, names, group=group, allow_empty=True) for folder, group in present]
+    merged = concat(groups, name=split) if groups else None
+    if merged is None or not len(merged):
         raise InputError(f"found no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(without)!r} or "
                          f"{str(with_)!r}; check the split name and the folders")
     merged.source = f"seed:{split}:{root}"
     return merged
+
+
+def seed_layout_folders(root: Path, split: str) -> tuple[Path, Path]:
+    """The seed layout's folders of `split`: its images without the artefact (group 0) and with it (group 1)."""
+    return root / f"{split}_wo_patches", root / f"{split}_w_patches"
 
 
 def write_seed_layout(datasets: dict[str, ImageDataset], root: str | Path) -> Path:
@@ -334,7 +342,7 @@ def _read_images(path, class_names, class_map, image_root, columns) -> ImageData
 
         return load_manifest(path, class_names, image_root=image_root, columns=columns)
     _csv_options_only(path, image_root, columns)
-    if not path.exists() and (path.parent / f"{path.name}_wo_patches").is_dir():
+    if not path.exists() and any(p.is_dir() for p in seed_layout_folders(path.parent, path.name)):
         return load_seed_layout(path.parent, path.name, class_names)
     return ImageFolder(path, class_names)
 

@@ -15,7 +15,7 @@ import numpy as np
 from edgeshort._progress import progress_bar, stage
 from edgeshort.data import ImageDataset, as_dataset, as_images, input_digests
 from edgeshort.data.dataset import in_model_class_order
-from edgeshort.detect.config import CLASS_FOLLOWING_NMI, DetectorConfig
+from edgeshort.detect.config import ABLATION_HARM_TOLERANCE, CLASS_FOLLOWING_NMI, DetectorConfig
 from edgeshort.detect.dfr import LinearHead, dfr_fit_warnings, fit_dfr_adam, fit_dfr_logreg
 from edgeshort.detect.extract import Features, extract, weights_fingerprint
 from edgeshort.detect.keymaps import (
@@ -33,12 +33,22 @@ from edgeshort.detect.keymaps import (
     saliency_distance_maps,
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
+from edgeshort.detect.verdict import (
+    FOUND,
+    TEST_VERDICT,
+    VERDICT,
+    confirm_on_test,
+    current_verdict,
+    fit_verdict,
+    verdict_line,
+)
 from edgeshort.errors import InputError
 from edgeshort.evaluation import (
     ARTEFACT_GROUP_NAMES,
     FLAG_GROUP_NAMES,
     MIN_CELL_FOR_VERDICT,
     bootstrap_intervals,
+    change_verdict,
     dfr_loss_warning,
     format_table,
     group_accuracy,
@@ -57,7 +67,7 @@ MOST_FLAGGED_IMAGES = 0.9
 # earlier test set lingers; those here are null until measured (no test set, group labels or masks).
 NULLABLE_TEST_METRICS = (
     "patch_precision", "patch_recall", *(f"{m}_{kind}" for kind in PREDICTION_KINDS for m in ("aga", "wga")),
-    "dfr_warning", "guard_warning",
+    "dfr_warning", "guard_warning", TEST_VERDICT,
 )
 # A test set's own warnings (e.g. predictions at chance, far more images flagged than in validation).
 TEST_WARNINGS = "test_warnings"
@@ -262,6 +272,9 @@ class DetectionResult:
                 metrics[f"wga_{kind}"] = tables[kind]["worst"] if kind in tables else None
             metrics["group_accuracy_intervals"] = intervals
             metrics["results_table"] = format_table(tables, intervals)
+            step = next(c for c in intervals["changes"] if (c["from"], c["to"]) == ("original", "ablated"))
+            if self.metrics.get(VERDICT):  # a run saved before verdicts existed has none to confirm
+                metrics[TEST_VERDICT] = confirm_on_test(self.metrics[VERDICT], change_verdict(step, tables))
         metrics["guard_warning"] = guard_loss_warning(tables, intervals, by_flag)
         if "dfr" in tables:
             metrics["dfr_warning"] = dfr_loss_warning(tables, intervals, by_flag)
@@ -361,6 +374,8 @@ class DetectionResult:
                  f"mean {tuple(round(m, 3) for m in prep.mean)}, std {tuple(round(v, 3) for v in prep.std)}), "
                  f"{self.grid[0]}x{self.grid[1]} patches, flags grown by {self.config.dilation_radius}",
                  f"shortcut cluster: {self.shortcut_cluster} (margin {self.metrics.get('score_margin', 0):.3f})"]
+        if current_verdict(self.metrics):
+            lines.insert(0, verdict_line(current_verdict(self.metrics)))
         for s in self.scores:
             lines.append(
                 f"  cluster {s.cluster}: size {s.size}, homogeneity {s.homogeneity:.3f}, "
@@ -507,7 +522,9 @@ class ShortcutDetector:
 
         t = time.perf_counter()
         features = _masked_head_features(result, dataset, feats.head_features, feats.keys)
-        accuracy = _ablation_check(result, dataset, feats.logits, features)
+        accuracy, ablated = _ablation_check(result, dataset, feats.logits, features)
+        verdict = fit_verdict(shortcut, None if chosen is None else chosen.candidates, count, cfg.positive_quantile,
+                              feats.logits.argmax(1), ablated, dataset.labels)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
                                 + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t
@@ -533,6 +550,7 @@ class ShortcutDetector:
         members = clustering.assignments == shortcut
         result.metrics = {
             "shortcut_cluster": int(shortcut),
+            VERDICT: verdict,
             "cluster_scores": [s.to_dict() for s in scores],
             "score_margin": float(ranked[0].score - ranked[1].score),
             "cluster_class_nmi": class_following["nmi"],
@@ -562,6 +580,7 @@ class ShortcutDetector:
             result.metrics["seconds"]["pictures"] = round(time.perf_counter() - t, 3)
             result._write_metrics(run_dir, result.metrics)
         logger.info("shortcut cluster %d; scores %s", shortcut, [round(s.score, 4) for s in scores])
+        (logger.info if verdict["verdict"] == FOUND else logger.warning)("%s", verdict["summary"])
         return result
 
 
@@ -573,19 +592,16 @@ def key_heatmaps(keys: np.ndarray, assignments: np.ndarray, cluster: int, select
     return nearest_clean_distance_maps(keys[selected], keys[assignments != cluster], cfg.knn_k, cfg.seed)
 
 
-# Ablation that costs more than this much balanced validation accuracy removes the object, not
-# an artefact: on a real shortcut it gains accuracy, as the artefact-bearing minority recovers.
-ABLATION_HARM_TOLERANCE = 0.05
-
-
-def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.ndarray, masked: np.ndarray) -> dict:
-    """Balanced validation accuracy before and after ablation, and a warning when ablation hurts."""
+def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.ndarray,
+                    masked: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Balanced validation accuracy before and after ablation, and a warning when ablation hurts; and the
+    ablated predictions (class indices)."""
     head = result.adapter.head_linear()
-    ablated = masked @ head.weight.detach().numpy().T + head.bias.detach().numpy()
+    ablated = (masked @ head.weight.detach().numpy().T + head.bias.detach().numpy()).argmax(1)
     everyone = np.zeros(len(dataset), np.int64)
     before, after = (
-        group_accuracy(z.argmax(1), dataset.labels, everyone, dataset.class_names, ("all",))["average"]
-        for z in (logits, ablated)
+        group_accuracy(predicted, dataset.labels, everyone, dataset.class_names, ("all",))["average"]
+        for predicted in (logits.argmax(1), ablated)
     )
     warnings = []
     if after < before - ABLATION_HARM_TOLERANCE:
@@ -601,7 +617,8 @@ def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.n
             "alone mean the model needs retraining without it (DFR only reweights features the model already has)"
         )
         logger.warning("%s", warnings[-1])
-    return {"val_balanced_accuracy_original": before, "val_balanced_accuracy_ablated": after, "warnings": warnings}
+    return {"val_balanced_accuracy_original": before, "val_balanced_accuracy_ablated": after,
+            "warnings": warnings}, ablated
 
 
 def _positive_check(chosen, count: int, cfg: DetectorConfig) -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 from edgeshort._optional import require
 from edgeshort._spacing import evenly_spaced
 from edgeshort._version import __version__, package_versions
+from edgeshort.detect.verdict import DO_NOT_GUARD, FOUND, current_verdict
 from edgeshort.errors import BundleError, InputError, ParityError
 from edgeshort.export.graphs import graph_specs
 from edgeshort.export.onnx_weights import WEIGHTS_FILE, share_onnx_weights
@@ -54,7 +55,8 @@ class ExportOptions:
     calibrated on `int8_calibration_size` images and checked against f32 on others;
     tolerance: the largest |logit difference| from torch accepted; calibration_size: images in the
     parity check; skl2onnx_check: cross-check the KNN graph against skl2onnx's; progress: show
-    progress; dfr: ship the run's DFR head; graphs: "all", "fused" or "split" (see GRAPH_SETS).
+    progress; dfr: ship the run's DFR head; graphs: "all", "fused" or "split" (see GRAPH_SETS);
+    ignore_verdict: export a run whose verdict is that there is no shortcut to guard (DO_NOT_GUARD).
     """
 
     formats: tuple[str, ...] = FORMATS
@@ -70,6 +72,8 @@ class ExportOptions:
     # Which graphs to ship (GRAPH_SETS): each graph holding the encoder carries its weights, so "fused"
     # or "split" make a smaller bundle that runs one path only.
     graphs: str = "all"
+    # A run whose verdict says the guard masks nothing the model relies on is refused unless this is set.
+    ignore_verdict: bool = False
 
     def __post_init__(self) -> None:
         if self.graphs not in GRAPH_SETS:
@@ -282,6 +286,13 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
     require_export_extras(options)
     result = run if isinstance(run, DetectionResult) else ShortcutDetector.load(run)
     result.check_weights()  # a bundle of new weights with an old guard would pass its own parity check
+    verdict = current_verdict(result.metrics)
+    if verdict and verdict["verdict"] in DO_NOT_GUARD and not options.ignore_verdict:
+        raise InputError(
+            f"the run's verdict: {verdict['summary']}. A bundle of this guard would change predictions for nothing, "
+            "so none is written; to export it anyway (e.g. to look at its flags on the edge), pass --ignore-verdict "
+            "(ExportOptions(ignore_verdict=True))"
+        )
     dfr_omitted = not options.dfr and result.dfr_head is not None
     if dfr_omitted:
         result = replace(result, dfr_head=None)
@@ -401,6 +412,7 @@ def _dfr_fit_warnings(metrics: dict) -> list[str]:
 
 def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted) -> dict:
     cfg = result.config
+    verdict = current_verdict(result.metrics)
     dfr_warning = result.metrics.get("dfr_warning")
     ov_version = _versions()["openvino"]
     return {
@@ -419,7 +431,9 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
             "warnings": [w for w in result.metrics.get("warnings") or []
                          if result.dfr_head is not None or w not in _dfr_fit_warnings(result.metrics)]
             + ([dfr_warning] if dfr_warning and result.dfr_head is not None else [])
-            + ([result.metrics["guard_warning"]] if result.metrics.get("guard_warning") else []),
+            + ([result.metrics["guard_warning"]] if result.metrics.get("guard_warning") else [])
+            + ([verdict["summary"]] if verdict and verdict["verdict"] != FOUND else []),
+            "verdict": verdict,
         },
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
         "openvino": ({"version": ov_version, "weights": options.weights, "int8": int8}

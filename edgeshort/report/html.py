@@ -28,8 +28,14 @@ import numpy as np
 from PIL import Image
 
 from edgeshort._spacing import evenly_spaced
-from edgeshort.detect.config import CLASS_FOLLOWING_NMI, SETTING_NOTES, SETTINGS_OF_EARLIER_RUNS
+from edgeshort.detect.config import (
+    ABLATION_HARM_TOLERANCE,
+    CLASS_FOLLOWING_NMI,
+    SETTING_NOTES,
+    SETTINGS_OF_EARLIER_RUNS,
+)
 from edgeshort.detect.keymaps import describe_positives
+from edgeshort.detect.verdict import FOUND, current_verdict
 from edgeshort.errors import InputError
 from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, change_verdict, describe_change
 from edgeshort.report.draw import (
@@ -479,11 +485,18 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
         top = next(s for s in scores if s["cluster"] == shortcut)
         runner = next((s for s in scores if s["cluster"] != shortcut), None)
         margin = m.get("score_margin", top["score"] - runner["score"] if runner else None)
-        headline = (
+        cluster_line = (
             f"Shortcut cluster: {shortcut} &mdash; {top['size']} validation images, "
             f"{_pct(top['homogeneity'])} {_e(run.class_name(top['majority_class']))}"
         )
-        points = [
+        verdict = current_verdict(m)
+        # The verdict leads: whether there is a shortcut to guard at all, before which cluster it is.
+        headline, points = cluster_line, []
+        if verdict is not None:
+            title, _, detail = verdict["summary"].partition(": ")
+            headline = _e(title) if verdict["verdict"] == FOUND else f'<span class="no">{_e(title)}</span>'
+            points = [_e(detail[0].upper() + detail[1:]) + ".", cluster_line + "."]
+        points += [
             f"Cluster score {_num(top['score'], 4)}, a margin of <strong>{_num(margin, 4)}</strong> over "
             + (f"cluster {runner['cluster']} ({_num(runner['score'], 4)})." if runner else "the other clusters.")
         ]
@@ -542,10 +555,13 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append(f"The DFR head re-scores every image, flagged or not: it changed the label of {counts[0]:,} "
                           f"of the {counts[1]:,} test images where no shortcut was found.")
         if m.get("val_balanced_accuracy_ablated") is not None:
-            gains = m["val_balanced_accuracy_ablated"] >= m["val_balanced_accuracy_original"]
-            points.append(f"Balanced validation accuracy {_num(m['val_balanced_accuracy_original'])} before ablation, "
-                          f"{_num(m['val_balanced_accuracy_ablated'])} after it"
-                          + (" (a real shortcut's ablation gains or keeps it)." if gains else " (see the warning)."))
+            before, after = m["val_balanced_accuracy_original"], m["val_balanced_accuracy_ablated"]
+            points.append(f"Balanced validation accuracy {_num(before)} before ablation, {_num(after)} after it"
+                          + (" (a real shortcut's ablation gains or keeps it)." if after >= before else
+                             " (see the warning)." if after < before - ABLATION_HARM_TOLERANCE else
+                             " (a loss: a shortcut the model relies on gains it).")
+                          + ("" if verdict is None else f" Masking fixed {verdict['fixed']:,} validation predictions "
+                             f"and broke {verdict['broken']:,}."))
         for warning in [*(m.get("warnings") or []), *(m.get("test_warnings") or []),
                         *(m[key] for key in ("guard_warning", "dfr_warning") if m.get(key))]:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
