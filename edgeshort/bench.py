@@ -23,7 +23,14 @@ import numpy as np
 
 from edgeshort.errors import InputError, MissingDependencyError
 from edgeshort.runtime.backends import BACKENDS, check_threads, open_session
-from edgeshort.runtime.bundle import FUSED_GRAPHS, INT8_GRAPHS, SPLIT_GRAPHS, Bundle, load_bundle
+from edgeshort.runtime.bundle import (
+    FUSED_GRAPHS,
+    INT8_GRAPHS,
+    SPLIT_GRAPHS,
+    Bundle,
+    format_file_names,
+    load_bundle,
+)
 from edgeshort.runtime.guard import Guard, log_run_warnings
 
 logger = logging.getLogger(__name__)
@@ -99,8 +106,7 @@ def bundle_size(bundle: Bundle) -> dict:
     by_graph, shared = {}, {}
     for graph, entry in bundle.manifest["graphs"].items():
         for fmt, name in entry["files"].items():
-            paths = [bundle.root / name] + ([bundle.root / (name[:-4] + ".bin")] if name.endswith(".xml") else [])
-            by_graph[f"{graph}.{fmt}"] = sum(p.stat().st_size for p in paths)
+            by_graph[f"{graph}.{fmt}"] = sum((bundle.root / file).stat().st_size for file in format_file_names(name))
         if entry.get("onnx_external_data"):
             shared[entry["onnx_external_data"]] = (bundle.root / entry["onnx_external_data"]).stat().st_size
     total = sum(p.stat().st_size for p in bundle.root.iterdir() if p.is_file())

@@ -167,9 +167,8 @@ def guard_loss_warning(tables: dict[str, dict], intervals: dict, by_flag: bool =
     loss = _step_loss(tables, intervals, "original", "ablated")
     return loss and (f"the guard lowers {loss[0]} accuracy on this test set ({loss[1]}"
                      f"{BY_FLAG_GROUPS if by_flag else ''}): its flags mask what the model needs, or an artefact "
-                     "the model does not rely on. Check the key heatmaps and the flag pictures: flags beyond the "
-                     "artefact need another fit; flags on the artefact alone mean there is nothing to guard. Do not "
-                     "ship this bundle as it is")
+                     "the model does not rely on. Check the key heatmaps and the flag pictures, and do not ship this "
+                     "bundle as it is")
 
 
 def format_table(results: dict[str, dict], intervals: dict | None = None) -> str:

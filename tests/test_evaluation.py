@@ -125,7 +125,7 @@ def test_guard_warning_only_when_masking_loses_beyond_noise():
     masked_object[worst_cell[:40]] = 0
     warning = warning_for(masked_object)
     assert "the guard lowers worst-group accuracy on this test set (worst group, ablated vs original: -0.200" in warning
-    assert "or an artefact the model does not rely on" in warning and warning.endswith("Do not ship this bundle as it is")
+    assert "or an artefact the model does not rely on" in warning and warning.endswith("do not ship this bundle as it is")
     slight = labels.copy()
     slight[worst_cell[:2]] = 0
     assert warning_for(slight) is None and warning_for(labels.copy()) is None

@@ -172,7 +172,7 @@ def test_a_bundles_onnx_graphs_hold_the_weights_once(demo_bundle, tmp_path):
     assert weights.stat().st_size < 1.15 * held["guarded"]
     assert sum(held.values()) > 2.5 * weights.stat().st_size
     recorded = demo_bundle.manifest["onnx"]["weights"]
-    assert recorded["file"] == "weights.onnx.data" and recorded["bytes_after"] == weights.stat().st_size
+    assert recorded["bytes_after"] == weights.stat().st_size and recorded["distinct"] < recorded["tensors"]
     assert demo_bundle.manifest["files"]["weights.onnx.data"]["bytes"] == weights.stat().st_size
 
     copy = tmp_path / "bundle"

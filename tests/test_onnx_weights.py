@@ -33,7 +33,7 @@ def test_graphs_share_one_copy_of_each_tensor_and_compute_the_same(tmp_path):
     shared = rng.standard_normal((64, 300)).astype(np.float32)  # 76.8 kB: large enough to be aligned
     bias = rng.standard_normal(300).astype(np.float32)  # 1.2 kB: moved, not aligned
     own = rng.standard_normal((300, 40)).astype(np.float32)
-    first = _linear("first", {"shared": shared, "bias": bias})
+    first = _linear("first", {"bias": bias, "shared": shared})  # written first, so `shared` must be padded to align
     onnx.save(first, str(tmp_path / "first.onnx"))  # weights inside the graph
     second = _linear("second", {"shared": shared, "bias": bias, "own": own})
     convert_model_to_external_data(second, location="second.onnx.data", size_threshold=1024)
@@ -69,3 +69,33 @@ def test_graphs_share_one_copy_of_each_tensor_and_compute_the_same(tmp_path):
         after = open_session(tmp_path / name, "onnxruntime").run({"x": x})
         for key, value in before[name].items():
             np.testing.assert_array_equal(after[key], value)
+
+
+def test_tensors_of_subgraphs_move_too(tmp_path):
+    """An If's branches hold their own initializers; torch's exporter writes them to its data file too."""
+    rng = np.random.default_rng(1)
+    weights = {side: rng.standard_normal((64, 300)).astype(np.float32) for side in ("then", "else")}
+
+    def branch(side: str):
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"w_{side}"], [f"y_{side}"])], side, [],
+            [helper.make_tensor_value_info(f"y_{side}", TensorProto.FLOAT, [1, 300])],
+            [numpy_helper.from_array(weights[side], f"w_{side}")])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))], "if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 300])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    convert_model_to_external_data(model, location="if.onnx.data", size_threshold=1024, convert_attribute=True)
+    onnx.save(model, str(tmp_path / "if.onnx"))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    feeds = [{"x": x, "cond": np.array(flag)} for flag in (True, False)]
+    before = [open_session(tmp_path / "if.onnx", "onnxruntime").run(feed)["y"] for feed in feeds]
+
+    assert share_onnx_weights(tmp_path, ["if.onnx"])["distinct"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["if.onnx", WEIGHTS_FILE]
+    after = [open_session(tmp_path / "if.onnx", "onnxruntime").run(feed)["y"] for feed in feeds]
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(new, old)

@@ -21,8 +21,9 @@ def add_arguments(parser) -> None:
                              "graphs")
     parser.add_argument("--graphs", default="all", choices=("all", "fused", "split"),
                         help="graphs to ship: all (default), fused (guarded + plain) or split (embed + guard + "
-                             "encoder_head); each graph with the encoder carries its weights, so fused is 2/3 and "
-                             "split 1/3 of the size of all")
+                             "encoder_head); the ONNX graphs share one weights file but each OpenVINO IR holds its "
+                             "own, so with OpenVINO fused is about 3/4 and split 1/2 of the size of all (ONNX alone: "
+                             "all three about the same)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| vs torch (default 1e-4)")
     parser.add_argument("--data", help="calibration images, labels not needed: a folder of images, an ImageFolder tree "
                                        "or a CSV listing (default: the run's validation images)")

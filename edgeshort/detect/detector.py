@@ -273,7 +273,9 @@ class DetectionResult:
             metrics["group_accuracy_intervals"] = intervals
             metrics["results_table"] = format_table(tables, intervals)
             step = next(c for c in intervals["changes"] if (c["from"], c["to"]) == ("original", "ablated"))
-            if self.metrics.get(VERDICT):  # a run saved before verdicts existed has none to confirm
+            # Both artefact groups, or its worst group says nothing about the artefact; and a run saved before
+            # verdicts existed has none to settle.
+            if self.metrics.get(VERDICT) and len(np.unique(test.groups)) == 2:
                 metrics[TEST_VERDICT] = confirm_on_test(self.metrics[VERDICT], change_verdict(step, tables))
         metrics["guard_warning"] = guard_loss_warning(tables, intervals, by_flag)
         if "dfr" in tables:
@@ -490,7 +492,7 @@ class ShortcutDetector:
         if cfg.positives == "calibrated":
             chosen = calibrated_positives(feats.keys, clustering.assignments, shortcut, count, cfg.positive_quantile,
                                           cfg.knn_k, cfg.seed)
-        positive_warnings = _positive_check(chosen, count, cfg)
+        positive_warnings = _positive_check(chosen, cfg)
         x, y = knn_training_keys(
             feats.keys, selected, raw_maps, shortcut, count, cfg.knn_negative_count(adapter.num_patches),
             cfg.negatives, positives=None if chosen is None else chosen.keys,
@@ -523,8 +525,9 @@ class ShortcutDetector:
         t = time.perf_counter()
         features = _masked_head_features(result, dataset, feats.head_features, feats.keys)
         accuracy, ablated = _ablation_check(result, dataset, feats.logits, features)
-        verdict = fit_verdict(shortcut, None if chosen is None else chosen.candidates, count, cfg.positive_quantile,
-                              feats.logits.argmax(1), ablated, dataset.labels)
+        verdict = fit_verdict(shortcut, None if chosen is None else chosen.candidates,
+                              int((clustering.assignments == shortcut).sum()) * adapter.num_patches, count,
+                              cfg.positive_quantile, feats.logits.argmax(1), ablated, dataset.labels)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
                                 + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t
@@ -621,19 +624,13 @@ def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.n
             "warnings": warnings}, ablated
 
 
-def _positive_check(chosen, count: int, cfg: DetectorConfig) -> list[str]:
-    """Warnings when calibrated positives could not be drawn as asked."""
+def _positive_check(chosen, cfg: DetectorConfig) -> list[str]:
+    """A warning when calibrated positives could not be drawn. (Too few candidates is the verdict's `none`.)"""
     warnings = []
     if cfg.positives == "calibrated" and chosen is None:
         warnings.append(
             "fewer than two validation images lie outside the shortcut cluster, too few to calibrate the KNN "
             "positives against; the hottest tokens were taken (the seed's rule). Use more validation images"
-        )
-    elif chosen is not None and chosen.candidates < count:
-        warnings.append(
-            f"only {chosen.candidates} tokens of the shortcut cluster are hotter than {cfg.positive_quantile:.1%} of "
-            f"clean tokens, fewer than the {count} KNN positives, so the hottest fill the rest: the cluster may hold "
-            "no artefact the model sees. Check its key heatmaps"
         )
     for warning in warnings:
         logger.warning("%s", warning)

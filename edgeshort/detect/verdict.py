@@ -1,37 +1,47 @@
-"""Whether a run found a shortcut worth guarding: the verdict a fit gives, and a test set may confirm.
+"""Whether a run found a shortcut worth guarding: the verdict a fit gives, and a test set may settle.
 
 The detector always ranks the clusters and trains a guard on the best one, shortcut or not. Two
 checks on the validation images (no artefact labels needed) say whether that guard acts on
 something the model relies on:
 
-- *distinct*: the shortcut cluster holds at least as many tokens hotter than nearly every clean
-  token (`positive_quantile`) as the KNN takes positives. A learned artefact's cluster holds far
-  more: on the demo recipe, three training seeds each, 2,374 to 3,836 tokens with a learned
-  shortcut, 9 to 55 for models trained with the artefact absent or unrelated to the label.
+- *distinct*: the shortcut cluster holds far more tokens hotter than nearly every clean token
+  (`positive_quantile`) than chance puts there (1 - quantile of its tokens), and at least as many
+  as the KNN takes positives. On the demo recipe, three training seeds each: 112 to 156 times
+  chance with a learned shortcut (94 where the artefact never disagrees with the label in the
+  validation images); 0.2 to 1.9 times for models trained with the artefact absent or unrelated to
+  the label.
 - *helps*: masking the flagged tokens fixes more validation predictions than it breaks, beyond
   chance (exact sign test on the predictions it changes, McNemar's exact test). Those models: 49,
   61 and 69 fixed against 5, 18 and 7 broken with the shortcut; 0 to 18 fixed against 9 to 184
   broken without.
 
-Validation images where the artefact and the label never disagree give the guard nothing to fix, so
-a real shortcut can leave the second check undecided; a test set with artefact labels decides it.
+Where the artefact never disagrees with the label in the validation images, masking a shortcut the
+model relies on has nothing to fix there and can only break, so a loss on validation does not show
+that the model ignores the artefact: it leaves the verdict unconfirmed. A test set with both
+artefact groups settles it by its worst-group change: a real gain is a shortcut found, a real loss
+a harmful guard.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# The verdicts, from the fit (validation alone) or confirmed by a test set with artefact labels.
+# The verdicts.
 FOUND = "found"
 UNCONFIRMED = "unconfirmed"
-NOT_RELIED_ON = "not_relied_on"
 NONE_FOUND = "none"
-# Verdicts under which the guard masks nothing the model relies on: export refuses them unless told.
-DO_NOT_GUARD = (NONE_FOUND, NOT_RELIED_ON)
-# Below this, the sign test's side decides the verdict (the run's other tests use the same level).
+HARMFUL = "harmful"  # masking lowers a labelled test set's worst group beyond noise
+# Verdicts under which a bundle's guard would act on no shortcut found, or harm: export refuses them unless told.
+DO_NOT_GUARD = (NONE_FOUND, HARMFUL)
+# Below this, the sign test's side decides (the run's other tests use the same level).
 VERDICT_P_VALUE = 0.01
+# A cluster's tokens stand apart when at least this many times as many pass the clean tokens' quantile as
+# chance puts there (measured above: 94 to 156 with a learned shortcut, at most 1.9 without).
+DISTINCT_OVER_CHANCE = 10
 VERDICT = "shortcut_verdict"
 TEST_VERDICT = "shortcut_verdict_test"
+CONFIRM_ADVICE = ("Settle it on a test set with artefact labels (edgeshort detect --eval TEST with --eval-columns "
+                  "group=COLUMN, or result.evaluate) before shipping the guard")
 
 
 def _sign_test(fixed: int, broken: int) -> tuple[float, float]:
@@ -45,62 +55,87 @@ def _sign_test(fixed: int, broken: int) -> tuple[float, float]:
             float(binomtest(broken, changed, 0.5, alternative="greater").pvalue))
 
 
-def fit_verdict(cluster: int, candidates: int | None, positives: int, quantile: float, original: np.ndarray,
-                ablated: np.ndarray, labels: np.ndarray) -> dict:
-    """The verdict of a fit: `candidates` (None when positives are not calibrated) against the `positives`
-    the KNN takes, and the validation predictions `original` and `ablated` (class indices) against `labels`."""
+def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: int, quantile: float,
+                original: np.ndarray, ablated: np.ndarray, labels: np.ndarray) -> dict:
+    """The verdict of a fit. `candidates`: the shortcut cluster's tokens hotter than `quantile` of clean
+    tokens, of its `tokens` (None when positives are not calibrated, `positives="hottest"`: then only the
+    second check runs); `positives`: how many the KNN takes; `original`, `ablated`: validation predictions
+    (class indices) before and after masking, against `labels`."""
     fixed = int(((original != labels) & (ablated == labels)).sum())
     broken = int(((original == labels) & (ablated != labels)).sum())
     p_helps, p_harms = _sign_test(fixed, broken)
-    distinct = None if candidates is None else candidates >= positives
-    apart = ("" if candidates is None else
-             f" ({candidates:,} of its tokens are hotter than {quantile:.1%} of clean tokens; the KNN takes {positives:,})")
+    chance = (1 - quantile) * tokens
+    over_chance = None if candidates is None else candidates / max(chance, 1e-9)
+    distinct = None if candidates is None else candidates >= max(positives, DISTINCT_OVER_CHANCE * chance)
     changes = f"masking them fixed {fixed} validation predictions and broke {broken}"
-    if distinct is False:
-        verdict = NONE_FOUND
-        summary = (f"No shortcut found: no cluster's tokens stand apart from clean ones. The best-scored, cluster "
-                   f"{cluster}, has {candidates:,} tokens hotter than {quantile:.1%} of clean tokens, where the KNN "
-                   f"takes {positives:,}, so the guard would mask parts of ordinary images ({changes}). Nothing to "
-                   "guard: ship the plain model. An artefact the validation images do not show cannot be found here")
-    elif p_helps <= VERDICT_P_VALUE:
-        verdict = FOUND
-        summary = (f"Shortcut found: cluster {cluster}'s tokens stand apart from clean ones{apart}, and {changes} "
-                   f"(sign test p = {p_helps:.2g})")
-    elif p_harms <= VERDICT_P_VALUE:
-        verdict = NOT_RELIED_ON
-        summary = (f"No shortcut the model relies on: cluster {cluster}'s tokens stand apart from clean ones{apart}, "
-                   f"but {changes} (sign test p = {p_harms:.2g} that it harms): the model does not lean on what the "
-                   "guard masks. Ship the plain model")
+    if candidates is None:
+        apart = f"cluster {cluster}'s tokens (not measured against clean ones: positives='hottest')"
     else:
-        verdict = UNCONFIRMED
-        summary = (f"Shortcut not confirmed: cluster {cluster}'s tokens stand apart from clean ones{apart}, but "
-                   f"{changes}, no difference beyond chance; the validation images may hold few where the artefact "
-                   "and the label disagree. Confirm it on a test set with artefact labels (edgeshort detect --eval "
-                   "TEST with --eval-columns group=COLUMN, or result.evaluate) before shipping the guard")
-    return {"verdict": verdict, "summary": summary, "distinct_tokens": candidates, "knn_positives": positives,
+        apart = (f"cluster {cluster}'s tokens: {candidates:,} of its {tokens:,} are hotter than {quantile:.1%} of "
+                 f"clean tokens, {over_chance:.1f} times what chance puts there")
+    advice = ""
+    if distinct is False:
+        verdict, title = NONE_FOUND, "No shortcut found"
+        finding = (f"no cluster's tokens stand apart from clean ones (the best-scored, {apart}; a shortcut's stand "
+                   f"{DISTINCT_OVER_CHANCE} times and at least the KNN's {positives:,} positives), so the guard "
+                   f"would mask parts of ordinary images ({changes})")
+        advice = "Nothing to guard: ship the plain model. An artefact the validation images do not show cannot be found"
+    elif p_helps <= VERDICT_P_VALUE:
+        verdict, title = FOUND, "Shortcut found"
+        finding = f"{apart}, and {changes} (sign test p = {p_helps:.2g})"
+    else:
+        verdict, title = UNCONFIRMED, "Shortcut not confirmed"
+        if p_harms <= VERDICT_P_VALUE:
+            finding = (f"{apart}, but {changes} (sign test p = {p_harms:.2g} that it harms): either the model does "
+                       "not rely on them, or the validation images hold none where the artefact and the label "
+                       "disagree, which leaves masking nothing to fix")
+        else:
+            finding = (f"{apart}, but {changes}, no difference beyond chance; the validation images may hold few "
+                       "where the artefact and the label disagree")
+        advice = CONFIRM_ADVICE
+    return {"verdict": verdict, "summary": _summary(title, finding, advice), "title": title, "finding": finding,
+            "candidates": candidates, "tokens": tokens, "over_chance": over_chance, "knn_positives": positives,
             "fixed": fixed, "broken": broken, "p_helps": p_helps, "p_harms": p_harms, "decided_on": "validation"}
 
 
+def _summary(title: str, finding: str, advice: str = "") -> str:
+    return f"{title}: {finding}" + (f". {advice}" if advice else "")
+
+
+# What a labelled test set's worst-group change (`change_verdict`, original -> ablated) says, and its verdict.
+_TEST_OUTCOMES = {
+    "gain": (FOUND, "Shortcut found, confirmed on the test set",
+             "masking raises worst-group accuracy there beyond test-set noise"),
+    "loss": (HARMFUL, "The guard harms on the test set",
+             "masking lowers worst-group accuracy there beyond test-set noise; ship the plain model"),
+    "noise": (None, None, "on the test set masking changes worst-group accuracy within test-set noise, so it cannot "
+                          "settle this"),
+    "too few": (None, None, "the test set's smallest (class, artefact) cell holds too few images to settle this"),
+}
+
+
 def confirm_on_test(fit: dict, worst_group_change: str) -> dict:
-    """The fit's verdict in the light of a test set with artefact labels: `worst_group_change` is the
-    ablated-vs-original worst-group verdict there ("gain", "loss" or "noise", `change_verdict`)."""
-    verdict, summary = fit["verdict"], fit["summary"]
-    if worst_group_change == "gain" and verdict == UNCONFIRMED:
-        verdict = FOUND
-        summary = ("Shortcut found, confirmed on the test set: masking raises worst-group accuracy there beyond "
-                   "test-set noise. On validation: " + summary[0].lower() + summary[1:])
-    elif worst_group_change == "gain":
-        summary += ("; yet on the test set masking raises worst-group accuracy beyond test-set noise" if verdict !=
-                    FOUND else "; the test set confirms it: masking raises worst-group accuracy beyond noise")
-    elif worst_group_change == "loss":
-        summary += "; on the test set masking lowers worst-group accuracy beyond test-set noise"
-    return {**fit, "verdict": verdict, "summary": summary, "decided_on": "test" if verdict != fit["verdict"]
-            else fit["decided_on"], "test_worst_group_change": worst_group_change}
+    """The fit's verdict in the light of a test set with both artefact groups: `worst_group_change` is its
+    original-to-ablated worst-group verdict ("gain", "loss", "noise" or "too few", `change_verdict`). A real
+    gain or loss settles it, whatever validation said; otherwise the fit's verdict stands, saying so."""
+    verdict, title, said = _TEST_OUTCOMES[worst_group_change]
+    settled = verdict is not None and verdict != fit["verdict"]
+    if settled:
+        summary = _summary(title, f"{said}. On validation: {fit['finding']}")
+    elif fit["verdict"] == FOUND and worst_group_change == "gain":
+        summary = _summary(fit["title"], f"{fit['finding']}; the test set confirms it: {said}")
+    else:
+        advice = {NONE_FOUND: "Nothing to guard: ship the plain model",
+                  UNCONFIRMED: "A test set with more images where the artefact and the label disagree may settle it"}
+        summary = _summary(fit["title"], f"{fit['finding']}; {said}", advice.get(fit["verdict"], ""))
+    return {**fit, "verdict": verdict if settled else fit["verdict"], "title": title if settled else fit["title"],
+            "summary": summary, "decided_on": "test" if settled else fit["decided_on"],
+            "test_worst_group_change": worst_group_change}
 
 
 def current_verdict(metrics: dict) -> dict | None:
-    """The verdict that stands: the test set's where one with artefact labels was evaluated, else the fit's;
-    None for a run saved before verdicts existed."""
+    """The verdict that stands: the test set's where one with both artefact groups was evaluated, else the
+    fit's; None for a run saved before verdicts existed."""
     return metrics.get(TEST_VERDICT) or metrics.get(VERDICT)
 
 

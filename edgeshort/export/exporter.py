@@ -56,7 +56,7 @@ class ExportOptions:
     tolerance: the largest |logit difference| from torch accepted; calibration_size: images in the
     parity check; skl2onnx_check: cross-check the KNN graph against skl2onnx's; progress: show
     progress; dfr: ship the run's DFR head; graphs: "all", "fused" or "split" (see GRAPH_SETS);
-    ignore_verdict: export a run whose verdict is that there is no shortcut to guard (DO_NOT_GUARD).
+    ignore_verdict: export a run whose verdict is that no shortcut was found or the guard harms (DO_NOT_GUARD).
     """
 
     formats: tuple[str, ...] = FORMATS
@@ -69,8 +69,8 @@ class ExportOptions:
     progress: bool = True
     # False leaves the run's DFR head out: the bundle's final label is then the ablated prediction.
     dfr: bool = True
-    # Which graphs to ship (GRAPH_SETS): each graph holding the encoder carries its weights, so "fused"
-    # or "split" make a smaller bundle that runs one path only.
+    # Which graphs to ship (GRAPH_SETS): the ONNX graphs share one weights file, but each OpenVINO IR holds its
+    # own, so with OpenVINO "fused" or "split" make a smaller bundle that runs one path only.
     graphs: str = "all"
     # A run whose verdict says the guard masks nothing the model relies on is refused unless this is set.
     ignore_verdict: bool = False
@@ -289,9 +289,8 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
     verdict = current_verdict(result.metrics)
     if verdict and verdict["verdict"] in DO_NOT_GUARD and not options.ignore_verdict:
         raise InputError(
-            f"the run's verdict: {verdict['summary']}. A bundle of this guard would change predictions for nothing, "
-            "so none is written; to export it anyway (e.g. to look at its flags on the edge), pass --ignore-verdict "
-            "(ExportOptions(ignore_verdict=True))"
+            f"the run's verdict: {verdict['summary']}. No bundle is written; to export the guard anyway (e.g. to look "
+            "at its flags on the edge), pass --ignore-verdict (ExportOptions(ignore_verdict=True))"
         )
     dfr_omitted = not options.dfr and result.dfr_head is not None
     if dfr_omitted:
@@ -371,7 +370,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
             seconds["int8"] = round(time.perf_counter() - t, 3)
         manifest = _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted)
         manifest["guard"]["calibration_enlargement"] = round(enlargement, 4)
-        manifest["onnx"]["weights"] = {"file": WEIGHTS_FILE, **shared}
+        manifest["onnx"]["weights"] = shared  # the file: each graph's onnx_external_data
         write_manifest(staging, manifest)
         if out.exists():
             shutil.rmtree(out)

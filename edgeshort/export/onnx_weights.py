@@ -24,12 +24,29 @@ ALIGN_FROM = 64 * 1024
 ALIGNMENT = 64 * 1024
 
 
+def _tensors(graph, onnx):
+    """(tensor, is an initializer) for every tensor of `graph` and its subgraphs (If / Loop / Scan bodies):
+    torch's exporter writes subgraphs' large tensors to its external-data file too."""
+    for tensor in graph.initializer:
+        yield tensor, True
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield attribute.t, False
+            for tensor in attribute.tensors:
+                yield tensor, False
+            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for subgraph in subgraphs:
+                yield from _tensors(subgraph, onnx)
+
+
 def _external_fields(tensor) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def _payload(tensor, folder: Path, onnx) -> tuple[bytes, str | None] | None:
-    """(the tensor's bytes, the external file they came from) for a tensor to move; None to keep it inline."""
+def _payload(tensor, initializer: bool, folder: Path, onnx) -> tuple[bytes, str | None] | None:
+    """(the tensor's bytes, the external file they came from) for a tensor to move; None to keep it inline.
+    Attribute tensors (a Constant's value) move only when already external, as onnx's helper leaves them."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         fields = _external_fields(tensor)
         offset, length = int(fields.get("offset", 0)), fields.get("length")
@@ -38,15 +55,16 @@ def _payload(tensor, folder: Path, onnx) -> tuple[bytes, str | None] | None:
             data = fh.read() if length is None else fh.read(int(length))
         return data, fields["location"]
     # Only raw_data moves verbatim; typed fields (float_data, ...) are small constants in these graphs.
-    if tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW:
+    if initializer and tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_BELOW:
         return tensor.raw_data, None
     return None
 
 
 def share_onnx_weights(folder: str | Path, graph_files: list[str], weights_file: str = WEIGHTS_FILE) -> dict:
-    """Move the large initializers of `graph_files` (ONNX files in `folder`) into one `weights_file`
-    there, each distinct content once, and rewrite the graphs to point at it. External-data files
-    the graphs used before (e.g. torch's `<graph>.onnx.data`) are deleted once read.
+    """Move the large initializers of `graph_files` (ONNX files in `folder`), their subgraphs' and any
+    tensor already external into one `weights_file` there, each distinct content once, and rewrite the
+    graphs to point at it. External-data files the graphs used before (e.g. torch's `<graph>.onnx.data`)
+    are deleted once read.
 
     Returns {"tensors", "distinct", "bytes_before", "bytes_after"}: the large tensors, how many are
     distinct, the bytes they took across the graphs, and the size of `weights_file` (alignment included)."""
@@ -59,8 +77,8 @@ def share_onnx_weights(folder: str | Path, graph_files: list[str], weights_file:
         for name in graph_files:
             path = folder / name
             model = onnx.load(str(path), load_external_data=False)
-            for tensor in model.graph.initializer:
-                found = _payload(tensor, folder, onnx)
+            for tensor, initializer in _tensors(model.graph, onnx):
+                found = _payload(tensor, initializer, folder, onnx)
                 if found is None:
                     continue
                 data, source = found

@@ -559,7 +559,7 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append(f"Balanced validation accuracy {_num(before)} before ablation, {_num(after)} after it"
                           + (" (a real shortcut's ablation gains or keeps it)." if after >= before else
                              " (see the warning)." if after < before - ABLATION_HARM_TOLERANCE else
-                             " (a loss: a shortcut the model relies on gains it).")
+                             " (lower; masking a shortcut the model relies on usually raises it).")
                           + ("" if verdict is None else f" Masking fixed {verdict['fixed']:,} validation predictions "
                              f"and broke {verdict['broken']:,}."))
         for warning in [*(m.get("warnings") or []), *(m.get("test_warnings") or []),

@@ -135,12 +135,17 @@ def _format_needed(manifest: dict) -> int:
     return 2 if manifest["model"]["preprocessing"].get("crop_pct") is not None else 1
 
 
+def format_file_names(name: str) -> list[str]:
+    """A graph file and the file it needs beside it of its own: an OpenVINO IR's weights (`.bin`)."""
+    return [name, name[:-4] + ".bin"] if name.endswith(".xml") else [name]
+
+
 def graph_file_names(graph: dict) -> list[str]:
     """Every file a graph entry runs from: its graph files, an IR's weights (`.bin`), and the ONNX graphs'
     shared weights file (`onnx_external_data`, which the ONNX files name and ONNX Runtime reads beside them)."""
     names = []
     for name in graph.get("files", {}).values():
-        names += [name, name[:-4] + ".bin"] if name.endswith(".xml") else [name]
+        names += format_file_names(name)
     if graph.get("onnx_external_data"):
         names.append(graph["onnx_external_data"])
     return names
