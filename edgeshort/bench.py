@@ -75,6 +75,15 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _uss_mb() -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process().memory_full_info().uss / 2**20
+    except (psutil.AccessDenied, AttributeError):  # not every platform reads it
+        return None
+
+
 def _peak_rss_mb() -> float | None:
     try:
         import resource
@@ -114,11 +123,15 @@ def bundle_size(bundle: Bundle) -> dict:
 
 
 def available_variants(bundle: Bundle, backends: list[str]) -> list[dict]:
-    """(backend, precision, graph) combinations this bundle and machine can run."""
+    """(backend, precision, graph) combinations this bundle and machine can run; ONNX Runtime also on its
+    memory-mapped weights (`Guard.load(map_weights=True)`) where the bundle's ONNX graphs share a weights file."""
     variants = []
     for backend in backends:
         if backend == "onnxruntime":
             variants.append({"backend": "onnxruntime", "precision": "f32", "format": "onnx"})
+            if all(entry.get("onnx_external_data") for entry in bundle.manifest["graphs"].values()
+                   if "onnx" in entry.get("files", {})):
+                variants.append({"backend": "onnxruntime", "precision": "f32", "format": "onnx", "map_weights": True})
             continue
         try:
             import openvino as ov
@@ -135,11 +148,16 @@ def available_variants(bundle: Bundle, backends: list[str]) -> list[dict]:
     return variants
 
 
+def backend_label(variant: dict) -> str:
+    """A variant's (or its case's) backend as the tables and chart name it."""
+    return variant["backend"] + (" (mapped weights)" if variant.get("map_weights") else "")
+
+
 def _session(bundle: Bundle, graph: str, variant: dict, hint: str, threads: int | None):
     if variant["precision"] == "int8":
         graph = bundle.int8_graph(graph)
     precision = "f32" if variant["precision"] == "int8" else variant["precision"]
-    kwargs = {"hint": hint} if variant["backend"] == "openvino" else {}
+    kwargs = {"hint": hint} if variant["backend"] == "openvino" else {"map_weights": variant.get("map_weights", False)}
     return open_session(bundle.path(graph, variant["format"]), variant["backend"], precision=precision,
                         threads=threads, **kwargs)
 
@@ -179,7 +197,7 @@ def bench_bundle(
     for variant in variants:
         for batch in batches:
             if progress:
-                print(f"  {variant['backend']} {variant['precision']} batch {batch} ...", flush=True)
+                print(f"  {backend_label(variant)} {variant['precision']} batch {batch} ...", flush=True)
             results["cases"].append(_bench_variant(bundle, variant, batch, inputs, rounds, block, threads))
             gc.collect()
     # The runtime's peak, before the torch rows load torch (several hundred MiB no edge box needs). A process
@@ -242,7 +260,8 @@ def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, t
     cold = {plain_name: round(cold_plain, 3), "guarded": round(cold_guarded, 3)}
     # The runtime end to end: its original prediction for a clean image costs no second pass.
     with _quiet_run_warnings():  # bench_bundle has shown the bundle's detection warnings once already
-        guard = Guard.load(bundle.root, variant["backend"], threads=threads, precision=variant["precision"])
+        guard = Guard.load(bundle.root, variant["backend"], threads=threads, precision=variant["precision"],
+                           map_weights=variant.get("map_weights", False))
     cold["Guard.load (verify + compile + warm up)"] = round(guard.info.load_seconds, 3)
     cases[f"Guard.predict ({inputs.clean_kind})"] = lambda: guard.predict(images_clean, batch_size=batch)
     timings = interleaved(cases, rounds, block)
@@ -253,6 +272,8 @@ def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, t
         "cold_start_s": cold,
         **_compared(timings, plain_name, batch, "ratio_vs_plain"),
         "rss_mb": _rss_mb(),
+        # Private memory: RSS also counts the pages of a mapped weights file, which processes share.
+        "uss_mb": _uss_mb(),
     }
 
 
@@ -477,7 +498,7 @@ def markdown_table(results: dict) -> str:
             ratio = case.get("ratio_vs_plain", {}).get(name, "")
             mark = _noisy_mark(t)
             noisy += bool(mark)
-            lines.append(f"| {case['backend']} | {case['precision']} | {case['batch']} | {name}{mark} | "
+            lines.append(f"| {backend_label(case)} | {case['precision']} | {case['batch']} | {name}{mark} | "
                          f"{t['median_ms']:.3f} | {t['p90_ms']:.3f} | {ratio} | {case['images_per_s'][name]} |")
     precision_rows = results.get("precision_cases") or []
     lines += _precision_table(precision_rows)
@@ -485,7 +506,7 @@ def markdown_table(results: dict) -> str:
     if noisy:
         lines += ["", f"\\* p90 over {NOISY_P90:g}x the median: the machine was busy; rerun with more --rounds "
                       "on an idle machine before trusting those rows' ratios."]
-    cold = [f"{c['backend']} {c['precision']} batch {c['batch']}: "
+    cold = [f"{backend_label(c)} {c['precision']} batch {c['batch']}: "
             + ", ".join(f"{name} {sec} s" for name, sec in c["cold_start_s"].items())
             for c in results["cases"] if "cold_start_s" in c]
     inputs = results.get("inputs")
@@ -545,7 +566,7 @@ def chart(results: dict, path: Path) -> Path | None:
     labels, values = [], []
     for case in results["cases"]:
         for name, t in case["timings"].items():
-            labels.append(f"{case['backend']} {case['precision']} b{case['batch']}\n{name}")
+            labels.append(f"{backend_label(case)} {case['precision']} b{case['batch']}\n{name}")
             values.append(t["median_ms"] / case["batch"])
     fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) + 1.5))
     ax.barh(range(len(labels)), values, color="#3b7dd8")

@@ -24,6 +24,9 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
     rows = [c for c in data["cases"] if c["backend"] in ("onnxruntime", "openvino")]
     assert {(c["backend"], c["precision"], c["batch"]) for c in rows} >= {
         ("onnxruntime", "f32", 1), ("onnxruntime", "f32", 12), ("openvino", "f32", 1), ("openvino", "f32", 12)}
+    # ONNX Runtime also runs on the mapped shared weights file, each row with its private memory.
+    assert {c["batch"] for c in rows if c.get("map_weights")} == {1, 12}
+    assert all(c["uss_mb"] > 0 for c in rows)
     for case in rows:
         assert set(case["timings"]) >= {"plain", "guarded", "guarded+original (flagged image)"}
         if case["precision"] != "int8":
@@ -35,6 +38,7 @@ def test_bench_writes_json_markdown_and_chart(demo_bundle, tmp_path):
     assert torch_rows == {"seed-style (per image)": 1, "torch eager batch 8": 8}  # the chart divides by the batch
     table = paths["markdown"].read_text()
     assert table.startswith("| backend | precision | batch | case |") and "Cold start" in table
+    assert "| onnxruntime (mapped weights) | f32 | 1 | guarded |" in table
     assert "Settings: 2 interleaved rounds of 1 calls per case; threads the backend default;" in table
     assert "OpenVINO performance hint LATENCY" in table and f"onnxruntime {data['machine']['packages']['onnxruntime']}" in table
     # The runtime's memory is named apart from torch's (hundreds of MiB); under pytest torch was loaded before

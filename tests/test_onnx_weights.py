@@ -99,3 +99,30 @@ def test_tensors_of_subgraphs_move_too(tmp_path):
     after = [open_session(tmp_path / "if.onnx", "onnxruntime").run(feed)["y"] for feed in feeds]
     for old, new in zip(before, after):
         np.testing.assert_array_equal(new, old)
+
+
+def test_mapped_weights_leave_one_copy_in_memory_not_one_per_graph(tmp_path):
+    """ONNX Runtime copies (prepacks) each graph's matrix weights; on the mapped shared file it keeps none."""
+    import subprocess
+    import sys
+
+    weight = np.random.default_rng(2).standard_normal((2048, 2048)).astype(np.float32)  # 16 MiB
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2048])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2048])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    for name in ("a.onnx", "b.onnx"):  # two graphs holding the same weights, as guarded and plain do
+        onnx.save(model, str(tmp_path / name))
+    share_onnx_weights(tmp_path, ["a.onnx", "b.onnx"])
+    # Each count in a fresh process: private memory (USS) added by loading and running both graphs.
+    code = ("import sys, numpy as np, psutil\nfrom pathlib import Path\n"
+            "from edgeshort.runtime.backends import open_session\n"
+            "before = psutil.Process().memory_full_info().uss\n"
+            "sessions = [open_session(Path(sys.argv[2]) / n, 'onnxruntime', map_weights=sys.argv[1] == '1') "
+            "for n in ('a.onnx', 'b.onnx')]\n"
+            "for s in sessions: s.run({'x': np.ones((1, 2048), np.float32)})\n"
+            "print((psutil.Process().memory_full_info().uss - before) / 2**20)\n")
+    added = {flag: float(subprocess.run([sys.executable, "-c", code, flag, str(tmp_path)], capture_output=True,
+                                        text=True, check=True).stdout) for flag in ("0", "1")}
+    assert added["0"] - added["1"] > 1.5 * weight.nbytes / 2**20  # measured: 60 MiB against 28 MiB

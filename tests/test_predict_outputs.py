@@ -489,3 +489,10 @@ def test_guard_predicts_uploads_and_names_a_truncated_one(demo_bundle, test_pngs
     big = Image.open(io.BytesIO(png_bytes(size=(600, 600))))
     with pytest.raises(ImageLoadError, match=r"cannot read image 1 \(OSError: image file is truncated"):
         guard.predict([big, cut])
+
+
+def test_map_weights_is_named_in_every_record(demo_bundle, test_pngs, tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert run_predict(demo_bundle, *map(str, test_pngs), "--map-weights", "-o", str(out), "--quiet") == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and all(r["runtime"].endswith(" mapped-weights") for r in records)

@@ -121,6 +121,30 @@ def test_split_path_equals_fused_path(guards, backend, test_images, mixed_indice
     assert_same_results(guard.predict(images, batch_size=5, path="split", drop_tokens=True), fused, atol=1e-4)
 
 
+def test_mapped_weights_give_the_same_results(guards, demo_bundle, test_images, mixed_indices, tmp_path, caplog):
+    images = test_images[mixed_indices]
+    mapped = Guard.load(demo_bundle, backend="onnxruntime", map_weights=True)
+    assert mapped.info.map_weights
+    # Without prepacking ONNX Runtime takes other matrix kernels: the same answers, logits within rounding.
+    assert_same_results(mapped.predict(images, batch_size=8), guards["onnxruntime"].predict(images, batch_size=8),
+                        atol=1e-5)
+    assert_same_results(mapped.predict(images, path="split"), guards["onnxruntime"].predict(images, path="split"),
+                        atol=1e-5)
+    with caplog.at_level("WARNING"):
+        assert not Guard.load(demo_bundle, backend="openvino", map_weights=True).info.map_weights
+    assert "map_weights is not used: it applies to ONNX Runtime" in caplog.text
+    # A bundle whose ONNX graphs hold their own weights has no shared file to map.
+    root = copy_bundle(demo_bundle, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    for entry in manifest["graphs"].values():
+        entry.pop("onnx_external_data", None)
+    write_manifest(root, manifest)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert not Guard.load(root, backend="onnxruntime", map_weights=True).info.map_weights
+    assert "hold their own weights (an older export)" in caplog.text
+
+
 def test_plain_logits_need_no_second_pass_for_clean_images(guards, test_images, reference):
     clean = np.flatnonzero(~reference.present)[:8]
     for result in guards["onnxruntime"].predict(test_images[clean]):

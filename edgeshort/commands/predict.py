@@ -71,6 +71,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bundle-sha256", metavar="HEX",
                         help="run only the bundle whose manifest.json has this sha256 (records carry it as "
                              "bundle_sha256): a bundle re-exported or re-sealed since you checked it is refused")
+    parser.add_argument("--map-weights", action="store_true",
+                        help="ONNX Runtime: run on the bundle's weights file as the OS maps it, one copy in memory for "
+                             "all graphs and processes, without ONNX Runtime's prepacked copy per graph (see bench)")
     parser.add_argument("--quiet", action="store_true", help="no summary or progress lines on stderr")
 
 
@@ -374,7 +377,7 @@ def run(args) -> int:
             Image.MAX_IMAGE_PIXELS = args.max_pixels
     guard = Guard.load(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
                        precision=args.precision, max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
-                       expected_sha256=args.bundle_sha256)
+                       expected_sha256=args.bundle_sha256, map_weights=args.map_weights)
     predict_options = {"batch_size": args.batch_size, "path": "split" if args.split else None,
                        "drop_tokens": args.drop_tokens}
     guard.predict([], **predict_options)  # no images: only checks the options against the bundle (--split), now
@@ -402,7 +405,8 @@ def run(args) -> int:
     info = guard.info
     produced_by = {"bundle_sha256": info.manifest_sha256,
                    "runtime": " ".join(str(part) for part in (info.backend, info.backend_version, info.precision,
-                                                               info.device) if part)}
+                                                               info.device, info.map_weights and "mapped-weights")
+                                       if part)}
 
     def write_record(record: dict) -> None:
         try:

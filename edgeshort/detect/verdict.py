@@ -76,9 +76,9 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
     advice = ""
     if distinct is False:
         verdict, title = NONE_FOUND, "No shortcut found"
-        finding = (f"no cluster's tokens stand apart from clean ones (the best-scored, {apart}; a shortcut's stand "
-                   f"{DISTINCT_OVER_CHANCE} times and at least the KNN's {positives:,} positives), so the guard "
-                   f"would mask parts of ordinary images ({changes})")
+        finding = (f"no cluster's tokens stand apart from clean ones (the best-scored, {apart}; a shortcut's pass "
+                   f"at {DISTINCT_OVER_CHANCE} times chance or more, and number at least the KNN's {positives:,} "
+                   f"positives), so the guard would mask parts of ordinary images ({changes})")
         advice = "Nothing to guard: ship the plain model. An artefact the validation images do not show cannot be found"
     elif p_helps <= VERDICT_P_VALUE:
         verdict, title = FOUND, "Shortcut found"

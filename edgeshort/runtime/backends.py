@@ -102,7 +102,8 @@ def ort_providers(providers: list[str] | None, device: str | None) -> list[str]:
 class OnnxRuntimeSession(Session):
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, path: Path, providers: list[str] | None = None, threads: int | None = None,
+                 map_weights: bool = False) -> None:
         ort = import_onnxruntime()
         available = ort.get_available_providers()
         providers = providers or ["CPUExecutionProvider"]
@@ -118,6 +119,10 @@ class OnnxRuntimeSession(Session):
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        if map_weights:
+            # Prepacking copies each weight into the session; without it ONNX Runtime runs on the external-data
+            # file as it memory-maps it, one copy in memory for every session and process that maps it.
+            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:
@@ -125,7 +130,8 @@ class OnnxRuntimeSession(Session):
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
         self.description = {"backend": self.backend, "providers": self._session.get_providers(),
-                            "threads": threads, "precision": "f32", "version": ort.__version__}
+                            "threads": threads, "precision": "f32", "version": ort.__version__,
+                            "map_weights": map_weights}
 
     def run(self, inputs):
         # InferenceSession.run is thread-safe.
@@ -274,13 +280,16 @@ def choose_backend(backend: str, formats: Sequence[str] = ("onnx", "openvino"), 
 
 
 def open_session(path: Path, backend: str, device=None, threads=None, precision="f32", providers=None,
-                 hint="LATENCY", cache_dir=None) -> Session:
+                 hint="LATENCY", cache_dir=None, map_weights: bool = False) -> Session:
+    """A compiled graph on `backend`; `map_weights` (ONNX Runtime) runs on its memory-mapped external weights."""
     if backend == "onnxruntime":
         if precision != "f32":
             raise InputError(
                 f"expected precision 'f32' with ONNX Runtime, got {precision!r}; use backend='openvino' (CLI: --backend openvino) for bf16"
             )
-        return OnnxRuntimeSession(path, ort_providers(providers, device), threads)
+        return OnnxRuntimeSession(path, ort_providers(providers, device), threads, map_weights)
+    if map_weights:
+        raise InputError("map_weights is ONNX Runtime's (backend 'onnxruntime'); OpenVINO maps its IR weights itself")
     if backend == "openvino":
         if providers:
             raise InputError(f"expected no providers with OpenVINO (they are ONNX Runtime's), got {providers}; "
