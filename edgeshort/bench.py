@@ -272,7 +272,8 @@ def _bench_variant(bundle, variant, batch, inputs: BenchInputs, rounds, block, t
         "cold_start_s": cold,
         **_compared(timings, plain_name, batch, "ratio_vs_plain"),
         "rss_mb": _rss_mb(),
-        # Private memory: RSS also counts the pages of a mapped weights file, which processes share.
+        # The process's private memory after this row (as rss_mb, it only grows over the rows): RSS also counts
+        # the pages of a mapped weights file, which processes share.
         "uss_mb": _uss_mb(),
     }
 

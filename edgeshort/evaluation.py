@@ -161,10 +161,24 @@ def dfr_loss_warning(tables: dict[str, dict], intervals: dict, by_flag: bool = F
                      "`edgeshort export --no-dfr` (ExportOptions(dfr=False))")
 
 
-def guard_loss_warning(tables: dict[str, dict], intervals: dict, by_flag: bool = False) -> str | None:
+def one_group_note(with_artefact: bool) -> str:
+    """What a test set whose images all carry the artefact, or all lack it, cannot show."""
+    unseen = "cost on clean" if with_artefact else "gain on artefact"
+    return (f"every test image {'carries' if with_artefact else 'lacks'} the artefact, by its labels: this test set "
+            f"shows the guard's effect on such images only, not its {unseen} images, so it cannot settle the run's "
+            "verdict; a test set with both kinds can")
+
+
+def guard_loss_warning(tables: dict[str, dict], intervals: dict, by_flag: bool = False,
+                       one_group: bool | None = None) -> str | None:
     """A warning when masking the flagged tokens lowers worst-group or average group accuracy beyond test-set
-    noise; `by_flag`: the groups are the guard's own flags."""
+    noise; `by_flag`: the groups are the guard's own flags; `one_group`: every test image carries the artefact
+    (True) or none does (False), so a loss is what the guard costs on such images, to weigh against its gain."""
     loss = _step_loss(tables, intervals, "original", "ablated")
+    if loss and one_group is False:
+        return (f"the guard lowers {loss[0]} accuracy on these test images without the artefact ({loss[1]}): what its "
+                "flags cost on clean images. Weigh it against the guard's gain on images with the artefact (a test "
+                "set with both kinds measures both), and look at the flag pictures for what it masks")
     return loss and (f"the guard lowers {loss[0]} accuracy on this test set ({loss[1]}"
                      f"{BY_FLAG_GROUPS if by_flag else ''}): its flags mask what the model needs, or an artefact "
                      "the model does not rely on. Check the key heatmaps and the flag pictures, and do not ship this "

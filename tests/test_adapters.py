@@ -430,6 +430,11 @@ def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
     assert code == 0
     captured = capsys.readouterr()
     assert "classes in the model's output order (its id2label): nevus, melanoma, bcc" in captured.out
+    # The verdict leads the summary and closes the output; without a test set, the way to settle it is named.
+    lines = captured.out.splitlines()
+    verdict = next(line for line in lines if line.startswith("verdict: "))
+    assert verdict.startswith("verdict: No shortcut found") and lines.count(verdict) == 2
+    assert lines[-3].startswith("no test set: add --eval TEST (or later: edgeshort report RUN --eval TEST)")
     assert "Loading weights" not in captured.err  # --quiet hides transformers' own bar too
     assert json.loads((tmp_path / "run" / "run.json").read_text())["class_names"] == ["nevus", "melanoma", "bcc"]
     # The Python API orders them the same way; before, it kept the sorted order and every answer was a wrong class.

@@ -575,6 +575,10 @@ def test_ablation_that_removes_the_object_is_reported(caplog):
     half[:6] = [1.0, 0.0]
     checked, _ = _ablation_check(result, data, right, half)
     assert "chance" not in checked["warnings"][0] and "flags parts of the object, or" in checked["warnings"][0]
+    # Where no cluster stands apart from clean tokens there is no artefact to blame, nor to retrain without.
+    (warning,) = _ablation_check(result, data, right, collapsed, stood_apart=False)[0]["warnings"]
+    assert warning.endswith("no cluster's tokens stand apart from clean ones, so the flags fall on what the model "
+                            "needs (see the verdict)")
 
 
 def test_a_model_at_or_below_chance_is_called_out(caplog):

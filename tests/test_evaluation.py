@@ -126,6 +126,12 @@ def test_guard_warning_only_when_masking_loses_beyond_noise():
     warning = warning_for(masked_object)
     assert "the guard lowers worst-group accuracy on this test set (worst group, ablated vs original: -0.200" in warning
     assert "or an artefact the model does not rely on" in warning and warning.endswith("do not ship this bundle as it is")
+    # On test images that all lack the artefact, a loss is what the guard costs on clean images: a trade-off.
+    kinds = {"original": labels, "ablated": masked_object}
+    tables = {k: group_accuracy(v, labels, groups, names) for k, v in kinds.items()}
+    clean_only = guard_loss_warning(tables, bootstrap_intervals(kinds, labels, groups, 2), one_group=False)
+    assert "on these test images without the artefact" in clean_only and "Weigh it against" in clean_only
+    assert "do not ship" not in clean_only
     slight = labels.copy()
     slight[worst_cell[:2]] = 0
     assert warning_for(slight) is None and warning_for(labels.copy()) is None

@@ -24,23 +24,25 @@ def _predictions(fixed: int, broken: int, kept_right: int = 100, kept_wrong: int
 @pytest.mark.parametrize(("candidates", "tokens", "fixed", "broken", "verdict", "said"), [
     # Figures from models trained with a learned shortcut, with the artefact absent, and with a validation
     # set where the artefact never disagrees with the label.
-    (3836, 36032, 49, 5, "found", "Shortcut found: cluster 1's tokens: 3,836 of its 36,032 are hotter than 99.9% of "
-                                  "clean tokens, 106.5 times what chance puts there, and masking them fixed 49"),
-    (9, 36032, 18, 184, "none", "No shortcut found: no cluster's tokens stand apart from clean ones (the best-scored, "
-                                "cluster 1's tokens: 9 of its 36,032"),
+    (3836, 36032, 49, 5, "found", "Shortcut found: 3,836 of cluster 1's 36,032 tokens are hotter than 99.9% of "
+                                  "clean tokens, 106.5 times chance, and masking them fixed 49"),
+    (9, 36032, 18, 184, "none", "No shortcut found: no cluster's tokens stand apart from clean ones: 9 of cluster "
+                                "1's 36,032 tokens are hotter than 99.9% of clean tokens, 0.2 times chance (a shortcut "
+                                "needs 10 times chance and at least the KNN's 200 positives)"),
     # Enough for the KNN, but no more than a large cluster holds by chance (vit_b_16: 196 patches an image).
-    (300, 196000, 49, 5, "none", "300 of its 196,000 are hotter than 99.9% of clean tokens, 1.5 times what chance"),
+    (300, 196000, 49, 5, "none", "300 of cluster 1's 196,000 tokens are hotter than 99.9% of clean tokens, 1.5 times"),
     (3000, 36032, 0, 9, "unconfirmed", "broke 9 (sign test p = 0.002 that it harms): either the model does not rely "
                                        "on them, or the validation images hold none where the artefact"),
     (2761, 36032, 1, 3, "unconfirmed", "no difference beyond chance"),
-    (None, 36032, 49, 5, "found", "(not measured against clean ones: positives='hottest'), and masking them fixed 49"),
+    (None, 36032, 49, 5, "found", "were not measured against clean ones (positives='hottest'), and masking them fixed"),
 ])
 def test_the_verdict_needs_distinct_tokens_and_more_fixed_than_broken(candidates, tokens, fixed, broken, verdict, said):
     found = fit_verdict(1, candidates, tokens, 200, 0.999, *_predictions(fixed, broken))
     assert found["verdict"] == verdict and said in found["summary"]
     assert (found["fixed"], found["broken"], found["decided_on"]) == (fixed, broken, "validation")
     if verdict == "none":
-        assert found["summary"].endswith("Nothing to guard: ship the plain model. An artefact the validation images "
+        assert found["summary"].endswith("Nothing to guard: deploy the model as it is, without the guard. An artefact "
+                                         "the validation images "
                                          "do not show cannot be found")
     if verdict == "unconfirmed":
         assert found["summary"].endswith("Settle it on a test set with artefact labels (edgeshort detect --eval TEST "
@@ -53,15 +55,16 @@ def test_a_test_set_with_both_artefact_groups_settles_the_verdict_or_says_it_can
     confirmed = confirm_on_test(unconfirmed, "gain")
     assert confirmed["verdict"] == "found" and confirmed["decided_on"] == "test"
     assert confirmed["summary"].startswith("Shortcut found, confirmed on the test set: masking raises worst-group")
-    assert "On validation: cluster 1's tokens: 2,761" in confirmed["summary"]
+    assert "On validation: 2,761 of cluster 1's 36,032 tokens" in confirmed["summary"]
     # A real gain or loss settles it, whatever validation said.
     none = fit_verdict(1, 66, 36032, 200, 0.999, *_predictions(1, 9))
     assert confirm_on_test(none, "gain")["verdict"] == "found"
     found = fit_verdict(1, 3836, 36032, 200, 0.999, *_predictions(49, 5))
     harmful = confirm_on_test(found, "loss")
     assert harmful["verdict"] == "harmful" and harmful["summary"].startswith(
-        "The guard harms on the test set: masking lowers worst-group accuracy there beyond test-set noise; ship the "
-        "plain model. On validation:")
+        "The guard harms on the test set: masking lowers worst-group accuracy there beyond test-set noise; deploy "
+        "the model as it is, without the guard. On validation:")
+    assert confirm_on_test(found, "gain")["decided_on"] == "validation and test"
     assert confirm_on_test(found, "gain")["summary"].endswith("the test set confirms it: masking raises worst-group "
                                                               "accuracy there beyond test-set noise")
     # Otherwise the fit's verdict stands, and says the test set could not settle it; no advice to run one.
@@ -71,7 +74,8 @@ def test_a_test_set_with_both_artefact_groups_settles_the_verdict_or_says_it_can
         assert stands["verdict"] == "unconfirmed" and stands["decided_on"] == "validation" and said in stands["summary"]
         assert "Settle it on a test set" not in stands["summary"]
         assert stands["summary"].endswith("more images where the artefact and the label disagree may settle it")
-    assert confirm_on_test(none, "noise")["summary"].endswith("Nothing to guard: ship the plain model")
+    assert confirm_on_test(none, "noise")["summary"].endswith("Nothing to guard: deploy the model as it is, without "
+                                                              "the guard")
 
 
 def _demo_val_without(demo_data, rates: tuple[float, float], size: int = 600):
@@ -138,4 +142,6 @@ def test_a_shortcut_validation_cannot_confirm_is_confirmed_by_a_test_set(demo_vi
     assert result.summary().startswith("verdict: Shortcut not confirmed")
     # Nor do images of one artefact group alone: their worst group says nothing about the artefact.
     clean = test.subset(np.flatnonzero(test.groups == 0)[:200])
-    assert result.evaluate(clean)["shortcut_verdict_test"] is None
+    metrics = result.evaluate(clean)
+    assert metrics["shortcut_verdict_test"] is None
+    assert any(w.startswith("every test image lacks the artefact, by its labels") for w in metrics["test_warnings"])

@@ -18,7 +18,7 @@ from edgeshort.detect.config import (
     SETTING_NOTES,
     DetectorConfig,
 )
-from edgeshort.detect.verdict import TEST_VERDICT, verdict_line
+from edgeshort.detect.verdict import current_verdict, verdict_line
 from edgeshort.errors import InputError
 from edgeshort.runtime.preprocess import CROP_MODES, INTERPOLATIONS
 
@@ -198,5 +198,8 @@ def _print_headline(metrics: dict) -> None:
     shown = [f"{k}={metrics[k]:.3f}" for k in keys if metrics.get(k) is not None]
     if shown:
         print("  ".join(shown))
-    if metrics.get(TEST_VERDICT):  # the fit's verdict led the summary; the test set's may differ
-        print(verdict_line(metrics[TEST_VERDICT]))
+    if current_verdict(metrics):  # it led the summary too; it closes the output, settled by a test set or not
+        print(verdict_line(current_verdict(metrics)))
+    if metrics.get("test_size") is None:
+        print("no test set: add --eval TEST (or later: edgeshort report RUN --eval TEST) to measure per-group accuracy "
+              "and, with artefact labels, settle the verdict")

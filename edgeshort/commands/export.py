@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgeshort.commands import refuse_without
 from edgeshort.commands.detect import COLUMNS_HELP, IMAGE_ROOT_HELP
+from edgeshort.detect.verdict import verdict_line
 
 
 def add_arguments(parser) -> None:
@@ -60,6 +61,8 @@ def run(args) -> int:
     bundle = export_bundle(args.run, args.out, options, calibration, overwrite=args.force)
     parity = bundle.manifest["parity"]
     print(f"bundle: {bundle.root}")
+    if bundle.manifest["guard"].get("verdict"):
+        print(verdict_line(bundle.manifest["guard"]["verdict"]))
     for backend, graphs in parity["backends"].items():
         worst = max((v for g in graphs.values() for k, v in g.items() if "logits" in k), default=0.0)
         fp16 = parity.get("openvino_fp16_limits") if backend == "openvino" else None

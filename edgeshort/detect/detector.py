@@ -34,12 +34,12 @@ from edgeshort.detect.keymaps import (
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
 from edgeshort.detect.verdict import (
-    FOUND,
     TEST_VERDICT,
     VERDICT,
     confirm_on_test,
     current_verdict,
     fit_verdict,
+    stands_apart,
     verdict_line,
 )
 from edgeshort.errors import InputError
@@ -53,6 +53,7 @@ from edgeshort.evaluation import (
     format_table,
     group_accuracy,
     guard_loss_warning,
+    one_group_note,
 )
 from edgeshort.models import ViTAdapter, load_adapter
 from edgeshort.runtime.guard import MOST_PATCHES
@@ -275,9 +276,12 @@ class DetectionResult:
             step = next(c for c in intervals["changes"] if (c["from"], c["to"]) == ("original", "ablated"))
             # Both artefact groups, or its worst group says nothing about the artefact; and a run saved before
             # verdicts existed has none to settle.
-            if self.metrics.get(VERDICT) and len(np.unique(test.groups)) == 2:
+            if len(np.unique(test.groups)) < 2:
+                metrics[TEST_WARNINGS].append(one_group_note(bool(test.groups[0])))
+            elif self.metrics.get(VERDICT):
                 metrics[TEST_VERDICT] = confirm_on_test(self.metrics[VERDICT], change_verdict(step, tables))
-        metrics["guard_warning"] = guard_loss_warning(tables, intervals, by_flag)
+        one_group = None if by_flag or len(np.unique(test.groups)) == 2 else bool(test.groups[0])
+        metrics["guard_warning"] = guard_loss_warning(tables, intervals, by_flag, one_group)
         if "dfr" in tables:
             metrics["dfr_warning"] = dfr_loss_warning(tables, intervals, by_flag)
         for key in ("guard_warning", "dfr_warning"):
@@ -524,10 +528,12 @@ class ShortcutDetector:
 
         t = time.perf_counter()
         features = _masked_head_features(result, dataset, feats.head_features, feats.keys)
-        accuracy, ablated = _ablation_check(result, dataset, feats.logits, features)
-        verdict = fit_verdict(shortcut, None if chosen is None else chosen.candidates,
-                              int((clustering.assignments == shortcut).sum()) * adapter.num_patches, count,
-                              cfg.positive_quantile, feats.logits.argmax(1), ablated, dataset.labels)
+        candidates = None if chosen is None else chosen.candidates
+        tokens = int((clustering.assignments == shortcut).sum()) * adapter.num_patches
+        accuracy, ablated = _ablation_check(result, dataset, feats.logits, features,
+                                            stands_apart(candidates, tokens, count, cfg.positive_quantile))
+        verdict = fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1),
+                              ablated, dataset.labels)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
                                 + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t
@@ -583,7 +589,7 @@ class ShortcutDetector:
             result.metrics["seconds"]["pictures"] = round(time.perf_counter() - t, 3)
             result._write_metrics(run_dir, result.metrics)
         logger.info("shortcut cluster %d; scores %s", shortcut, [round(s.score, 4) for s in scores])
-        (logger.info if verdict["verdict"] == FOUND else logger.warning)("%s", verdict["summary"])
+        logger.info("%s", verdict["summary"])  # the summary's first line; not logged as a warning besides
         return result
 
 
@@ -596,9 +602,10 @@ def key_heatmaps(keys: np.ndarray, assignments: np.ndarray, cluster: int, select
 
 
 def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.ndarray,
-                    masked: np.ndarray) -> tuple[dict, np.ndarray]:
+                    masked: np.ndarray, stood_apart: bool | None = None) -> tuple[dict, np.ndarray]:
     """Balanced validation accuracy before and after ablation, and a warning when ablation hurts; and the
-    ablated predictions (class indices)."""
+    ablated predictions (class indices). `stood_apart`: whether the shortcut cluster's tokens stand apart from
+    clean ones (`stands_apart`); when they do not, the warning names that cause alone."""
     head = result.adapter.head_linear()
     ablated = (masked @ head.weight.detach().numpy().T + head.bias.detach().numpy()).argmax(1)
     everyone = np.zeros(len(dataset), np.int64)
@@ -607,7 +614,12 @@ def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.n
         for predicted in (logits.argmax(1), ablated)
     )
     warnings = []
-    if after < before - ABLATION_HARM_TOLERANCE:
+    if after < before - ABLATION_HARM_TOLERANCE and stood_apart is False:
+        warnings.append(f"ablating the flagged tokens lowers balanced validation accuracy from {before:.3f} to "
+                        f"{after:.3f}: no cluster's tokens stand apart from clean ones, so the flags fall on what the "
+                        "model needs (see the verdict)")
+        logger.warning("%s", warnings[-1])
+    elif after < before - ABLATION_HARM_TOLERANCE:
         chance = 1 / dataset.num_classes
         # Two causes look alike here; a model that saw only the artefact falls to chance without it.
         at_chance = after <= chance + ABLATION_HARM_TOLERANCE

@@ -40,6 +40,7 @@ VERDICT_P_VALUE = 0.01
 DISTINCT_OVER_CHANCE = 10
 VERDICT = "shortcut_verdict"
 TEST_VERDICT = "shortcut_verdict_test"
+NOTHING_TO_GUARD = "Nothing to guard: deploy the model as it is, without the guard"
 CONFIRM_ADVICE = ("Settle it on a test set with artefact labels (edgeshort detect --eval TEST with --eval-columns "
                   "group=COLUMN, or result.evaluate) before shipping the guard")
 
@@ -55,6 +56,14 @@ def _sign_test(fixed: int, broken: int) -> tuple[float, float]:
             float(binomtest(broken, changed, 0.5, alternative="greater").pvalue))
 
 
+def stands_apart(candidates: int | None, tokens: int, positives: int, quantile: float) -> bool | None:
+    """Whether a cluster's tokens stand apart from clean ones: `candidates` of its `tokens` past the clean
+    tokens' `quantile`, against chance and the KNN's `positives`; None when not measured."""
+    if candidates is None:
+        return None
+    return candidates >= max(positives, DISTINCT_OVER_CHANCE * (1 - quantile) * tokens)
+
+
 def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: int, quantile: float,
                 original: np.ndarray, ablated: np.ndarray, labels: np.ndarray) -> dict:
     """The verdict of a fit. `candidates`: the shortcut cluster's tokens hotter than `quantile` of clean
@@ -66,20 +75,20 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
     p_helps, p_harms = _sign_test(fixed, broken)
     chance = (1 - quantile) * tokens
     over_chance = None if candidates is None else candidates / max(chance, 1e-9)
-    distinct = None if candidates is None else candidates >= max(positives, DISTINCT_OVER_CHANCE * chance)
+    distinct = stands_apart(candidates, tokens, positives, quantile)
     changes = f"masking them fixed {fixed} validation predictions and broke {broken}"
     if candidates is None:
-        apart = f"cluster {cluster}'s tokens (not measured against clean ones: positives='hottest')"
+        apart = f"cluster {cluster}'s tokens were not measured against clean ones (positives='hottest')"
     else:
-        apart = (f"cluster {cluster}'s tokens: {candidates:,} of its {tokens:,} are hotter than {quantile:.1%} of "
-                 f"clean tokens, {over_chance:.1f} times what chance puts there")
+        apart = (f"{candidates:,} of cluster {cluster}'s {tokens:,} tokens are hotter than {quantile:.1%} of clean "
+                 f"tokens, {over_chance:.1f} times chance")
     advice = ""
     if distinct is False:
         verdict, title = NONE_FOUND, "No shortcut found"
-        finding = (f"no cluster's tokens stand apart from clean ones (the best-scored, {apart}; a shortcut's pass "
-                   f"at {DISTINCT_OVER_CHANCE} times chance or more, and number at least the KNN's {positives:,} "
-                   f"positives), so the guard would mask parts of ordinary images ({changes})")
-        advice = "Nothing to guard: ship the plain model. An artefact the validation images do not show cannot be found"
+        finding = (f"no cluster's tokens stand apart from clean ones: {apart} (a shortcut needs "
+                   f"{DISTINCT_OVER_CHANCE} times chance and at least the KNN's {positives:,} positives), so the guard "
+                   f"would mask parts of ordinary images ({changes})")
+        advice = (f"{NOTHING_TO_GUARD}. An artefact the validation images do not show cannot be found")
     elif p_helps <= VERDICT_P_VALUE:
         verdict, title = FOUND, "Shortcut found"
         finding = f"{apart}, and {changes} (sign test p = {p_helps:.2g})"
@@ -107,7 +116,8 @@ _TEST_OUTCOMES = {
     "gain": (FOUND, "Shortcut found, confirmed on the test set",
              "masking raises worst-group accuracy there beyond test-set noise"),
     "loss": (HARMFUL, "The guard harms on the test set",
-             "masking lowers worst-group accuracy there beyond test-set noise; ship the plain model"),
+             "masking lowers worst-group accuracy there beyond test-set noise; deploy the model as it is, without "
+             "the guard"),
     "noise": (None, None, "on the test set masking changes worst-group accuracy within test-set noise, so it cannot "
                           "settle this"),
     "too few": (None, None, "the test set's smallest (class, artefact) cell holds too few images to settle this"),
@@ -125,12 +135,12 @@ def confirm_on_test(fit: dict, worst_group_change: str) -> dict:
     elif fit["verdict"] == FOUND and worst_group_change == "gain":
         summary = _summary(fit["title"], f"{fit['finding']}; the test set confirms it: {said}")
     else:
-        advice = {NONE_FOUND: "Nothing to guard: ship the plain model",
+        advice = {NONE_FOUND: NOTHING_TO_GUARD,
                   UNCONFIRMED: "A test set with more images where the artefact and the label disagree may settle it"}
         summary = _summary(fit["title"], f"{fit['finding']}; {said}", advice.get(fit["verdict"], ""))
+    decided_on = "test" if settled else "validation and test" if verdict == fit["verdict"] else "validation"
     return {**fit, "verdict": verdict if settled else fit["verdict"], "title": title if settled else fit["title"],
-            "summary": summary, "decided_on": "test" if settled else fit["decided_on"],
-            "test_worst_group_change": worst_group_change}
+            "summary": summary, "decided_on": decided_on, "test_worst_group_change": worst_group_change}
 
 
 def current_verdict(metrics: dict) -> dict | None:

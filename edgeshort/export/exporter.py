@@ -427,11 +427,12 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
             "shortcut_cluster": int(result.shortcut_cluster),
             # The detection run's own doubts (e.g. ablation that lowers validation accuracy) travel with
             # it, and its test set's verdict on a DFR head the bundle ships.
-            "warnings": [w for w in result.metrics.get("warnings") or []
-                         if result.dfr_head is not None or w not in _dfr_fit_warnings(result.metrics)]
+            # The verdict first: a bundle exported against it (--ignore-verdict) says so before anything else.
+            "warnings": ([verdict["summary"]] if verdict and verdict["verdict"] != FOUND else [])
+            + [w for w in result.metrics.get("warnings") or []
+               if result.dfr_head is not None or w not in _dfr_fit_warnings(result.metrics)]
             + ([dfr_warning] if dfr_warning and result.dfr_head is not None else [])
-            + ([result.metrics["guard_warning"]] if result.metrics.get("guard_warning") else [])
-            + ([verdict["summary"]] if verdict and verdict["verdict"] != FOUND else []),
+            + ([result.metrics["guard_warning"]] if result.metrics.get("guard_warning") else []),
             "verdict": verdict,
         },
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION},

@@ -551,7 +551,7 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             points.append(f"Each step on the same test images (paired bootstrap over each class and {groups}): "
                           + "; ".join(_e(step[0].upper() + step[1:]) for step in steps) + ".")
         counts = None if run.predictions is None else _unflagged_changes(run.predictions)
-        if counts is not None:
+        if counts is not None and counts[1]:  # "0 of the 0" says nothing
             points.append(f"The DFR head re-scores every image, flagged or not: it changed the label of {counts[0]:,} "
                           f"of the {counts[1]:,} test images where no shortcut was found.")
         if m.get("val_balanced_accuracy_ablated") is not None:
