@@ -129,8 +129,7 @@ def available_variants(bundle: Bundle, backends: list[str]) -> list[dict]:
     for backend in backends:
         if backend == "onnxruntime":
             variants.append({"backend": "onnxruntime", "precision": "f32", "format": "onnx"})
-            if all(entry.get("onnx_external_data") for entry in bundle.manifest["graphs"].values()
-                   if "onnx" in entry.get("files", {})):
+            if bundle.shares_onnx_weights:
                 variants.append({"backend": "onnxruntime", "precision": "f32", "format": "onnx", "map_weights": True})
             continue
         try:

@@ -33,8 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-dfr", action="store_true",
                         help="leave the run's DFR head out: the final label is the ablated prediction")
     parser.add_argument("--ignore-verdict", action="store_true",
-                        help="export even when the run's verdict is that no shortcut is found or the model does not "
-                             "rely on what the guard masks (the bundle then carries the verdict as a warning)")
+                        help="export even when the run's verdict is that no shortcut is found or that the guard harms "
+                             "on the test set (the bundle then carries the verdict as a warning)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 

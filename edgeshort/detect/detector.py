@@ -265,6 +265,7 @@ class DetectionResult:
         # Without artefact labels the flag groups judge the steps: all a site's own test set may allow.
         by_flag = test.groups is None
         tables, intervals = flag_tables, flag_intervals
+        one_group = None  # every test image with the artefact (True), or without it (False)
         if not by_flag:
             tables, intervals = self._group_tables(labels_by_kind, test.labels, test.groups)
             metrics["group_accuracy"] = tables
@@ -273,14 +274,14 @@ class DetectionResult:
                 metrics[f"wga_{kind}"] = tables[kind]["worst"] if kind in tables else None
             metrics["group_accuracy_intervals"] = intervals
             metrics["results_table"] = format_table(tables, intervals)
-            step = next(c for c in intervals["changes"] if (c["from"], c["to"]) == ("original", "ablated"))
             # Both artefact groups, or its worst group says nothing about the artefact; and a run saved before
             # verdicts existed has none to settle.
             if len(np.unique(test.groups)) < 2:
-                metrics[TEST_WARNINGS].append(one_group_note(bool(test.groups[0])))
+                one_group = bool(test.groups[0])
+                metrics[TEST_WARNINGS].append(one_group_note(one_group))
             elif self.metrics.get(VERDICT):
+                step = next(c for c in intervals["changes"] if (c["from"], c["to"]) == ("original", "ablated"))
                 metrics[TEST_VERDICT] = confirm_on_test(self.metrics[VERDICT], change_verdict(step, tables))
-        one_group = None if by_flag or len(np.unique(test.groups)) == 2 else bool(test.groups[0])
         metrics["guard_warning"] = guard_loss_warning(tables, intervals, by_flag, one_group)
         if "dfr" in tables:
             metrics["dfr_warning"] = dfr_loss_warning(tables, intervals, by_flag)
@@ -380,8 +381,9 @@ class DetectionResult:
                  f"mean {tuple(round(m, 3) for m in prep.mean)}, std {tuple(round(v, 3) for v in prep.std)}), "
                  f"{self.grid[0]}x{self.grid[1]} patches, flags grown by {self.config.dilation_radius}",
                  f"shortcut cluster: {self.shortcut_cluster} (margin {self.metrics.get('score_margin', 0):.3f})"]
-        if current_verdict(self.metrics):
-            lines.insert(0, verdict_line(current_verdict(self.metrics)))
+        verdict = current_verdict(self.metrics)
+        if verdict:
+            lines.insert(0, verdict_line(verdict))
         for s in self.scores:
             lines.append(
                 f"  cluster {s.cluster}: size {s.size}, homogeneity {s.homogeneity:.3f}, "
@@ -529,7 +531,8 @@ class ShortcutDetector:
         t = time.perf_counter()
         features = _masked_head_features(result, dataset, feats.head_features, feats.keys)
         candidates = None if chosen is None else chosen.candidates
-        tokens = int((clustering.assignments == shortcut).sum()) * adapter.num_patches
+        members = clustering.assignments == shortcut
+        tokens = int(members.sum()) * adapter.num_patches
         accuracy, ablated = _ablation_check(result, dataset, feats.logits, features,
                                             stands_apart(candidates, tokens, count, cfg.positive_quantile))
         verdict = fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1),
@@ -556,7 +559,6 @@ class ShortcutDetector:
             accuracy["dfr_fit_warnings"] = fit_warnings  # so a bundle without the head can leave them out
         seconds["dfr"] = time.perf_counter() - t
 
-        members = clustering.assignments == shortcut
         result.metrics = {
             "shortcut_cluster": int(shortcut),
             VERDICT: verdict,

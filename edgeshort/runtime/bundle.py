@@ -118,6 +118,13 @@ class Bundle:
             )
         return self.root / files[fmt]
 
+    @property
+    def shares_onnx_weights(self) -> bool:
+        """Whether its ONNX graphs keep their weights in one shared file (`onnx_external_data`): bundles
+        exported before it existed hold them inside each graph."""
+        return all(entry.get("onnx_external_data") for entry in self.manifest["graphs"].values()
+                   if "onnx" in entry.get("files", {}))
+
     def outputs(self, graph: str) -> list[str]:
         return list(self.manifest["graphs"][graph]["outputs"])
 

@@ -321,7 +321,7 @@ class Guard:
             logger.warning("map_weights is not used: it applies to ONNX Runtime (backend='onnxruntime'), and OpenVINO "
                            "(the backend chosen) maps its IR weights itself")
             map_weights = False
-        if map_weights and not all(loaded.manifest["graphs"][g].get("onnx_external_data") for g in graphs):
+        if map_weights and not loaded.shares_onnx_weights:
             logger.warning("map_weights is not used: the ONNX graphs of %s hold their own weights (an older export); "
                            "export the run again for one shared weights file", loaded.root)
             map_weights = False
