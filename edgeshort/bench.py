@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeshort.detect.verdict import FOUND
 from edgeshort.errors import InputError, MissingDependencyError
 from edgeshort.runtime.backends import BACKENDS, check_threads, open_session
 from edgeshort.runtime.bundle import (
@@ -182,7 +183,7 @@ def bench_bundle(
     rng = np.random.default_rng(0)
     results: dict = {"bundle": str(bundle.root), "model": bundle.manifest["model"], "machine": machine_info(),
                      "settings": {"rounds": rounds, "block": block, "threads": threads, "batches": list(batches)},
-                     "size": bundle_size(bundle), "cases": []}
+                     "size": bundle_size(bundle), "verdict": bundle.verdict, "cases": []}
     variants = available_variants(bundle, backends)
     if not variants:
         raise MissingDependencyError(f"none of the backends {backends} can run this bundle here: OpenVINO is not "
@@ -514,6 +515,9 @@ def markdown_table(results: dict) -> str:
         lines += ["", f"Inputs: {inputs['source']}." + (
             " Random images stand in where no real image of a kind was at hand; the guard may flag them "
             "(bench.json clean_inputs_flagged)." if "random image" in (inputs["clean"], inputs["flagged"]) else "")]
+    if results.get("verdict") not in (None, FOUND):
+        lines += ["", f"The bundle's verdict is '{results['verdict']}', not 'found': its guarded rows time masking "
+                      "flags that need not mark a shortcut (manifest guard.verdict)."]
     if results.get("skipped_backends"):
         lines += ["", f"Not timed: {', '.join(results['skipped_backends'])} (not installed, or not in the bundle)."]
     lines += ["", "Cold start (load + compile + first call):", *[f"- {c}" for c in cold]]

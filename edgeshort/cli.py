@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except (EdgeshortError, FileNotFoundError) as exc:
         print(f"edgeshort {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except ImportError as exc:  # an offline command on a runtime-only install
         if (missing := missing_extra(exc)) is None:
             raise

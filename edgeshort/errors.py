@@ -31,6 +31,13 @@ class BundleError(EdgeshortError, ValueError):
     """A bundle is missing, tampered, from a newer format, or does not match this install."""
 
 
+class VerdictRefusal(InputError):
+    """A run whose verdict says its guard has no shortcut to mask, or harms, asked to be exported."""
+
+    # A pipeline tells "nothing to guard" (deploy the model as it is) from a mistake (2).
+    exit_code = 4
+
+
 class ParityError(EdgeshortError, RuntimeError):
     """An exported model does not reproduce the torch model within tolerance."""
 

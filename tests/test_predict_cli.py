@@ -54,6 +54,8 @@ def test_folder_to_jsonl_with_overlays_and_one_bad_file(demo_bundle, image_folde
     assert "broken.png" in stderr and "cannot read image" in stderr
     assert "skipped 1 file in the folders that are not images (.txt 1)" in stderr  # notes.txt, not silently
     records = read_jsonl(out)
+    flagged = sum(r["shortcut_present"] for r in records if not r["error"])
+    assert f"{NUM_IMAGES} images predicted, {flagged} with a shortcut, 1 failed" in stderr  # the verdict is 'found'
     assert len(records) == NUM_IMAGES + 1
     from edgeshort.commands.predict import find_inputs
 

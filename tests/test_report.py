@@ -160,6 +160,7 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
     assert f"95% CI {lo:+.3f} to {hi:+.3f}, a real gain" in verdict
     # Cluster strips: image, heatmap and patch grid for every sample written by the run.
     clusters = section(page, "clusters")
+    assert f"Cluster {demo_result.shortcut_cluster} — shortcut cluster" in clusters and "The verdict is" not in page
     written = len(list((demo_result.run_dir / "heatmaps" / "cluster_0").glob("sample_*_image.png")))
     assert clusters.count("cluster 0 sample") == 3 * written
     flags = section(page, "flags")

@@ -655,6 +655,8 @@ RESEALED_MANIFEST_FAULTS = {
     "grid as text": (lambda m: m["model"].update(grid="8x8"), r"expected model.grid to be two positive whole numbers"),
     "enlargement as text": (lambda m: m["guard"].update(calibration_enlargement="big"),
                             r"expected guard.calibration_enlargement to be a positive number, got 'big'"),
+    "verdict as text": (lambda m: m["guard"].update(verdict="found"),
+                        r"expected guard.verdict to be an object with verdict and summary texts, got 'found'"),
     "hash entry as text": (lambda m: m["files"].update({"plain.onnx": "abc"}),
                            r"expected files.plain.onnx to be an object with a sha256 text"),
 }

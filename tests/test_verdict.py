@@ -86,7 +86,8 @@ def _demo_val_without(demo_data, rates: tuple[float, float], size: int = 600):
     return generate_split(replace(DEMO_DATA, val=SplitSpec(size, rates)), "val")
 
 
-def test_a_shortcut_the_validation_images_do_not_show_is_not_found_and_not_exported(demo_vit, demo_data, tmp_path):
+def test_a_shortcut_the_validation_images_do_not_show_is_not_found_and_not_exported(demo_vit, demo_data, tmp_path,
+                                                                                    capsys):
     from edgeshort.demo import DEMO_DETECTOR
     from edgeshort.detect import ShortcutDetector
     from edgeshort.export import ExportOptions, export_bundle
@@ -102,15 +103,41 @@ def test_a_shortcut_the_validation_images_do_not_show_is_not_found_and_not_expor
 
     page = write_report(tmp_path / "run").read_text()
     assert '<p class="headline"><span class="no">No shortcut found</span></p>' in page
+    # The guard's diagnostics below say they show no shortcut.
+    assert page.count("The verdict is &ldquo;No shortcut found&rdquo;") == 2 and "top-ranked cluster" in page
+    assert "— shortcut cluster" not in page
     options = ExportOptions(formats=("onnx",), graphs="fused", skl2onnx_check=False, progress=False)
     with pytest.raises(InputError, match="the run's verdict: No shortcut found.* pass --ignore-verdict"):
         export_bundle(tmp_path / "run", tmp_path / "bundle", options, calibration=clean)
+    assert not (tmp_path / "bundle").exists()
+    from edgeshort.cli import main
+
+    # A pipeline tells the refusal from a mistake by its exit code.
+    assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "bundle"), "--formats", "onnx"]) == 4
+    assert "edgeshort export: error: the run's verdict: No shortcut found" in capsys.readouterr().err
     assert not (tmp_path / "bundle").exists()
     # Exported anyway, the bundle carries the verdict, and the runtime logs it with the other warnings.
     bundle = export_bundle(tmp_path / "run", tmp_path / "bundle", replace(options, ignore_verdict=True),
                            calibration=clean)
     assert bundle.manifest["guard"]["verdict"]["verdict"] == "none"
     assert verdict["summary"] in bundle.manifest["guard"]["warnings"]
+    # The runtime's own outputs do not call its flags a shortcut.
+    from edgeshort.bench import bench_bundle, markdown_table
+    from edgeshort.runtime import Guard
+
+    assert Guard.load(bundle.root, backend="onnxruntime").info.verdict == "none"
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        clean.image(i).save(images / f"{i}.png")
+    assert main(["predict", str(bundle.root), str(images), "--backend", "onnxruntime", "-o",
+                 str(tmp_path / "records.jsonl")]) == 0
+    said = capsys.readouterr().err
+    assert "with tokens flagged and masked (the bundle's verdict is 'none', not 'found'" in said
+    assert "with a shortcut" not in said
+    results = bench_bundle(bundle.root, backends=["onnxruntime"], batches=(1,), rounds=1, block=1,
+                           seed_pipeline=False, progress=False)
+    assert "The bundle's verdict is 'none', not 'found'" in markdown_table(results)
     # A guard a test set shows harmful is refused too.
     from edgeshort.detect.verdict import TEST_VERDICT
 

@@ -6,8 +6,19 @@ from edgeshort.commands import refuse_without
 from edgeshort.commands.detect import COLUMNS_HELP, IMAGE_ROOT_HELP
 from edgeshort.detect.verdict import verdict_line
 
+EXIT_CODES = """exit codes:
+  0  the bundle is written and its parity checked
+  2  bad arguments, run or calibration images, a missing extra, or a backend outside the parity
+     tolerance: no bundle is written
+  4  refused for the run's verdict (none: no shortcut found; harmful: the guard lowers the test set's
+     worst group): deploy the model as it is, or pass --ignore-verdict"""
+
 
 def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the exit codes' lines
+    parser.epilog = EXIT_CODES
     parser.add_argument("run", help="run folder written by `edgeshort detect`")
     parser.add_argument("-o", "--out", required=True, help="bundle folder to write")
     parser.add_argument("--formats", default="onnx,openvino",

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from edgeshort.detect.verdict import FOUND
+
 RECORD_FIELDS = ("path", "label", "ablated_label", "dfr_label", "final_label", "final_probability", "shortcut_present",
                  "flagged_patches", "warning", "logits", "ablated_logits", "dfr_logits", "overlay", "error",
                  "bundle_sha256", "runtime")
@@ -506,7 +508,11 @@ def run(args) -> int:
         return EXIT_STOPPED
     if not args.quiet:
         where = f" -> {args.out}" if args.out else ""
-        print(f"{counts['images']} images predicted, {counts['shortcut_present']} with a shortcut, "
+        verdict = guard.info.verdict
+        flagged = (f"{counts['shortcut_present']} with a shortcut" if verdict in (None, FOUND) else
+                   f"{counts['shortcut_present']} with tokens flagged and masked (the bundle's verdict is "
+                   f"'{verdict}', not 'found': the flags need not mark a shortcut)")
+        print(f"{counts['images']} images predicted, {flagged}, "
               f"{counts['failed']} failed{where} ({guard.info.backend}, {guard.info.precision})", file=sys.stderr)
         if counts["warned"]:
             print(f"{counts['warned']} with a warning (flags over most of the image, or an image far smaller than "

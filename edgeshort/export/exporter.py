@@ -25,7 +25,7 @@ from edgeshort._optional import require
 from edgeshort._spacing import evenly_spaced
 from edgeshort._version import __version__, package_versions
 from edgeshort.detect.verdict import DO_NOT_GUARD, FOUND, current_verdict
-from edgeshort.errors import BundleError, InputError, ParityError
+from edgeshort.errors import BundleError, InputError, ParityError, VerdictRefusal
 from edgeshort.export.graphs import graph_specs
 from edgeshort.export.onnx_weights import WEIGHTS_FILE, share_onnx_weights
 from edgeshort.runtime.backends import open_session
@@ -288,7 +288,7 @@ def export_bundle(run, out: str | Path, options: ExportOptions | None = None, ca
     result.check_weights()  # a bundle of new weights with an old guard would pass its own parity check
     verdict = current_verdict(result.metrics)
     if verdict and verdict["verdict"] in DO_NOT_GUARD and not options.ignore_verdict:
-        raise InputError(
+        raise VerdictRefusal(
             f"the run's verdict: {verdict['summary']}. No bundle is written; to export the guard anyway (e.g. to look "
             "at its flags on the edge), pass --ignore-verdict (ExportOptions(ignore_verdict=True))"
         )

@@ -35,7 +35,7 @@ from edgeshort.detect.config import (
     SETTINGS_OF_EARLIER_RUNS,
 )
 from edgeshort.detect.keymaps import describe_positives
-from edgeshort.detect.verdict import FOUND, current_verdict
+from edgeshort.detect.verdict import DO_NOT_GUARD, FOUND, current_verdict
 from edgeshort.errors import InputError
 from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, change_verdict, describe_change
 from edgeshort.report.draw import (
@@ -669,6 +669,17 @@ def _cluster_pictures(run: RunData, c: int, dataset_loader: Callable[[], object 
     return out, "drawn from the validation images (the run folder holds no pictures)"
 
 
+def _verdict_caveat(run: RunData, what: str) -> str:
+    """Above the guard's diagnostics, when the verdict says there is no shortcut to guard: the 'shortcut cluster'
+    is then only the top-ranked cluster, and the flags need not mark anything but what the model needs."""
+    verdict = current_verdict(run.metrics)
+    if verdict is None or verdict["verdict"] not in DO_NOT_GUARD:
+        return ""
+    title = verdict["summary"].partition(": ")[0]
+    return _empty(f"The verdict is &ldquo;{_e(title)}&rdquo;: {what}.",
+                  "Shown for inspection only: deploy the model as it is, without the guard (see the verdict above).")
+
+
 def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object | None]) -> str:
     k = run.n_clusters
     if k == 0:
@@ -685,7 +696,8 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
         "<p>For each cluster: the validation images nearest its centre, their key heatmaps (per patch, the distance "
         f"of the image's key to {contrast}; bright = unlike anything there) blended over "
         "the image, and the 5&times;5 patch grid around the hottest patch. In the shortcut cluster the heat should "
-        "sit on the artefact, not on the object.</p>"
+        "sit on the artefact, not on the object.</p>",
+        caveat := _verdict_caveat(run, "the cluster marked below is only the one the score ranks first, not a shortcut"),
     ]
     # Mean heatmaps share one scale (the highest mean of any cluster), so clusters stay comparable but readable.
     means = {}
@@ -696,7 +708,7 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
     top = max((float(m.max()) for m in means.values()), default=1.0) or 1.0
     for c in range(k):
         s = scores.get(c, {})
-        title = f"Cluster {c}" + (" — shortcut cluster" if c == shortcut else "")
+        title = f"Cluster {c}" + ((" — top-ranked cluster" if caveat else " — shortcut cluster") if c == shortcut else "")
         desc = ""
         if s:
             desc = (f"{s['size']} images, {_pct(s['homogeneity'])} {_e(run.class_name(s['majority_class']))}, "
@@ -775,7 +787,9 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
     prep = run.preprocessing
     parts = [
         "<p>The key-KNN guard flags patch tokens whose keys look like the shortcut cluster's most distinctive keys, "
-        "grows the flags to their neighbours, and the ablated prediction excludes those tokens.</p>"
+        "grows the flags to their neighbours, and the ablated prediction excludes those tokens.</p>",
+        _verdict_caveat(run, "these flags mark no shortcut; they fall on whatever the top-ranked cluster holds, "
+                             "often the object itself"),
     ]
     parts.append(_test_set_line(run))
     pred = run.predictions

@@ -125,6 +125,13 @@ class Bundle:
         return all(entry.get("onnx_external_data") for entry in self.manifest["graphs"].values()
                    if "onnx" in entry.get("files", {}))
 
+    @property
+    def verdict(self) -> str | None:
+        """The detection run's verdict: 'found', 'unconfirmed', or 'none' / 'harmful' for a bundle exported
+        against it (--ignore-verdict); None for bundles exported before verdicts existed."""
+        verdict = self.manifest["guard"].get("verdict")
+        return verdict["verdict"] if verdict else None
+
     def outputs(self, graph: str) -> list[str]:
         return list(self.manifest["graphs"][graph]["outputs"])
 
@@ -207,6 +214,10 @@ def _check_structure(manifest: dict, path: Path) -> None:
     warnings = guard.get("warnings") or []
     expect(isinstance(warnings, list) and all(isinstance(w, str) for w in warnings), "guard.warnings",
            "a list of texts", warnings)
+    verdict = guard.get("verdict")
+    expect(verdict is None or (isinstance(verdict, dict) and isinstance(verdict.get("verdict"), str)
+                               and isinstance(verdict.get("summary"), str)),
+           "guard.verdict", "an object with verdict and summary texts", verdict)
     enlargement = guard.get("calibration_enlargement") or 1.0
     expect(isinstance(enlargement, (int, float)) and not isinstance(enlargement, bool) and enlargement > 0,
            "guard.calibration_enlargement", "a positive number", enlargement)

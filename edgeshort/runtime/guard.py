@@ -191,6 +191,8 @@ class GuardInfo:
     # Names the bundle in audit logs: the manifest holds its files' hashes and its own seal, verified at load.
     manifest_sha256: str = ""
     map_weights: bool = False
+    # The detection run's verdict (Bundle.verdict): under any but 'found', flags need not mark a shortcut.
+    verdict: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -343,6 +345,7 @@ class Guard:
             load_seconds=round(time.perf_counter() - start, 4), warmup_seconds=round(warmup, 4),
             input_size=tuple(guard.preprocessing.size), class_names=guard.class_names, has_dfr=loaded.has_dfr,
             compiled=graphs, manifest_sha256=loaded.manifest_sha256, map_weights=map_weights,
+            verdict=loaded.verdict,
         )
         logger.info("loaded %s on %s (%s) in %.2f s", loaded.root, chosen, guard.info.precision,
                     guard.info.load_seconds)
