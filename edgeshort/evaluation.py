@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from math import comb
+
 import numpy as np
 
 from edgeshort.errors import InputError
@@ -93,10 +95,33 @@ def bootstrap_intervals(
         "resamples": resamples,
         "kinds": {k: {name: interval(s[:, i]) for name, s in stats.items()} for i, k in enumerate(kinds)},
         "changes": [
-            {"from": a, "to": b, **{f"{name}_interval": interval(s[:, i + 1] - s[:, i]) for name, s in stats.items()}}
+            {"from": a, "to": b, **{f"{name}_interval": interval(s[:, i + 1] - s[:, i]) for name, s in stats.items()},
+             # Whether the changed images bear the interval out (change_verdict) is judged at its level.
+             "confidence": confidence,
+             "changed_per_cell": _changed_per_cell(correct[:, i], correct[:, i + 1], labels, groups, num_classes,
+                                                   num_groups)}
             for i, (a, b) in enumerate(zip(kinds, kinds[1:]))
         ],
     }
+
+
+def _changed_per_cell(before: np.ndarray, after: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                      num_classes: int, num_groups: int) -> list[list[int]]:
+    """[fixed, broken] per (class, group) cell, in `group_accuracy`'s order: the images a step changed."""
+    cells = []
+    for c in range(num_classes):
+        for g in range(num_groups):
+            sel = (labels == c) & (groups == g)
+            cells.append([int((~before[sel] & after[sel]).sum()), int((before[sel] & ~after[sel]).sum())])
+    return cells
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided exact sign test (McNemar's exact test on paired predictions): the chance of at least `wins`
+    of `wins + losses` changes going one way when each way is equally likely. Exact integers, no scipy: the
+    report reads verdicts where only the runtime is installed."""
+    changed = wins + losses
+    return sum(comb(changed, k) for k in range(wins, changed + 1)) / 2**changed
 
 
 # A percentile bootstrap over a cell of a few images has a degenerate interval (three images all
@@ -106,13 +131,35 @@ MIN_CELL_FOR_VERDICT = 10
 
 def change_verdict(change: dict, tables: dict[str, dict], stat: str = "worst") -> str:
     """"gain" or "loss" when the paired interval of the worst (or `stat="average"`) group accuracy's change
-    excludes zero, else "noise"; "too few" when the smallest (class, group) cell is too small for the
-    interval to mean anything."""
+    excludes zero and the images it changed bear the direction out, else "noise"; "too few" when the smallest
+    (class, group) cell is too small for the interval to mean anything."""
     sizes = [cell["n"] for cell in tables[change["to"]]["cells"] if cell["n"]]
     if not sizes or min(sizes) < MIN_CELL_FOR_VERDICT:
         return "too few"
     lo, hi = change[f"{stat}_interval"]
-    return "gain" if lo > 0 else "loss" if hi < 0 else "noise"
+    called = "gain" if lo > 0 else "loss" if hi < 0 else "noise"
+    if called == "noise" or "changed_per_cell" not in change:  # runs saved before the counts: the interval alone
+        return called
+    return called if _changes_bear_out(change, tables, stat, called) else "noise"
+
+
+def _changes_bear_out(change: dict, tables: dict[str, dict], stat: str, called: str) -> bool:
+    """Whether the changed images show `called` beyond chance, at the interval's own level, in the cell that
+    must move for it: a worst-group gain needs the worst cell before the step to gain (the new worst is no
+    higher than it), a loss needs the worst cell after it to lose. A percentile bootstrap over a cell with a
+    few changed images, all one way, excludes zero on its own (4 fixed of 50 gives +0.02 to +0.16, where the
+    exact test gives p = 0.06); an average change needs the changes over all cells to lean its way."""
+    level = (1 - change["confidence"]) / 2
+    gain = called == "gain"
+    counts = change["changed_per_cell"]
+    if stat == "average":
+        fixed, broken = (sum(cell[i] for cell in counts) for i in (0, 1))
+        return sign_test(*((fixed, broken) if gain else (broken, fixed))) <= level
+    table = tables[change["from" if gain else "to"]]["cells"]
+    worst = min(cell["accuracy"] for cell in table if cell["accuracy"] is not None)
+    # Every cell tied for worst must move, so the weakest evidence among them decides.
+    return max(sign_test(*((fixed, broken) if gain else (broken, fixed)))
+               for cell, (fixed, broken) in zip(table, counts) if cell["accuracy"] == worst) <= level
 
 
 def describe_change(change: dict, tables: dict[str, dict], confidence: float, titles: dict = KIND_TITLES,
@@ -121,10 +168,13 @@ def describe_change(change: dict, tables: dict[str, dict], confidence: float, ti
     noise explains it."""
     delta = tables[change["to"]][stat] - tables[change["from"]][stat]
     lo, hi = change[f"{stat}_interval"]
+    called = change_verdict(change, tables, stat)
     verdict = {
-        "gain": "a real gain", "loss": "a real loss", "noise": "within test-set noise",
+        "gain": "a real gain", "loss": "a real loss",
+        "noise": ("too few images changed to tell from test-set noise" if lo > 0 or hi < 0
+                  else "within test-set noise"),
         "too few": f"too few images in the smallest cell (under {MIN_CELL_FOR_VERDICT}) to tell from noise",
-    }[change_verdict(change, tables, stat)]
+    }[called]
     to, of = (titles.get(k, k) for k in (change["to"], change["from"]))
     return (f"{stat} group, {to} vs {of}: {delta:+.3f} "
             f"({100 * confidence:.0f}% CI {lo:+.3f} to {hi:+.3f}, {verdict})")

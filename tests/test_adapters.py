@@ -433,7 +433,8 @@ def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
     # The verdict leads the summary and closes the output; without a test set, the way to settle it is named.
     lines = captured.out.splitlines()
     verdict = next(line for line in lines if line.startswith("verdict: "))
-    assert verdict.startswith("verdict: No shortcut found") and lines.count(verdict) == 2
+    assert verdict.startswith("verdict: Shortcut not confirmed") and lines.count(verdict) == 2
+    assert "so whether they stand apart is not measured" in verdict  # 12 images: too few clean tokens for 99.9%
     assert lines[-3].startswith("no test set: add --eval TEST (or later: edgeshort report RUN --eval TEST)")
     assert "Loading weights" not in captured.err  # --quiet hides transformers' own bar too
     assert json.loads((tmp_path / "run" / "run.json").read_text())["class_names"] == ["nevus", "melanoma", "bcc"]

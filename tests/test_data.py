@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -184,6 +185,14 @@ def test_bad_input_is_named(tmp_path):
         with pytest.raises(InputError, match="expected distinct, non-empty class names"):
             ImageDataset.from_arrays(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], names)
     assert ImageDataset.from_arrays(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], [0, 1]).class_names == ("0", "1")
+    # A group other than 0 / 1 would fall out of every (class, group) cell and out of worst-group accuracy.
+    two = np.zeros((2, 8, 8, 3), np.uint8)
+    for groups, said in (([1, 2], "['2']"), ([0, 0.5], "['0.5']"), (["ruler", "none"], "['none', 'ruler']")):
+        with pytest.raises(InputError, match=re.escape(f"expected group labels 0 (no artefact) or 1 (artefact), got "
+                                                       f"{said}; map them to 0 / 1")):
+            ImageDataset.from_arrays(two, [0, 1], ["a", "b"], groups=groups)
+    for groups in ([True, False], [1.0, 0.0], np.array([1, 0], np.uint8)):
+        assert ImageDataset.from_arrays(two, [0, 1], ["a", "b"], groups=groups).groups.tolist() == [1, 0]
 
 
 def test_recorded_folder_sources_reload_from_another_directory(tmp_path, monkeypatch):

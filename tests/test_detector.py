@@ -239,11 +239,46 @@ def test_dfr_that_stops_before_converging_says_so_once(monkeypatch, caplog):
     with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="edgeshort.detect.dfr"):
         warnings.simplefilter("error")  # scikit-learn's per-fit warnings do not reach the caller
         head = dfr.fit_dfr_logreg(features, labels, present, 3, subsamples=4)
-    assert head.info["unconverged_fits"] == len(dfr.C_GRID) + 4
+    assert head.info["unconverged_fits"] == dfr.DFR_TUNING_SPLITS * len(dfr.C_GRID) + 4
     assert [w for w in dfr.dfr_fit_warnings(head, ("a", "b", "c")) if "iteration limit" in w] == [
-        f"DFR: {len(dfr.C_GRID) + 4} logistic-regression fits stopped at the {dfr.DFR_MAX_ITER}-iteration limit "
-        "before converging; the head averages their last iterates"]
+        f"DFR: {dfr.DFR_TUNING_SPLITS * len(dfr.C_GRID) + 4} logistic-regression fits stopped at the "
+        f"{dfr.DFR_MAX_ITER}-iteration limit before converging; the head averages their last iterates"]
     assert head.weight.shape == (3, 16) and np.isfinite(head.weight).all()
+
+
+def test_dfr_judges_every_strength_on_the_same_subsamples_and_averages_over_halvings(monkeypatch):
+    from edgeshort.detect import dfr
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(120, 8)).astype(np.float32)
+    labels, present = np.arange(120) % 2, (np.arange(120) // 2) % 3 == 0
+    tuning = []  # (C, the training rows), in call order
+    fit = dfr._fit_logreg
+
+    def recording_fit(x, y, c, seed):
+        tuning.append((c, x.tobytes()))
+        return fit(x, y, c, seed)
+
+    monkeypatch.setattr(dfr, "_fit_logreg", recording_fit)
+    judged = {c: [] for c in dfr.C_GRID}  # each C's worst-group accuracy on the held-out halves
+    score = dfr._worst_group_accuracy
+
+    def recording_score(*args):
+        judged[tuning[-1][0]].append(score(*args))
+        return judged[tuning[-1][0]][-1]
+
+    monkeypatch.setattr(dfr, "_worst_group_accuracy", recording_score)
+    head = dfr.fit_dfr_logreg(features, labels, present, 2, subsamples=3)
+    per_split = [tuning[i:i + len(dfr.C_GRID)] for i in range(0, dfr.DFR_TUNING_SPLITS * len(dfr.C_GRID),
+                                                             len(dfr.C_GRID))]
+    assert len(per_split) == dfr.DFR_TUNING_SPLITS
+    # Within a halving every C learns from the same rows; the halvings differ.
+    assert all([c for c, _ in split] == list(dfr.C_GRID) and len({rows for _, rows in split}) == 1
+               for split in per_split)
+    assert len({split[0][1] for split in per_split}) == dfr.DFR_TUNING_SPLITS
+    means = {c: float(np.mean(v)) for c, v in judged.items()}
+    assert head.info["C"] == max(dfr.C_GRID, key=lambda c: (means[c], -dfr.C_GRID.index(c)))
+    assert head.info["selection_wga"] == pytest.approx(means[head.info["C"]])
 
 
 def test_dfr_on_groups_too_small_to_trust_is_a_run_warning():

@@ -183,6 +183,33 @@ def test_a_cell_of_a_few_images_is_not_called_a_gain():
     assert change_verdict(bootstrap_intervals(big, big_labels, big_groups, 2)["changes"][0], big_tables) == "gain"
 
 
+@pytest.mark.parametrize(("changed", "called"), [(4, "too few changed"), (8, "real")])
+def test_a_worst_group_change_needs_enough_changed_images_to_be_real(changed, called):
+    """Four images of fifty fixed, none broken: the percentile interval excludes zero, yet the exact test
+    gives p = 0.06. A gain or a loss on so few changes would settle the run's verdict on noise."""
+    labels, groups = _balanced(50)
+    worst = np.flatnonzero((labels == 1) & (groups == 1))
+    before = labels.copy()
+    before[worst[:25]] = 0  # the worst cell at 25 of 50
+    after = before.copy()
+    after[worst[:changed]] = 1
+    for kinds, direction in (({"original": before, "ablated": after}, "gain"),
+                             ({"original": after, "ablated": before}, "loss")):
+        tables = {k: group_accuracy(v, labels, groups, ("a", "b")) for k, v in kinds.items()}
+        change = bootstrap_intervals(kinds, labels, groups, 2)["changes"][0]
+        lo, hi = change["worst_interval"]
+        assert (lo > 0) if direction == "gain" else (hi < 0), "the interval alone would call it"
+        said = describe_change(change, tables, 0.95)
+        if called == "real":
+            assert change_verdict(change, tables) == direction and f"a real {direction}" in said
+        else:
+            assert change_verdict(change, tables) == "noise"
+            assert said.endswith("too few images changed to tell from test-set noise)")
+        # A run saved before the counts were kept is judged by its interval, as it was.
+        del change["changed_per_cell"]
+        assert change_verdict(change, tables) == direction
+
+
 def test_each_class_gets_its_recall_over_all_its_images():
     """Sensitivity and specificity (two classes) are what a clinician reads first: per class over all its images,
     whatever the groups."""

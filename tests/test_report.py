@@ -230,6 +230,7 @@ def test_verdict_calls_a_loss_only_beyond_noise_and_names_the_clustering_space(d
     assert "The guard lowers it" not in verdict
     assert "less their class's mean" in verdict and "pooled last-block features of" not in verdict
     dfr_step["worst_interval"] = [-0.2, -0.05]
+    dfr_step["changed_per_cell"] = [[0, 30]] * len(dfr_step["changed_per_cell"])  # and many images broken
     (run / "metrics.json").write_text(json.dumps(metrics))
     verdict = section(write_report(run, tmp_path / "loss.html").read_text(), "verdict")
     assert "The guard lowers it beyond test-set noise (ablated + DFR vs ablated)" in verdict

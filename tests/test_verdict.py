@@ -28,9 +28,16 @@ def _predictions(fixed: int, broken: int, kept_right: int = 100, kept_wrong: int
                                   "clean tokens, 106.5 times chance, and masking them fixed 49"),
     (9, 36032, 18, 184, "none", "No shortcut found: no cluster's tokens stand apart from clean ones: 9 of cluster "
                                 "1's 36,032 tokens are hotter than 99.9% of clean tokens, 0.2 times chance (a shortcut "
-                                "needs 10 times chance and at least the KNN's 200 positives)"),
+                                "needs 10 times chance)"),
     # Enough for the KNN, but no more than a large cluster holds by chance (vit_b_16: 196 patches an image).
-    (300, 196000, 49, 5, "none", "300 of cluster 1's 196,000 tokens are hotter than 99.9% of clean tokens, 1.5 times"),
+    (300, 196000, 1, 9, "none", "300 of cluster 1's 196,000 tokens are hotter than 99.9% of clean tokens, 1.5 times"),
+    # So few that chance could hold them, yet masking helps beyond chance: something is relied on.
+    (300, 196000, 49, 5, "unconfirmed", "1.5 times chance (a shortcut needs 10 times chance), yet masking them fixed "
+                                        "49 validation predictions and broke 5 (sign test p = 1.9e-10): a small "
+                                        "artefact, or one that images outside the cluster carry too"),
+    # Exactly ten times chance stands apart (in floating point 10 x 0.001 x 78,400 is 784.0000000000007).
+    (784, 78400, 49, 5, "found", "784 of cluster 1's 78,400 tokens are hotter than 99.9% of clean tokens, 10.0 times"),
+    (783, 78400, 1, 9, "none", "783 of cluster 1's 78,400 tokens"),
     (3000, 36032, 0, 9, "unconfirmed", "broke 9 (sign test p = 0.002 that it harms): either the model does not rely "
                                        "on them, or the validation images hold none where the artefact"),
     (2761, 36032, 1, 3, "unconfirmed", "no difference beyond chance"),
@@ -48,6 +55,20 @@ def test_the_verdict_needs_distinct_tokens_and_more_fixed_than_broken(candidates
         assert found["summary"].endswith("Settle it on a test set with artefact labels (edgeshort detect --eval TEST "
                                          "with --eval-columns group=COLUMN, or result.evaluate) before shipping the guard")
     json.dumps(found)  # it goes into metrics.json and the bundle's manifest as it is
+
+
+def test_a_quantile_of_too_few_clean_tokens_measures_nothing():
+    """Over 300 clean tokens the 99.9% quantile is their maximum: chance alone puts a cluster far past it."""
+    from edgeshort.detect.verdict import null_tokens_needed, stands_apart
+
+    assert null_tokens_needed(0.999) == 10_000 and null_tokens_needed(0.99) == 1_000
+    assert stands_apart(500, 36032, 0.999, null_tokens=300) is None
+    assert stands_apart(500, 36032, 0.999, null_tokens=10_000) is True
+    helps = fit_verdict(1, 500, 36032, 200, 0.999, *_predictions(49, 5), null_tokens=300)
+    assert helps["verdict"] == "found" and helps["null_tokens"] == 300
+    assert ("13.9 times chance, but that quantile rests on only 300 clean tokens (it needs 10,000), so whether they "
+            "stand apart is not measured, and masking them fixed 49") in helps["summary"]
+    assert fit_verdict(1, 500, 36032, 200, 0.999, *_predictions(1, 9), null_tokens=300)["verdict"] == "unconfirmed"
 
 
 def test_a_test_set_with_both_artefact_groups_settles_the_verdict_or_says_it_cannot():

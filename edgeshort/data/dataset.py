@@ -63,6 +63,8 @@ class ImageDataset:
             )
         if groups is not None and len(groups) != len(labels):
             raise InputError(f"expected {len(labels)} group labels, got {len(groups)}")
+        if groups is not None:
+            groups = _artefact_groups(groups)
         if masks is not None and len(masks) != len(labels):
             raise InputError(f"expected {len(labels)} artefact masks, got {len(masks)}")
         self.sources = sources
@@ -72,7 +74,7 @@ class ImageDataset:
             raise InputError(f"expected distinct, non-empty class names, got {list(class_names)}; name each class once "
                              "(the names label every prediction and every bundle)")
         self.class_names = tuple(names)
-        self.groups = None if groups is None else np.asarray(groups, dtype=np.int64)
+        self.groups = groups
         self.masks = masks
         self.name = name
         # How to load this set again (see `dataset_from_source`), recorded in run folders.
@@ -568,3 +570,20 @@ def as_dataset(data, class_names=None) -> ImageDataset:
     raise InputError(
         f"expected an ImageDataset, an image folder path or an (images, labels) tuple, got {type(data).__name__}"
     )
+
+
+def _artefact_groups(groups: Sequence) -> np.ndarray:
+    """Group labels as 0 (no artefact) / 1 (artefact): any other value would fall outside every (class, group)
+    cell and silently out of worst-group accuracy."""
+    values = np.asarray(groups)
+    if values.dtype == bool:
+        return values.astype(np.int64)
+    try:
+        numbers = values.astype(np.float64)
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is None or not np.isin(numbers, (0, 1)).all():
+        odd = sorted({str(v) for v in np.unique(values)} - {"0", "1", "0.0", "1.0"})[:5]
+        raise InputError(f"expected group labels 0 (no artefact) or 1 (artefact), got {odd}; map them to 0 / 1 "
+                         "(e.g. groups=(g == 'ruler').astype(int))")
+    return numbers.astype(np.int64)

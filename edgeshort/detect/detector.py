@@ -530,13 +530,13 @@ class ShortcutDetector:
 
         t = time.perf_counter()
         features = _masked_head_features(result, dataset, feats.head_features, feats.keys)
-        candidates = None if chosen is None else chosen.candidates
+        candidates, null_tokens = (None, None) if chosen is None else (chosen.candidates, chosen.null_tokens)
         members = clustering.assignments == shortcut
         tokens = int(members.sum()) * adapter.num_patches
         accuracy, ablated = _ablation_check(result, dataset, feats.logits, features,
-                                            stands_apart(candidates, tokens, count, cfg.positive_quantile))
+                                            stands_apart(candidates, tokens, cfg.positive_quantile, null_tokens))
         verdict = fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1),
-                              ablated, dataset.labels)
+                              ablated, dataset.labels, null_tokens)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
                                 + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t

@@ -3,8 +3,8 @@
 Groups are (shortcut present by the KNN flags) x (class), found without group labels. The
 default follows Kirichenko et al.: L1-regularised logistic regression on standardised
 features, the strength C chosen by worst-group accuracy on one half of the held-out set
-(trained on the other half), then weights averaged over several balanced subsamples of the
-whole set. `adam` is the seed notebook's variant (a linear layer trained with Adam).
+(trained on the other half) averaged over several random halvings, then weights averaged over
+several balanced subsamples of the whole set. `adam` is the seed notebook's variant (a linear layer trained with Adam).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from edgeshort.errors import InputError
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 DFR_MAX_ITER = 2000
+# Random halvings of the validation set the regularisation strength C is judged on.
+DFR_TUNING_SPLITS = 5
 # Below this many images in its smallest balanced group, a DFR head is fitted on too few to trust.
 DFR_MIN_GROUP = 10
 
@@ -133,21 +135,28 @@ def fit_dfr_logreg(
     rng = np.random.default_rng(seed)
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = (features - mean) / std
-    # Choose C by worst-group accuracy: train on a balanced half, judge on the other half.
-    order = rng.permutation(len(x))
-    half_a, half_b = order[: len(x) // 2], order[len(x) // 2 :]
-    best_c, best_wga = C_GRID[0], -1.0
+    # Choose C by worst-group accuracy: on each of several random halvings, every C is trained on one
+    # balanced subsample of one half and judged on the other; the mean over halvings decides.
+    # One subsample per C, or one halving, would let subsample noise (as large as the gaps between Cs) choose.
     fits: list[tuple[float, bool]] = []  # (C, converged)
-    usable_a = [g for g in usable if (groups[half_a] == g).sum() >= 1]
-    usable_b = [g for g in usable if (groups[half_b] == g).sum() >= 1]
-    if len({g // 2 for g in usable_a}) == num_classes and usable_b:
-        for c in progress_bar(C_GRID, progress, "DFR: choosing the regularisation", len(C_GRID)):
-            idx = half_a[balanced_indices(groups[half_a], rng, usable_a)]
+    judged = {c: [] for c in C_GRID}
+    for _ in progress_bar(range(DFR_TUNING_SPLITS), progress, "DFR: choosing the regularisation", DFR_TUNING_SPLITS):
+        order = rng.permutation(len(x))
+        half_a, half_b = order[: len(x) // 2], order[len(x) // 2 :]
+        usable_a = [g for g in usable if (groups[half_a] == g).sum() >= 1]
+        # A group of one image would decide the worst group by itself, at 0 or 1.
+        usable_b = [g for g in usable if (groups[half_b] == g).sum() >= 2]
+        if len({g // 2 for g in usable_a}) < num_classes or not usable_b:
+            continue
+        idx = half_a[balanced_indices(groups[half_a], rng, usable_a)]
+        for c in C_GRID:
             model, converged = _fit_logreg(x[idx], labels[idx], c, seed)
             fits.append((c, converged))
-            wga = _worst_group_accuracy(model.predict(x[half_b]), labels[half_b], groups[half_b], usable_b)
-            if wga > best_wga:
-                best_c, best_wga = c, wga
+            judged[c].append(_worst_group_accuracy(model.predict(x[half_b]), labels[half_b], groups[half_b], usable_b))
+    best_c, best_wga = C_GRID[0], -1.0
+    for c in C_GRID:  # the first best wins: the weakest regularisation among equals
+        if judged[c] and float(np.mean(judged[c])) > best_wga:
+            best_c, best_wga = c, float(np.mean(judged[c]))
     coefs, intercepts = [], []
     for _ in progress_bar(range(subsamples), progress, "DFR: fitting the head on balanced subsamples", subsamples):
         idx = balanced_indices(groups, rng, usable)

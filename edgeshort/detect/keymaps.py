@@ -129,6 +129,7 @@ class PositiveChoice:
     keys: np.ndarray  # (count, d) the KNN's positive keys
     threshold: float  # heat a clean token exceeds with probability 1 - quantile
     candidates: int  # shortcut-cluster tokens above the threshold
+    null_tokens: int  # held-out clean tokens the threshold was estimated on
 
 
 def calibrated_positives(
@@ -153,7 +154,8 @@ def calibrated_positives(
     # The quantile needs no more null tokens than the pool holds keys.
     null_images = null_images[: max(1, NEAREST_POOL_SIZE // keys.shape[1])]
     heat_of = _nearest_clean_search(keys[pool], k, seed)
-    threshold = float(np.quantile(heat_of(keys[null_images]), quantile))
+    null_heat = heat_of(keys[null_images])
+    threshold = float(np.quantile(null_heat, quantile))
     members = np.flatnonzero(assignments == cluster)
     member_keys = keys[members]  # one copy of the cluster's keys, for the search and the choice
     heat = heat_of(member_keys).reshape(-1)
@@ -165,7 +167,7 @@ def calibrated_positives(
         chosen = evenly_spaced(ranked, count)
     else:  # too few: the hottest tokens fill the count, as the seed's rule would
         chosen = np.argsort(heat, kind="stable")[-count:]
-    return PositiveChoice(member_keys[chosen], threshold, int(len(above)))
+    return PositiveChoice(member_keys[chosen], threshold, int(len(above)), int(null_heat.size))
 
 
 def knn_training_keys(

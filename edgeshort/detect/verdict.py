@@ -5,8 +5,8 @@ checks on the validation images (no artefact labels needed) say whether that gua
 something the model relies on:
 
 - *distinct*: the shortcut cluster holds far more tokens hotter than nearly every clean token
-  (`positive_quantile`) than chance puts there (1 - quantile of its tokens), and at least as many
-  as the KNN takes positives. On the demo recipe, three training seeds each: 112 to 156 times
+  (`positive_quantile`, measured on enough clean tokens) than chance puts there (1 - quantile of
+  its tokens). On the demo recipe, three training seeds each: 112 to 156 times
   chance with a learned shortcut (94 where the artefact never disagrees with the label in the
   validation images); 0.2 to 1.9 times for models trained with the artefact absent or unrelated to
   the label.
@@ -14,6 +14,10 @@ something the model relies on:
   chance (exact sign test on the predictions it changes, McNemar's exact test). Those models: 49,
   61 and 69 fixed against 5, 18 and 7 broken with the shortcut; 0 to 18 fixed against 9 to 184
   broken without.
+
+Both make a shortcut found; neither, no shortcut. Masking that helps without distinct tokens (a small
+artefact, or one images outside the cluster carry too), or distinct tokens whose masking does not
+help, leave it unconfirmed.
 
 Where the artefact never disagrees with the label in the validation images, masking a shortcut the
 model relies on has nothing to fix there and can only break, so a loss on validation does not show
@@ -24,7 +28,11 @@ a harmful guard.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from edgeshort.evaluation import sign_test
 
 # The verdicts.
 FOUND = "found"
@@ -38,6 +46,9 @@ VERDICT_P_VALUE = 0.01
 # A cluster's tokens stand apart when at least this many times as many pass the clean tokens' quantile as
 # chance puts there (measured above: 94 to 156 with a learned shortcut, at most 1.9 without).
 DISTINCT_OVER_CHANCE = 10
+# A quantile of clean tokens is only measured when this many are expected above it (10,000 tokens for 99.9%):
+# over a few hundred, the 99.9% quantile is their maximum, and chance alone puts a cluster far past it.
+MIN_NULL_EXCEEDANCES = 10
 VERDICT = "shortcut_verdict"
 TEST_VERDICT = "shortcut_verdict_test"
 NOTHING_TO_GUARD = "Nothing to guard: deploy the model as it is, without the guard"
@@ -45,50 +56,56 @@ CONFIRM_ADVICE = ("Settle it on a test set with artefact labels (edgeshort detec
                   "group=COLUMN, or result.evaluate) before shipping the guard")
 
 
-def _sign_test(fixed: int, broken: int) -> tuple[float, float]:
-    """One-sided p-values that masking fixes more predictions than it breaks, and that it breaks more."""
-    from scipy.stats import binomtest
-
-    changed = fixed + broken
-    if not changed:
-        return 1.0, 1.0
-    return (float(binomtest(fixed, changed, 0.5, alternative="greater").pvalue),
-            float(binomtest(broken, changed, 0.5, alternative="greater").pvalue))
+def null_tokens_needed(quantile: float) -> int:
+    """Clean tokens a `quantile` threshold needs to rest on: MIN_NULL_EXCEEDANCES of them above it."""
+    return math.ceil(round(MIN_NULL_EXCEEDANCES / (1 - quantile), 6))
 
 
-def stands_apart(candidates: int | None, tokens: int, positives: int, quantile: float) -> bool | None:
+def stands_apart(candidates: int | None, tokens: int, quantile: float, null_tokens: int | None = None) -> bool | None:
     """Whether a cluster's tokens stand apart from clean ones: `candidates` of its `tokens` past the clean
-    tokens' `quantile`, against chance and the KNN's `positives`; None when not measured."""
-    if candidates is None:
+    tokens' `quantile` (estimated on `null_tokens`), against chance; None when not measured, or measured on too
+    few clean tokens for the quantile to mean anything."""
+    if candidates is None or (null_tokens is not None and null_tokens < null_tokens_needed(quantile)):
         return None
-    return candidates >= max(positives, DISTINCT_OVER_CHANCE * (1 - quantile) * tokens)
+    # Rounded: 10 x 0.001 x 78,400 is 784.0000000000007 in floating point, and 784 must pass.
+    return candidates >= round(DISTINCT_OVER_CHANCE * (1 - quantile) * tokens, 6)
 
 
 def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: int, quantile: float,
-                original: np.ndarray, ablated: np.ndarray, labels: np.ndarray) -> dict:
+                original: np.ndarray, ablated: np.ndarray, labels: np.ndarray, null_tokens: int | None = None) -> dict:
     """The verdict of a fit. `candidates`: the shortcut cluster's tokens hotter than `quantile` of clean
     tokens, of its `tokens` (None when positives are not calibrated, `positives="hottest"`: then only the
-    second check runs); `positives`: how many the KNN takes; `original`, `ablated`: validation predictions
-    (class indices) before and after masking, against `labels`."""
+    second check runs), the quantile estimated on `null_tokens` clean tokens; `positives`: how many the KNN
+    takes; `original`, `ablated`: validation predictions (class indices) before and after masking, against
+    `labels`."""
     fixed = int(((original != labels) & (ablated == labels)).sum())
     broken = int(((original == labels) & (ablated != labels)).sum())
-    p_helps, p_harms = _sign_test(fixed, broken)
+    p_helps, p_harms = sign_test(fixed, broken), sign_test(broken, fixed)
     chance = (1 - quantile) * tokens
     over_chance = None if candidates is None else candidates / max(chance, 1e-9)
-    distinct = stands_apart(candidates, tokens, positives, quantile)
+    distinct = stands_apart(candidates, tokens, quantile, null_tokens)
     changes = f"masking them fixed {fixed} validation predictions and broke {broken}"
     if candidates is None:
         apart = f"cluster {cluster}'s tokens were not measured against clean ones (positives='hottest')"
     else:
         apart = (f"{candidates:,} of cluster {cluster}'s {tokens:,} tokens are hotter than {quantile:.1%} of clean "
                  f"tokens, {over_chance:.1f} times chance")
+        if distinct is None:
+            apart += (f", but that quantile rests on only {null_tokens:,} clean tokens (it needs "
+                      f"{null_tokens_needed(quantile):,}), so whether they stand apart is not measured")
+    needs = f"a shortcut needs {DISTINCT_OVER_CHANCE} times chance"
     advice = ""
-    if distinct is False:
+    if distinct is False and p_helps > VERDICT_P_VALUE:
         verdict, title = NONE_FOUND, "No shortcut found"
-        finding = (f"no cluster's tokens stand apart from clean ones: {apart} (a shortcut needs "
-                   f"{DISTINCT_OVER_CHANCE} times chance and at least the KNN's {positives:,} positives), so the guard "
-                   f"would mask parts of ordinary images ({changes})")
+        finding = (f"no cluster's tokens stand apart from clean ones: {apart} ({needs}), so the guard would mask "
+                   f"parts of ordinary images ({changes})")
         advice = (f"{NOTHING_TO_GUARD}. An artefact the validation images do not show cannot be found")
+    elif distinct is False:
+        # Masking helps beyond chance: the flags hold something the model wrongly relies on, however few.
+        verdict, title = UNCONFIRMED, "Shortcut not confirmed"
+        finding = (f"{apart} ({needs}), yet {changes} (sign test p = {p_helps:.2g}): a small artefact, or one "
+                   "that images outside the cluster carry too")
+        advice = CONFIRM_ADVICE
     elif p_helps <= VERDICT_P_VALUE:
         verdict, title = FOUND, "Shortcut found"
         finding = f"{apart}, and {changes} (sign test p = {p_helps:.2g})"
@@ -103,8 +120,9 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
                        "where the artefact and the label disagree")
         advice = CONFIRM_ADVICE
     return {"verdict": verdict, "summary": _summary(title, finding, advice), "title": title, "finding": finding,
-            "candidates": candidates, "tokens": tokens, "over_chance": over_chance, "knn_positives": positives,
-            "fixed": fixed, "broken": broken, "p_helps": p_helps, "p_harms": p_harms, "decided_on": "validation"}
+            "candidates": candidates, "tokens": tokens, "over_chance": over_chance, "null_tokens": null_tokens,
+            "knn_positives": positives, "fixed": fixed, "broken": broken, "p_helps": p_helps, "p_harms": p_harms,
+            "decided_on": "validation"}
 
 
 def _summary(title: str, finding: str, advice: str = "") -> str:
