@@ -484,6 +484,8 @@ def _seed_pipeline_cases(bundle, clean, flagged, rounds, block, progress) -> lis
 
 # A p90 this many times the median means the timings were disturbed (another process, throttling).
 NOISY_P90 = 2.0
+# Fewer interleaved rounds than this cannot average out a change in load between cases.
+FEW_ROUNDS = 3
 
 
 def _noisy_mark(timing: dict) -> str:
@@ -522,6 +524,11 @@ def markdown_table(results: dict) -> str:
         lines += ["", f"Not timed: {', '.join(results['skipped_backends'])} (not installed, or not in the bundle)."]
     lines += ["", "Cold start (load + compile + first call):", *[f"- {c}" for c in cold]]
     lines += ["", _settings_line(results)]
+    rounds = (results.get("settings") or {}).get("rounds")
+    if rounds is not None and rounds < FEW_ROUNDS:
+        lines.append(f"Only {rounds} round{'s' if rounds != 1 else ''}: a change in the machine's load between cases "
+                     f"moves their ratios, and too few rounds cannot show it; use --rounds {FEW_ROUNDS} or more "
+                     "before trusting a ratio.")
     with_torch = results.get("peak_rss_with_torch_mb")
     if results.get("torch_loaded_before"):
         memory = (f"peak RSS {results.get('peak_rss_mb') or 0:.0f} MiB of this process, which had loaded torch "

@@ -97,6 +97,11 @@ def test_bench_refuses_what_it_cannot_time_before_timing(demo_bundle, tmp_path, 
     captured = capsys.readouterr()
     assert "expected threads to be a positive integer or None, got 0" in captured.err and "batch" not in captured.out
     assert not list(tmp_path.iterdir())
+    before = sorted(p.name for p in demo_bundle.root.iterdir())
+    for inside in (demo_bundle.root, demo_bundle.root / "timings"):
+        assert main(["bench", str(demo_bundle.root), "-o", str(inside)]) == 2
+        assert "expected --out apart from the bundle folder" in capsys.readouterr().err
+    assert sorted(p.name for p in demo_bundle.root.iterdir()) == before
 
 
 def test_rows_with_disturbed_timings_are_marked():
@@ -111,6 +116,8 @@ def test_rows_with_disturbed_timings_are_marked():
         "ratio_vs_plain": {"plain": 1.0, "guarded": 1.0}, "images_per_s": {"plain": 1000, "guarded": 1000}}]}
     table = markdown_table(results)
     assert "| guarded * |" in table and "| plain |" in table and "p90 over 2x the median" in table
+    assert "Only 1 round" not in table
+    assert "Only 1 round: a change in the machine's load" in markdown_table({**results, "settings": {"rounds": 1}})
     results["cases"][0]["timings"]["guarded"] = timing(1.0, 1.5)
     assert "*" not in markdown_table(results)
     # The precisions' side-by-side rows are marked the same way.

@@ -379,6 +379,9 @@ def test_missing_and_corrupt_images_are_refused(guards, tmp_path):
     guard = guards["onnxruntime"]
     with pytest.raises(ImageLoadError, match="does not exist; check the path"):
         guard.predict(tmp_path / "nowhere.png")
+    with pytest.raises(ImageLoadError, match=r"got the URL 'https://example.org/a.png'; images are read from files, "
+                                             r"not downloaded"):
+        guard.predict("https://example.org/a.png")
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
     with pytest.raises(ImageLoadError, match="cannot read image .*broken.png.*expected a valid PNG/JPEG"):
@@ -470,6 +473,41 @@ def test_high_bit_depth_images_are_refused_unless_they_hold_8_bit_values(guards,
     signed = Image.fromarray((ramp * 300 - 5).astype(np.int32))
     with pytest.raises(ImageLoadError, match=r"values -5 to 295; .*\(one fixed window for all \(e.g. a CT window\), mapped to 0..255, not each by its own"):
         guard.predict(signed)
+
+
+def _png16(path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-channel PNG (gray + alpha, RGB or RGBA), which Pillow reads but cannot write."""
+    import struct
+    import zlib
+
+    height, width, channels = pixels.shape
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_colour_image_pillow_would_turn_black_is_refused(guards, tmp_path):
+    """Pillow keeps a 16-bit colour PNG's high bytes: right for full-range data, almost black for 12-bit data."""
+    guard = guards["onnxruntime"]
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint16)
+    full = tmp_path / "full48.png"
+    _png16(full, rgb * 257)
+    assert Image.open(full).mode == "RGB"
+    np.testing.assert_array_equal(guard.predict(full).logits, guard.predict(Image.fromarray(rgb.astype(np.uint8))).logits)
+    for name, pixels in (("twelve_bit.png", rgb * 16), ("eight_in_sixteen.png", rgb),
+                         ("twelve_bit_rgba.png", np.dstack([rgb * 16, np.full((32, 32), 4095)])),
+                         ("twelve_bit_gray_alpha.png", np.dstack([rgb[..., :1] * 16, np.full((32, 32, 1), 4095)]))):
+        _png16(tmp_path / name, pixels)
+        with pytest.raises(ImageLoadError, match=rf"{name}' is a 16-bit-per-channel .* image whose values fit in 12 "
+                                                 r"bits: .*reaches (15|0) of 255 here.*x \* 255 / 4095 for 12-bit"):
+            guard.predict(tmp_path / name)
+    with pytest.raises(ImageLoadError, match=r"bytes\) is a 16-bit-per-channel RGB image"):  # the same from bytes
+        guard.predict((tmp_path / "twelve_bit.png").read_bytes())
 
 
 def test_a_file_of_several_frames_is_refused_not_cut_to_its_first(guards, tmp_path):

@@ -44,6 +44,10 @@ def run(args) -> int:
             f"expected a BUNDLE folder (or --quick after `edgeshort demo`, which writes {DEMO_BUNDLE}); "
             "create one with `edgeshort export RUN -o BUNDLE`"
         )
+    out, root = Path(args.out).resolve(), Path(bundle).resolve()
+    if out == root or root in out.parents:  # checked first: a bench takes minutes
+        raise InputError(f"expected --out apart from the bundle folder {bundle!r}, got {args.out!r}: bench's files "
+                         "would sit among the bundle's sealed ones; choose another folder (default: bench)")
     results = bench_bundle(
         bundle, [b.strip() for b in args.backends.split(",") if b.strip()],
         batches, rounds, block, args.threads,

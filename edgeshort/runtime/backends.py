@@ -80,8 +80,8 @@ def check_threads(threads) -> None:
     """Refuse an inference thread count that is not a positive whole number (None: the backend's default)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                 or threads < 1):
-        raise InputError(f"expected threads to be a positive integer or None, got {threads!r}; e.g. --threads 2, "
-                         "or leave it out for the backend's default")
+        raise InputError(f"expected threads to be a positive integer or None, got {threads!r}; e.g. threads=2 "
+                         "(--threads 2), or leave it out for the backend's default")
 
 
 def ort_providers(providers: list[str] | None, device: str | None) -> list[str]:

@@ -165,8 +165,9 @@ def graph_file_names(graph: dict) -> list[str]:
     return names
 
 
-def write_manifest(root: Path, manifest: dict) -> Path:
+def write_manifest(root: str | Path, manifest: dict) -> Path:
     """Hash every listed file and write `manifest.json` (the last file written to a bundle)."""
+    root = Path(root)
     files = {}
     for graph in manifest["graphs"].values():
         for name in graph_file_names(graph):

@@ -315,7 +315,7 @@ def check_max_pixels(max_pixels) -> None:
 def _pixel_limit_error(source: str, width: int, height: int, max_pixels: int) -> ImageLoadError:
     return ImageLoadError(
         f"expected an image of at most {max_pixels:,} pixels, got {source} with {width}x{height} = "
-        f"{width * height:,}; downscale it first, or raise max_pixels if you trust the file"
+        f"{width * height:,}; downscale it first, or raise max_pixels (--max-pixels) if you trust the file"
     )
 
 
@@ -324,6 +324,9 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
     The size check reads only the header, so an oversized file is refused before it is decoded.
     """
+    if isinstance(path, str) and "://" in path:  # Path() would fold the slashes into a missing file's name
+        raise ImageLoadError(f"expected an image file, got the URL {path!r}; images are read from files, not "
+                             "downloaded: fetch it first and pass the file (or its bytes)")
     path = Path(path)
     if path.is_dir():
         raise ImageLoadError(f"expected an image file, got the folder {str(path)!r}; pass the files in it")
@@ -350,7 +353,10 @@ def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = 
             if width * height > max_pixels:
                 raise _pixel_limit_error(source, width, height, max_pixels)
             _check_one_picture(img, source)
+            high_bytes_only = _sixteen_bit_as_eight(img)
             img.load()
+            if high_bytes_only:
+                _check_high_bytes(img, source)
             return to_rgb(img, source=source)
     except ImageLoadError:
         raise
@@ -362,6 +368,38 @@ def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = 
         ) from exc
     except Exception as exc:  # Pillow raises several unrelated types for broken files
         raise _unreadable(named or source, exc) from exc
+
+
+def _sixteen_bit_as_eight(img: Image.Image) -> bool:
+    """Whether Pillow decodes this file's 16-bit colour (or gray + alpha) samples to 8 bits: it keeps only each
+    value's high byte (raw mode "RGB;16B" and the like). Known only before decoding, from the file's tiles."""
+    if img.mode not in ("RGB", "RGBA", "LA"):
+        return False
+    for tile in getattr(img, "tile", None) or ():
+        raw = tile[3] if len(tile) > 3 else None  # (codec, extents, offset, args): args is the raw mode, or leads
+        raw = raw[0] if isinstance(raw, tuple) and raw else raw
+        if isinstance(raw, str) and ";16" in raw:
+            return True
+    return False
+
+
+# High bytes under this (16-bit values under 4,096) hold data of 12 bits or fewer, stored in 16.
+SIXTEEN_BIT_DARK = 16
+
+
+def _check_high_bytes(img: Image.Image, source: str) -> None:
+    """Refuse a 16-bit colour image Pillow's high bytes turn almost black: 12-bit data (a scanner's, an X-ray
+    camera's) stored in 16 bits reaches at most 15 of 255, and 8-bit values stored in 16 bits reach 0."""
+    colour = img.getextrema()[: 1 if img.mode == "LA" else 3]
+    brightest = max(high for _, high in colour)
+    if brightest < SIXTEEN_BIT_DARK:
+        raise ImageLoadError(
+            f"{source} is a 16-bit-per-channel {img.mode} image whose values fit in 12 bits: Pillow (as the usual "
+            f"torchvision pipeline) keeps only each value's high byte, which reaches {brightest} of 255 here, so the "
+            "model would see an almost black image. Convert the images to 8-bit the way the model's training images "
+            "were (e.g. x * 255 / 4095 for 12-bit data, or x.astype(np.uint8) for 8-bit values stored in 16 bits) "
+            "and save them as PNG or JPEG"
+        )
 
 
 def _check_one_picture(img: Image.Image, source: str) -> None:
