@@ -187,7 +187,8 @@ def test_bad_input_is_named(tmp_path):
     assert ImageDataset.from_arrays(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], [0, 1]).class_names == ("0", "1")
     # A group other than 0 / 1 would fall out of every (class, group) cell and out of worst-group accuracy.
     two = np.zeros((2, 8, 8, 3), np.uint8)
-    for groups, said in (([1, 2], "['2']"), ([0, 0.5], "['0.5']"), (["ruler", "none"], "['none', 'ruler']")):
+    for groups, said in (([1, 2], "['2']"), ([0, 0.5], "['0.5']"), (["ruler", "none"], "['none', 'ruler']"),
+                         ([1, None], "['None']")):
         with pytest.raises(InputError, match=re.escape(f"expected group labels 0 (no artefact) or 1 (artefact), got "
                                                        f"{said}; map them to 0 / 1")):
             ImageDataset.from_arrays(two, [0, 1], ["a", "b"], groups=groups)

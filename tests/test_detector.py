@@ -279,6 +279,11 @@ def test_dfr_judges_every_strength_on_the_same_subsamples_and_averages_over_halv
     means = {c: float(np.mean(v)) for c, v in judged.items()}
     assert head.info["C"] == max(dfr.C_GRID, key=lambda c: (means[c], -dfr.C_GRID.index(c)))
     assert head.info["selection_wga"] == pytest.approx(means[head.info["C"]])
+    # Four images, two per class: no halving holds a group of two on its judging side, so no C is judged.
+    tiny = dfr.fit_dfr_logreg(features[:4], np.array([0, 0, 1, 1]), np.zeros(4, bool), 2, subsamples=2)
+    assert tiny.info["selection_wga"] is None and tiny.info["C"] == dfr.C_GRID[0]
+    assert any(w.startswith(f"DFR: none of {dfr.DFR_TUNING_SPLITS} random halvings of the validation images held "
+                            "every class on both sides") for w in dfr.dfr_fit_warnings(tiny, ("a", "b")))
 
 
 def test_dfr_on_groups_too_small_to_trust_is_a_run_warning():

@@ -210,6 +210,33 @@ def test_a_worst_group_change_needs_enough_changed_images_to_be_real(changed, ca
         assert change_verdict(change, tables) == direction
 
 
+def test_an_average_change_weighs_each_changed_image_as_the_average_does():
+    """30 images fixed in a cell of 1,000 and 10 broken in a cell of 20: a pooled count (30 against 10) calls it
+    a gain or noise, yet average group accuracy, which weighs every cell alike, falls by 0.12."""
+    cells = {(0, 0): 1000, (0, 1): 20, (1, 0): 50, (1, 1): 50}
+    labels = np.concatenate([np.full(n, c) for (c, _), n in cells.items()])
+    groups = np.concatenate([np.full(n, g) for (_, g), n in cells.items()])
+    before, after = labels.copy(), labels.copy()
+    before[:30] = 1  # wrong in the big cell, fixed after
+    after[1000:1010] = 1  # right in the small cell, broken after
+    kinds = {"original": before, "ablated": after}
+    tables = {k: group_accuracy(v, labels, groups, ("a", "b")) for k, v in kinds.items()}
+    change = bootstrap_intervals(kinds, labels, groups, 2)["changes"][0]
+    assert change["average_interval"][1] < 0
+    assert change_verdict(change, tables, "average") == "loss"
+    assert "a real loss" in describe_change(change, tables, 0.95, stat="average")
+
+
+def test_the_sign_test_is_exact_on_few_and_many_changes():
+    from scipy.stats import binomtest
+
+    from edgeshort.evaluation import sign_test
+
+    for wins, losses in [(0, 0), (4, 0), (65, 5), (5, 65), (20, 20), (10100, 9900), (100, 10000)]:
+        expected = binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue if wins + losses else 1.0
+        assert sign_test(wins, losses) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
 def test_each_class_gets_its_recall_over_all_its_images():
     """Sensitivity and specificity (two classes) are what a clinician reads first: per class over all its images,
     whatever the groups."""

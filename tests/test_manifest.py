@@ -293,13 +293,13 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
     assert main(["report", str(run), "--eval", str(listing), "--columns", columns, "--quiet"]) == 0
     said = capsys.readouterr().out
     assert "worst group" in said  # --quiet drops the progress bars, not the results
-    assert "replacing the run's earlier evaluation on synthetic:test" in said and "(800 images)" in said
+    assert "replaced the run's earlier evaluation on synthetic:test" in said and "(800 images)" in said
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_size"] == 80 and metrics["patch_recall"] is not None and metrics["wga_ablated"] is not None
     again = _eval_argument(metrics["test_source"])
     assert again == f"{shlex.quote(str(listing))} --columns {columns}"
     assert main(["report", str(run), "--eval", *shlex.split(again), "--quiet"]) == 0  # the report's hint works
-    assert f"replacing the run's earlier evaluation on {metrics['test_source']} (80 images)" in capsys.readouterr().out
+    assert f"replaced the run's earlier evaluation on {metrics['test_source']} (80 images)" in capsys.readouterr().out
     assert json.loads((run / "metrics.json").read_text())["wga_ablated"] == metrics["wga_ablated"]
     with pytest.raises(InputError, match=r"column names apply to a CSV listing, .* is a folder; leave it out \(--columns\)"):
         load_images(tmp_path / "test" / "img", columns={"image": "file_name"})

@@ -491,6 +491,21 @@ def _png16(path, pixels: np.ndarray) -> None:
                      + chunk(b"IEND", b""))
 
 
+def _bmp565(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-pixel (5-6-5) BMP, which Pillow reads but does not write."""
+    import struct
+
+    height, width, _ = pixels.shape
+    p = pixels.astype(np.uint16)
+    packed = ((p[..., 0] >> 3) << 11) | ((p[..., 1] >> 2) << 5) | (p[..., 2] >> 3)
+    row = width * 2 + (-width * 2) % 4
+    body = b"".join(packed[y].astype("<u2").tobytes().ljust(row, b"\0") for y in range(height - 1, -1, -1))
+    masks = struct.pack("<III", 0xF800, 0x07E0, 0x001F)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 16, 3, len(body), 2835, 2835, 0, 0)
+    offset = 14 + len(info) + len(masks)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + masks + body
+
+
 def test_a_16_bit_colour_image_pillow_would_turn_black_is_refused(guards, tmp_path):
     """Pillow keeps a 16-bit colour PNG's high bytes: right for full-range data, almost black for 12-bit data."""
     guard = guards["onnxruntime"]
@@ -503,11 +518,18 @@ def test_a_16_bit_colour_image_pillow_would_turn_black_is_refused(guards, tmp_pa
                          ("twelve_bit_rgba.png", np.dstack([rgb * 16, np.full((32, 32), 4095)])),
                          ("twelve_bit_gray_alpha.png", np.dstack([rgb[..., :1] * 16, np.full((32, 32, 1), 4095)]))):
         _png16(tmp_path / name, pixels)
-        with pytest.raises(ImageLoadError, match=rf"{name}' is a 16-bit-per-channel .* image whose values fit in 12 "
-                                                 r"bits: .*reaches (15|0) of 255 here.*x \* 255 / 4095 for 12-bit"):
+        with pytest.raises(ImageLoadError, match=rf"{name}' holds 16 bits per sample \(read as \w+\) and its "
+                                                 r"values fit in 12 bits: .*reaches (15|0) of 255 here.*x \* 255 / 4095"):
             guard.predict(tmp_path / name)
-    with pytest.raises(ImageLoadError, match=r"bytes\) is a 16-bit-per-channel RGB image"):  # the same from bytes
+    with pytest.raises(ImageLoadError, match=r"bytes\) holds 16 bits per sample \(read as RGB\)"):  # from bytes
         guard.predict((tmp_path / "twelve_bit.png").read_bytes())
+    # A 5-6-5 BMP packs a pixel in 16 bits, 8 bits a sample once read: not refused, however dark.
+    dark = Image.fromarray((rgb // 32).astype(np.uint8))
+    dark.save(tmp_path / "dark.bmp")
+    assert Image.open(tmp_path / "dark.bmp").mode == "RGB"
+    (tmp_path / "dark565.bmp").write_bytes(_bmp565(np.asarray(dark)))
+    assert Image.open(tmp_path / "dark565.bmp").tile[0][3][0].endswith(";16")
+    assert guard.predict(tmp_path / "dark565.bmp").label in (0, 1)
 
 
 def test_a_file_of_several_frames_is_refused_not_cut_to_its_first(guards, tmp_path):

@@ -63,6 +63,7 @@ def test_a_quantile_of_too_few_clean_tokens_measures_nothing():
 
     assert null_tokens_needed(0.999) == 10_000 and null_tokens_needed(0.99) == 1_000
     assert stands_apart(500, 36032, 0.999, null_tokens=300) is None
+    assert stands_apart(100, 36032, 0.999, null_tokens=300) is False  # a threshold too low, and still too few pass
     assert stands_apart(500, 36032, 0.999, null_tokens=10_000) is True
     helps = fit_verdict(1, 500, 36032, 200, 0.999, *_predictions(49, 5), null_tokens=300)
     assert helps["verdict"] == "found" and helps["null_tokens"] == 300
@@ -125,7 +126,7 @@ def test_a_shortcut_the_validation_images_do_not_show_is_not_found_and_not_expor
     page = write_report(tmp_path / "run").read_text()
     assert '<p class="headline"><span class="no">No shortcut found</span></p>' in page
     # The guard's diagnostics below say they show no shortcut.
-    assert page.count("The verdict is &ldquo;No shortcut found&rdquo;") == 2 and "top-ranked cluster" in page
+    assert page.count("The verdict is &ldquo;No shortcut found&rdquo;") == 2 and "— the guard&#x27;s cluster" in page
     assert "— shortcut cluster" not in page
     options = ExportOptions(formats=("onnx",), graphs="fused", skl2onnx_check=False, progress=False)
     with pytest.raises(InputError, match="the run's verdict: No shortcut found.* pass --ignore-verdict"):
@@ -165,6 +166,33 @@ def test_a_shortcut_the_validation_images_do_not_show_is_not_found_and_not_expor
     result.metrics[TEST_VERDICT] = confirm_on_test(verdict, "loss")
     with pytest.raises(InputError, match="the run's verdict: The guard harms on the test set"):
         export_bundle(result, tmp_path / "other", options, calibration=clean)
+
+
+def test_a_cluster_the_score_ranks_second_is_guarded_when_only_its_tokens_stand_apart(demo_vit, demo_data,
+                                                                                        monkeypatch, tmp_path):
+    """The score knows classes and confidence, not artefacts: where it ranks a clean cluster first (as on an
+    ISIC-like validation set, where one of three demo-recipe models then lost worst-group accuracy, 0.255 to
+    0.145), the cluster whose tokens stand apart carries the guard."""
+    from edgeshort.demo import DEMO_DETECTOR
+    from edgeshort.detect import ShortcutDetector, detector
+
+    val = _demo_val_without(demo_data, (0.5, 0.2))
+    score = detector.score_clusters
+    monkeypatch.setattr(detector, "score_clusters", lambda *args: [replace(s, score=-s.score) for s in score(*args)])
+    result = ShortcutDetector(replace(DEMO_DETECTOR, progress=False)).fit(demo_vit, val, run_dir=tmp_path / "run")
+    m = result.metrics
+    artefact_cluster = int(np.bincount(result.clustering.assignments, weights=val.groups).argmax())
+    assert m["shortcut_cluster"] == artefact_cluster != m["shortcut_cluster_by_score"]
+    assert m["shortcut_cluster_group_purity"] > 0.9
+    verdict = m["shortcut_verdict"]
+    assert verdict["verdict"] == "found" and verdict["passed_over"][0]["cluster"] == m["shortcut_cluster_by_score"]
+    assert (f"the cluster score ranked cluster {m['shortcut_cluster_by_score']} (") in verdict["summary"]
+    assert f"higher, whose tokens do not stand apart, so the guard is built on cluster {artefact_cluster}" in (
+        verdict["summary"])
+    from edgeshort.report.html import write_report
+
+    page = write_report(tmp_path / "run").read_text()
+    assert f"below cluster {m['shortcut_cluster_by_score']}'s" in page and "a margin of <strong>" not in page
 
 
 def test_a_shortcut_validation_cannot_confirm_is_confirmed_by_a_test_set(demo_vit, demo_data, capsys):

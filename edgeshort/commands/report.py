@@ -46,11 +46,13 @@ def run(args) -> int:
         columns = parse_columns(args.columns) if args.columns else None
         test = load_images(args.eval_data, result.class_names, class_map, args.image_root, columns)
         result.config = replace(result.config, progress=not args.quiet)
-        if result.metrics.get("test_source"):
-            # The run keeps one evaluation: say which one this replaces, so nobody compares against it unawares.
-            print(f"replacing the run's earlier evaluation on {result.metrics['test_source']} "
-                  f"({result.metrics.get('test_size')} images) in {Path(args.run) / 'metrics.json'}")
+        earlier = result.metrics.get("test_size") and (result.metrics.get("test_source") or "images held in memory",
+                                                        result.metrics["test_size"])
         metrics = result.evaluate(test, print_table=True)  # the results, which --quiet (no progress bars) keeps
+        if earlier:
+            # The run keeps one evaluation: say which one this replaced, so nobody compares against it unawares.
+            print(f"replaced the run's earlier evaluation on {earlier[0]} ({earlier[1]} images) in "
+                  f"{Path(args.run) / 'metrics.json'}")
         if current_verdict(metrics):
             print(verdict_line(current_verdict(metrics)))
     out = write_report(Path(args.run), args.out, test_dataset=test, embed=args.embed)

@@ -583,7 +583,7 @@ def _artefact_groups(groups: Sequence) -> np.ndarray:
     except (TypeError, ValueError):
         numbers = None
     if numbers is None or not np.isin(numbers, (0, 1)).all():
-        odd = sorted({str(v) for v in np.unique(values)} - {"0", "1", "0.0", "1.0"})[:5]
+        odd = sorted({str(v) for v in values.ravel().tolist()} - {"0", "1", "0.0", "1.0"})[:5]
         raise InputError(f"expected group labels 0 (no artefact) or 1 (artefact), got {odd}; map them to 0 / 1 "
                          "(e.g. groups=(g == 'ruler').astype(int))")
     return numbers.astype(np.int64)

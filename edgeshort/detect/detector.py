@@ -380,7 +380,10 @@ class DetectionResult:
         lines = [f"model: {self.adapter.family} ViT, input {prep.size[0]}x{prep.size[1]} ({crop}, {prep.interpolation}, "
                  f"mean {tuple(round(m, 3) for m in prep.mean)}, std {tuple(round(v, 3) for v in prep.std)}), "
                  f"{self.grid[0]}x{self.grid[1]} patches, flags grown by {self.config.dilation_radius}",
-                 f"shortcut cluster: {self.shortcut_cluster} (margin {self.metrics.get('score_margin', 0):.3f})"]
+                 f"shortcut cluster: {self.shortcut_cluster} (margin {self.metrics.get('score_margin', 0):.3f}"
+                 + (f"; the score's first, cluster {by_score}, does not stand apart)"
+                    if (by_score := self.metrics.get("shortcut_cluster_by_score", self.shortcut_cluster))
+                    != self.shortcut_cluster else ")")]
         verdict = current_verdict(self.metrics)
         if verdict:
             lines.insert(0, verdict_line(verdict))
@@ -494,10 +497,9 @@ class ShortcutDetector:
         stage(cfg.progress, f"training the key KNN and flagging the {len(dataset) * adapter.num_patches:,} validation "
                             "patches")
         count = cfg.knn_sample_count(adapter.num_patches)
-        chosen = None
+        chosen, passed_over = None, []
         if cfg.positives == "calibrated":
-            chosen = calibrated_positives(feats.keys, clustering.assignments, shortcut, count, cfg.positive_quantile,
-                                          cfg.knn_k, cfg.seed)
+            shortcut, chosen, passed_over = _distinct_cluster(feats.keys, clustering.assignments, ranked, count, cfg)
         positive_warnings = _positive_check(chosen, cfg)
         x, y = knn_training_keys(
             feats.keys, selected, raw_maps, shortcut, count, cfg.knn_negative_count(adapter.num_patches),
@@ -536,7 +538,7 @@ class ShortcutDetector:
         accuracy, ablated = _ablation_check(result, dataset, feats.logits, features,
                                             stands_apart(candidates, tokens, cfg.positive_quantile, null_tokens))
         verdict = fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1),
-                              ablated, dataset.labels, null_tokens)
+                              ablated, dataset.labels, null_tokens, passed_over)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
                                 + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t
@@ -559,11 +561,15 @@ class ShortcutDetector:
             accuracy["dfr_fit_warnings"] = fit_warnings  # so a bundle without the head can leave them out
         seconds["dfr"] = time.perf_counter() - t
 
+        guarded_score = next(s.score for s in scores if s.cluster == shortcut)
         result.metrics = {
             "shortcut_cluster": int(shortcut),
+            # The score's first choice, when its tokens did not stand apart and a lower-ranked cluster's did.
+            "shortcut_cluster_by_score": int(ranked[0].cluster),
             VERDICT: verdict,
             "cluster_scores": [s.to_dict() for s in scores],
-            "score_margin": float(ranked[0].score - ranked[1].score),
+            # The shortcut cluster's score over the best other one's: negative when the score's first was passed over.
+            "score_margin": float(guarded_score - max(s.score for s in scores if s.cluster != shortcut)),
             "cluster_class_nmi": class_following["nmi"],
             "cluster_space_used": class_following["space"],
             "shortcut_cluster_group_purity": (
@@ -593,6 +599,32 @@ class ShortcutDetector:
         logger.info("shortcut cluster %d; scores %s", shortcut, [round(s.score, 4) for s in scores])
         logger.info("%s", verdict["summary"])  # the summary's first line; not logged as a warning besides
         return result
+
+
+def _distinct_cluster(keys: np.ndarray, assignments: np.ndarray, ranked: list, count: int, cfg: DetectorConfig):
+    """(shortcut cluster, its calibrated positives, the clusters passed over): the score's first cluster unless
+    its tokens fail to stand apart from the other clusters' (`stands_apart`) and a lower-ranked cluster's do,
+    then the highest-ranked such cluster.
+
+    The cluster score knows classes and confidence, not artefacts. Where the artefact sits on one class only
+    (as at hospitals that ruler only benign lesions), a clean cluster of that class can score as high; its
+    tokens then stand apart from nothing, and a lower-ranked cluster's may. Passed-over clusters are listed
+    with how far their tokens stood above chance."""
+    passed_over, first = [], None
+    for rank in ranked:
+        chosen = calibrated_positives(keys, assignments, rank.cluster, count, cfg.positive_quantile, cfg.knn_k,
+                                      cfg.seed)
+        first = first or (rank.cluster, chosen)
+        tokens = int((assignments == rank.cluster).sum()) * keys.shape[1]
+        candidates = None if chosen is None else chosen.candidates
+        apart = stands_apart(candidates, tokens, cfg.positive_quantile, chosen and chosen.null_tokens)
+        # Not measured keeps the score's choice; only tokens shown to stand apart overrule it.
+        if apart is True or (apart is None and not passed_over):
+            return rank.cluster, chosen, passed_over
+        if apart is False:  # a lower-ranked cluster not measured (too few images outside it) is no evidence
+            passed_over.append({"cluster": int(rank.cluster),
+                                "over_chance": candidates / ((1 - cfg.positive_quantile) * tokens)})
+    return first[0], first[1], []  # none stands apart: the score's choice, and the verdict says so
 
 
 def key_heatmaps(keys: np.ndarray, assignments: np.ndarray, cluster: int, selected: np.ndarray,

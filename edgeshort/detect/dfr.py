@@ -113,6 +113,11 @@ def dfr_fit_warnings(head: LinearHead, class_names: Sequence[str]) -> list[str]:
                  if g not in groups]
         found.append(f"DFR: fewer than two validation images of {', '.join(empty)}, so its balancing covers the "
                      f"other {len(groups)} of the {2 * num_classes} (class, shortcut found / not found) groups alone")
+    if head.info.get("method") == "logreg" and "selection_wga" in head.info and head.info["selection_wga"] is None:
+        found.append(f"DFR: none of {DFR_TUNING_SPLITS} random halvings of the validation images held every class "
+                     "on both sides, so the regularisation was not chosen by worst-group accuracy: the head uses the "
+                     f"weakest, C = {head.info['C']:g}. Add validation images of the rarest (class, shortcut found / not "
+                     "found) groups")
     unconverged = head.info.get("unconverged_fits")
     if unconverged:
         found.append(f"DFR: {unconverged} logistic-regression fits stopped at the {DFR_MAX_ITER}-iteration limit "
@@ -153,9 +158,9 @@ def fit_dfr_logreg(
             model, converged = _fit_logreg(x[idx], labels[idx], c, seed)
             fits.append((c, converged))
             judged[c].append(_worst_group_accuracy(model.predict(x[half_b]), labels[half_b], groups[half_b], usable_b))
-    best_c, best_wga = C_GRID[0], -1.0
+    best_c, best_wga = C_GRID[0], None  # None: no halving could judge any C (see dfr_fit_warnings)
     for c in C_GRID:  # the first best wins: the weakest regularisation among equals
-        if judged[c] and float(np.mean(judged[c])) > best_wga:
+        if judged[c] and (best_wga is None or float(np.mean(judged[c])) > best_wga):
             best_c, best_wga = c, float(np.mean(judged[c]))
     coefs, intercepts = [], []
     for _ in progress_bar(range(subsamples), progress, "DFR: fitting the head on balanced subsamples", subsamples):

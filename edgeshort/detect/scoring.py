@@ -76,7 +76,8 @@ def score_clusters(
     probs: np.ndarray, labels: np.ndarray, assignments: np.ndarray, num_classes: int,
     lambdas: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
 ) -> list[ClusterScore]:
-    """One score per cluster id 0..k-1; the highest is the shortcut cluster."""
+    """One score per cluster id 0..k-1; the highest is the shortcut cluster, unless its tokens do not stand
+    apart from the others' while a lower-ranked cluster's do (the detector's `_distinct_cluster`)."""
     k = int(assignments.max()) + 1
     return [
         score_cluster(probs[assignments == c], labels[assignments == c], num_classes, c, lambdas) for c in range(k)

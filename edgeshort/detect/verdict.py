@@ -7,7 +7,7 @@ something the model relies on:
 - *distinct*: the shortcut cluster holds far more tokens hotter than nearly every clean token
   (`positive_quantile`, measured on enough clean tokens) than chance puts there (1 - quantile of
   its tokens). On the demo recipe, three training seeds each: 112 to 156 times
-  chance with a learned shortcut (94 where the artefact never disagrees with the label in the
+  chance with a learned shortcut (69 to 94 where the artefact never disagrees with the label in the
   validation images); 0.2 to 1.9 times for models trained with the artefact absent or unrelated to
   the label.
 - *helps*: masking the flagged tokens fixes more validation predictions than it breaks, beyond
@@ -17,7 +17,8 @@ something the model relies on:
 
 Both make a shortcut found; neither, no shortcut. Masking that helps without distinct tokens (a small
 artefact, or one images outside the cluster carry too), or distinct tokens whose masking does not
-help, leave it unconfirmed.
+help, leave it unconfirmed. Where distinctness is not measured (too few clean tokens, or
+`positives="hottest"`), the sign test alone decides between found and unconfirmed.
 
 Where the artefact never disagrees with the label in the validation images, masking a shortcut the
 model relies on has nothing to fix there and can only break, so a loss on validation does not show
@@ -44,10 +45,10 @@ DO_NOT_GUARD = (NONE_FOUND, HARMFUL)
 # Below this, the sign test's side decides (the run's other tests use the same level).
 VERDICT_P_VALUE = 0.01
 # A cluster's tokens stand apart when at least this many times as many pass the clean tokens' quantile as
-# chance puts there (measured above: 94 to 156 with a learned shortcut, at most 1.9 without).
+# chance puts there (measured above: 69 to 156 with a learned shortcut, at most 1.9 without).
 DISTINCT_OVER_CHANCE = 10
-# A quantile of clean tokens is only measured when this many are expected above it (10,000 tokens for 99.9%):
-# over a few hundred, the 99.9% quantile is their maximum, and chance alone puts a cluster far past it.
+# A cluster passes the clean tokens' quantile test only when this many clean tokens are expected above the
+# quantile (10,000 tokens for 99.9%): over a few hundred it is their maximum, and chance alone passes it.
 MIN_NULL_EXCEEDANCES = 10
 VERDICT = "shortcut_verdict"
 TEST_VERDICT = "shortcut_verdict_test"
@@ -63,21 +64,32 @@ def null_tokens_needed(quantile: float) -> int:
 
 def stands_apart(candidates: int | None, tokens: int, quantile: float, null_tokens: int | None = None) -> bool | None:
     """Whether a cluster's tokens stand apart from clean ones: `candidates` of its `tokens` past the clean
-    tokens' `quantile` (estimated on `null_tokens`), against chance; None when not measured, or measured on too
-    few clean tokens for the quantile to mean anything."""
-    if candidates is None or (null_tokens is not None and null_tokens < null_tokens_needed(quantile)):
+    tokens' `quantile` (estimated on `null_tokens`), against chance; None when not measured, or when they pass
+    on too few clean tokens to tell. Over a few hundred clean tokens the quantile is their maximum, below the
+    true one, which lets too many pass: a pass needs enough of them, a failure stands regardless."""
+    if candidates is None:
         return None
     # Rounded: 10 x 0.001 x 78,400 is 784.0000000000007 in floating point, and 784 must pass.
-    return candidates >= round(DISTINCT_OVER_CHANCE * (1 - quantile) * tokens, 6)
+    apart = candidates >= round(DISTINCT_OVER_CHANCE * (1 - quantile) * tokens, 6)
+    if apart:
+        from scipy.stats import binom
+
+        # And beyond chance: 2 of a one-image cluster's 196 tokens are 10 times chance, and chance gives that
+        # one time in sixty.
+        apart = float(binom.sf(candidates - 1, tokens, 1 - quantile)) <= VERDICT_P_VALUE
+    if apart and null_tokens is not None and null_tokens < null_tokens_needed(quantile):
+        return None
+    return apart
 
 
 def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: int, quantile: float,
-                original: np.ndarray, ablated: np.ndarray, labels: np.ndarray, null_tokens: int | None = None) -> dict:
+                original: np.ndarray, ablated: np.ndarray, labels: np.ndarray, null_tokens: int | None = None,
+                passed_over: list[dict] = ()) -> dict:
     """The verdict of a fit. `candidates`: the shortcut cluster's tokens hotter than `quantile` of clean
     tokens, of its `tokens` (None when positives are not calibrated, `positives="hottest"`: then only the
     second check runs), the quantile estimated on `null_tokens` clean tokens; `positives`: how many the KNN
     takes; `original`, `ablated`: validation predictions (class indices) before and after masking, against
-    `labels`."""
+    `labels`; `passed_over`: clusters the score ranked higher whose tokens did not stand apart."""
     fixed = int(((original != labels) & (ablated == labels)).sum())
     broken = int(((original == labels) & (ablated != labels)).sum())
     p_helps, p_harms = sign_test(fixed, broken), sign_test(broken, fixed)
@@ -93,6 +105,10 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
         if distinct is None:
             apart += (f", but that quantile rests on only {null_tokens:,} clean tokens (it needs "
                       f"{null_tokens_needed(quantile):,}), so whether they stand apart is not measured")
+    if passed_over:
+        higher = ", ".join(f"{p['cluster']} ({p['over_chance']:.1f} times chance)" for p in passed_over)
+        apart += (f"; the cluster score ranked cluster{'s' if len(passed_over) > 1 else ''} {higher} higher, whose "
+                  f"tokens do not stand apart, so the guard is built on cluster {cluster}")
     needs = f"a shortcut needs {DISTINCT_OVER_CHANCE} times chance"
     advice = ""
     if distinct is False and p_helps > VERDICT_P_VALUE:
@@ -121,6 +137,7 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
         advice = CONFIRM_ADVICE
     return {"verdict": verdict, "summary": _summary(title, finding, advice), "title": title, "finding": finding,
             "candidates": candidates, "tokens": tokens, "over_chance": over_chance, "null_tokens": null_tokens,
+            "passed_over": list(passed_over),
             "knn_positives": positives, "fixed": fixed, "broken": broken, "p_helps": p_helps, "p_harms": p_harms,
             "decided_on": "validation"}
 

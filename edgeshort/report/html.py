@@ -496,10 +496,14 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
             title, _, detail = verdict["summary"].partition(": ")
             headline = _e(title) if verdict["verdict"] == FOUND else f'<span class="no">{_e(title)}</span>'
             points = [_e(detail[0].upper() + detail[1:]) + ".", cluster_line + "."]
-        points += [
-            f"Cluster score {_num(top['score'], 4)}, a margin of <strong>{_num(margin, 4)}</strong> over "
-            + (f"cluster {runner['cluster']} ({_num(runner['score'], 4)})." if runner else "the other clusters.")
-        ]
+        if scores[0]["cluster"] != shortcut:  # the score's first was passed over: its tokens do not stand apart
+            points.append(f"Cluster score {_num(top['score'], 4)}, below cluster {scores[0]['cluster']}'s "
+                          f"{_num(scores[0]['score'], 4)}: the score ranked that one first, but its tokens do not stand "
+                          "apart from clean ones (see the verdict).")
+        else:
+            points.append(f"Cluster score {_num(top['score'], 4)}, a margin of <strong>{_num(margin, 4)}</strong> over "
+                          + (f"cluster {runner['cluster']} ({_num(runner['score'], 4)})." if runner
+                             else "the other clusters."))
         if m.get("cluster_class_nmi") is not None:
             centred = m.get("cluster_space_used") == "class_centred"
             points.append(f"The clusters share {_num(m['cluster_class_nmi'], 2)} normalised mutual information with "
@@ -587,7 +591,8 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
         parts.append(f'<div class="verdict"><p class="headline">{headline}</p><ul>'
                      + "".join(f"<li>{p}</li>" for p in points) + "</ul></div>")
         parts.append(
-            "<p>The highest cluster score marks the shortcut cluster: nearly one class (homogeneity), predicted "
+            "<p>The highest cluster score marks the shortcut cluster, unless its tokens do not stand apart from "
+            "clean ones while a lower-ranked cluster's do: nearly one class (homogeneity), predicted "
             "confidently right for its dominant class (low Brier score) and poorly for the others. A small margin "
             "means the clusters look alike to the score; confirm with the heatmaps below.</p>"
         )
@@ -697,7 +702,7 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
         f"of the image's key to {contrast}; bright = unlike anything there) blended over "
         "the image, and the 5&times;5 patch grid around the hottest patch. In the shortcut cluster the heat should "
         "sit on the artefact, not on the object.</p>",
-        caveat := _verdict_caveat(run, "the cluster marked below is only the one the score ranks first, not a shortcut"),
+        caveat := _verdict_caveat(run, "the cluster marked below is the one the guard was built on, not a shortcut"),
     ]
     # Mean heatmaps share one scale (the highest mean of any cluster), so clusters stay comparable but readable.
     means = {}
@@ -708,7 +713,7 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
     top = max((float(m.max()) for m in means.values()), default=1.0) or 1.0
     for c in range(k):
         s = scores.get(c, {})
-        title = f"Cluster {c}" + ((" — top-ranked cluster" if caveat else " — shortcut cluster") if c == shortcut else "")
+        title = f"Cluster {c}" + ((" — the guard's cluster" if caveat else " — shortcut cluster") if c == shortcut else "")
         desc = ""
         if s:
             desc = (f"{s['size']} images, {_pct(s['homogeneity'])} {_e(run.class_name(s['majority_class']))}, "
@@ -788,7 +793,7 @@ def _flags(run: RunData, assets: Assets, test_dataset, test_problem: str | None,
     parts = [
         "<p>The key-KNN guard flags patch tokens whose keys look like the shortcut cluster's most distinctive keys, "
         "grows the flags to their neighbours, and the ablated prediction excludes those tokens.</p>",
-        _verdict_caveat(run, "these flags mark no shortcut; they fall on whatever the top-ranked cluster holds, "
+        _verdict_caveat(run, "these flags mark no shortcut; they fall on whatever the guard's cluster holds, "
                              "often the object itself"),
     ]
     parts.append(_test_set_line(run))

@@ -15,6 +15,7 @@ import io
 import math
 import numbers
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -319,12 +320,16 @@ def _pixel_limit_error(source: str, width: int, height: int, max_pixels: int) ->
     )
 
 
+# A scheme of two letters or more: "C://x.png" is a Windows path.
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
+
+
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image file as RGB, refusing missing, corrupt and oversized (decompression bomb) files.
 
     The size check reads only the header, so an oversized file is refused before it is decoded.
     """
-    if isinstance(path, str) and "://" in path:  # Path() would fold the slashes into a missing file's name
+    if isinstance(path, str) and URL.match(path):  # Path() would fold the slashes into a missing file's name
         raise ImageLoadError(f"expected an image file, got the URL {path!r}; images are read from files, not "
                              "downloaded: fetch it first and pass the file (or its bytes)")
     path = Path(path)
@@ -370,6 +375,10 @@ def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = 
         raise _unreadable(named or source, exc) from exc
 
 
+# Raw modes of 16 bits per sample: not "BGR;16", a 5-6-5 BMP's 16 bits per pixel.
+SIXTEEN_BIT_SAMPLES = re.compile(r"(RGB|RGBA|RGBX|LA);16[BLN]?")
+
+
 def _sixteen_bit_as_eight(img: Image.Image) -> bool:
     """Whether Pillow decodes this file's 16-bit colour (or gray + alpha) samples to 8 bits: it keeps only each
     value's high byte (raw mode "RGB;16B" and the like). Known only before decoding, from the file's tiles."""
@@ -378,7 +387,7 @@ def _sixteen_bit_as_eight(img: Image.Image) -> bool:
     for tile in getattr(img, "tile", None) or ():
         raw = tile[3] if len(tile) > 3 else None  # (codec, extents, offset, args): args is the raw mode, or leads
         raw = raw[0] if isinstance(raw, tuple) and raw else raw
-        if isinstance(raw, str) and ";16" in raw:
+        if isinstance(raw, str) and SIXTEEN_BIT_SAMPLES.fullmatch(raw):
             return True
     return False
 
@@ -394,7 +403,7 @@ def _check_high_bytes(img: Image.Image, source: str) -> None:
     brightest = max(high for _, high in colour)
     if brightest < SIXTEEN_BIT_DARK:
         raise ImageLoadError(
-            f"{source} is a 16-bit-per-channel {img.mode} image whose values fit in 12 bits: Pillow (as the usual "
+            f"{source} holds 16 bits per sample (read as {img.mode}) and its values fit in 12 bits: Pillow (as the usual "
             f"torchvision pipeline) keeps only each value's high byte, which reaches {brightest} of 255 here, so the "
             "model would see an almost black image. Convert the images to 8-bit the way the model's training images "
             "were (e.g. x * 255 / 4095 for 12-bit data, or x.astype(np.uint8) for 8-bit values stored in 16 bits) "
