@@ -28,13 +28,14 @@ def _predictions(fixed: int, broken: int, kept_right: int = 100, kept_wrong: int
                                   "clean tokens, 106.5 times chance, and masking them fixed 49"),
     (9, 36032, 18, 184, "none", "No shortcut found: no cluster's tokens stand apart from clean ones: 9 of cluster "
                                 "1's 36,032 tokens are hotter than 99.9% of clean tokens, 0.2 times chance (a shortcut "
-                                "needs 10 times chance)"),
+                                "needs 10 times chance, and more than chance would give)"),
     # Enough for the KNN, but no more than a large cluster holds by chance (vit_b_16: 196 patches an image).
     (300, 196000, 1, 9, "none", "300 of cluster 1's 196,000 tokens are hotter than 99.9% of clean tokens, 1.5 times"),
     # So few that chance could hold them, yet masking helps beyond chance: something is relied on.
-    (300, 196000, 49, 5, "unconfirmed", "1.5 times chance (a shortcut needs 10 times chance), yet masking them fixed "
-                                        "49 validation predictions and broke 5 (sign test p = 1.9e-10): a small "
-                                        "artefact, or one that images outside the cluster carry too"),
+    (300, 196000, 49, 5, "unconfirmed", "1.5 times chance (a shortcut needs 10 times chance, and more than chance "
+                                        "would give), yet masking them fixed 49 validation predictions and broke 5 "
+                                        "(sign test p = 1.9e-10): a small artefact, or one that images outside the "
+                                        "cluster carry too"),
     # Exactly ten times chance stands apart (in floating point 10 x 0.001 x 78,400 is 784.0000000000007).
     (784, 78400, 49, 5, "found", "784 of cluster 1's 78,400 tokens are hotter than 99.9% of clean tokens, 10.0 times"),
     (783, 78400, 1, 9, "none", "783 of cluster 1's 78,400 tokens"),

@@ -109,7 +109,7 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
         higher = ", ".join(f"{p['cluster']} ({p['over_chance']:.1f} times chance)" for p in passed_over)
         apart += (f"; the cluster score ranked cluster{'s' if len(passed_over) > 1 else ''} {higher} higher, whose "
                   f"tokens do not stand apart, so the guard is built on cluster {cluster}")
-    needs = f"a shortcut needs {DISTINCT_OVER_CHANCE} times chance"
+    needs = f"a shortcut needs {DISTINCT_OVER_CHANCE} times chance, and more than chance would give"
     advice = ""
     if distinct is False and p_helps > VERDICT_P_VALUE:
         verdict, title = NONE_FOUND, "No shortcut found"
