@@ -43,9 +43,8 @@ def group_accuracy(
 
 
 def _cell_indices(labels: np.ndarray, groups: np.ndarray, num_classes: int, num_groups: int) -> list[np.ndarray]:
-    """Sample indices of every (class, group) cell that has samples, in `group_accuracy`'s order."""
-    cells = [np.flatnonzero((labels == c) & (groups == g)) for c in range(num_classes) for g in range(num_groups)]
-    return [idx for idx in cells if len(idx)]
+    """Sample indices of every (class, group) cell, empty ones too, in `group_accuracy`'s order."""
+    return [np.flatnonzero((labels == c) & (groups == g)) for c in range(num_classes) for g in range(num_groups)]
 
 
 def bootstrap_intervals(
@@ -76,7 +75,8 @@ def bootstrap_intervals(
     # (K, 2**K): whether kind k is right under each right/wrong pattern across kinds.
     patterns = (np.arange(2 ** len(kinds))[None, :] >> np.arange(len(kinds))[:, None]) & 1
     cell_accuracy = []  # per cell: (resamples, K)
-    for idx in _cell_indices(labels, groups, num_classes, num_groups):
+    cells = _cell_indices(labels, groups, num_classes, num_groups)
+    for idx in (idx for idx in cells if len(idx)):
         codes = (correct[idx] * (1 << np.arange(len(kinds)))).sum(1)
         freq = np.bincount(codes, minlength=patterns.shape[1]) / len(idx)
         counts = rng.multinomial(len(idx), freq, size=resamples)  # (R, 2**K)
@@ -96,22 +96,15 @@ def bootstrap_intervals(
             {"from": a, "to": b, **{f"{name}_interval": interval(s[:, i + 1] - s[:, i]) for name, s in stats.items()},
              # Whether the changed images bear the interval out (change_verdict) is judged at its level.
              "confidence": confidence,
-             "changed_per_cell": _changed_per_cell(correct[:, i], correct[:, i + 1], labels, groups, num_classes,
-                                                   num_groups)}
+             "changed_per_cell": _changed_per_cell(correct[:, i], correct[:, i + 1], cells)}
             for i, (a, b) in enumerate(zip(kinds, kinds[1:]))
         ],
     }
 
 
-def _changed_per_cell(before: np.ndarray, after: np.ndarray, labels: np.ndarray, groups: np.ndarray,
-                      num_classes: int, num_groups: int) -> list[list[int]]:
-    """[fixed, broken] per (class, group) cell, in `group_accuracy`'s order: the images a step changed."""
-    cells = []
-    for c in range(num_classes):
-        for g in range(num_groups):
-            sel = (labels == c) & (groups == g)
-            cells.append([int((~before[sel] & after[sel]).sum()), int((before[sel] & ~after[sel]).sum())])
-    return cells
+def _changed_per_cell(before: np.ndarray, after: np.ndarray, cells: list[np.ndarray]) -> list[list[int]]:
+    """[fixed, broken] per (class, group) cell (`_cell_indices`): the images a step changed."""
+    return [[int((~before[idx] & after[idx]).sum()), int((before[idx] & ~after[idx]).sum())] for idx in cells]
 
 
 def sign_test(wins: int, losses: int) -> float:

@@ -39,6 +39,7 @@ from edgeshort.detect.verdict import (
     confirm_on_test,
     current_verdict,
     fit_verdict,
+    over_chance,
     stands_apart,
     verdict_line,
 )
@@ -497,9 +498,10 @@ class ShortcutDetector:
         stage(cfg.progress, f"training the key KNN and flagging the {len(dataset) * adapter.num_patches:,} validation "
                             "patches")
         count = cfg.knn_sample_count(adapter.num_patches)
-        chosen, passed_over = None, []
+        chosen, apart, passed_over = None, None, []
         if cfg.positives == "calibrated":
-            shortcut, chosen, passed_over = _distinct_cluster(feats.keys, clustering.assignments, ranked, count, cfg)
+            shortcut, chosen, apart, passed_over = _distinct_cluster(feats.keys, clustering.assignments, ranked, count,
+                                                                     cfg)
         positive_warnings = _positive_check(chosen, cfg)
         x, y = knn_training_keys(
             feats.keys, selected, raw_maps, shortcut, count, cfg.knn_negative_count(adapter.num_patches),
@@ -535,8 +537,7 @@ class ShortcutDetector:
         candidates, null_tokens = (None, None) if chosen is None else (chosen.candidates, chosen.null_tokens)
         members = clustering.assignments == shortcut
         tokens = int(members.sum()) * adapter.num_patches
-        accuracy, ablated = _ablation_check(result, dataset, feats.logits, features,
-                                            stands_apart(candidates, tokens, cfg.positive_quantile, null_tokens))
+        accuracy, ablated = _ablation_check(result, dataset, feats.logits, features, apart)
         verdict = fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1),
                               ablated, dataset.labels, null_tokens, passed_over)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
@@ -602,7 +603,8 @@ class ShortcutDetector:
 
 
 def _distinct_cluster(keys: np.ndarray, assignments: np.ndarray, ranked: list, count: int, cfg: DetectorConfig):
-    """(shortcut cluster, its calibrated positives, the clusters passed over): the score's first cluster unless
+    """(shortcut cluster, its calibrated positives, whether its tokens stand apart (`stands_apart`), the clusters
+    passed over): the score's first cluster unless
     its tokens fail to stand apart from the other clusters' (`stands_apart`) and a lower-ranked cluster's do,
     then the highest-ranked such cluster.
 
@@ -620,11 +622,11 @@ def _distinct_cluster(keys: np.ndarray, assignments: np.ndarray, ranked: list, c
         apart = stands_apart(candidates, tokens, cfg.positive_quantile, chosen and chosen.null_tokens)
         # Not measured keeps the score's choice; only tokens shown to stand apart overrule it.
         if apart is True or (apart is None and not passed_over):
-            return rank.cluster, chosen, passed_over
+            return rank.cluster, chosen, apart, passed_over
         if apart is False:  # a lower-ranked cluster not measured (too few images outside it) is no evidence
             passed_over.append({"cluster": int(rank.cluster),
-                                "over_chance": candidates / ((1 - cfg.positive_quantile) * tokens)})
-    return first[0], first[1], []  # none stands apart: the score's choice, and the verdict says so
+                                "over_chance": over_chance(candidates, tokens, cfg.positive_quantile)})
+    return first[0], first[1], False, []  # none stands apart: the score's choice, and the verdict says so
 
 
 def key_heatmaps(keys: np.ndarray, assignments: np.ndarray, cluster: int, selected: np.ndarray,

@@ -62,6 +62,11 @@ def null_tokens_needed(quantile: float) -> int:
     return math.ceil(round(MIN_NULL_EXCEEDANCES / (1 - quantile), 6))
 
 
+def over_chance(candidates: int, tokens: int, quantile: float) -> float:
+    """How many times as many of a cluster's `tokens` pass the clean tokens' `quantile` as chance puts there."""
+    return candidates / max((1 - quantile) * tokens, 1e-9)
+
+
 def stands_apart(candidates: int | None, tokens: int, quantile: float, null_tokens: int | None = None) -> bool | None:
     """Whether a cluster's tokens stand apart from clean ones: `candidates` of its `tokens` past the clean
     tokens' `quantile` (estimated on `null_tokens`), against chance; None when not measured, or when they pass
@@ -93,15 +98,14 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
     fixed = int(((original != labels) & (ablated == labels)).sum())
     broken = int(((original == labels) & (ablated != labels)).sum())
     p_helps, p_harms = sign_test(fixed, broken), sign_test(broken, fixed)
-    chance = (1 - quantile) * tokens
-    over_chance = None if candidates is None else candidates / max(chance, 1e-9)
+    times_chance = None if candidates is None else over_chance(candidates, tokens, quantile)
     distinct = stands_apart(candidates, tokens, quantile, null_tokens)
     changes = f"masking them fixed {fixed} validation predictions and broke {broken}"
     if candidates is None:
         apart = f"cluster {cluster}'s tokens were not measured against clean ones (positives='hottest')"
     else:
         apart = (f"{candidates:,} of cluster {cluster}'s {tokens:,} tokens are hotter than {quantile:.1%} of clean "
-                 f"tokens, {over_chance:.1f} times chance")
+                 f"tokens, {times_chance:.1f} times chance")
         if distinct is None:
             apart += (f", but that quantile rests on only {null_tokens:,} clean tokens (it needs "
                       f"{null_tokens_needed(quantile):,}), so whether they stand apart is not measured")
@@ -136,7 +140,7 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
                        "where the artefact and the label disagree")
         advice = CONFIRM_ADVICE
     return {"verdict": verdict, "summary": _summary(title, finding, advice), "title": title, "finding": finding,
-            "candidates": candidates, "tokens": tokens, "over_chance": over_chance, "null_tokens": null_tokens,
+            "candidates": candidates, "tokens": tokens, "over_chance": times_chance, "null_tokens": null_tokens,
             "passed_over": list(passed_over),
             "knn_positives": positives, "fixed": fixed, "broken": broken, "p_helps": p_helps, "p_harms": p_harms,
             "decided_on": "validation"}

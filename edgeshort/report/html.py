@@ -676,7 +676,8 @@ def _cluster_pictures(run: RunData, c: int, dataset_loader: Callable[[], object 
 
 def _verdict_caveat(run: RunData, what: str) -> str:
     """Above the guard's diagnostics, when the verdict says there is no shortcut to guard: the 'shortcut cluster'
-    is then only the top-ranked cluster, and the flags need not mark anything but what the model needs."""
+    is then only the cluster the guard was built on, and the flags need not mark anything but what the model
+    needs."""
     verdict = current_verdict(run.metrics)
     if verdict is None or verdict["verdict"] not in DO_NOT_GUARD:
         return ""
