@@ -86,6 +86,17 @@ def _check_labels(labels: Any, n: int, name: str) -> np.ndarray | None:
     return values
 
 
+def _by_label(selected: np.ndarray, labels: np.ndarray | None, most: int = 5) -> str:
+    """" (363 of 392 benign, 44 of 1108 malignant)": where selected maps fall among the labels, most first."""
+    if labels is None:
+        return ""
+    kinds, totals = np.unique(labels, return_counts=True)
+    hits = np.array([int((selected & (labels == kind)).sum()) for kind in kinds])
+    order = [i for i in np.argsort(-hits, kind="stable") if hits[i]]
+    parts = [f"{hits[i]} of {totals[i]} {_plain(kinds[i])}" for i in order[:most]]
+    return f" ({', '.join(parts)}{', ...' if len(order) > most else ''})"
+
+
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
@@ -292,7 +303,8 @@ class SpRAyDetector(BaseEstimator):
                 "head: pick an earlier block or its norm1)"
             )
         if empty.any():
-            fit_warnings.warn(logger, f"{empty.sum()} of {n} heatmaps have no positive relevance; they cluster together")
+            fit_warnings.warn(logger, f"{empty.sum()} of {n} heatmaps have no positive relevance{_by_label(empty, label_values)}; "
+                              "they cluster together")
 
         cluster_labels, scopes, runs = self._cluster(features, class_values)
         self._summarise(maps, small, stats, cluster_labels, scopes, runs, label_values, group_values, class_values,
