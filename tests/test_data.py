@@ -258,3 +258,25 @@ def test_calibration_images_need_no_labels(tmp_path):
     (tmp_path / "nothing" / "val_wo_patches" / "a").mkdir(parents=True)
     with pytest.raises(InputError, match="found no images .* check the split name"):
         load_images(tmp_path / "nothing" / "val")
+
+
+def test_classes_the_model_does_not_name_are_refused_with_their_fix() -> None:
+    """An extra class names its --class-map fix; a missing one is named; neither error leaves a dangling 'or'."""
+    from edgeshort.data import ArrayDataset
+    from edgeshort.data.dataset import in_model_class_order
+
+    images = np.zeros((6, 3, 8, 8), dtype=np.float32)
+    extra = ArrayDataset(images, np.array([0, 1, 2, 0, 1, 2]), ("atypical", "benign", "malignant"))
+    with pytest.raises(InputError) as caught:
+        in_model_class_order(extra, ("benign", "malignant"))
+    assert ("the model names its classes ['benign', 'malignant'] (its id2label), and the data's are ['atypical', "
+            "'benign', 'malignant']; ['atypical'] is not among the model's: map it onto one of its classes "
+            "(--class-map atypical=CLASS,...") in str(caught.value)
+    assert "or leave those images out; or, where they are the same classes under other names" in str(caught.value)
+    fewer = ArrayDataset(images, np.array([0, 1, 0, 1, 0, 1]), ("benign", "nevus"))
+    with pytest.raises(InputError, match=r"the data's are \['benign', 'nevus'\]; \['nevus'\] is not among the model's"):
+        in_model_class_order(fewer, ("benign", "malignant", "bcc"))
+    subset = ArrayDataset(images, np.array([0, 1, 0, 1, 0, 1]), ("benign", "malignant"))
+    with pytest.raises(InputError, match=r"the data's are \['benign', 'malignant'\]; the data has no images of "
+                                         r"\['bcc'\]; or, where they are the same classes"):
+        in_model_class_order(subset, ("benign", "malignant", "bcc"))

@@ -33,6 +33,10 @@ def assert_shortcut_found_and_ablated(metrics: dict) -> None:
 def test_demo_shortcut_is_found_flagged_and_mitigated(demo_result):
     metrics = demo_result.metrics
     assert_shortcut_found_and_ablated(metrics)
+    # The verdict that stands, read from Python as detect prints it.
+    assert demo_result.verdict == "found"
+    assert demo_result.verdict_summary == metrics["shortcut_verdict_test"]["summary"]
+    assert demo_result.summary().splitlines()[0] == f"verdict: {demo_result.verdict_summary}."
     ablation, dfr = metrics["group_accuracy_intervals"]["changes"]
     assert ablation["worst_interval"][0] > 0.3  # ablation's gain is far beyond test-set noise
     # The KNN finds nearly every patch, so ablation leaves the DFR head little to fix here: its

@@ -605,7 +605,7 @@ def test_normalised_arrays_at_the_edge_of_their_range_are_accepted(guards, test_
     np.testing.assert_allclose(guard.predict(guard.preprocess(test_images[0])[0]).logits, as_file.logits, atol=1e-5)
 
 
-def test_bad_arguments_are_refused(guards, demo_bundle, test_images):
+def test_bad_arguments_are_refused(guards, demo_bundle, test_images, tmp_path):
     guard = guards["onnxruntime"]
     with pytest.raises(InputError, match="expected batch_size to be a positive integer, got 0"):
         guard.predict(test_images[:2], batch_size=0)
@@ -615,6 +615,12 @@ def test_bad_arguments_are_refused(guards, demo_bundle, test_images):
         guard.predict(test_images[:2], path="fused", drop_tokens=True)
     with pytest.raises(InputError, match=r"cannot read image \(4 bytes\) \(UnidentifiedImageError"):
         guard.predict(b"\x89PNG")
+    # An empty file says so: Pillow's "cannot identify image file" reads like a corrupt one.
+    with pytest.raises(InputError, match=r"cannot read image \(0 bytes\): it is empty; expected a PNG"):
+        guard.predict(b"")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(InputError, match=r"cannot read image '.*empty.jpg': it is empty \(0 bytes\).*copy it again"):
+        guard.predict(tmp_path / "empty.jpg")
     with pytest.raises(InputError, match="encoded image bytes or a binary file object .*got int"):
         guard.predict(42)
     with pytest.raises(InputError, match="expected backend in"):

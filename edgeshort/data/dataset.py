@@ -494,6 +494,14 @@ def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str]
         return named, True
     hint = rename_hint(dataset.class_names, model_class_names) if len(dataset.class_names) == len(model_class_names) \
         else ""
+    extra = [name for name in dataset.class_names if name not in model_class_names]
+    if not hint and extra:
+        hint = (f"; {extra} {'is' if len(extra) == 1 else 'are'} not among the model's: map "
+                f"{'it' if len(extra) == 1 else 'each'} onto one of its classes (--class-map {extra[0]}=CLASS,...; "
+                "Python: load_images(..., class_map={...})), or leave those images out")
+    missing = [name for name in model_class_names if name not in dataset.class_names]
+    if not hint and missing:
+        hint = f"; the data has no images of {missing}"
     raise InputError(
         f"the model names its classes {list(model_class_names)} (its id2label), and the data's are "
         f"{list(dataset.class_names)}{hint}; or, where they are the same classes under other names, give the "

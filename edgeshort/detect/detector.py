@@ -129,6 +129,19 @@ class DetectionResult:
     data_source: str | None = None  # how to reload the validation images (export calibrates on them)
     weights_sha256: str | None = None  # the weights the clusters, KNN and DFR head were fitted on
 
+    @property
+    def verdict(self) -> str | None:
+        """'found', 'unconfirmed', 'none' or 'harmful': the test set's once one with both artefact groups is
+        evaluated, else the fit's (None for a run saved before verdicts existed). `verdict_summary` says why."""
+        verdict = current_verdict(self.metrics)
+        return None if verdict is None else verdict["verdict"]
+
+    @property
+    def verdict_summary(self) -> str | None:
+        """The verdict in words, as `detect` prints it and the report heads with it."""
+        verdict = current_verdict(self.metrics)
+        return None if verdict is None else verdict["summary"]
+
     def check_weights(self) -> None:
         """Refuse to predict with weights other than those fitted: the result holds the caller's model
         object, and clusters, KNN and DFR head of old weights would judge new ones."""

@@ -372,7 +372,22 @@ def _decode(file: Path | Any, source: str, max_pixels: int, named: str | None = 
             f"decompression-bomb limit caps max_pixels), got {source}, which Pillow refuses ({exc}); downscale it first"
         ) from exc
     except Exception as exc:  # Pillow raises several unrelated types for broken files
+        if _empty(file):  # Pillow's "cannot identify image file" hides that nothing is there to identify
+            named = named or source
+            size = "" if named.endswith("(0 bytes)") else " (0 bytes)"
+            raise ImageLoadError(f"cannot read {named}: it is empty{size}; expected a PNG/JPEG (or "
+                                 "other Pillow-readable) file; an empty file is often a copy or download that did "
+                                 "not finish: copy it again") from exc
         raise _unreadable(named or source, exc) from exc
+
+
+def _empty(file: Path | Any) -> bool:
+    try:
+        if isinstance(file, Path):
+            return file.stat().st_size == 0
+        return isinstance(file, io.BytesIO) and file.getbuffer().nbytes == 0
+    except OSError:
+        return False
 
 
 # Raw modes of 16 bits per sample: not "BGR;16", a 5-6-5 BMP's 16 bits per pixel.
