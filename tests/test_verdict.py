@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from edgeshort.detect.verdict import confirm_on_test, fit_verdict
+from edgeshort.detect.verdict import confirm_on_test, fit_verdict, in_light_of_artefact_labels
 from edgeshort.errors import InputError
 
 
@@ -40,7 +40,8 @@ def _predictions(fixed: int, broken: int, kept_right: int = 100, kept_wrong: int
     (784, 78400, 49, 5, "found", "784 of cluster 1's 78,400 tokens are hotter than 99.9% of clean tokens, 10.0 times"),
     (783, 78400, 1, 9, "none", "783 of cluster 1's 78,400 tokens"),
     (3000, 36032, 0, 9, "unconfirmed", "broke 9 (sign test p = 0.002 that it harms): either the model does not rely "
-                                       "on them, or the validation images hold none where the artefact"),
+                                       "on them, or it relies on little else (masking then leaves it guessing), or the "
+                                       "validation images hold none where the artefact"),
     (2761, 36032, 1, 3, "unconfirmed", "no difference beyond chance"),
     (None, 36032, 49, 5, "found", "were not measured against clean ones (positives='hottest'), and masking them fixed"),
 ])
@@ -56,6 +57,51 @@ def test_the_verdict_needs_distinct_tokens_and_more_fixed_than_broken(candidates
         assert found["summary"].endswith("Settle it on a test set with artefact labels (edgeshort detect --eval TEST "
                                          "with --eval-columns group=COLUMN, or result.evaluate) before shipping the guard")
     json.dumps(found)  # it goes into metrics.json and the bundle's manifest as it is
+
+
+def test_artefact_labels_outside_the_cluster_leave_no_shortcut_unconfirmed():
+    """Distinctness measures the cluster against the others as clean: where the validation images' artefact
+    labels put the artefact outside it too (a walkthrough's model: 45 of 54 images inside, 60 of 186 outside),
+    tokens that do not stand apart no longer say 'deploy without the guard'."""
+    none = fit_verdict(1, 37, 13824, 200, 0.999, *_predictions(3, 0))
+    assert none["verdict"] == "none"
+    members = np.arange(240) < 54
+    groups = np.concatenate([np.ones(45), np.zeros(9), np.ones(60), np.zeros(126)]).astype(np.int64)
+    judged = in_light_of_artefact_labels(none, 1, members, groups)
+    assert judged["verdict"] == "unconfirmed" and judged["title"] == "Shortcut not confirmed"
+    assert judged["summary"].startswith("Shortcut not confirmed: 37 of cluster 1's 13,824 tokens are hotter than 99.9% "
+                                        "of clean tokens, 2.7 times chance (a shortcut needs 10 times chance, and more "
+                                        "than chance would give), and masking them fixed 3 validation predictions and "
+                                        "broke 0; yet the validation images' artefact labels put the artefact on 45 of "
+                                        "cluster 1's 54 images and on 60 of the 186 outside it (Fisher exact p = ")
+    assert "carry the artefact too" in judged["summary"] and "deploy the model as it is" not in judged["summary"]
+    assert judged["summary"].endswith("before shipping the guard")
+    assert (judged["artefact_in_cluster"], judged["artefact_outside"]) == (45, 60) and judged["p_artefact_enriched"] < 1e-6
+    json.dumps(judged)
+    # Spread as chance spreads it (an artefact unrelated to what the clusters hold): no shortcut, as before,
+    # but no longer 'an artefact the validation images do not show'.
+    spread = np.tile([1, 0], 120)
+    stands = in_light_of_artefact_labels(none, 1, members, spread)
+    assert stands["verdict"] == "none" and "An artefact the validation images do not show" not in stands["summary"]
+    assert ("the validation images' artefact labels put the artefact on 27 of cluster 1's 54 images and on 93 of the "
+            "186 outside it, no more inside than chance would put there. Nothing to guard") in stands["summary"]
+    # All of it inside: the clean reference is clean, so tokens that do not stand apart are evidence.
+    inside_only = members.astype(np.int64)
+    assert in_light_of_artefact_labels(none, 1, members, inside_only)["verdict"] == "none"
+    assert "all in it" in in_light_of_artefact_labels(none, 1, members, inside_only)["summary"]
+    # Enriched, but masking breaks far more than it fixes: the flags fall on what the model needs, so none stands
+    # (the demo recipe with the artefact unrelated to the label: 65 of 149 inside, 253 of 851 outside, 5 / 55).
+    harms = fit_verdict(1, 18, 29204, 200, 0.999, *_predictions(5, 55))
+    notices = in_light_of_artefact_labels(harms, 1, np.arange(1000) < 149,
+                                          np.concatenate([np.ones(65), np.zeros(84), np.ones(253), np.zeros(598)]))
+    assert notices["verdict"] == "none" and ("on 65 of cluster 1's 149 images and on 253 of the 851 outside it, more "
+                                             "inside (Fisher exact p = ") in notices["summary"]
+    assert "yet masking breaks more validation predictions than it fixes beyond chance (p = " in notices["summary"]
+    # Without artefact labels, or for any other verdict, nothing changes.
+    assert in_light_of_artefact_labels(none, 1, members, None) is none
+    assert in_light_of_artefact_labels(none, 1, members, np.zeros(240, np.int64)) is none
+    found = fit_verdict(1, 3836, 36032, 200, 0.999, *_predictions(49, 5))
+    assert in_light_of_artefact_labels(found, 1, members, groups) is found
 
 
 def test_a_quantile_of_too_few_clean_tokens_measures_nothing():
@@ -122,6 +168,19 @@ def test_a_shortcut_the_validation_images_do_not_show_is_not_found_and_not_expor
     assert result.summary().startswith("verdict: No shortcut found")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["shortcut_verdict"] == verdict
+    # Artefact labels on the validation images (here made up: most of the cluster, a few outside) check the
+    # verdict; they do not change the clusters.
+    import copy
+
+    labelled = copy.copy(clean)
+    members = result.clustering.assignments == result.shortcut_cluster
+    labelled.groups = (members | (np.arange(len(clean)) % 10 == 0)).astype(np.int64)
+    checked = ShortcutDetector(replace(DEMO_DETECTOR, progress=False)).fit(demo_vit, labelled)
+    np.testing.assert_array_equal(checked.clustering.assignments, result.clustering.assignments)
+    judged = checked.metrics["shortcut_verdict"]
+    assert judged["artefact_in_cluster"] == int(members.sum()) and judged["artefact_outside"] > 0
+    assert f"the validation images' artefact labels put the artefact on {int(members.sum())} of cluster" in \
+        judged["summary"]
     from edgeshort.report.html import write_report
 
     page = write_report(tmp_path / "run").read_text()

@@ -39,6 +39,7 @@ from edgeshort.detect.verdict import (
     confirm_on_test,
     current_verdict,
     fit_verdict,
+    in_light_of_artefact_labels,
     over_chance,
     stands_apart,
     verdict_line,
@@ -551,8 +552,10 @@ class ShortcutDetector:
         members = clustering.assignments == shortcut
         tokens = int(members.sum()) * adapter.num_patches
         accuracy, ablated = _ablation_check(result, dataset, feats.logits, features, apart)
-        verdict = fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1),
-                              ablated, dataset.labels, null_tokens, passed_over)
+        verdict = in_light_of_artefact_labels(
+            fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1), ablated,
+                        dataset.labels, null_tokens, passed_over),
+            shortcut, members, dataset.groups)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
                                 + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t

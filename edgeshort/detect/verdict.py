@@ -24,7 +24,7 @@ Where the artefact never disagrees with the label in the validation images, mask
 model relies on has nothing to fix there and can only break, so a loss on validation does not show
 that the model ignores the artefact: it leaves the verdict unconfirmed. A test set with both
 artefact groups settles it by its worst-group change: a real gain is a shortcut found, a real loss
-a harmful guard.
+a harmful guard. Artefact labels on the validation images check a `none` (`in_light_of_artefact_labels`).
 """
 
 from __future__ import annotations
@@ -133,17 +133,56 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
         verdict, title = UNCONFIRMED, "Shortcut not confirmed"
         if p_harms <= VERDICT_P_VALUE:
             finding = (f"{apart}, but {changes} (sign test p = {p_harms:.2g} that it harms): either the model does "
-                       "not rely on them, or the validation images hold none where the artefact and the label "
-                       "disagree, which leaves masking nothing to fix")
+                       "not rely on them, or it relies on little else (masking then leaves it guessing), or the "
+                       "validation images hold none where the artefact and the label disagree, which leaves masking "
+                       "nothing to fix")
         else:
             finding = (f"{apart}, but {changes}, no difference beyond chance; the validation images may hold few "
                        "where the artefact and the label disagree")
         advice = CONFIRM_ADVICE
     return {"verdict": verdict, "summary": _summary(title, finding, advice), "title": title, "finding": finding,
-            "candidates": candidates, "tokens": tokens, "over_chance": times_chance, "null_tokens": null_tokens,
+            "measured": f"{apart} ({needs}), and {changes}", "candidates": candidates, "tokens": tokens, "over_chance": times_chance, "null_tokens": null_tokens,
             "passed_over": list(passed_over),
             "knn_positives": positives, "fixed": fixed, "broken": broken, "p_helps": p_helps, "p_harms": p_harms,
             "decided_on": "validation"}
+
+
+def in_light_of_artefact_labels(fit: dict, cluster: int, members: np.ndarray, groups: np.ndarray | None) -> dict:
+    """A `none` verdict checked against the validation images' artefact labels (1 = the image carries it), which
+    neither choose the cluster nor build the guard. Distinctness measures the cluster's tokens against the other
+    clusters' as clean ones; where the labels put the artefact on images outside the cluster too, and the cluster
+    holds more of it than those (one-sided Fisher exact test, p <= VERDICT_P_VALUE), that reference carries the
+    artefact, and tokens not standing apart from it do not show there is no shortcut: the verdict becomes
+    unconfirmed, unless masking breaks more validation predictions than it fixes beyond chance (an artefact the
+    features notice but the model does not need: on the demo recipe with the artefact unrelated to the label, one
+    of three such models). Otherwise it stands, and says how the labels spread over the clusters."""
+    if fit["verdict"] != NONE_FOUND or groups is None or not (groups == 1).any():
+        return fit
+    from scipy.stats import fisher_exact
+
+    carried = groups == 1
+    inside, outside = int(carried[members].sum()), int(carried[~members].sum())
+    size, others = int(members.sum()), int((~members).sum())
+    p_enriched = float(fisher_exact([[inside, size - inside], [outside, others - outside]], alternative="greater")[1])
+    labelled = (f"the validation images' artefact labels put the artefact on {inside} of cluster {cluster}'s {size} "
+                f"images and on {outside} of the {others} outside it")
+    counts = {"artefact_in_cluster": inside, "cluster_images": size, "artefact_outside": outside,
+              "images_outside": others, "p_artefact_enriched": p_enriched}
+    enriched = outside > 0 and p_enriched <= VERDICT_P_VALUE
+    if enriched and fit["p_harms"] > VERDICT_P_VALUE:
+        finding = (f"{fit['measured']}; yet {labelled} (Fisher exact p = {p_enriched:.2g} that the cluster holds more "
+                   "of it): the clean tokens the cluster is measured against carry the artefact too, so that its "
+                   "tokens do not stand apart does not show there is no shortcut")
+        title = "Shortcut not confirmed"
+        return {**fit, **counts, "verdict": UNCONFIRMED, "title": title, "finding": finding,
+                "summary": _summary(title, finding, CONFIRM_ADVICE)}
+    if enriched:  # but masking breaks more predictions than it fixes, beyond chance
+        spread = (f"more inside (Fisher exact p = {p_enriched:.2g}), yet masking breaks more validation predictions "
+                  f"than it fixes beyond chance (p = {fit['p_harms']:.2g}): the flags fall on what the model needs")
+    else:
+        spread = "no more inside than chance would put there" if outside else "all in it"
+    finding = f"{fit['finding']}; {labelled}, {spread}"
+    return {**fit, **counts, "finding": finding, "summary": _summary(fit["title"], finding, NOTHING_TO_GUARD)}
 
 
 def _summary(title: str, finding: str, advice: str = "") -> str:
