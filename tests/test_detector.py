@@ -752,3 +752,21 @@ def test_a_test_set_warns_when_its_labels_or_images_are_unlike_the_validation_da
     (most,) = _mostly_flagged_check(flags)
     assert most.startswith("flags cover over 50% of the patches of 4 of the 10 test images (all patches of 1, whose")
     assert _mostly_flagged_check(flags[4:]) == []
+
+
+def test_the_order_of_the_validation_images_does_not_change_the_run(demo_vit, demo_data):
+    """k-means seeds and the fit's random draws pick by index: taken in an order of the images' own features,
+    a listing's row order changes nothing (it once flipped a model's clusters between following the classes
+    and not)."""
+    from edgeshort.demo import DEMO_DETECTOR
+
+    val = demo_data["val"].subset(np.arange(600))
+    shuffle = np.random.default_rng(5).permutation(len(val))
+    config = replace(DEMO_DETECTOR, progress=False)
+    listed = ShortcutDetector(config).fit(demo_vit, val)
+    shuffled = ShortcutDetector(config).fit(demo_vit, val.subset(shuffle))
+    np.testing.assert_array_equal(listed.clustering.assignments[shuffle], shuffled.clustering.assignments)
+    np.testing.assert_array_equal(listed.val_present[shuffle], shuffled.val_present)
+    assert listed.metrics["shortcut_verdict"] == shuffled.metrics["shortcut_verdict"]
+    assert listed.metrics["knn_positive_threshold"] == shuffled.metrics["knn_positive_threshold"]
+    np.testing.assert_array_equal(listed.dfr_head.weight, shuffled.dfr_head.weight)

@@ -22,14 +22,17 @@ from edgeshort.detect.keymaps import (
     Clustering,
     KeyKNN,
     calibrated_positives,
+    canonical_order,
     class_centred,
     cluster_features,
     describe_positives,
+    in_order,
     key_distance_maps,
     knn_training_keys,
     mean_keys_outside,
     nearest_clean_distance_maps,
     nearest_to_centroids,
+    ranks,
     saliency_distance_maps,
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
@@ -490,7 +493,10 @@ class ShortcutDetector:
 
         t = time.perf_counter()
         stage(cfg.progress, f"clustering {len(dataset):,} images and scoring the clusters")
-        clustering, class_following = _cluster(feats.pooled, dataset.labels, cfg)
+        # Draws by index follow the images, not the listing's row order.
+        order = canonical_order(feats.pooled, dataset.labels)
+        rank = ranks(order)
+        clustering, class_following = _cluster(feats.pooled, dataset.labels, cfg, order)
         probs = softmax(feats.logits.astype(np.float64))
         scores = score_clusters(probs, dataset.labels, clustering.assignments, dataset.num_classes, cfg.lambdas)
         ranked = sorted(scores, key=lambda s: s.score, reverse=True)
@@ -500,7 +506,7 @@ class ShortcutDetector:
         t = time.perf_counter()
         selected = nearest_to_centroids(clustering.distances, clustering.assignments, cfg.num_selected)
         raw_maps = [
-            key_heatmaps(feats.keys, clustering.assignments, c, idx, cfg) for c, idx in enumerate(selected)
+            key_heatmaps(feats.keys, clustering.assignments, c, idx, cfg, rank) for c, idx in enumerate(selected)
         ]
         # The seed normalises all heatmaps together, so clusters stay comparable.
         stacked = np.concatenate([m.reshape(-1) for m in raw_maps])
@@ -515,7 +521,7 @@ class ShortcutDetector:
         chosen, apart, passed_over = None, None, []
         if cfg.positives == "calibrated":
             shortcut, chosen, apart, passed_over = _distinct_cluster(feats.keys, clustering.assignments, ranked, count,
-                                                                     cfg)
+                                                                     cfg, rank)
         positive_warnings = _positive_check(chosen, cfg)
         x, y = knn_training_keys(
             feats.keys, selected, raw_maps, shortcut, count, cfg.knn_negative_count(adapter.num_patches),
@@ -563,14 +569,12 @@ class ShortcutDetector:
         t = time.perf_counter()
         if cfg.dfr != "none":
             if cfg.dfr == "logreg":
-                result.dfr_head = fit_dfr_logreg(
-                    features, dataset.labels, present, dataset.num_classes, cfg.dfr_subsamples, cfg.seed, cfg.progress
-                )
+                result.dfr_head = fit_dfr_logreg(features[order], dataset.labels[order], present[order],
+                                                 dataset.num_classes, cfg.dfr_subsamples, cfg.seed, cfg.progress)
             else:
                 stage(cfg.progress, "retraining the last layer (DFR, Adam)")
-                result.dfr_head = fit_dfr_adam(
-                    features, dataset.labels, present, dataset.num_classes, adapter.head_linear(), seed=cfg.seed
-                )
+                result.dfr_head = fit_dfr_adam(features[order], dataset.labels[order], present[order],
+                                               dataset.num_classes, adapter.head_linear(), seed=cfg.seed)
             fit_warnings = dfr_fit_warnings(result.dfr_head, dataset.class_names)
             for warning in fit_warnings:
                 logger.warning("%s", warning)
@@ -618,7 +622,8 @@ class ShortcutDetector:
         return result
 
 
-def _distinct_cluster(keys: np.ndarray, assignments: np.ndarray, ranked: list, count: int, cfg: DetectorConfig):
+def _distinct_cluster(keys: np.ndarray, assignments: np.ndarray, ranked: list, count: int, cfg: DetectorConfig,
+                      rank: np.ndarray | None = None):
     """(shortcut cluster, its calibrated positives, whether its tokens stand apart (`stands_apart`), the clusters
     passed over): the score's first cluster unless
     its tokens fail to stand apart from the other clusters' (`stands_apart`) and a lower-ranked cluster's do,
@@ -629,28 +634,30 @@ def _distinct_cluster(keys: np.ndarray, assignments: np.ndarray, ranked: list, c
     tokens then stand apart from nothing, and a lower-ranked cluster's may. Passed-over clusters are listed
     with how far their tokens stood above chance."""
     passed_over, first = [], None
-    for rank in ranked:
-        chosen = calibrated_positives(keys, assignments, rank.cluster, count, cfg.positive_quantile, cfg.knn_k,
-                                      cfg.seed)
-        first = first or (rank.cluster, chosen)
-        tokens = int((assignments == rank.cluster).sum()) * keys.shape[1]
+    for ranking in ranked:
+        chosen = calibrated_positives(keys, assignments, ranking.cluster, count, cfg.positive_quantile, cfg.knn_k,
+                                      cfg.seed, rank)
+        first = first or (ranking.cluster, chosen)
+        tokens = int((assignments == ranking.cluster).sum()) * keys.shape[1]
         candidates = None if chosen is None else chosen.candidates
         apart = stands_apart(candidates, tokens, cfg.positive_quantile, chosen and chosen.null_tokens)
         # Not measured keeps the score's choice; only tokens shown to stand apart overrule it.
         if apart is True or (apart is None and not passed_over):
-            return rank.cluster, chosen, apart, passed_over
+            return ranking.cluster, chosen, apart, passed_over
         if apart is False:  # a lower-ranked cluster not measured (too few images outside it) is no evidence
-            passed_over.append({"cluster": int(rank.cluster),
+            passed_over.append({"cluster": int(ranking.cluster),
                                 "over_chance": over_chance(candidates, tokens, cfg.positive_quantile)})
     return first[0], first[1], False, []  # none stands apart: the score's choice, and the verdict says so
 
 
 def key_heatmaps(keys: np.ndarray, assignments: np.ndarray, cluster: int, selected: np.ndarray,
-                 cfg: DetectorConfig) -> np.ndarray:
-    """Unnormalised key heatmaps of a cluster's selected samples against the other clusters' keys."""
+                 cfg: DetectorConfig, rank: np.ndarray | None = None) -> np.ndarray:
+    """Unnormalised key heatmaps of a cluster's selected samples against the other clusters' keys (searched in
+    `rank`'s order of the images, when given)."""
     if cfg.heatmap == "mean":
         return key_distance_maps(keys[selected], mean_keys_outside(keys, assignments, cluster))
-    return nearest_clean_distance_maps(keys[selected], keys[assignments != cluster], cfg.knn_k, cfg.seed)
+    clean = in_order(np.flatnonzero(assignments != cluster), rank)
+    return nearest_clean_distance_maps(keys[selected], keys[clean], cfg.knn_k, cfg.seed)
 
 
 def _ablation_check(result: DetectionResult, dataset: ImageDataset, logits: np.ndarray,
@@ -701,7 +708,8 @@ def _positive_check(chosen, cfg: DetectorConfig) -> list[str]:
     return warnings
 
 
-def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> tuple[Clustering, dict]:
+def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig,
+             order: np.ndarray | None = None) -> tuple[Clustering, dict]:
     """k-means in the configured space, and how much the clusters follow the class labels.
 
     The shortcut cluster mixes classes by its nature; clusters that follow the classes (normalised
@@ -712,7 +720,7 @@ def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig) -> tup
 
     def clusters(space: str) -> tuple[Clustering, float]:
         features = class_centred(pooled, labels) if space == "class_centred" else pooled
-        clustering = cluster_features(features, cfg.n_clusters, cfg.pca_components, cfg.seed)
+        clustering = cluster_features(features, cfg.n_clusters, cfg.pca_components, cfg.seed, order)
         return clustering, float(normalized_mutual_info_score(labels, clustering.assignments))
 
     space = "class_centred" if cfg.cluster_space == "class_centred" else "pooled"

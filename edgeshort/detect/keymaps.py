@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,8 +23,35 @@ class Clustering:
     centroids: np.ndarray
 
 
-def cluster_features(pooled: np.ndarray, n_clusters: int, n_components: int, seed: int) -> Clustering:
-    """Min-max normalise (globally, as the seed), PCA, k-means."""
+def canonical_order(pooled: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """An order of the images that depends on them, not on where a listing put them: by a fixed projection of
+    their pooled features, then label. k-means seeds and the fit's random draws pick by index; taken in this
+    order, the same images in another order give the same run (one listing's row order flipped a model's
+    clusters between following the classes and not)."""
+    direction = np.random.default_rng(0).standard_normal(pooled.shape[1])
+    return np.lexsort((labels, pooled.astype(np.float64) @ direction))
+
+
+def ranks(order: np.ndarray) -> np.ndarray:
+    """Each image's place in `order`: `indices[np.argsort(ranks(order)[indices])]` puts any indices in that order."""
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def in_order(indices: np.ndarray, rank: np.ndarray | None) -> np.ndarray:
+    return indices if rank is None else indices[np.argsort(rank[indices], kind="stable")]
+
+
+def cluster_features(pooled: np.ndarray, n_clusters: int, n_components: int, seed: int,
+                     order: np.ndarray | None = None) -> Clustering:
+    """Min-max normalise (globally, as the seed), PCA, k-means; on the rows in `order` (`canonical_order`)
+    when given, with every per-image result in the rows' own order."""
+    if order is not None:
+        found = cluster_features(pooled[order], n_clusters, n_components, seed)
+        rank = ranks(order)
+        return replace(found, assignments=found.assignments[rank], projection=found.projection[rank],
+                       distances=found.distances[rank])
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
 
@@ -133,7 +160,8 @@ class PositiveChoice:
 
 
 def calibrated_positives(
-    keys: np.ndarray, assignments: np.ndarray, cluster: int, count: int, quantile: float, k: int, seed: int
+    keys: np.ndarray, assignments: np.ndarray, cluster: int, count: int, quantile: float, k: int, seed: int,
+    rank: np.ndarray | None = None,
 ) -> PositiveChoice | None:
     """KNN positives drawn evenly from every shortcut-cluster token hotter than clean tokens ever are.
 
@@ -143,9 +171,9 @@ def calibrated_positives(
     of the clean images; the other half gives heat's null distribution, whose `quantile` is the
     threshold. Every token of the cluster above it is a candidate, and `count` are taken evenly over
     the candidates' heat ranking, so each variant is represented by its share. None when fewer than
-    two clean images exist.
+    two clean images exist. `rank` (`ranks(canonical_order(...))`) orders the images the draws pick from.
     """
-    clean = np.flatnonzero(assignments != cluster)
+    clean = in_order(np.flatnonzero(assignments != cluster), rank)
     if len(clean) < 2:
         return None
     rng = np.random.default_rng(seed)
@@ -156,7 +184,7 @@ def calibrated_positives(
     heat_of = _nearest_clean_search(keys[pool], k, seed)
     null_heat = heat_of(keys[null_images])
     threshold = float(np.quantile(null_heat, quantile))
-    members = np.flatnonzero(assignments == cluster)
+    members = in_order(np.flatnonzero(assignments == cluster), rank)
     member_keys = keys[members]  # one copy of the cluster's keys, for the search and the choice
     heat = heat_of(member_keys).reshape(-1)
     member_keys = member_keys.reshape(-1, keys.shape[-1])
