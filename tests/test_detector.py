@@ -770,3 +770,18 @@ def test_the_order_of_the_validation_images_does_not_change_the_run(demo_vit, de
     assert listed.metrics["shortcut_verdict"] == shuffled.metrics["shortcut_verdict"]
     assert listed.metrics["knn_positive_threshold"] == shuffled.metrics["knn_positive_threshold"]
     np.testing.assert_array_equal(listed.dfr_head.weight, shuffled.dfr_head.weight)
+
+
+def test_flags_on_most_of_the_images_labelled_clean_warn_at_fit():
+    """A guard that flags the validation images the artefact labels call clean marks more than the artefact
+    (a walkthrough's model: 99 of 135, its flags ringing the lesion); the demo's flag none of 975."""
+    from edgeshort.detect.detector import _clean_flag_check
+
+    groups = np.concatenate([np.zeros(135, np.int64), np.ones(105, np.int64)])
+    present = np.concatenate([np.arange(135) < 99, np.ones(105, bool)])
+    (warning,) = _clean_flag_check(present, groups)
+    assert warning.startswith("the guard finds a shortcut in 73% of the validation images the artefact labels call "
+                              "clean (99 of 135): its flags fall on more than the artefact")
+    assert _clean_flag_check(np.concatenate([np.arange(135) < 13, np.ones(105, bool)]), groups) == []  # under 10%
+    assert _clean_flag_check(present, None) == []
+    assert _clean_flag_check(present[126:], groups[126:]) == []  # 9 clean images say too little
