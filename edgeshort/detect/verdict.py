@@ -131,18 +131,19 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
         finding = f"{apart}, and {changes} (sign test p = {p_helps:.2g})"
     else:
         verdict, title = UNCONFIRMED, "Shortcut not confirmed"
+        but = ", and" if distinct is None else ", but"  # "not measured" already ends in a "but" clause
         if p_harms <= VERDICT_P_VALUE:
-            finding = (f"{apart}, but {changes} (sign test p = {p_harms:.2g} that it harms): either the model does "
+            finding = (f"{apart}{but} {changes} (sign test p = {p_harms:.2g} that it harms): either the model does "
                        "not rely on them, or it relies on little else (masking then leaves it guessing), or the "
                        "validation images hold none where the artefact and the label disagree, which leaves masking "
                        "nothing to fix")
         else:
-            finding = (f"{apart}, but {changes}, no difference beyond chance; the validation images may hold few "
+            finding = (f"{apart}{but} {changes}, no difference beyond chance; the validation images may hold few "
                        "where the artefact and the label disagree")
         advice = CONFIRM_ADVICE
     return {"verdict": verdict, "summary": _summary(title, finding, advice), "title": title, "finding": finding,
-            "measured": f"{apart} ({needs}), and {changes}", "candidates": candidates, "tokens": tokens, "over_chance": times_chance, "null_tokens": null_tokens,
-            "passed_over": list(passed_over),
+            "measured": f"{apart} ({needs}), and {changes}", "candidates": candidates, "tokens": tokens,
+            "over_chance": times_chance, "null_tokens": null_tokens, "passed_over": list(passed_over),
             "knn_positives": positives, "fixed": fixed, "broken": broken, "p_helps": p_helps, "p_harms": p_harms,
             "decided_on": "validation"}
 
