@@ -76,7 +76,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--map-weights", action="store_true",
                         help="ONNX Runtime: run on the bundle's weights file as the OS maps it, one copy in memory for "
                              "all graphs and processes, without ONNX Runtime's prepacked copy per graph (see bench)")
-    parser.add_argument("--quiet", action="store_true", help="no summary or progress lines on stderr")
+    parser.add_argument("--quiet", action="store_true", help="no summary or progress lines on stderr (warnings still show)")
 
 
 class OutputFailure(Exception):

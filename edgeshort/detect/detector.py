@@ -734,7 +734,9 @@ def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig,
         warnings.append(
             f"the pooled features' clusters follow the class labels (normalised mutual information {pooled_nmi:.2f}), "
             f"so their shortcut cluster would be a class: clustered without each class's mean instead (now {nmi:.2f}). "
-            "cluster_space='pooled' (--cluster-space pooled) keeps the seed's clustering"
+            "An artefact carried by most images of one class follows the class too, and removing the class means "
+            "removes much of it: then compare with cluster_space='pooled' (--cluster-space pooled), the seed's "
+            "clustering"
         )
     if nmi >= CLASS_FOLLOWING_NMI:
         warnings.append(
