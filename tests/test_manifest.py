@@ -327,3 +327,23 @@ def test_report_evaluates_a_listing_by_its_own_headers_and_says_how_to_again(dem
     assert main(["report", str(run), "--eval", str(blank), "--columns", columns, "--quiet"]) == 2
     assert "row 2: column 'has_patch' is empty, and artefact labels are needed for every image or none" in \
         capsys.readouterr().err
+
+
+def test_images_listed_twice_are_named_in_a_warning(tmp_path, caplog):
+    """Each listing counts as an image of its own (in clusters, verdict and accuracy), so repeats are named."""
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label\na.png,x\nb.png,y\nsub/../a.png,x\nc.png,y\nb.png,y\n")
+    (tmp_path / "sub").mkdir()
+    with caplog.at_level("WARNING", logger="edgeshort.data.manifest"):
+        data = load_manifest(listing)
+    assert len(data) == 5  # kept as listed: nothing is dropped
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{listing}: 2 images are listed more than once (e.g. 'a.png' on rows 2, 4); each listing counts as an image "
+        "of its own in clusters, verdict and accuracy: remove the repeats"]
+    caplog.clear()
+    listing.write_text("path,label\na.png,x\nb.png,y\n")
+    with caplog.at_level("WARNING", logger="edgeshort.data.manifest"):
+        load_manifest(listing)
+    assert caplog.records == []

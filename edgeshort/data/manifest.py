@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import numpy as np
 from edgeshort.data.dataset import ImageDataset, rename_hint, unlabelled
 from edgeshort.errors import InputError
 from edgeshort.runtime.preprocess import IMAGE_SUFFIXES
+
+logger = logging.getLogger(__name__)
 
 # Header names recognised for each role (compared case-insensitively); `columns=` names others.
 COLUMN_NAMES = {
@@ -169,6 +172,20 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
     return [order.index(onehot[i]) for i in index], order
 
 
+def _warn_repeats(paths: Sequence[Path], csv_path: Path) -> None:
+    """Warn about images listed more than once: each listing counts as an image of its own, in the clusters, the
+    verdict's counts and every accuracy (a walkthrough's five repeated rows changed a verdict)."""
+    rows_of: dict[Path, list[int]] = {}
+    for row, path in enumerate(paths, start=2):
+        rows_of.setdefault(path.resolve(), []).append(row)  # "sub/../a.png" is "a.png"
+    repeated = {path: rows for path, rows in rows_of.items() if len(rows) > 1}
+    if repeated:
+        path, rows = next(iter(repeated.items()))
+        logger.warning("%s: %d image%s listed more than once (e.g. %r on rows %s); each listing counts as an image "
+                       "of its own in clusters, verdict and accuracy: remove the repeats", csv_path, len(repeated),
+                       " is" if len(repeated) == 1 else "s are", path.name, ", ".join(map(str, rows)))
+
+
 def load_manifest(
     csv_path: str | Path,
     class_names: Sequence[str] | None = None,
@@ -204,6 +221,7 @@ def load_manifest(
             f"{csv_path}: {len(missing)} of {len(rows)} listed images do not exist under {str(root)!r}, e.g. "
             f"{missing[:MISSING_SHOWN]}; paths are relative to the CSV's folder unless an image root (--image-root) is given"
         )
+    _warn_repeats(paths, csv_path)
     if not labelled:
         return unlabelled(paths, csv_path.stem)
     used = {c for c in found.values() if c is not None}
