@@ -278,5 +278,6 @@ def test_classes_the_model_does_not_name_are_refused_with_their_fix() -> None:
         in_model_class_order(fewer, ("benign", "malignant", "bcc"))
     subset = ArrayDataset(images, np.array([0, 1, 0, 1, 0, 1]), ("benign", "malignant"))
     with pytest.raises(InputError, match=r"the data's are \['benign', 'malignant'\]; the data has no images of "
-                                         r"\['bcc'\]; or, where they are the same classes"):
+                                         r"\['bcc'\]: add some, or give all the model's classes in its output order "
+                                         r"\(--classes benign,malignant,bcc; DFR then needs --dfr none\); or, where"):
         in_model_class_order(subset, ("benign", "malignant", "bcc"))

@@ -343,6 +343,11 @@ def test_images_listed_twice_are_named_in_a_warning(tmp_path, caplog):
         f"{listing}: 2 images are listed more than once (e.g. 'a.png' on rows 2, 4); each listing counts as an image "
         "of its own in clusters, verdict and accuracy: remove the repeats"]
     caplog.clear()
+    with caplog.at_level("WARNING", logger="edgeshort.data.manifest"):
+        load_manifest(listing, labelled=False)  # an export's calibration listing
+    assert caplog.records[0].getMessage().endswith("as an image of its own in the calibration and its checks: remove "
+                                                   "the repeats")
+    caplog.clear()
     listing.write_text("path,label\na.png,x\nb.png,y\n")
     with caplog.at_level("WARNING", logger="edgeshort.data.manifest"):
         load_manifest(listing)

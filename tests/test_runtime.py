@@ -621,6 +621,8 @@ def test_bad_arguments_are_refused(guards, demo_bundle, test_images, tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     with pytest.raises(InputError, match=r"cannot read image '.*empty.jpg': it is empty \(0 bytes\).*copy it again"):
         guard.predict(tmp_path / "empty.jpg")
+    with open(tmp_path / "empty.jpg", "rb") as opened, pytest.raises(InputError, match=r"it is empty \(0 bytes\)"):
+        guard.predict(opened)
     with pytest.raises(InputError, match="encoded image bytes or a binary file object .*got int"):
         guard.predict(42)
     with pytest.raises(InputError, match="expected backend in"):

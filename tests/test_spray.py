@@ -586,6 +586,9 @@ def test_fit_warnings_reach_the_report_and_summary() -> None:
                                   f"10 of {malignant} malignant); they cluster together"]
     assert SpRAyDetector().fit(maps).get_report()["warnings"] == [
         f"40 of {N} heatmaps have no positive relevance; they cluster together"]  # no labels, no breakdown
+    numbered = SpRAyDetector().fit(maps, (classes == "malignant").astype(int)).get_report()["warnings"]
+    assert numbered == [f"40 of {N} heatmaps have no positive relevance (30 of {benign} label 0, 10 of {malignant} "
+                        "label 1); they cluster together"]
     assert "Warnings:\n  - 40 of" in detector.summary()
     assert SpRAyDetector().fit(data.heatmaps, data.labels).get_report()["warnings"] == []
     # Kept whatever the logging level: silencing the log does not empty the report.

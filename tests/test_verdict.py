@@ -59,49 +59,67 @@ def test_the_verdict_needs_distinct_tokens_and_more_fixed_than_broken(candidates
     json.dumps(found)  # it goes into metrics.json and the bundle's manifest as it is
 
 
-def test_artefact_labels_outside_the_cluster_leave_no_shortcut_unconfirmed():
-    """Distinctness measures the cluster against the others as clean: where the validation images' artefact
-    labels put the artefact outside it too (a walkthrough's model: 45 of 54 images inside, 60 of 186 outside),
-    tokens that do not stand apart no longer say 'deploy without the guard'."""
+def _walkthrough_labels():
+    """A walkthrough's validation set: 120 benign (3 with a sticker), 120 malignant (102 with it); its guarded
+    cluster held 54 images, 45 of them with the sticker."""
+    labels = np.repeat([0, 1], 120)
+    groups = np.concatenate([np.arange(120) < 3, np.arange(120) < 102]).astype(np.int64)
+    members = np.zeros(240, bool)
+    members[np.flatnonzero(groups == 1)[-45:]] = True
+    members[np.flatnonzero(groups == 0)[:9]] = True
+    return labels, groups, members
+
+
+def test_artefact_labels_show_when_neither_check_could_see_a_shortcut():
+    """`none` rests on both checks failing. With the artefact outside the cluster too, the first measures against
+    a reference that carries it; with 3 images carrying it against their class, masking has too little to fix for
+    the second. That model had learned the sticker (test worst group 0.000 -> 0.861): unconfirmed, not 'deploy
+    without the guard'."""
+    from edgeshort.detect.verdict import fewest_changes_to_show
+
+    assert fewest_changes_to_show() == 7 and fewest_changes_to_show(0.05) == 5
     none = fit_verdict(1, 37, 13824, 200, 0.999, *_predictions(3, 0))
     assert none["verdict"] == "none"
-    members = np.arange(240) < 54
-    groups = np.concatenate([np.ones(45), np.zeros(9), np.ones(60), np.zeros(126)]).astype(np.int64)
-    judged = in_light_of_artefact_labels(none, 1, members, groups)
+    labels, groups, members = _walkthrough_labels()
+    judged = in_light_of_artefact_labels(none, 1, members, groups, labels)
     assert judged["verdict"] == "unconfirmed" and judged["title"] == "Shortcut not confirmed"
-    assert judged["summary"].startswith("Shortcut not confirmed: 37 of cluster 1's 13,824 tokens are hotter than 99.9% "
-                                        "of clean tokens, 2.7 times chance (a shortcut needs 10 times chance, and more "
-                                        "than chance would give), and masking them fixed 3 validation predictions and "
-                                        "broke 0; yet the validation images' artefact labels put the artefact on 45 of "
-                                        "cluster 1's 54 images and on 60 of the 186 outside it (Fisher exact p = ")
-    assert "carry the artefact too" in judged["summary"] and "deploy the model as it is" not in judged["summary"]
-    assert judged["summary"].endswith("before shipping the guard")
-    assert (judged["artefact_in_cluster"], judged["artefact_outside"]) == (45, 60) and judged["p_artefact_enriched"] < 1e-6
+    assert judged["summary"].startswith(
+        "Shortcut not confirmed: 37 of cluster 1's 13,824 tokens are hotter than 99.9% of clean tokens, 2.7 times "
+        "chance (a shortcut needs 10 times chance, and more than chance would give), and masking them fixed 3 "
+        "validation predictions and broke 0; yet the validation images' artefact labels put the artefact on 45 of "
+        "cluster 1's 54 images and on 60 of the 186 outside it, so the clean tokens the cluster is measured against "
+        "carry it too; and only 3 images carry it against their class, fewer than the 7 predictions masking would "
+        "have to fix for its sign test to show anything: neither check can see a shortcut in these images. Settle "
+        "it on a test set")
+    assert (judged["artefact_in_cluster"], judged["artefact_outside"], judged["artefact_against_class"]) == (45, 60, 3)
     json.dumps(judged)
-    # Spread as chance spreads it (an artefact unrelated to what the clusters hold): no shortcut, as before,
-    # but no longer 'an artefact the validation images do not show'.
-    spread = np.tile([1, 0], 120)
-    stands = in_light_of_artefact_labels(none, 1, members, spread)
+    # Every image carrying it: nothing contrasts with it.
+    everywhere = in_light_of_artefact_labels(none, 1, members, np.ones(240, np.int64), labels)
+    assert everywhere["verdict"] == "unconfirmed" and "every validation image carries it, so nothing there " \
+        "contrasts with it: neither check can see a shortcut" in everywhere["summary"]
+
+
+def test_artefact_labels_leave_none_where_a_check_could_see_a_shortcut():
+    none = fit_verdict(1, 18, 29204, 200, 0.999, *_predictions(5, 55))
+    labels, groups, members = _walkthrough_labels()
+    # The artefact on 30% of each class (the demo recipe's unrelated patch): 36 images carry it against their
+    # class, enough for masking to show a shortcut relied on. None stands, and no longer says the validation
+    # images do not show an artefact their labels put there.
+    unrelated = (np.arange(240) % 10 < 3).astype(np.int64)
+    stands = in_light_of_artefact_labels(none, 1, members, unrelated, labels)
     assert stands["verdict"] == "none" and "An artefact the validation images do not show" not in stands["summary"]
-    assert ("the validation images' artefact labels put the artefact on 27 of cluster 1's 54 images and on 93 of the "
-            "186 outside it, no more inside than chance would put there. Nothing to guard") in stands["summary"]
-    # All of it inside: the clean reference is clean, so tokens that do not stand apart are evidence.
-    inside_only = members.astype(np.int64)
-    assert in_light_of_artefact_labels(none, 1, members, inside_only)["verdict"] == "none"
-    assert "all in it" in in_light_of_artefact_labels(none, 1, members, inside_only)["summary"]
-    # Enriched, but masking breaks far more than it fixes: the flags fall on what the model needs, so none stands
-    # (the demo recipe with the artefact unrelated to the label: 65 of 149 inside, 253 of 851 outside, 5 / 55).
-    harms = fit_verdict(1, 18, 29204, 200, 0.999, *_predictions(5, 55))
-    notices = in_light_of_artefact_labels(harms, 1, np.arange(1000) < 149,
-                                          np.concatenate([np.ones(65), np.zeros(84), np.ones(253), np.zeros(598)]))
-    assert notices["verdict"] == "none" and ("on 65 of cluster 1's 149 images and on 253 of the 851 outside it, more "
-                                             "inside (Fisher exact p = ") in notices["summary"]
-    assert "yet masking breaks more validation predictions than it fixes beyond chance (p = " in notices["summary"]
+    assert ("and 36 carry it against their class, enough for masking to show a shortcut the model relied on. "
+            "Nothing to guard: deploy the model as it is, without the guard") in stands["summary"]
+    # All of it inside the cluster: the clean reference is clean, so tokens that do not stand apart are evidence.
+    inside_only = (members & (groups == 1)).astype(np.int64)
+    kept = in_light_of_artefact_labels(none, 1, members, inside_only, labels)
+    assert kept["verdict"] == "none"
+    assert "on 45 of cluster 1's 54 images and on 0 of the 186 outside it, all of them in it" in kept["summary"]
     # Without artefact labels, or for any other verdict, nothing changes.
-    assert in_light_of_artefact_labels(none, 1, members, None) is none
-    assert in_light_of_artefact_labels(none, 1, members, np.zeros(240, np.int64)) is none
+    assert in_light_of_artefact_labels(none, 1, members, None, labels) is none
+    assert in_light_of_artefact_labels(none, 1, members, np.zeros(240, np.int64), labels) is none
     found = fit_verdict(1, 3836, 36032, 200, 0.999, *_predictions(49, 5))
-    assert in_light_of_artefact_labels(found, 1, members, groups) is found
+    assert in_light_of_artefact_labels(found, 1, members, groups, labels) is found
 
 
 def test_a_quantile_of_too_few_clean_tokens_measures_nothing():
@@ -183,6 +201,8 @@ def test_a_shortcut_the_validation_images_do_not_show_is_not_found_and_not_expor
     np.testing.assert_array_equal(checked.clustering.assignments, result.clustering.assignments)
     judged = checked.metrics["shortcut_verdict"]
     assert judged["artefact_in_cluster"] == int(members.sum()) and judged["artefact_outside"] > 0
+    # Dozens carry the made-up artefact against their class: masking could have shown a shortcut, so none stands.
+    assert judged["verdict"] == "none" and judged["artefact_against_class"] >= 7
     assert f"the validation images' artefact labels put the artefact on {int(members.sum())} of cluster" in \
         judged["summary"]
     from edgeshort.report.html import write_report

@@ -501,7 +501,8 @@ def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str]
                 "Python: load_images(..., class_map={...})), or leave those images out")
     missing = [name for name in model_class_names if name not in dataset.class_names]
     if not hint and missing:
-        hint = f"; the data has no images of {missing}"
+        hint = (f"; the data has no images of {missing}: add some, or give all the model's classes in its output "
+                f"order (--classes {','.join(model_class_names)}; DFR then needs --dfr none)")
     raise InputError(
         f"the model names its classes {list(model_class_names)} (its id2label), and the data's are "
         f"{list(dataset.class_names)}{hint}; or, where they are the same classes under other names, give the "

@@ -172,18 +172,19 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
     return [order.index(onehot[i]) for i in index], order
 
 
-def _warn_repeats(paths: Sequence[Path], csv_path: Path) -> None:
-    """Warn about images listed more than once: each listing counts as an image of its own, in the clusters, the
-    verdict's counts and every accuracy (a walkthrough's five repeated rows changed a verdict)."""
+def _warn_repeats(paths: Sequence[Path], listed: Sequence[str], csv_path: Path, used_for: str) -> None:
+    """Warn about images listed more than once: each listing counts as an image of its own in what the listing is
+    `used_for` (a walkthrough's five repeated rows changed a verdict)."""
     rows_of: dict[Path, list[int]] = {}
-    for row, path in enumerate(paths, start=2):
-        rows_of.setdefault(path.resolve(), []).append(row)  # "sub/../a.png" is "a.png"
-    repeated = {path: rows for path, rows in rows_of.items() if len(rows) > 1}
+    for index, path in enumerate(paths):
+        rows_of.setdefault(path.resolve(), []).append(index)  # "sub/../a.png" is "a.png"
+    repeated = [indices for indices in rows_of.values() if len(indices) > 1]
     if repeated:
-        path, rows = next(iter(repeated.items()))
+        first = repeated[0]
         logger.warning("%s: %d image%s listed more than once (e.g. %r on rows %s); each listing counts as an image "
-                       "of its own in clusters, verdict and accuracy: remove the repeats", csv_path, len(repeated),
-                       " is" if len(repeated) == 1 else "s are", path.name, ", ".join(map(str, rows)))
+                       "of its own in %s: remove the repeats", csv_path, len(repeated),
+                       " is" if len(repeated) == 1 else "s are", listed[first[0]].strip(),
+                       ", ".join(str(i + 2) for i in first), used_for)
 
 
 def load_manifest(
@@ -221,7 +222,8 @@ def load_manifest(
             f"{csv_path}: {len(missing)} of {len(rows)} listed images do not exist under {str(root)!r}, e.g. "
             f"{missing[:MISSING_SHOWN]}; paths are relative to the CSV's folder unless an image root (--image-root) is given"
         )
-    _warn_repeats(paths, csv_path)
+    _warn_repeats(paths, [row[found["image"]] for row in rows], csv_path,
+                  "clusters, verdict and accuracy" if labelled else "the calibration and its checks")
     if not labelled:
         return unlabelled(paths, csv_path.stem)
     used = {c for c in found.values() if c is not None}

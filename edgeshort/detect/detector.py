@@ -494,7 +494,7 @@ class ShortcutDetector:
         t = time.perf_counter()
         stage(cfg.progress, f"clustering {len(dataset):,} images and scoring the clusters")
         # Draws by index follow the images, not the listing's row order.
-        order = canonical_order(feats.pooled, dataset.labels)
+        order = canonical_order(feats.digests, dataset.labels)
         rank = ranks(order)
         clustering, class_following = _cluster(feats.pooled, dataset.labels, cfg, order)
         probs = softmax(feats.logits.astype(np.float64))
@@ -528,7 +528,7 @@ class ShortcutDetector:
             cfg.negatives, positives=None if chosen is None else chosen.keys,
         )
         knn = KeyKNN(x, y, cfg.knn_k)
-        clean_keys = mean_keys_outside(feats.keys, clustering.assignments, shortcut).astype(np.float32)
+        clean_keys = mean_keys_outside(feats.keys, clustering.assignments, shortcut, rank).astype(np.float32)
         saliency_distances = saliency_distance_maps(feats.keys, cfg.saliency, knn, clean_keys)
         saliency_scale = float(np.percentile(saliency_distances, 99.9)) or 1.0
         raw = knn.flags(feats.keys).reshape(len(dataset), *adapter.grid)
@@ -543,7 +543,8 @@ class ShortcutDetector:
                 "object, the background, a border). Check the key heatmaps and the flag pictures before exporting"
             )
             logger.warning("%s", present_warnings[-1])
-        present_warnings += _clean_flag_check(present, dataset.groups)
+        else:  # flags on nearly every image say it already
+            present_warnings += _clean_flag_check(present, dataset.groups)
 
         result = DetectionResult(
             config=cfg, adapter=adapter, class_names=dataset.class_names, scores=scores,
@@ -562,7 +563,7 @@ class ShortcutDetector:
         verdict = in_light_of_artefact_labels(
             fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1), ablated,
                         dataset.labels, null_tokens, passed_over),
-            shortcut, members, dataset.groups)
+            shortcut, members, dataset.groups, dataset.labels)
         accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
                                 + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t
@@ -656,7 +657,7 @@ def key_heatmaps(keys: np.ndarray, assignments: np.ndarray, cluster: int, select
     """Unnormalised key heatmaps of a cluster's selected samples against the other clusters' keys (searched in
     `rank`'s order of the images, when given)."""
     if cfg.heatmap == "mean":
-        return key_distance_maps(keys[selected], mean_keys_outside(keys, assignments, cluster))
+        return key_distance_maps(keys[selected], mean_keys_outside(keys, assignments, cluster, rank))
     clean = in_order(np.flatnonzero(assignments != cluster), rank)
     return nearest_clean_distance_maps(keys[selected], keys[clean], cfg.knn_k, cfg.seed)
 
@@ -720,7 +721,7 @@ def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig,
     from sklearn.metrics import normalized_mutual_info_score
 
     def clusters(space: str) -> tuple[Clustering, float]:
-        features = class_centred(pooled, labels) if space == "class_centred" else pooled
+        features = class_centred(pooled, labels, order) if space == "class_centred" else pooled
         clustering = cluster_features(features, cfg.n_clusters, cfg.pca_components, cfg.seed, order)
         return clustering, float(normalized_mutual_info_score(labels, clustering.assignments))
 
@@ -794,18 +795,22 @@ def _flag_rate_check(present: np.ndarray, val_rate: float | None, groups: np.nda
 
 
 def _clean_flag_check(present: np.ndarray, groups: np.ndarray | None) -> list[str]:
-    """A warning when the guard flags FALSE_FLAG_SHARE or more of the validation images the artefact labels call
-    clean (0 to 1% on the demo models; 73% on a walkthrough's model whose flags ringed the lesion). Without it,
-    the test set's own check compares against that rate and stays silent."""
+    """A warning when the guard flags more than FALSE_FLAG_SHARE of the validation images the artefact labels call
+    clean, beyond chance (a mislabelled image or two among ten is not it): 0 to 1% on the demo models, 67% on a
+    walkthrough's model whose flags ringed the lesion. The test set's own check compares against that rate, so
+    without this nothing says it."""
+    from scipy.stats import binomtest
+
     if groups is None:
         return []
     clean = groups == 0
-    if clean.sum() < MIN_CELL_FOR_VERDICT or present[clean].mean() < FALSE_FLAG_SHARE:
+    flagged, images = int(present[clean].sum()), int(clean.sum())
+    if images < MIN_CELL_FOR_VERDICT or binomtest(flagged, images, FALSE_FLAG_SHARE,
+                                                  alternative="greater").pvalue > CHANCE_P_VALUE:
         return []
-    flagged = int(present[clean].sum())
-    warning = (f"the guard finds a shortcut in {flagged / clean.sum():.0%} of the validation images the artefact "
-               f"labels call clean ({flagged} of {int(clean.sum())}): its flags fall on more than the artefact, or "
-               "the labels miss some of it. Look at the flag pictures (edgeshort report) before shipping the guard")
+    warning = (f"the guard finds a shortcut in {flagged / images:.0%} of the validation images the artefact labels "
+               f"call clean ({flagged} of {images}): its flags fall on more than the artefact, or the labels miss "
+               "some of it. Look at the flag pictures (edgeshort report) before shipping the guard")
     logger.warning("%s", warning)
     return [warning]
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from edgeshort._progress import progress_bar
 from edgeshort.data import ImageDataset
+from edgeshort.data.dataset import input_digests
 from edgeshort.models import ViTAdapter
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,12 @@ class Features:
     keys: np.ndarray  # (N, gh*gw, d_head) seed keys
     logits: np.ndarray  # (N, C)
     head_features: np.ndarray  # (N, F) what the classification head reads (pre-logits), unmasked
+    digests: np.ndarray  # (N,) `input_digests` of the images as the model saw them: an order of their own
 
     def save(self, path: Path, fingerprint: str) -> None:
         # Uncompressed: float features barely compress (7% on vit_b_16's keys), and compressing took 27x as long.
         np.savez(path, pooled=self.pooled, keys=self.keys, logits=self.logits, head_features=self.head_features,
-                 fingerprint=fingerprint)
+                 digests=self.digests, fingerprint=fingerprint)
 
     @classmethod
     def load(cls, path: Path, fingerprint: str | None = None) -> Features | None:
@@ -37,9 +39,9 @@ class Features:
         with np.load(path) as data:
             if fingerprint is not None and str(data["fingerprint"]) != fingerprint:
                 return None
-            if "head_features" not in data:  # a cache from before head features were kept: extract again
+            if "digests" not in data:  # a cache from before head features or digests were kept: extract again
                 return None
-            return cls(data["pooled"], data["keys"], data["logits"], data["head_features"])
+            return cls(data["pooled"], data["keys"], data["logits"], data["head_features"], data["digests"])
 
 
 def weights_fingerprint(model) -> str:
@@ -100,11 +102,12 @@ def extract(
         if cached is not None:
             logger.info("reusing cached features from %s", cache)
             return cached
-    pooled, keys, logits, head_features = [], [], [], []
+    pooled, keys, logits, head_features, digests = [], [], [], [], []
     batches = dataset.batches(adapter.preprocessing, batch_size)
     total = (len(dataset) + batch_size - 1) // batch_size
     with torch.inference_mode():
         for _, images in progress_bar(batches, progress, f"extracting {dataset.name}", total):
+            digests.append(input_digests(images))
             x = torch.from_numpy(images)
             tokens = adapter.embed(x)
             encoded = adapter.encode(tokens)
@@ -114,7 +117,7 @@ def extract(
             head_features.append(pre_logits.numpy())
             logits.append(adapter.head_linear()(pre_logits).numpy())
     features = Features(np.concatenate(pooled), np.concatenate(keys), np.concatenate(logits),
-                        np.concatenate(head_features))
+                        np.concatenate(head_features), np.concatenate(digests))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         features.save(cache, stamp)

@@ -23,13 +23,13 @@ class Clustering:
     centroids: np.ndarray
 
 
-def canonical_order(pooled: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """An order of the images that depends on them, not on where a listing put them: by a fixed projection of
-    their pooled features, then label. k-means seeds and the fit's random draws pick by index; taken in this
-    order, the same images in another order give the same run (one listing's row order flipped a model's
-    clusters between following the classes and not)."""
-    direction = np.random.default_rng(0).standard_normal(pooled.shape[1])
-    return np.lexsort((labels, pooled.astype(np.float64) @ direction))
+def canonical_order(digests: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """An order of the images that depends on them, not on where a listing put them: by the digest of each
+    image's pixels as the model saw them (`input_digests`), then label. k-means seeds and the fit's random
+    draws pick by index; taken in this order, the same images in another order give the same run (one
+    listing's row order flipped a model's clusters between following the classes and not). Pixels, not
+    features: those move by about 1e-6 with the thread count, which could reorder near-ties."""
+    return np.lexsort((labels, digests))
 
 
 def ranks(order: np.ndarray) -> np.ndarray:
@@ -83,16 +83,18 @@ def cluster_features(pooled: np.ndarray, n_clusters: int, n_components: int, see
     )
 
 
-def class_centred(pooled: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Pooled features minus their class's mean.
+def class_centred(pooled: np.ndarray, labels: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """Pooled features minus their class's mean (summed in `order`, when given: a float32 mean moves with the
+    order of its rows).
 
     When a model's strongest feature direction is the class, k-means on the pooled features splits
     the classes and the artefact never gets a cluster; without the class means, what the features
     vary with next (an artefact the model relies on) leads.
     """
     centred = pooled.astype(np.float32, copy=True)
+    rows = np.arange(len(pooled)) if order is None else order
     for c in np.unique(labels):
-        centred[labels == c] -= centred[labels == c].mean(0)
+        centred[labels == c] -= centred[rows[labels[rows] == c]].mean(0)
     return centred
 
 
@@ -105,9 +107,11 @@ def nearest_to_centroids(distances: np.ndarray, assignments: np.ndarray, count: 
     return out
 
 
-def mean_keys_outside(keys: np.ndarray, assignments: np.ndarray, cluster: int) -> np.ndarray:
-    """(N_patches, d) mean key at each position over the samples of every *other* cluster."""
-    return keys[assignments != cluster].mean(axis=0)
+def mean_keys_outside(keys: np.ndarray, assignments: np.ndarray, cluster: int,
+                      rank: np.ndarray | None = None) -> np.ndarray:
+    """(N_patches, d) mean key at each position over the samples of every *other* cluster (summed in `rank`'s
+    order of the images, when given)."""
+    return keys[in_order(np.flatnonzero(assignments != cluster), rank)].mean(axis=0)
 
 
 def key_distance_maps(keys: np.ndarray, reference: np.ndarray) -> np.ndarray:

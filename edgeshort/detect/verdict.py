@@ -6,13 +6,13 @@ something the model relies on:
 
 - *distinct*: the shortcut cluster holds far more tokens hotter than nearly every clean token
   (`positive_quantile`, measured on enough clean tokens) than chance puts there (1 - quantile of
-  its tokens). On the demo recipe, three training seeds each: 112 to 156 times
-  chance with a learned shortcut (69 to 94 where the artefact never disagrees with the label in the
-  validation images); 0.2 to 1.9 times for models trained with the artefact absent or unrelated to
+  its tokens). On the demo recipe, three training seeds each: 112 to 158 times
+  chance with a learned shortcut (58 to 94 where the artefact never disagrees with the label in the
+  validation images); 0.4 to 1.8 times for models trained with the artefact absent or unrelated to
   the label.
 - *helps*: masking the flagged tokens fixes more validation predictions than it breaks, beyond
   chance (exact sign test on the predictions it changes, McNemar's exact test). Those models: 49,
-  61 and 69 fixed against 5, 18 and 7 broken with the shortcut; 0 to 18 fixed against 9 to 184
+  60 and 70 fixed against 3, 19 and 7 broken with the shortcut; 0 to 16 fixed against 9 to 220
   broken without.
 
 Both make a shortcut found; neither, no shortcut. Masking that helps without distinct tokens (a small
@@ -45,7 +45,7 @@ DO_NOT_GUARD = (NONE_FOUND, HARMFUL)
 # Below this, the sign test's side decides (the run's other tests use the same level).
 VERDICT_P_VALUE = 0.01
 # A cluster's tokens stand apart when at least this many times as many pass the clean tokens' quantile as
-# chance puts there (measured above: 69 to 156 with a learned shortcut, at most 1.9 without).
+# chance puts there (measured above: 58 to 158 with a learned shortcut, at most 1.8 without).
 DISTINCT_OVER_CHANCE = 10
 # A cluster passes the clean tokens' quantile test only when this many clean tokens are expected above the
 # quantile (10,000 tokens for 99.9%): over a few hundred it is their maximum, and chance alone passes it.
@@ -148,42 +148,53 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
             "decided_on": "validation"}
 
 
-def in_light_of_artefact_labels(fit: dict, cluster: int, members: np.ndarray, groups: np.ndarray | None) -> dict:
+def fewest_changes_to_show(p_value: float = VERDICT_P_VALUE) -> int:
+    """The fewest changed predictions, all one way, that an exact sign test calls beyond chance (7 at 0.01)."""
+    changes = 1
+    while sign_test(changes, 0) > p_value:
+        changes += 1
+    return changes
+
+
+def in_light_of_artefact_labels(fit: dict, cluster: int, members: np.ndarray, groups: np.ndarray | None,
+                                labels: np.ndarray) -> dict:
     """A `none` verdict checked against the validation images' artefact labels (1 = the image carries it), which
-    neither choose the cluster nor build the guard. Distinctness measures the cluster's tokens against the other
-    clusters' as clean ones; where the labels put the artefact on images outside the cluster too, and the cluster
-    holds more of it than those (one-sided Fisher exact test, p <= VERDICT_P_VALUE), that reference carries the
-    artefact, and tokens not standing apart from it do not show there is no shortcut: the verdict becomes
-    unconfirmed, unless masking breaks more validation predictions than it fixes beyond chance (an artefact the
-    features notice but the model does not need: on the demo recipe with the artefact unrelated to the label, one
-    of three such models). Otherwise it stands, and says how the labels spread over the clusters."""
+    neither choose the cluster nor build the guard. `none` rests on both checks failing, and either can be blind:
+    - the first measures the cluster's tokens against the other clusters' as clean ones; where the labels put the
+      artefact outside the cluster too, that reference carries it, and tokens not standing apart show nothing;
+    - the second needs predictions masking could fix: images that carry the artefact against their class (of any
+      class but the one carrying it most). With fewer than its sign test needs all fixed (7 at p = 0.01), a
+      shortcut the model relies on could not show.
+    Where both are blind, or the artefact is on every image (nothing contrasts with it), the verdict is
+    unconfirmed; otherwise `none` stands, and says how the labels spread."""
     if fit["verdict"] != NONE_FOUND or groups is None or not (groups == 1).any():
         return fit
-    from scipy.stats import fisher_exact
-
     carried = groups == 1
     inside, outside = int(carried[members].sum()), int(carried[~members].sum())
     size, others = int(members.sum()), int((~members).sum())
-    p_enriched = float(fisher_exact([[inside, size - inside], [outside, others - outside]], alternative="greater")[1])
+    classes = np.unique(labels)
+    most = classes[np.argmax([carried[labels == c].mean() for c in classes])]
+    against = int((carried & (labels != most)).sum())
+    needed = fewest_changes_to_show()
     labelled = (f"the validation images' artefact labels put the artefact on {inside} of cluster {cluster}'s {size} "
                 f"images and on {outside} of the {others} outside it")
     counts = {"artefact_in_cluster": inside, "cluster_images": size, "artefact_outside": outside,
-              "images_outside": others, "p_artefact_enriched": p_enriched}
-    enriched = outside > 0 and p_enriched <= VERDICT_P_VALUE
-    if enriched and fit["p_harms"] > VERDICT_P_VALUE:
-        finding = (f"{fit['measured']}; yet {labelled} (Fisher exact p = {p_enriched:.2g} that the cluster holds more "
-                   "of it): the clean tokens the cluster is measured against carry the artefact too, so that its "
-                   "tokens do not stand apart does not show there is no shortcut")
-        title = "Shortcut not confirmed"
-        return {**fit, **counts, "verdict": UNCONFIRMED, "title": title, "finding": finding,
-                "summary": _summary(title, finding, CONFIRM_ADVICE)}
-    if enriched:  # but masking breaks more predictions than it fixes, beyond chance
-        spread = (f"more inside (Fisher exact p = {p_enriched:.2g}), yet masking breaks more validation predictions "
-                  f"than it fixes beyond chance (p = {fit['p_harms']:.2g}): the flags fall on what the model needs")
+              "images_outside": others, "artefact_against_class": against}
+    if carried.all():
+        blind = f"{labelled}: every validation image carries it, so nothing there contrasts with it"
+    elif outside and against < needed:
+        blind = (f"{labelled}, so the clean tokens the cluster is measured against carry it too; and only {against} "
+                 f"image{'' if against == 1 else 's'} carr{'ies' if against == 1 else 'y'} it against their class, "
+                 f"fewer than the {needed} predictions masking would have to fix for its sign test to show anything")
     else:
-        spread = "no more inside than chance would put there" if outside else "all in it"
-    finding = f"{fit['finding']}; {labelled}, {spread}"
-    return {**fit, **counts, "finding": finding, "summary": _summary(fit["title"], finding, NOTHING_TO_GUARD)}
+        spread = (f"and {against} carry it against their class, enough for masking to show a shortcut the model "
+                  "relied on" if outside else "all of them in it")
+        finding = f"{fit['finding']}; {labelled}, {spread}"
+        return {**fit, **counts, "finding": finding, "summary": _summary(fit["title"], finding, NOTHING_TO_GUARD)}
+    finding = f"{fit['measured']}; yet {blind}: neither check can see a shortcut in these images"
+    title = "Shortcut not confirmed"
+    return {**fit, **counts, "verdict": UNCONFIRMED, "title": title, "finding": finding,
+            "summary": _summary(title, finding, CONFIRM_ADVICE)}
 
 
 def _summary(title: str, finding: str, advice: str = "") -> str:

@@ -385,8 +385,10 @@ def _empty(file: Path | Any) -> bool:
     try:
         if isinstance(file, Path):
             return file.stat().st_size == 0
-        return isinstance(file, io.BytesIO) and file.getbuffer().nbytes == 0
-    except OSError:
+        if isinstance(file, io.BytesIO):
+            return file.getbuffer().nbytes == 0
+        return os.fstat(file.fileno()).st_size == 0  # an open file; other streams cannot tell
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
         return False
 
 

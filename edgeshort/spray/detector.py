@@ -93,7 +93,8 @@ def _by_label(selected: np.ndarray, labels: np.ndarray | None, most: int = 5) ->
     kinds, totals = np.unique(labels, return_counts=True)
     hits = np.array([int((selected & (labels == kind)).sum()) for kind in kinds])
     order = [i for i in np.argsort(-hits, kind="stable") if hits[i]]
-    parts = [f"{hits[i]} of {totals[i]} {_plain(kinds[i])}" for i in order[:most]]
+    named = (lambda kind: f"label {kind}") if labels.dtype.kind in "iub" else str  # "30 of 750 label 0", not "... 0"
+    parts = [f"{hits[i]} of {totals[i]} {named(_plain(kinds[i]))}" for i in order[:most]]
     return f" ({', '.join(parts)}{', ...' if len(order) > most else ''})"
 
 
