@@ -40,9 +40,9 @@ def test_demo_shortcut_is_found_flagged_and_mitigated(demo_result):
     ablation, dfr = metrics["group_accuracy_intervals"]["changes"]
     assert ablation["worst_interval"][0] > 0.3  # ablation's gain is far beyond test-set noise
     # The KNN finds nearly every patch, so ablation leaves the DFR head little to fix here: its
-    # worst-group change is no real loss (the paired interval reaches above zero), and it lifts
-    # the average.
-    assert dfr["from"] == "ablated" and dfr["worst_interval"][1] > 0
+    # worst-group change is no real loss (the paired interval does not lie wholly below zero, the run's
+    # own rule), and it lifts the average.
+    assert dfr["from"] == "ablated" and dfr["worst_interval"][1] >= 0
     assert metrics["dfr_warning"] is None  # so nothing advises leaving the head out
     assert metrics["guard_warning"] is None and metrics["val_shortcut_present_rate"] < 0.9
     assert metrics["aga_dfr"] >= metrics["aga_ablated"]
@@ -447,10 +447,11 @@ def test_cached_features_are_reused_only_for_the_same_model_input(tmp_path, capl
     err = capsys.readouterr().err
     assert "clustering 12 images and scoring the clusters" in err and "training the key KNN and flagging" in err
     assert fit(load_adapter(_small_model()))[1]
-    with np.load(tmp_path / "run" / "features_val.npz") as cached:  # as written before head features were kept
-        older = {k: cached[k] for k in cached.files if k != "head_features"}
-    np.savez(tmp_path / "run" / "features_val.npz", **older)
-    assert not fit(load_adapter(_small_model()))[1]
+    for kept_since in ("head_features", "digests"):  # caches written before these were kept are extracted again
+        with np.load(tmp_path / "run" / "features_val.npz") as cached:
+            older = {k: cached[k] for k in cached.files if k != kept_since}
+        np.savez(tmp_path / "run" / "features_val.npz", **older)
+        assert not fit(load_adapter(_small_model()))[1]
     other_logits, reused = fit(load_adapter(_small_model()).set_preprocessing(mean=(0.2, 0.3, 0.4)))
     assert not reused and not np.allclose(other_logits, logits)
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "val" / "a" / "0.png")  # same name, new pixels

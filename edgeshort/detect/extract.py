@@ -39,7 +39,7 @@ class Features:
         with np.load(path) as data:
             if fingerprint is not None and str(data["fingerprint"]) != fingerprint:
                 return None
-            if "digests" not in data:  # a cache from before head features or digests were kept: extract again
+            if not {"head_features", "digests"} <= set(data.files):  # a cache from before they were kept: again
                 return None
             return cls(data["pooled"], data["keys"], data["logits"], data["head_features"], data["digests"])
 
