@@ -166,3 +166,13 @@ def test_detect_flags_reach_every_detector_setting(tmp_path):
         assert "expected --std as three numbers R,G,B" in str(exc)
     else:
         raise AssertionError("a malformed --std was accepted")
+
+
+def test_report_takes_the_eval_listings_headers_as_detect_names_them():
+    """detect's verdict advises --eval-columns and, beside it, `edgeshort report RUN --eval TEST`: both spellings work."""
+    from edgeshort.cli import build_parser
+
+    parser = build_parser(only="report")
+    for flag in ("--columns", "--eval-columns"):
+        args = parser.parse_args(["report", "run", "--eval", "test.csv", flag, "group=has_sticker"])
+        assert args.columns == "group=has_sticker"

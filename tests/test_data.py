@@ -271,7 +271,7 @@ def test_classes_the_model_does_not_name_are_refused_with_their_fix() -> None:
         in_model_class_order(extra, ("benign", "malignant"))
     assert ("the model names its classes ['benign', 'malignant'] (its id2label), and the data's are ['atypical', "
             "'benign', 'malignant']; ['atypical'] is not among the model's: map it onto one of its classes "
-            "(--class-map atypical=CLASS,...") in str(caught.value)
+            "(--class-map atypical=CLASS,benign=benign,malignant=malignant; Python") in str(caught.value)
     assert "or leave those images out; or, where they are the same classes under other names" in str(caught.value)
     fewer = ArrayDataset(images, np.array([0, 1, 0, 1, 0, 1]), ("benign", "nevus"))
     with pytest.raises(InputError, match=r"the data's are \['benign', 'nevus'\]; \['nevus'\] is not among the model's"):

@@ -63,6 +63,21 @@ def test_a_listed_test_set_evaluates_as_the_in_memory_one(demo_result, demo_data
     for key in ("wga_original", "wga_ablated", "wga_dfr", "aga_dfr", "patch_precision", "patch_recall"):
         assert from_files[key] == from_arrays[key], key
     assert from_files["patch_recall"] > 0.8 and from_files["wga_ablated"] > from_files["wga_original"]
+    # An image listed twice is evaluated twice, and the run's test warnings say so.
+    listing = write_listed(test, tmp_path / "repeated")
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join([*lines, lines[1]]) + "\n")
+    repeated = copy.copy(demo_result).evaluate(load_images(listing, demo_result.class_names), out=tmp_path / "twice")
+    assert repeated["test_size"] == 201 and repeated["test_warnings"][0].startswith(
+        f"{listing}: 1 image is listed more than once")
+    # As a validation listing, the fit's warnings carry it (the run folder, report and bundle show those).
+    from dataclasses import replace
+
+    from edgeshort.detect import ShortcutDetector
+
+    fitted = ShortcutDetector(replace(demo_result.config, progress=False)).fit(
+        demo_result.adapter.model, load_images(listing, demo_result.class_names))
+    assert fitted.metrics["warnings"][0].startswith(f"{listing}: 1 image is listed more than once")
 
     # A run records where its test set came from, and the report reloads it from there.
     again = dataset_from_source(from_files["test_source"], listed.class_names)
@@ -339,6 +354,7 @@ def test_images_listed_twice_are_named_in_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="edgeshort.data.manifest"):
         data = load_manifest(listing)
     assert len(data) == 5  # kept as listed: nothing is dropped
+    assert data.load_warnings == (caplog.records[0].getMessage(),)  # a run's warnings carry it too
     assert [r.getMessage() for r in caplog.records] == [
         f"{listing}: 2 images are listed more than once (e.g. 'a.png' on rows 2, 4); each listing counts as an image "
         "of its own in clusters, verdict and accuracy: remove the repeats"]

@@ -19,7 +19,8 @@ def add_arguments(parser) -> None:
                              "then draw the guard's flags on them")
     parser.add_argument("--class-map", help=CLASS_MAP_HELP)
     parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
-    parser.add_argument("--columns", help=COLUMNS_HELP)
+    # --eval-columns as detect names it for the same listing: its verdict's advice leads here too.
+    parser.add_argument("--columns", "--eval-columns", dest="columns", help=COLUMNS_HELP + " (for --eval)")
     parser.add_argument("--embed", action="store_true",
                         help="put every picture into the HTML as a data URI, writing no <stem>_files/ folder "
                              "(one file to mail or attach)")

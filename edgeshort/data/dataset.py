@@ -39,6 +39,8 @@ class ImageDataset:
     class_order_given = False
     # A listing's columns that no role read, where it gave no artefact labels: one may hold them under another name.
     unread_columns: tuple[str, ...] = ()
+    # What reading the listing warned about (images listed twice): a run's warnings carry them too.
+    load_warnings: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -496,8 +498,10 @@ def in_model_class_order(dataset: ImageDataset, model_class_names: Sequence[str]
         else ""
     extra = [name for name in dataset.class_names if name not in model_class_names]
     if not hint and extra:
+        # A class map must map every class with images, the model's own names too.
+        mapping = ",".join(f"{name}=CLASS" if name in extra else f"{name}={name}" for name in dataset.class_names)
         hint = (f"; {extra} {'is' if len(extra) == 1 else 'are'} not among the model's: map "
-                f"{'it' if len(extra) == 1 else 'each'} onto one of its classes (--class-map {extra[0]}=CLASS,...; "
+                f"{'it' if len(extra) == 1 else 'each'} onto one of its classes (--class-map {mapping}; "
                 "Python: load_images(..., class_map={...})), or leave those images out")
     missing = [name for name in model_class_names if name not in dataset.class_names]
     if not hint and missing:

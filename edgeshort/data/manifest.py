@@ -172,19 +172,21 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
     return [order.index(onehot[i]) for i in index], order
 
 
-def _warn_repeats(paths: Sequence[Path], listed: Sequence[str], csv_path: Path, used_for: str) -> None:
-    """Warn about images listed more than once: each listing counts as an image of its own in what the listing is
-    `used_for` (a walkthrough's five repeated rows changed a verdict)."""
+def _warn_repeats(paths: Sequence[Path], listed: Sequence[str], csv_path: Path, used_for: str) -> tuple[str, ...]:
+    """Warn about images listed more than once, and return the warning: each listing counts as an image of its own
+    in what the listing is `used_for` (a walkthrough's five repeated rows changed a verdict)."""
     rows_of: dict[Path, list[int]] = {}
     for index, path in enumerate(paths):
         rows_of.setdefault(path.resolve(), []).append(index)  # "sub/../a.png" is "a.png"
     repeated = [indices for indices in rows_of.values() if len(indices) > 1]
-    if repeated:
-        first = repeated[0]
-        logger.warning("%s: %d image%s listed more than once (e.g. %r on rows %s); each listing counts as an image "
-                       "of its own in %s: remove the repeats", csv_path, len(repeated),
-                       " is" if len(repeated) == 1 else "s are", listed[first[0]].strip(),
-                       ", ".join(str(i + 2) for i in first), used_for)
+    if not repeated:
+        return ()
+    first = repeated[0]
+    warning = (f"{csv_path}: {len(repeated)} image{' is' if len(repeated) == 1 else 's are'} listed more than once "
+               f"(e.g. {listed[first[0]].strip()!r} on rows {', '.join(str(i + 2) for i in first)}); each listing "
+               f"counts as an image of its own in {used_for}: remove the repeats")
+    logger.warning("%s", warning)
+    return (warning,)
 
 
 def load_manifest(
@@ -222,8 +224,8 @@ def load_manifest(
             f"{csv_path}: {len(missing)} of {len(rows)} listed images do not exist under {str(root)!r}, e.g. "
             f"{missing[:MISSING_SHOWN]}; paths are relative to the CSV's folder unless an image root (--image-root) is given"
         )
-    _warn_repeats(paths, [row[found["image"]] for row in rows], csv_path,
-                  "clusters, verdict and accuracy" if labelled else "the calibration and its checks")
+    repeats = _warn_repeats(paths, [row[found["image"]] for row in rows], csv_path,
+                            "clusters, verdict and accuracy" if labelled else "the calibration and its checks")
     if not labelled:
         return unlabelled(paths, csv_path.stem)
     used = {c for c in found.values() if c is not None}
@@ -249,6 +251,7 @@ def load_manifest(
                            source="manifest:" + json.dumps(source))
     if groups is None:
         dataset.unread_columns = tuple(h for h in header if h not in used and h not in order)
+    dataset.load_warnings = repeats
     return dataset
 
 

@@ -268,7 +268,8 @@ class DetectionResult:
                 float((labels_by_kind[kind] == test.labels).mean()) if kind in labels_by_kind else None
             )
         metrics["test_changed_by_ablation_rate"] = float((labels_by_kind["ablated"] != labels_by_kind["original"]).mean())
-        metrics[TEST_WARNINGS] = (_chance_check(preds.logits, test.labels, self.class_names, "test")
+        metrics[TEST_WARNINGS] = (list(test.load_warnings)
+                                  + _chance_check(preds.logits, test.labels, self.class_names, "test")
                                   + _flag_rate_check(preds.present, self.metrics.get("val_shortcut_present_rate"),
                                                      test.groups, self._val_clean_flag_rate())
                                   + _mostly_flagged_check(preds.flags))
@@ -564,8 +565,8 @@ class ShortcutDetector:
             fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1), ablated,
                         dataset.labels, null_tokens, passed_over),
             shortcut, members, dataset.groups, dataset.labels)
-        accuracy["warnings"] = (chance_warnings + class_following["warnings"] + positive_warnings + present_warnings
-                                + accuracy["warnings"])
+        accuracy["warnings"] = (list(dataset.load_warnings) + chance_warnings + class_following["warnings"]
+                                + positive_warnings + present_warnings + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t
 
         t = time.perf_counter()

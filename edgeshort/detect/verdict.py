@@ -142,7 +142,8 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
                        "where the artefact and the label disagree")
         advice = CONFIRM_ADVICE
     return {"verdict": verdict, "summary": _summary(title, finding, advice), "title": title, "finding": finding,
-            "measured": f"{apart} ({needs}), and {changes}", "candidates": candidates, "tokens": tokens,
+            "measured": f"{apart}{f' ({needs})' if distinct is False else ''}, and {changes}",
+            "candidates": candidates, "tokens": tokens,
             "over_chance": times_chance, "null_tokens": null_tokens, "passed_over": list(passed_over),
             "knn_positives": positives, "fixed": fixed, "broken": broken, "p_helps": p_helps, "p_harms": p_harms,
             "decided_on": "validation"}
