@@ -152,6 +152,10 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
             "99.9% of held-out clean tokens") in verdict
     assert "cluster_scatter.png" in verdict
     m = demo_result.metrics
+    # Purity beside the artefact's share of all validation images, so an unenriched cluster shows as one.
+    overall = float(np.mean(demo_result.val_groups == 1))
+    assert (f"{m['shortcut_cluster_group_purity']:.1%} of its members carry the artefact, against {overall:.1%} of "
+            "all validation images") in verdict and "this cluster is not the artefact group" not in verdict
     assert (f"Balanced validation accuracy {m['val_balanced_accuracy_original']:.3f} before ablation, "
             f"{m['val_balanced_accuracy_ablated']:.3f} after it") in verdict
     # Each step's change comes with its paired interval, so a reader can tell a gain from noise.
