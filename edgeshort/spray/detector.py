@@ -87,7 +87,8 @@ def _check_labels(labels: Any, n: int, name: str) -> np.ndarray | None:
 
 
 def _by_label(selected: np.ndarray, labels: np.ndarray | None, most: int = 5) -> str:
-    """" (363 of 392 benign, 44 of 1108 malignant)": where selected maps fall among the labels, most first."""
+    """" (364 of 757 benign, 43 of 743 malignant)": where selected maps fall among the labels (of each label's
+    maps), most first."""
     if labels is None:
         return ""
     kinds, totals = np.unique(labels, return_counts=True)
