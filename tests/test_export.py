@@ -399,6 +399,18 @@ def test_fp16_weights_and_int8_graph_report_what_they_cost(demo_result, demo_dat
     assert int8["plain_label_agreement"] >= 0.95 and int8["present_agreement"] >= 0.95
     assert int8["label_changed_agreement"] >= 0.95
     assert (int8["warning"] is None) == (min(int8["final_label_agreement"], int8["present_agreement"]) >= 0.99)
+    # The guard (patch embedding, key projection, key-KNN) stays f32: nothing it computes from is quantised,
+    # so INT8 finds the shortcut on the same images as f32.
+    import openvino as ov
+
+    from edgeshort.export.quantize import guard_operations
+
+    guarded_int8 = ov.Core().read_model(str(bundle.path("guarded_int8", "openvino")))
+    guard_ops = set(guard_operations(guarded_int8, {"flags", "raw_flags", "present", "saliency"}))
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in guarded_int8.get_ops()}
+    assert {"MatMul", "TopK", "Convolution"} <= {kinds[name] for name in guard_ops}
+    assert "FakeQuantize" not in {kinds[name] for name in guard_ops}
+    assert "FakeQuantize" in kinds.values() and int8["present_agreement"] == 1.0
     # FP16 graphs off torch by more than their limit are refused, with the way out.
     from edgeshort.export import exporter
 
