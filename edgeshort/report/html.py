@@ -599,12 +599,13 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
         parts.append(
             "<p>The highest cluster score marks the shortcut cluster, unless its tokens do not stand apart from "
             "clean ones while a lower-ranked cluster's do: nearly one class (homogeneity), predicted "
-            "confidently right for its dominant class (low Brier score) and poorly for the others. A small margin "
-            "means the clusters look alike to the score; confirm with the heatmaps below.</p>"
+            "confidently right for its dominant class (the lowest Brier score, which need not be the majority "
+            "class) and poorly for the others. A small margin means the clusters look alike to the score; confirm "
+            "with the heatmaps below.</p>"
         )
         names = run.class_names
         headers = ["cluster", "size", "homogeneity", "majority class", *[f"Brier {n}" for n in names],
-                   "dominant class", "score"]
+                   "dominant class (lowest Brier)", "score"]
         rows, classes = [], []
         for s in sorted(run.meta.get("scores", []), key=lambda s: s["cluster"]):
             brier = list(s.get("brier") or []) + [None] * (len(names) - len(s.get("brier") or []))
