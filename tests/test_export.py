@@ -117,6 +117,30 @@ def test_int8_holds_out_its_check_images_first():
     assert calibrate.tolist() == [0] and check.size == 0
 
 
+def test_int8_export_keeps_nncf_info_lines_out_of_the_output():
+    """nncf logs each operation the guard's ignored scope leaves unquantised at INFO (about 40 lines per
+    export); progress bars stay unless progress is off, and the loggers are restored afterwards."""
+    import logging
+
+    import rich
+
+    from edgeshort.export.quantize import _nncf_output
+
+    nncf_logger, torch_cpp = logging.getLogger("nncf"), logging.getLogger("torch.utils.cpp_extension")
+    before = (nncf_logger.level, torch_cpp.level, rich.get_console().quiet)
+    nncf_logger.setLevel(logging.INFO)
+    try:
+        for progress in (True, False):
+            with _nncf_output(progress):
+                assert not nncf_logger.isEnabledFor(logging.INFO) and nncf_logger.isEnabledFor(logging.WARNING)
+                assert not torch_cpp.isEnabledFor(logging.WARNING)  # "No CUDA runtime is found" on a CUDA build
+                assert rich.get_console().quiet is (not progress or before[2])
+            assert nncf_logger.level == logging.INFO and rich.get_console().quiet is before[2]
+    finally:
+        nncf_logger.setLevel(before[0])
+    assert torch_cpp.level == before[1]
+
+
 def test_int8_warns_when_its_guard_finds_shortcuts_on_other_images():
     """A DFR head scores every image, so final labels can agree while the INT8 guard stops flagging (a
     walkthrough's: 97.5% final labels, 64.2% shortcut decisions, 8 of 83 sticker images flagged against 74)."""
