@@ -634,16 +634,23 @@ def test_a_model_at_or_below_chance_is_called_out(caplog):
     names = ("bcc", "melanoma", "nevus")
     right = np.eye(3)[labels] * 2 + rng.normal(0, 1, (300, 3))  # about 80% right
     assert _chance_check(right, labels, names) == []
-    # Outputs in another class order: right about the images, wrong about their names.
-    with caplog.at_level("WARNING"):
-        (warning,) = _chance_check(right[:, [1, 2, 0]], labels, names)
-    assert "less than chance" in warning and "class order ['bcc', 'melanoma', 'nevus']" in warning
-    assert "(CLI: --classes NAME,NAME,...)" in warning
-    assert warning in caplog.text
-    # Two classes swapped: the warning spells out the other order.
+    # Outputs in another class order: right about the images, wrong about their names. The run would score
+    # clusters, count fixes and train DFR against names the model does not mean: refused, with the order that fits.
+    with pytest.raises(InputError, match=r"less than chance \(accuracy 0\.\d+, 0\.333 by chance on 300 images\), and in "
+                       r"another class order they agree far better \(accuracy 0\.[789]\d+\): the data's class order "
+                       r"\['bcc', 'melanoma', 'nevus'\] is not the model's output order\. Give the model's order: "
+                       r"--classes melanoma,nevus,bcc \(Python: fit\(\.\.\., class_names=\['melanoma', 'nevus', 'bcc'\]\)\)"):
+        _chance_check(right[:, [1, 2, 0]], labels, names)
+    # Two classes swapped: the other order.
     two = np.arange(100) % 2
-    (swapped,) = _chance_check(np.eye(2)[1 - two], two, ("melanoma", "other"))
-    assert "(CLI: --classes other,melanoma)" in swapped
+    with pytest.raises(InputError, match=r"--classes other,melanoma \("):
+        _chance_check(np.eye(2)[1 - two], two, ("melanoma", "other"))
+    # A test set's labels in another order: a warning that says how they would read.
+    with caplog.at_level("WARNING"):
+        (warning,) = _chance_check(right[:, [1, 2, 0]], labels, names, "test")
+    assert "as the model means them (they agree far better, 0.893, with the model's outputs read as melanoma, nevus, " \
+           "bcc)" in warning
+    assert warning in caplog.text
     # Outputs unrelated to the images (wrong weights or preprocessing), or one class for all.
     (warning,) = _chance_check(rng.normal(0, 1, (300, 3)), labels, names)
     assert "no better than chance" in warning and "preprocessing" in warning

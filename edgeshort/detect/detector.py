@@ -831,6 +831,28 @@ def _mostly_flagged_check(flags: np.ndarray) -> list[str]:
     return [warning]
 
 
+def _fitting_class_order(predictions: np.ndarray, labels: np.ndarray, k: int) -> tuple[list[int], int] | None:
+    """The data class each model output means, if another order than the given one makes the predictions
+    agree with the labels beyond chance: the one-to-one assignment of outputs to classes that gets the most
+    right (on the confusion counts), and how many it gets right; None when that order is the given one or
+    agrees no better than chance."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.stats import binomtest
+
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (predictions, labels), 1)
+    outputs, classes = linear_sum_assignment(confusion, maximize=True)
+    order = classes[np.argsort(outputs)]
+    if (order == np.arange(k)).all():
+        return None
+    relabelled, n = order[predictions], len(labels)
+    right = int((relabelled == labels).sum())
+    chance = float((np.bincount(relabelled, minlength=k) * np.bincount(labels, minlength=k)).sum() / n**2)
+    if binomtest(right, n, chance, alternative="greater").pvalue > CHANCE_P_VALUE:
+        return None
+    return [int(c) for c in order], right
+
+
 def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, split: str = "validation") -> list[str]:
     """A warning when the model's `split` ("validation" or "test") predictions agree with the labels no better
     than chance. A test set warns only below chance, or at chance on TEST_CHANCE_MIN_IMAGES or more: a site's
@@ -856,10 +878,23 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, split: st
         return []
     agree = (f"the model's {split} predictions agree with the labels {'less' if below else 'no better'} than chance "
              f"(accuracy {right / n:.3f}, {chance:.3f} by chance on {n} images)")
+    order = _fitting_class_order(predictions, labels, k) if below else None
+    if order is not None and split == "validation":
+        # Clusters are scored, the verdict's fixed/broken counted and DFR trained against these labels: the run
+        # would rest on names the model does not mean.
+        named = [class_names[c] for c in order[0]]
+        raise InputError(
+            f"{agree}, and in another class order they agree far better (accuracy {order[1] / n:.3f}): the data's "
+            f"class order {list(class_names)} is not the model's output order. Give the model's order: --classes "
+            f"{','.join(named)} (Python: fit(..., class_names={named})), or fix the --class-map or label column "
+            "that swaps them")
     if split == "test":
+        swapped = "" if order is None else (
+            f" (they agree far better, {order[1] / n:.3f}, with the model's outputs read as "
+            f"{', '.join(class_names[c] for c in order[0])})")
         warning = (f"{agree}, so these test results cannot judge the model or its guard. "
                    + (f"Check that the test labels name the model's classes {list(class_names)} as the model means "
-                      "them: a label column or --class-map that swaps them inverts every answer" if below else
+                      f"them{swapped}: a label column or --class-map that swaps them inverts every answer" if below else
                       "Check that the test images are of the kind the model was trained on, and that their labels "
                       f"name the model's classes {list(class_names)} as the model means them"))
     else:
