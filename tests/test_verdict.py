@@ -110,6 +110,29 @@ def test_artefact_labels_leave_none_where_a_check_could_see_a_shortcut():
     assert stands["verdict"] == "none" and "An artefact the validation images do not show" not in stands["summary"]
     assert ("and 36 carry it against their class, enough for masking to show a shortcut the model relied on. "
             "Nothing to guard: deploy the model as it is, without the guard") in stands["summary"]
+    # A guard that flags those images: masking acted on the artefact, and none stands. A guard that flags nearly
+    # every image (a 3-class walkthrough's, built on a cluster holding the artefact on 11 of its 237 images)
+    # masks what every image has, so masking says nothing about the artefact: blind, like too few images.
+    flags_carriers = unrelated.astype(bool) | (np.arange(240) % 50 == 7)
+    assert in_light_of_artefact_labels(none, 1, members, unrelated, labels, flags_carriers)["verdict"] == "none"
+    everything = np.arange(240) % 20 != 5  # 95% of the images, every one carrying it
+    blind = in_light_of_artefact_labels(none, 1, members, unrelated, labels, everything)
+    assert blind["verdict"] == "unconfirmed"
+    assert ("and the guard finds a shortcut in 100% of the images carrying it and 93% of the others, so it does not "
+            "single the artefact out, and what masking does says nothing about it: neither check can see a shortcut "
+            "in these images") in blind["summary"]
+    # One that flags few images, not those carrying the artefact more than the others, is as blind.
+    unrelated_flags = np.arange(240) % 10 == 5
+    assert in_light_of_artefact_labels(none, 1, members, unrelated, labels, unrelated_flags)["verdict"] == "unconfirmed"
+    # One that masks only 3 of the 36 images carrying it against their class: too few to show anything.
+    carried = unrelated.astype(bool)
+    most = max(np.unique(labels), key=lambda c: carried[labels == c].mean())
+    against = carried & (labels != most)
+    few = carried & (labels == most) | against & (np.cumsum(against) <= 3)
+    partial = in_light_of_artefact_labels(none, 1, members, unrelated, labels, few)
+    assert partial["verdict"] == "unconfirmed" and partial["artefact_against_class_masked"] == 3
+    assert ("and of the 36 images carrying it against their class the guard masks only 3, fewer than the 7 "
+            "predictions masking would have to fix") in partial["summary"]
     # All of it inside the cluster: the clean reference is clean, so tokens that do not stand apart are evidence.
     inside_only = (members & (groups == 1)).astype(np.int64)
     kept = in_light_of_artefact_labels(none, 1, members, inside_only, labels)

@@ -37,6 +37,7 @@ from edgeshort.detect.keymaps import (
 )
 from edgeshort.detect.scoring import ClusterScore, score_clusters, softmax
 from edgeshort.detect.verdict import (
+    MOST_FLAGGED_IMAGES,
     TEST_VERDICT,
     VERDICT,
     confirm_on_test,
@@ -67,8 +68,6 @@ from edgeshort.runtime.masking import dilate, keep_mask
 logger = logging.getLogger(__name__)
 
 PREDICTION_KINDS = ("original", "ablated", "dfr")
-# Share of validation images with a shortcut found above which the run warns.
-MOST_FLAGGED_IMAGES = 0.9
 # What `evaluate` measures on a test set. Each evaluation replaces all of them, so nothing of an
 # earlier test set lingers; those here are null until measured (no test set, group labels or masks).
 NULLABLE_TEST_METRICS = (
@@ -564,7 +563,7 @@ class ShortcutDetector:
         verdict = in_light_of_artefact_labels(
             fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1), ablated,
                         dataset.labels, null_tokens, passed_over),
-            shortcut, members, dataset.groups, dataset.labels)
+            shortcut, members, dataset.groups, dataset.labels, present)
         accuracy["warnings"] = (list(dataset.load_warnings) + chance_warnings + class_following["warnings"]
                                 + positive_warnings + present_warnings + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t

@@ -50,6 +50,9 @@ DISTINCT_OVER_CHANCE = 10
 # A cluster passes the clean tokens' quantile test only when this many clean tokens are expected above the
 # quantile (10,000 tokens for 99.9%): over a few hundred it is their maximum, and chance alone passes it.
 MIN_NULL_EXCEEDANCES = 10
+# Share of validation images with a shortcut found from which the flags mark what every image has, not an
+# artefact some carry: the fit warns, and masking them says nothing about an artefact.
+MOST_FLAGGED_IMAGES = 0.9
 VERDICT = "shortcut_verdict"
 TEST_VERDICT = "shortcut_verdict_test"
 NOTHING_TO_GUARD = "Nothing to guard: deploy the model as it is, without the guard"
@@ -158,14 +161,15 @@ def fewest_changes_to_show(p_value: float = VERDICT_P_VALUE) -> int:
 
 
 def in_light_of_artefact_labels(fit: dict, cluster: int, members: np.ndarray, groups: np.ndarray | None,
-                                labels: np.ndarray) -> dict:
+                                labels: np.ndarray, present: np.ndarray | None = None) -> dict:
     """A `none` verdict checked against the validation images' artefact labels (1 = the image carries it), which
     neither choose the cluster nor build the guard. `none` rests on both checks failing, and either can be blind:
     - the first measures the cluster's tokens against the other clusters' as clean ones; where the labels put the
       artefact outside the cluster too, that reference carries it, and tokens not standing apart show nothing;
     - the second needs predictions masking could fix: images that carry the artefact against their class (of any
-      class but the one carrying it most). With fewer than its sign test needs all fixed (7 at p = 0.01), a
-      shortcut the model relies on could not show.
+      class but the one carrying it most) and that the guard masks (`present`, where given: a guard built on a
+      cluster without the artefact leaves them unmasked). With fewer than its sign test needs all fixed (7 at
+      p = 0.01), a shortcut the model relies on could not show.
     Where both are blind, or the artefact is on every image (nothing contrasts with it), the verdict is
     unconfirmed; otherwise `none` stands, and says how the labels spread."""
     if fit["verdict"] != NONE_FOUND or groups is None or not (groups == 1).any():
@@ -175,27 +179,55 @@ def in_light_of_artefact_labels(fit: dict, cluster: int, members: np.ndarray, gr
     size, others = int(members.sum()), int((~members).sum())
     classes = np.unique(labels)
     most = classes[np.argmax([carried[labels == c].mean() for c in classes])]
-    against = int((carried & (labels != most)).sum())
+    against_class = carried & (labels != most)
+    against = int(against_class.sum())
+    masked = against if present is None else int((against_class & present.astype(bool)).sum())
+    tracks = present is None or _guard_tracks(present.astype(bool), carried)
     needed = fewest_changes_to_show()
     labelled = (f"the validation images' artefact labels put the artefact on {inside} of cluster {cluster}'s {size} "
                 f"images and on {outside} of the {others} outside it")
     counts = {"artefact_in_cluster": inside, "cluster_images": size, "artefact_outside": outside,
-              "images_outside": others, "artefact_against_class": against}
+              "images_outside": others, "artefact_against_class": against, "artefact_against_class_masked": masked}
     if carried.all():
         blind = f"{labelled}: every validation image carries it, so nothing there contrasts with it"
-    elif outside and against < needed:
-        blind = (f"{labelled}, so the clean tokens the cluster is measured against carry it too; and only {against} "
-                 f"image{'' if against == 1 else 's'} carr{'ies' if against == 1 else 'y'} it against their class, "
-                 f"fewer than the {needed} predictions masking would have to fix for its sign test to show anything")
+    elif outside and (masked < needed or not tracks):
+        if not tracks:
+            rates = (f"{present[carried].mean():.0%} of the images carrying it and {present[~carried].mean():.0%} of "
+                     "the others")
+            carry = (f"the guard finds a shortcut in {rates}, so it does not single the artefact out, and what "
+                     "masking does says nothing about it")
+        elif masked == against:
+            carry = (f"only {against} image{'' if against == 1 else 's'} carr{'ies' if against == 1 else 'y'} it "
+                     f"against their class, fewer than the {needed} predictions masking would have to fix for its "
+                     "sign test to show anything")
+        else:
+            carry = (f"of the {against} images carrying it against their class the guard masks only {masked}, fewer "
+                     f"than the {needed} predictions masking would have to fix for its sign test to show anything")
+        blind = f"{labelled}, so the clean tokens the cluster is measured against carry it too; and {carry}"
     else:
-        spread = (f"and {against} carry it against their class, enough for masking to show a shortcut the model "
-                  "relied on" if outside else "all of them in it")
+        masks = "" if masked == against else f", {masked} of them masked by the guard"
+        spread = (f"and {against} carry it against their class{masks}, enough for masking to show a shortcut the "
+                  "model relied on" if outside else "all of them in it")
         finding = f"{fit['finding']}; {labelled}, {spread}"
         return {**fit, **counts, "finding": finding, "summary": _summary(fit["title"], finding, NOTHING_TO_GUARD)}
     finding = f"{fit['measured']}; yet {blind}: neither check can see a shortcut in these images"
     title = "Shortcut not confirmed"
     return {**fit, **counts, "verdict": UNCONFIRMED, "title": title, "finding": finding,
             "summary": _summary(title, finding, CONFIRM_ADVICE)}
+
+
+def _guard_tracks(present: np.ndarray, carried: np.ndarray) -> bool:
+    """Whether the guard singles out the images carrying the artefact: it finds a shortcut in fewer than
+    MOST_FLAGGED_IMAGES of all, and in those carrying it more often than in the others, beyond chance
+    (one-sided Fisher exact test at VERDICT_P_VALUE)."""
+    from scipy.stats import fisher_exact
+
+    if present.mean() >= MOST_FLAGGED_IMAGES:
+        return False
+
+    table = [[int((present & carried).sum()), int((~present & carried).sum())],
+             [int((present & ~carried).sum()), int((~present & ~carried).sum())]]
+    return bool(fisher_exact(table, alternative="greater").pvalue <= VERDICT_P_VALUE)
 
 
 def _summary(title: str, finding: str, advice: str = "") -> str:
