@@ -192,6 +192,47 @@ def test_a_test_set_with_both_artefact_groups_settles_the_verdict_or_says_it_can
                                                               "the guard")
 
 
+def test_masking_that_fixes_the_images_a_shortcut_misleads_confirms_it_where_the_worst_group_cannot():
+    """A 3-class walkthrough: a ruler tied to nevus. Masking fixed keratosis and melanoma with the ruler
+    (0.36 -> 0.95, 0.69 -> 0.95) but the worst cell, nevus without it, is one masking never touches."""
+    from edgeshort.detect.verdict import artefact_fixes
+
+    labels = np.repeat([0, 1, 2], 150)  # keratosis, melanoma, nevus; each half with the ruler
+    groups = np.tile(np.repeat([0, 1], 75), 3)
+    original, ablated = labels.copy(), labels.copy()
+    cell = {c: np.flatnonzero((labels == c) & (groups == 1)) for c in range(3)}
+    original[cell[0][:48]] = original[cell[1][:23]] = 2  # the ruler pulls them to nevus; masking fixes them
+    ablated[cell[2][:60]] = 0  # nevus with the ruler, masked, is mostly missed: the model has little else
+    original[np.flatnonzero((labels == 2) & (groups == 0))[:55]] = 0  # nevus without it is missed anyway
+    ablated[np.flatnonzero((labels == 2) & (groups == 0))[:55]] = 0
+    fixes = artefact_fixes(original, ablated, labels, groups)
+    assert fixes == {"class": 2, "images": 150, "fixed": 71, "broken": 0, "p_helps": fixes["p_helps"]}
+    assert fixes["p_helps"] < 1e-20
+    unconfirmed = fit_verdict(1, 411, 14016, 200, 0.999, *_predictions(13, 113))
+    confirmed = confirm_on_test(unconfirmed, "noise", fixes, ["keratosis", "melanoma", "nevus"])
+    assert confirmed["verdict"] == "found" and confirmed["decided_on"] == "test"
+    assert confirmed["summary"].startswith(
+        "Shortcut found, confirmed on the test set: masking fixed 71 of the 150 test images that carry the artefact "
+        "against their class (the model ties it to nevus) and broke 0 (sign test p = ")
+    assert "worst-group accuracy moves only within test-set noise" in confirmed["summary"]
+    found = fit_verdict(1, 3836, 36032, 200, 0.999, *_predictions(49, 5))
+    assert "the test set confirms it: masking fixed 71 of the 150" in confirm_on_test(found, "too few", fixes)["summary"]
+    # A loss of the worst group still makes the guard harmful; a gain needs no second look.
+    assert confirm_on_test(unconfirmed, "loss", fixes)["verdict"] == "harmful"
+    # Masking that does not fix them beyond chance: the fit's verdict stands, with the counts, not advice to
+    # find more such images.
+    even = {**fixes, "fixed": 5, "broken": 4, "p_helps": 0.5}
+    stands = confirm_on_test(unconfirmed, "noise", even)
+    assert stands["verdict"] == "unconfirmed" and stands["summary"].endswith(
+        "masking fixed 5 of the 150 test images that carry the artefact against their class and broke 4, no "
+        "difference beyond chance")
+    few = {**even, "images": 5}
+    assert confirm_on_test(unconfirmed, "noise", few)["summary"].endswith("may settle it")
+    # A model that does not tie the artefact to a class: the class whose predictions rise most, and no fixes.
+    unrelated = artefact_fixes(labels, labels, labels, groups)
+    assert (unrelated["fixed"], unrelated["broken"], unrelated["p_helps"]) == (0, 0, 1.0)
+
+
 def _demo_val_without(demo_data, rates: tuple[float, float], size: int = 600):
     """The demo's validation recipe, `size` images, with artefact rates (benign, malignant)."""
     from edgeshort.data import SplitSpec, generate_split

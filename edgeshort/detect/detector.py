@@ -40,6 +40,7 @@ from edgeshort.detect.verdict import (
     MOST_FLAGGED_IMAGES,
     TEST_VERDICT,
     VERDICT,
+    artefact_fixes,
     confirm_on_test,
     current_verdict,
     fit_verdict,
@@ -299,7 +300,10 @@ class DetectionResult:
                 metrics[TEST_WARNINGS].append(one_group_note(one_group))
             elif self.metrics.get(VERDICT):
                 step = next(c for c in intervals["changes"] if (c["from"], c["to"]) == ("original", "ablated"))
-                metrics[TEST_VERDICT] = confirm_on_test(self.metrics[VERDICT], change_verdict(step, tables))
+                artefact = artefact_fixes(labels_by_kind["original"], labels_by_kind["ablated"], test.labels,
+                                          test.groups)
+                metrics[TEST_VERDICT] = confirm_on_test(self.metrics[VERDICT], change_verdict(step, tables), artefact,
+                                                        list(self.class_names))
         metrics["guard_warning"] = guard_loss_warning(tables, intervals, by_flag, one_group)
         if "dfr" in tables:
             metrics["dfr_warning"] = dfr_loss_warning(tables, intervals, by_flag)

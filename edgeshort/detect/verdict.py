@@ -247,23 +247,62 @@ _TEST_OUTCOMES = {
 }
 
 
-def confirm_on_test(fit: dict, worst_group_change: str) -> dict:
+# Why the worst group did not settle it, where the images carrying the artefact against their class do.
+_WORST_GROUP_SILENT = {
+    "noise": "worst-group accuracy moves only within test-set noise, its worst cell perhaps one masking does not "
+             "touch",
+    "too few": "the smallest (class, artefact) cell holds too few images for worst-group accuracy to tell",
+}
+
+
+def artefact_fixes(original: np.ndarray, ablated: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict:
+    """What masking does to the test images that carry the artefact against the class the model ties it to: the
+    class whose share of the model's (original) predictions rises most where the artefact is (1 in `groups`).
+    Among the images carrying it of every other class, the predictions masking fixed and broke, with the exact
+    sign test that it fixes more: a shortcut misleads exactly there, whichever cell is worst."""
+    carried = groups == 1
+    classes = np.unique(labels)
+    rise = [(original[carried] == c).mean() - (original[~carried] == c).mean() for c in classes]
+    tied = int(classes[int(np.argmax(rise))])
+    against = carried & (labels != tied)
+    fixed = int((against & (original != labels) & (ablated == labels)).sum())
+    broken = int((against & (original == labels) & (ablated != labels)).sum())
+    return {"class": tied, "images": int(against.sum()), "fixed": fixed, "broken": broken,
+            "p_helps": sign_test(fixed, broken)}
+
+
+def confirm_on_test(fit: dict, worst_group_change: str, artefact: dict | None = None,
+                    class_names: list[str] | None = None) -> dict:
     """The fit's verdict in the light of a test set with both artefact groups: `worst_group_change` is its
     original-to-ablated worst-group verdict ("gain", "loss", "noise" or "too few", `change_verdict`). A real
-    gain or loss settles it, whatever validation said; otherwise the fit's verdict stands, saying so."""
+    gain or loss settles it, whatever validation said. Where the worst group cannot, masking that fixes the
+    images carrying the artefact against the class the model ties it to beyond chance (`artefact_fixes`) is a
+    shortcut found: with three classes, the worst cell can be one masking never touches. Otherwise the fit's
+    verdict stands, saying so."""
     verdict, title, said = _TEST_OUTCOMES[worst_group_change]
+    if verdict is None and artefact is not None and artefact["p_helps"] <= VERDICT_P_VALUE:
+        tied = class_names[artefact["class"]] if class_names else artefact["class"]
+        verdict, title = FOUND, "Shortcut found, confirmed on the test set"
+        said = (f"masking fixed {artefact['fixed']} of the {artefact['images']} test images that carry the artefact "
+                f"against their class (the model ties it to {tied}) and broke {artefact['broken']} (sign test p = "
+                f"{artefact['p_helps']:.2g}); {_WORST_GROUP_SILENT[worst_group_change]}")
     settled = verdict is not None and verdict != fit["verdict"]
     if settled:
         summary = _summary(title, f"{said}. On validation: {fit['finding']}")
-    elif fit["verdict"] == FOUND and worst_group_change == "gain":
+    elif fit["verdict"] == FOUND and verdict == FOUND:
         summary = _summary(fit["title"], f"{fit['finding']}; the test set confirms it: {said}")
     else:
-        advice = {NONE_FOUND: NOTHING_TO_GUARD,
-                  UNCONFIRMED: "A test set with more images where the artefact and the label disagree may settle it"}
+        few = artefact is None or artefact["images"] < fewest_changes_to_show()
+        if not few:  # enough images where a shortcut would mislead, and masking did not fix them beyond chance
+            said += (f"; masking fixed {artefact['fixed']} of the {artefact['images']} test images that carry the "
+                     f"artefact against their class and broke {artefact['broken']}, no difference beyond chance")
+        more = "A test set with more images where the artefact and the label disagree may settle it"
+        advice = {NONE_FOUND: NOTHING_TO_GUARD, UNCONFIRMED: more if few else ""}
         summary = _summary(fit["title"], f"{fit['finding']}; {said}", advice.get(fit["verdict"], ""))
     decided_on = "test" if settled else "validation and test" if verdict == fit["verdict"] else "validation"
     return {**fit, "verdict": verdict if settled else fit["verdict"], "title": title if settled else fit["title"],
-            "summary": summary, "decided_on": decided_on, "test_worst_group_change": worst_group_change}
+            "summary": summary, "decided_on": decided_on, "test_worst_group_change": worst_group_change,
+            "test_artefact_fixes": artefact}
 
 
 def current_verdict(metrics: dict) -> dict | None:
