@@ -409,8 +409,28 @@ def test_a_transformers_save_pretrained_folder_loads_with_its_preprocessing_and_
         load_model_file(tmp_path / "empty")
 
 
+def test_a_guessed_normalisation_is_named_until_the_caller_gives_one(caplog):
+    """A 3-class walkthrough's timm model, trained at 0.5/0.5, was run with the ImageNet values a model without
+    pretrained_cfg gets: 28 points of balanced accuracy lost, a wrong verdict, and nothing said."""
+    from edgeshort.detect.detector import _assumed_preprocessing_check
+
+    assert load_adapter(_tiny()).preprocessing_assumed is None  # edgeshort's own records its normalisation
+    for model, named in ((_timm(), "a timm model without a pretrained_cfg"), (_torchvision(), "a torchvision model"),
+                         (_transformers(), "a transformers model without a preprocessor_config.json")):
+        adapter = load_adapter(model)
+        with caplog.at_level("WARNING"):
+            (warning,) = _assumed_preprocessing_check(adapter)
+        assert warning.startswith(f"the model is {named}") and warning in caplog.text
+        assert "if it was trained with others, give them (CLI: --mean R,G,B --std R,G,B" in warning
+        assert _assumed_preprocessing_check(adapter.set_preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3)) == []
+    timm_cfg = _timm()
+    timm_cfg.pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    assert load_adapter(timm_cfg).preprocessing_assumed is None
+
+
 def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
     import json
+    import shutil
 
     from PIL import Image
 
@@ -462,6 +482,19 @@ def test_detect_orders_the_data_by_the_models_own_class_names(tmp_path, capsys):
                  "--quiet", "--class-map", "BCC=bcc,melanoma=melanoma,nevus=nevus", "--eval-columns", "label=finding"])
     assert code == 2 and ("--eval-columns describes the headers of the --eval listing, and --eval was not given; "
                           "add --eval TEST, or leave it out") in capsys.readouterr().err
+    # An --eval listing that spells a class otherwise stops the run before the fit, with the fix for it alone, which
+    # needs no entry for the classes it names as the validation data does. With a test set the verdict comes once.
+    shutil.copytree(tmp_path / "val", tmp_path / "test")
+    (tmp_path / "test" / "nevus").rename(tmp_path / "test" / "naevus")
+    with_test = ["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run5"),
+                 "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet", "--class-map",
+                 "BCC=bcc,melanoma=melanoma,nevus=nevus", "--eval", str(tmp_path / "test")]
+    assert main(with_test) == 2 and not (tmp_path / "run5").exists()
+    err = capsys.readouterr().err
+    assert "naevus" in err and "For the --eval listing alone: --eval-class-map LABEL=CLASS,..." in err
+    assert main([*with_test, "--eval-class-map", "naevus=nevus,BCC=bcc"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("verdict: ") for line in lines) == 1 and lines[-3].startswith("verdict: ")
     # An order the caller gives is the mapping, whatever the names: --classes, or load_images(path, class_names).
     code = main(["detect", "--model", str(tmp_path / "hf"), "--data", str(tmp_path / "val"), "-o", str(tmp_path / "run3"),
                  "--num-selected", "2", "--knn-samples", "8", "--dfr", "none", "--quiet", "--classes", "nevus,melanoma,BCC"])

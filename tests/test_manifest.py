@@ -141,6 +141,12 @@ def test_isic_diagnoses_merge_into_the_models_classes(tmp_path):
     with pytest.raises(InputError, match=r"does not map: MEL \(1 image\)"):  # a misspelt class
         merge_classes(diagnoses, {"MELL": "malignant", "BCC": "malignant", "NV": "benign", "BKL": "benign"})
     assert merge_classes(diagnoses, {**class_map, "SCC": "malignant"}).labels.tolist() == [0, 1, 0, 1]  # no SCC here
+    # A class already named as one of the model's needs no entry: a test listing spelling one class otherwise
+    # maps that one. Without the model's classes, every class still needs its entry.
+    kept = merge_classes(diagnoses, {"MEL": "BCC", "NV": "BKL"}, ["BCC", "BKL"])
+    assert kept.class_names == ("BCC", "BKL") and kept.labels.tolist() == [1, 0, 1, 0]
+    with pytest.raises(InputError, match=r"does not map: BCC \(1 image\), BKL \(1 image\)"):
+        merge_classes(diagnoses, {"MEL": "BCC", "NV": "BKL"})
     with pytest.raises(InputError, match=r"sends classes to \['malign'\], which are not among the classes"):
         merge_classes(diagnoses, {**class_map, "MEL": "malign"}, ["benign", "malignant"])
     with pytest.raises(InputError, match="expected the class map as DATA=MODEL pairs"):

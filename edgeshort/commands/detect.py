@@ -51,6 +51,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image-root", help=IMAGE_ROOT_HELP)
     parser.add_argument("--columns", help=COLUMNS_HELP + " (for --data)")
     parser.add_argument("--eval-columns", help="the same for the --eval listing, which may have other headers")
+    parser.add_argument("--eval-class-map", help="--class-map for the --eval listing alone (default: --class-map), "
+                                                 "e.g. naevus=nevus where it spells one class otherwise; classes it "
+                                                 "names as the validation data does need no entry")
     parser.add_argument("--classes", help="comma list of the model's classes in its output order, named as the "
                                           "class folders or --class-map targets (default: sorted, as torchvision's "
                                           "ImageFolder)")
@@ -107,6 +110,7 @@ def run(args) -> int:
         fixed = [flag for flag, value in (("--classes", args.classes), ("--class-map", args.class_map),
                                           ("--image-root", args.image_root), ("--columns", args.columns),
                                           ("--eval-columns", args.eval_columns),
+                                          ("--eval-class-map", args.eval_class_map),
                                           ("--img-size", args.img_size),
                                           ("--mean", args.mean), ("--std", args.std),
                                           ("--interpolation", args.interpolation), ("--crop-pct", args.crop_pct),
@@ -139,11 +143,15 @@ def run(args) -> int:
         if not args.eval_data:
             refuse_without(["--eval-columns"] if args.eval_columns else [], "the headers of the --eval listing",
                            "--eval", "--eval TEST")
+            refuse_without(["--eval-class-map"] if args.eval_class_map else [], "the classes of the --eval listing",
+                           "--eval", "--eval TEST")
         eval_columns = parse_columns(args.eval_columns) if args.eval_columns else None
-        test = load_images(args.eval_data, classes, class_map, args.image_root, eval_columns) if args.eval_data else None
+        eval_class_map = parse_class_map(args.eval_class_map) if args.eval_class_map else class_map
+        # In the validation data's class order, so a class it does not know stops the run before the fit.
+        test = _eval_images(args, list(val.class_names), eval_class_map, eval_columns) if args.eval_data else None
         config = config_from_args(args)
     result = ShortcutDetector(config).fit(model, val, run_dir=args.out)
-    print(result.summary())
+    print(result.summary(verdict=test is None))  # with a test set, the verdict comes once, after it
     if test is not None:
         result.evaluate(test, print_table=True)
     _print_headline(result.metrics)
@@ -152,6 +160,16 @@ def run(args) -> int:
     page = write_report(args.out, test_dataset=test)
     print(f"run folder: {args.out}\nreport: {page}")
     return 0
+
+
+def _eval_images(args, class_names: list[str], class_map, columns):
+    from edgeshort.data import load_images
+
+    try:
+        return load_images(args.eval_data, class_names, class_map, args.image_root, columns)
+    except InputError as error:
+        raise InputError(f"--eval {args.eval_data}: {error}. For the --eval listing alone: --eval-class-map "
+                         "LABEL=CLASS,... (classes it names as the validation data does need no entry)") from None
 
 
 def _channels(text: str | None, flag: str) -> tuple[float, float, float] | None:
@@ -198,7 +216,7 @@ def _print_headline(metrics: dict) -> None:
     shown = [f"{k}={metrics[k]:.3f}" for k in keys if metrics.get(k) is not None]
     if shown:
         print("  ".join(shown))
-    if current_verdict(metrics):  # it led the summary too; it closes the output, settled by a test set or not
+    if current_verdict(metrics):  # it closes the output, settled by a test set or not
         print(verdict_line(current_verdict(metrics)))
     if metrics.get("test_size") is None:
         print("no test set: add --eval TEST (or later: edgeshort report RUN --eval TEST) to measure per-group accuracy "

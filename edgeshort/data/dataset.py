@@ -389,12 +389,15 @@ def merge_classes(
     """`dataset` with its classes renamed by `class_map` (data class -> model class), several to one.
 
     A melanoma model judged on ISIC's nine diagnoses needs e.g. MEL -> malignant and NV, BKL, ... ->
-    benign. Every class that has images must be mapped, so none is merged by accident; the merged
-    classes follow `class_names` (the model's output order) or else sort by name.
+    benign. Every class that has images must be mapped, so none is merged by accident, or already be
+    one of `class_names` (a test listing that spells one class otherwise needs that one entry); the
+    merged classes follow `class_names` (the model's output order) or else sort by name.
     """
     # Names the map gives beyond this dataset's classes are fine: one map serves every split, and a
     # misspelt class still fails below, as unmapped.
     class_map = {str(k): str(v) for k, v in class_map.items()}
+    if class_names is not None:
+        class_map = {**{str(c): str(c) for c in class_names if str(c) in dataset.class_names}, **class_map}
     counts = np.bincount(dataset.labels, minlength=len(dataset.class_names))
     unmapped = {c: int(n) for c, n in zip(dataset.class_names, counts) if n and c not in class_map}
     if unmapped:

@@ -394,9 +394,9 @@ class DetectionResult:
         self.run_dir = run_io.save_result(self, Path(run_dir))
         return self.run_dir
 
-    def summary(self) -> str:
-        """The run in a few lines: what the model was fed, the clusters and their scores, the guard's
-        flags and, once evaluated, the per-group accuracy; warnings last."""
+    def summary(self, verdict: bool = True) -> str:
+        """The run in a few lines: the verdict (unless `verdict=False`, as before an evaluation that may settle
+        it), what the model was fed, the clusters and their scores, the guard's flags; warnings last."""
         prep = self.adapter.preprocessing
         crop = "stretched" if prep.crop_pct is None else f"crop {prep.crop_pct:g} ({prep.crop_mode})"
         lines = [f"model: {self.adapter.family} ViT, input {prep.size[0]}x{prep.size[1]} ({crop}, {prep.interpolation}, "
@@ -406,9 +406,9 @@ class DetectionResult:
                  + (f"; the score's first, cluster {by_score}, does not stand apart)"
                     if (by_score := self.metrics.get("shortcut_cluster_by_score", self.shortcut_cluster))
                     != self.shortcut_cluster else ")")]
-        verdict = current_verdict(self.metrics)
-        if verdict:
-            lines.insert(0, verdict_line(verdict))
+        standing = current_verdict(self.metrics) if verdict else None
+        if standing:
+            lines.insert(0, verdict_line(standing))
         for s in self.scores:
             lines.append(
                 f"  cluster {s.cluster}: size {s.size}, homogeneity {s.homogeneity:.3f}, "
@@ -486,6 +486,7 @@ class ShortcutDetector:
             if reordered:
                 logger.info("classes in the model's output order (its id2label): %s", ", ".join(dataset.class_names))
         _check_dataset(dataset, adapter, cfg)
+        preprocessing_warnings = _assumed_preprocessing_check(adapter)
         run_dir = Path(run_dir) if run_dir is not None else None
         seconds: dict[str, float] = {}
 
@@ -568,7 +569,7 @@ class ShortcutDetector:
             fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1), ablated,
                         dataset.labels, null_tokens, passed_over),
             shortcut, members, dataset.groups, dataset.labels, present)
-        accuracy["warnings"] = (list(dataset.load_warnings) + chance_warnings + class_following["warnings"]
+        accuracy["warnings"] = (list(dataset.load_warnings) + preprocessing_warnings + chance_warnings + class_following["warnings"]
                                 + positive_warnings + present_warnings + accuracy["warnings"])
         seconds["ablation_check"] = time.perf_counter() - t
 
@@ -830,6 +831,20 @@ def _mostly_flagged_check(flags: np.ndarray) -> list[str]:
                + (f" (all patches of {every}, whose guarded prediction saw nothing)" if every else "")
                + ": the runtime marks each of them for review, as images unlike those the guard was fitted on, and "
                "their guarded predictions rest on the few patches left")
+    logger.warning("%s", warning)
+    return [warning]
+
+
+def _assumed_preprocessing_check(adapter) -> list[str]:
+    """A warning when the model's normalisation is a guess: a wrong one shows the model other images than it
+    learned on, and its predictions, clusters and flags suffer without any error."""
+    if adapter.preprocessing_assumed is None:
+        return []
+    prep = adapter.preprocessing
+    warning = (f"the model is {adapter.preprocessing_assumed}: it sees images normalised with mean "
+               f"{','.join(f'{v:g}' for v in prep.mean)} and std {','.join(f'{v:g}' for v in prep.std)}; if it was "
+               "trained with others, give them (CLI: --mean R,G,B --std R,G,B; Python: "
+               "adapter.set_preprocessing(mean=..., std=...))")
     logger.warning("%s", warning)
     return [warning]
 

@@ -45,6 +45,9 @@ class ViTAdapter(ABC):
     grid: tuple[int, int]
     num_heads: int
     preprocessing: Preprocessing
+    # What the normalisation was guessed for, where the model carries none of its own (e.g. "a timm model without
+    # pretrained_cfg"); None once it is the model's or the caller's (set_preprocessing with mean or std).
+    preprocessing_assumed: str | None = None
 
     @property
     def num_patches(self) -> int:
@@ -160,6 +163,8 @@ class ViTAdapter(ABC):
         from dataclasses import replace
 
         current = self.preprocessing
+        if mean is not None or std is not None:
+            self.preprocessing_assumed = None
         self.preprocessing = replace(
             current,
             mean=current.mean if mean is None else tuple(mean),

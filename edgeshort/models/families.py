@@ -71,6 +71,7 @@ class TorchvisionViTAdapter(ViTAdapter):
         self.grid = grid_from_sizes(_pair(model.image_size), _pair(model.patch_size))
         self.num_heads = model.encoder.layers[0].self_attention.num_heads
         self.preprocessing = Preprocessing(size=_pair(model.image_size))
+        self.preprocessing_assumed = "a torchvision model, which carries no normalisation of its own (ImageNet's assumed)"
 
     def embed(self, images):
         self.check_images(images)
@@ -150,6 +151,8 @@ class TimmViTAdapter(ViTAdapter):
             interpolation=cfg.get("interpolation", "bicubic"),
             **_timm_crop(cfg),
         )
+        if "mean" not in cfg:
+            self.preprocessing_assumed = "a timm model without a pretrained_cfg (ImageNet's normalisation assumed)"
 
     def embed(self, images):
         self.check_images(images)
@@ -214,6 +217,8 @@ class TransformersViTAdapter(ViTAdapter):
         self.preprocessing = Preprocessing(
             size=_pair(cfg.image_size), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
         )
+        # A save_pretrained folder's preprocessor_config.json replaces it (load_adapter_file).
+        self.preprocessing_assumed = "a transformers model without a preprocessor_config.json (ViT's 0.5 assumed)"
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
