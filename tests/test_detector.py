@@ -246,7 +246,8 @@ def test_dfr_that_stops_before_converging_says_so_once(monkeypatch, caplog):
     assert head.info["unconverged_fits"] == dfr.DFR_TUNING_SPLITS * len(dfr.C_GRID) + 4
     assert [w for w in dfr.dfr_fit_warnings(head, ("a", "b", "c")) if "iteration limit" in w] == [
         f"DFR: {dfr.DFR_TUNING_SPLITS * len(dfr.C_GRID) + 4} logistic-regression fits stopped at the "
-        f"{dfr.DFR_MAX_ITER}-iteration limit before converging; the head averages their last iterates"]
+        f"{dfr.DFR_MAX_ITER}-iteration limit before converging; the head averages their last iterates, and its "
+        "worst-group accuracy on a test set (--eval) shows whether that cost anything"]
     assert head.weight.shape == (3, 16) and np.isfinite(head.weight).all()
 
 

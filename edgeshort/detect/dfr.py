@@ -19,7 +19,9 @@ from edgeshort._progress import progress_bar
 from edgeshort.errors import InputError
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
-DFR_MAX_ITER = 2000
+# Iterations a fit may take: saga (three or more classes) needed up to about 10,000 on a 3-class walkthrough's
+# weakest regularisations, at 1.3 s more for the whole DFR stage; liblinear (two) converges far sooner.
+DFR_MAX_ITER = 10000
 # Random halvings of the validation set the regularisation strength C is judged on.
 DFR_TUNING_SPLITS = 5
 # Below this many images in its smallest balanced group, a DFR head is fitted on too few to trust.
@@ -121,7 +123,8 @@ def dfr_fit_warnings(head: LinearHead, class_names: Sequence[str]) -> list[str]:
     unconverged = head.info.get("unconverged_fits")
     if unconverged:
         found.append(f"DFR: {unconverged} logistic-regression fits stopped at the {DFR_MAX_ITER}-iteration limit "
-                        "before converging; the head averages their last iterates")
+                     "before converging; the head averages their last iterates, and its worst-group accuracy on a "
+                     "test set (--eval) shows whether that cost anything")
     if size < DFR_MIN_GROUP:
         found.append(
             f"DFR balanced its (class, shortcut found / not found) groups at {size} validation images each, fewer "
