@@ -95,6 +95,8 @@ def run(args) -> int:
     guard = bundle.manifest["guard"]
     print("  final label: " + ("ablated + DFR head" if guard["has_dfr"] else "ablated prediction"
                                + (" (the run's DFR head left out by --no-dfr)" if guard["dfr_omitted"] else "")))
-    for warning in bundle.manifest["guard"]["warnings"]:
-        print(f"  WARNING from the detection run: {warning}")
+    verdict = (guard.get("verdict") or {}).get("summary")
+    for warning in guard["warnings"]:
+        if warning != verdict:  # an unconfirmed verdict the bundle carries as a warning is printed above
+            print(f"  WARNING from the detection run: {warning}")
     return 0
