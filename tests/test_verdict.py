@@ -59,6 +59,24 @@ def test_the_verdict_needs_distinct_tokens_and_more_fixed_than_broken(candidates
     json.dumps(found)  # it goes into metrics.json and the bundle's manifest as it is
 
 
+def test_artefact_labels_replace_a_guess_at_how_many_images_masking_could_fix():
+    """A 3-class walkthrough's unconfirmed verdict guessed the validation images might hold none where the
+    artefact and the label disagree; its artefact labels put 48 there."""
+    original, ablated, labels = _predictions(0, 9)
+    groups = (np.arange(len(labels)) < 48).astype(np.int64)
+    labels = labels.copy()
+    labels[100:] = 1  # a second class, carrying no artefact: the 48 carriers are of class 0, the one carrying it
+    judged = fit_verdict(1, 3000, 36032, 200, 0.999, original, ablated, labels, groups=groups)
+    assert "hold none where" in judged["summary"]  # all 48 carry it with the class that carries it most
+    groups[110:118] = 1  # 8 carriers of class 1: against their class
+    judged = fit_verdict(1, 3000, 36032, 200, 0.999, original, ablated, labels, groups=groups)
+    assert judged["verdict"] == "unconfirmed" and ("or it relies on little else (masking then leaves it guessing); the "
+                                                   "artefact labels put it on 8 validation images against their class, "
+                                                   "so masking had predictions to fix. Settle it") in judged["summary"]
+    unchanged = fit_verdict(1, 2761, 36032, 200, 0.999, *_predictions(1, 3), groups=np.zeros(114, np.int64))
+    assert unchanged["summary"] == fit_verdict(1, 2761, 36032, 200, 0.999, *_predictions(1, 3))["summary"]
+
+
 def _walkthrough_labels():
     """A walkthrough's validation set: 120 benign (3 with a sticker), 120 malignant (102 with it); its guarded
     cluster held 54 images, 45 of them with the sticker."""

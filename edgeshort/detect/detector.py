@@ -567,7 +567,7 @@ class ShortcutDetector:
         accuracy, ablated = _ablation_check(result, dataset, feats.logits, features, apart)
         verdict = in_light_of_artefact_labels(
             fit_verdict(shortcut, candidates, tokens, count, cfg.positive_quantile, feats.logits.argmax(1), ablated,
-                        dataset.labels, null_tokens, passed_over),
+                        dataset.labels, null_tokens, passed_over, dataset.groups),
             shortcut, members, dataset.groups, dataset.labels, present)
         accuracy["warnings"] = (list(dataset.load_warnings) + preprocessing_warnings + chance_warnings + class_following["warnings"]
                                 + positive_warnings + present_warnings + accuracy["warnings"])

@@ -92,12 +92,13 @@ def stands_apart(candidates: int | None, tokens: int, quantile: float, null_toke
 
 def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: int, quantile: float,
                 original: np.ndarray, ablated: np.ndarray, labels: np.ndarray, null_tokens: int | None = None,
-                passed_over: list[dict] = ()) -> dict:
+                passed_over: list[dict] = (), groups: np.ndarray | None = None) -> dict:
     """The verdict of a fit. `candidates`: the shortcut cluster's tokens hotter than `quantile` of clean
     tokens, of its `tokens` (None when positives are not calibrated, `positives="hottest"`: then only the
     second check runs), the quantile estimated on `null_tokens` clean tokens; `positives`: how many the KNN
     takes; `original`, `ablated`: validation predictions (class indices) before and after masking, against
-    `labels`; `passed_over`: clusters the score ranked higher whose tokens did not stand apart."""
+    `labels`; `passed_over`: clusters the score ranked higher whose tokens did not stand apart; `groups`: the
+    validation images' artefact labels, where known, which only say how many images masking could fix."""
     fixed = int(((original != labels) & (ablated == labels)).sum())
     broken = int(((original == labels) & (ablated != labels)).sum())
     p_helps, p_harms = sign_test(fixed, broken), sign_test(broken, fixed)
@@ -135,14 +136,20 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
     else:
         verdict, title = UNCONFIRMED, "Shortcut not confirmed"
         but = ", and" if distinct is None else ", but"  # "not measured" already ends in a "but" clause
+        against = None if groups is None or not (groups == 1).any() else int(against_class(groups, labels).sum())
+        if against is not None and against >= fewest_changes_to_show():
+            few = (f"; the artefact labels put it on {against} validation images against their class, so masking had "
+                   "predictions to fix")
+        elif p_harms <= VERDICT_P_VALUE:
+            few = (", or the validation images hold none where the artefact and the label disagree, which leaves "
+                   "masking nothing to fix")
+        else:
+            few = "; the validation images may hold few where the artefact and the label disagree"
         if p_harms <= VERDICT_P_VALUE:
             finding = (f"{apart}{but} {changes} (sign test p = {p_harms:.2g} that it harms): either the model does "
-                       "not rely on them, or it relies on little else (masking then leaves it guessing), or the "
-                       "validation images hold none where the artefact and the label disagree, which leaves masking "
-                       "nothing to fix")
+                       f"not rely on them, or it relies on little else (masking then leaves it guessing){few}")
         else:
-            finding = (f"{apart}{but} {changes}, no difference beyond chance; the validation images may hold few "
-                       "where the artefact and the label disagree")
+            finding = f"{apart}{but} {changes}, no difference beyond chance{few}"
         advice = CONFIRM_ADVICE
     return {"verdict": verdict, "summary": _summary(title, finding, advice), "title": title, "finding": finding,
             "measured": f"{apart}{f' ({needs})' if distinct is False else ''}, and {changes}",
@@ -158,6 +165,15 @@ def fewest_changes_to_show(p_value: float = VERDICT_P_VALUE) -> int:
     while sign_test(changes, 0) > p_value:
         changes += 1
     return changes
+
+
+def against_class(groups: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The images carrying the artefact (1 in `groups`) of any class but the one carrying it most: those a
+    shortcut the model relies on misleads, and masking it could fix."""
+    carried = groups == 1
+    classes = np.unique(labels)
+    most = classes[np.argmax([carried[labels == c].mean() for c in classes])]
+    return carried & (labels != most)
 
 
 def in_light_of_artefact_labels(fit: dict, cluster: int, members: np.ndarray, groups: np.ndarray | None,
@@ -177,11 +193,9 @@ def in_light_of_artefact_labels(fit: dict, cluster: int, members: np.ndarray, gr
     carried = groups == 1
     inside, outside = int(carried[members].sum()), int(carried[~members].sum())
     size, others = int(members.sum()), int((~members).sum())
-    classes = np.unique(labels)
-    most = classes[np.argmax([carried[labels == c].mean() for c in classes])]
-    against_class = carried & (labels != most)
-    against = int(against_class.sum())
-    masked = against if present is None else int((against_class & present.astype(bool)).sum())
+    carriers_against = against_class(groups, labels)
+    against = int(carriers_against.sum())
+    masked = against if present is None else int((carriers_against & present.astype(bool)).sum())
     tracks = present is None or _guard_tracks(present.astype(bool), carried)
     needed = fewest_changes_to_show()
     labelled = (f"the validation images' artefact labels put the artefact on {inside} of cluster {cluster}'s {size} "
