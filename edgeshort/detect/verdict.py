@@ -24,7 +24,9 @@ Where the artefact never disagrees with the label in the validation images, mask
 model relies on has nothing to fix there and can only break, so a loss on validation does not show
 that the model ignores the artefact: it leaves the verdict unconfirmed. A test set with both
 artefact groups settles it by its worst-group change: a real gain is a shortcut found, a real loss
-a harmful guard. Artefact labels on the validation images check a `none` (`in_light_of_artefact_labels`).
+a harmful guard; where it moves within noise, masking that fixes the test images carrying the
+artefact against the class the model ties it to, beyond chance, is a shortcut found
+(`artefact_fixes`). Artefact labels on the validation images check a `none` (`in_light_of_artefact_labels`).
 """
 
 from __future__ import annotations
@@ -238,7 +240,6 @@ def _guard_tracks(present: np.ndarray, carried: np.ndarray) -> bool:
 
     if present.mean() >= MOST_FLAGGED_IMAGES:
         return False
-
     table = [[int((present & carried).sum()), int((~present & carried).sum())],
              [int((present & ~carried).sum()), int((~present & ~carried).sum())]]
     return bool(fisher_exact(table, alternative="greater").pvalue <= VERDICT_P_VALUE)
