@@ -638,10 +638,14 @@ def test_a_model_at_or_below_chance_is_called_out(caplog):
     # Outputs in another class order: right about the images, wrong about their names. The run would score
     # clusters, count fixes and train DFR against names the model does not mean: refused, with the order that fits.
     with pytest.raises(InputError, match=r"less than chance \(accuracy 0\.\d+, 0\.333 by chance on 300 images\), and in "
-                       r"another class order they agree far better \(accuracy 0\.[789]\d+\): the data's class order "
+                       r"another class order they agree far better \(accuracy 0\.[789]\d+, beyond chance at p < 1e-06\): the data's "
+                       r"class order "
                        r"\['bcc', 'melanoma', 'nevus'\] is not the model's output order\. Give the model's order: "
                        r"--classes melanoma,nevus,bcc \(Python: fit\(\.\.\., class_names=\['melanoma', 'nevus', 'bcc'\]\)\)"):
         _chance_check(right[:, [1, 2, 0]], labels, names)
+    # Two of three swapped: at chance rather than below it (a 3-class walkthrough: 0.372), and refused all the same.
+    with pytest.raises(InputError, match=r"no better than chance .* Give the model's order: --classes melanoma,bcc,nevus"):
+        _chance_check(right[:, [1, 0, 2]], labels, names)
     # Two classes swapped: the other order.
     two = np.arange(100) % 2
     with pytest.raises(InputError, match=r"--classes other,melanoma \("):

@@ -760,6 +760,8 @@ def _cluster(pooled: np.ndarray, labels: np.ndarray, cfg: DetectorConfig,
 # A model whose validation predictions are this likely under chance agreement has not learned the
 # task on these images, so its clusters and flags say nothing about shortcuts.
 CHANCE_P_VALUE = 0.01
+# How far beyond chance another class order must fit for a run to stop and name it.
+CLASS_ORDER_P_VALUE = 1e-6
 # A test set this large at chance warns; a smaller one warns only below chance (its labels likely swapped).
 TEST_CHANCE_MIN_IMAGES = 100
 
@@ -851,9 +853,10 @@ def _assumed_preprocessing_check(adapter) -> list[str]:
 
 def _fitting_class_order(predictions: np.ndarray, labels: np.ndarray, k: int) -> tuple[list[int], int] | None:
     """The data class each model output means, if another order than the given one makes the predictions
-    agree with the labels beyond chance: the one-to-one assignment of outputs to classes that gets the most
-    right (on the confusion counts), and how many it gets right; None when that order is the given one or
-    agrees no better than chance."""
+    agree with the labels far beyond chance (CLASS_ORDER_P_VALUE): the one-to-one assignment of outputs to
+    classes that gets the most right (on the confusion counts), and how many it gets right; None when that
+    order is the given one or does not agree that well. The best of all orders of a model that knows nothing
+    beats chance a little: the strict level keeps it from naming one."""
     from scipy.optimize import linear_sum_assignment
     from scipy.stats import binomtest
 
@@ -866,7 +869,7 @@ def _fitting_class_order(predictions: np.ndarray, labels: np.ndarray, k: int) ->
     relabelled, n = order[predictions], len(labels)
     right = int((relabelled == labels).sum())
     chance = float((np.bincount(relabelled, minlength=k) * np.bincount(labels, minlength=k)).sum() / n**2)
-    if binomtest(right, n, chance, alternative="greater").pvalue > CHANCE_P_VALUE:
+    if binomtest(right, n, chance, alternative="greater").pvalue >= CLASS_ORDER_P_VALUE:
         return None
     return [int(c) for c in order], right
 
@@ -896,13 +899,14 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, split: st
         return []
     agree = (f"the model's {split} predictions agree with the labels {'less' if below else 'no better'} than chance "
              f"(accuracy {right / n:.3f}, {chance:.3f} by chance on {n} images)")
-    order = _fitting_class_order(predictions, labels, k) if below else None
+    order = _fitting_class_order(predictions, labels, k)
     if order is not None and split == "validation":
         # Clusters are scored, the verdict's fixed/broken counted and DFR trained against these labels: the run
         # would rest on names the model does not mean.
         named = [class_names[c] for c in order[0]]
         raise InputError(
-            f"{agree}, and in another class order they agree far better (accuracy {order[1] / n:.3f}): the data's "
+            f"{agree}, and in another class order they agree far better (accuracy {order[1] / n:.3f}, beyond "
+            f"chance at p < {CLASS_ORDER_P_VALUE:g}): the data's "
             f"class order {list(class_names)} is not the model's output order. Give the model's order: --classes "
             f"{','.join(named)} (Python: fit(..., class_names={named})), or fix the --class-map or label column "
             "that swaps them")
@@ -914,7 +918,7 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, split: st
                    + (f"Check that the test labels name the model's classes {list(class_names)} as the model means "
                       f"them{swapped}: a label column or --class-map that swaps them inverts every answer" if below else
                       "Check that the test images are of the kind the model was trained on, and that their labels "
-                      f"name the model's classes {list(class_names)} as the model means them"))
+                      f"name the model's classes {list(class_names)} as the model means them{swapped}"))
     else:
         warning = (
             f"{agree}, so its clusters and flags cannot point at a shortcut. "
