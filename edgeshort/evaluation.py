@@ -234,6 +234,59 @@ def dfr_loss_warning(tables: dict[str, dict], intervals: dict, by_flag: bool = F
                      "`edgeshort export --no-dfr` (ExportOptions(dfr=False))")
 
 
+# A (class, group) cell a step lowers by at least this much, with its changed images beyond chance, is named
+# even where worst-group and average accuracy do not show it: the class may be the one that matters clinically.
+CELL_LOSS_DROP = 0.10
+CELL_LOSS_P_VALUE = 0.01
+
+
+def cell_losses(tables: dict[str, dict], intervals: dict, before: str, after: str) -> list[dict]:
+    """The cells the step before -> after lowers by CELL_LOSS_DROP or more, where its changed images break
+    more than they fix beyond chance (exact sign test): class, group, accuracy before and after, broken, fixed."""
+    change = next((c for c in intervals.get("changes", []) if (c["from"], c["to"]) == (before, after)), None)
+    if change is None or "changed_per_cell" not in change:
+        return []
+    lost = []
+    for cell_before, cell_after, (fixed, broken) in zip(tables[before]["cells"], tables[after]["cells"],
+                                                         change["changed_per_cell"]):
+        if cell_before["accuracy"] is None or cell_after["accuracy"] is None:
+            continue
+        if (cell_before["accuracy"] - cell_after["accuracy"] >= CELL_LOSS_DROP
+                and sign_test(broken, fixed) <= CELL_LOSS_P_VALUE):
+            lost.append({"class": cell_before["class"], "group": cell_before["group"], "before": cell_before["accuracy"],
+                         "after": cell_after["accuracy"], "broken": broken, "fixed": fixed})
+    return lost
+
+
+def _cells_said(cells: list[dict]) -> str:
+    return ", ".join(f"{c['class']} / {c['group']} from {c['before']:.3f} to {c['after']:.3f} ({c['broken']} broken, "
+                     f"{c['fixed']} fixed)" for c in cells)
+
+
+def guard_cell_warning(tables: dict[str, dict], intervals: dict) -> str | None:
+    """A warning when masking collapses a cell that worst-group and average accuracy let pass: the model leans on
+    the artefact there and has little else (a 3-class walkthrough: nevus with a ruler, 1.000 to 0.200), with
+    what the DFR head gives there, since leaving it out ships the ablated prediction."""
+    cells = cell_losses(tables, intervals, "original", "ablated")
+    if not cells:
+        return None
+    warning = f"masking lowers {_cells_said(cells)}: the model leans on the artefact there and has little else"
+    if "dfr" in tables:
+        index = {(c["class"], c["group"]): c["accuracy"] for c in tables["dfr"]["cells"]}
+        repaired = ", ".join(f"{index[(c['class'], c['group'])]:.3f}" for c in cells)
+        warning += (f"; the DFR head, the bundle's default final label, gives {repaired} there (`edgeshort export "
+                    "--no-dfr` would ship the masked prediction)")
+    return warning
+
+
+def dfr_cell_warning(tables: dict[str, dict], intervals: dict) -> str | None:
+    """A warning when the retrained head lowers a cell beyond chance, whatever it does to the worst group: the
+    trade DFR makes, which may cost the class that matters (a 3-class walkthrough: clean melanoma 0.973 to 0.853)."""
+    cells = cell_losses(tables, intervals, "ablated", "dfr")
+    return cells and (f"the DFR head lowers {_cells_said(cells)}: weigh that against its gain before shipping it, "
+                      "or ship the ablated prediction (`edgeshort export --no-dfr`)") or None
+
+
 def one_group_note(with_artefact: bool) -> str:
     """What a test set whose images all carry the artefact, or all lack it, cannot show."""
     unseen = "cost on clean" if with_artefact else "gain on artefact"

@@ -247,3 +247,36 @@ def test_each_class_gets_its_recall_over_all_its_images():
     assert table["classes"] == {"benign": 1.0, "malignant": 0.75}
     text = format_table({"original": table})
     assert "recall benign                          1.000" in text and "recall malignant                       0.750" in text
+
+
+def test_a_cell_a_step_collapses_is_named_where_worst_and_average_let_it_pass():
+    """A 3-class walkthrough: masking took nevus with the ruler from 1.000 to 0.200 while the worst group (nevus
+    without it, 0.267) moved within noise; DFR repaired it but cost clean melanoma 0.973 -> 0.853."""
+    from edgeshort.evaluation import dfr_cell_warning, guard_cell_warning
+
+    labels, groups = _balanced(75, num_classes=3)
+    names = ("keratosis", "melanoma", "nevus")
+    cell = {(c, g): np.flatnonzero((labels == c) & (groups == g)) for c in range(3) for g in range(2)}
+    original, ablated, dfr = labels.copy(), labels.copy(), labels.copy()
+    original[cell[(2, 0)][:55]] = ablated[cell[(2, 0)][:55]] = 0  # nevus without the ruler, missed throughout
+    original[cell[(0, 1)][:48]] = 2  # the ruler pulls keratosis to nevus; masking fixes it
+    ablated[cell[(2, 1)][:60]] = 0  # nevus with the ruler, masked: little else to go on
+    dfr[cell[(2, 0)][:14]] = dfr[cell[(2, 1)][:14]] = 0
+    dfr[cell[(1, 0)][:9]] = 2  # DFR's trade: clean melanoma called nevus
+    kinds = {"original": original, "ablated": ablated, "dfr": dfr}
+    tables = {k: group_accuracy(v, labels, groups, names) for k, v in kinds.items()}
+    intervals = bootstrap_intervals(kinds, labels, groups, 3)
+    assert guard_cell_warning(tables, intervals) == (
+        "masking lowers nevus / artefact from 1.000 to 0.200 (60 broken, 0 fixed): the model leans on the artefact "
+        "there and has little else; the DFR head, the bundle's default final label, gives 0.813 there (`edgeshort "
+        "export --no-dfr` would ship the masked prediction)")
+    assert dfr_cell_warning(tables, intervals).startswith(
+        "the DFR head lowers melanoma / no artefact from 1.000 to 0.880 (9 broken, 0 fixed): weigh that against its "
+        "gain before shipping it")
+    # A few images either way, or a drop under 0.10, is not named.
+    few = labels.copy()
+    few[cell[(1, 0)][:5]] = 2
+    calm = {"original": labels, "ablated": few}
+    calm_tables = {k: group_accuracy(v, labels, groups, names) for k, v in calm.items()}
+    assert guard_cell_warning(calm_tables, bootstrap_intervals(calm, labels, groups, 3)) is None
+    assert dfr_cell_warning(tables, {"changes": []}) is None

@@ -56,9 +56,11 @@ from edgeshort.evaluation import (
     MIN_CELL_FOR_VERDICT,
     bootstrap_intervals,
     change_verdict,
+    dfr_cell_warning,
     dfr_loss_warning,
     format_table,
     group_accuracy,
+    guard_cell_warning,
     guard_loss_warning,
     one_group_note,
 )
@@ -73,7 +75,7 @@ PREDICTION_KINDS = ("original", "ablated", "dfr")
 # earlier test set lingers; those here are null until measured (no test set, group labels or masks).
 NULLABLE_TEST_METRICS = (
     "patch_precision", "patch_recall", *(f"{m}_{kind}" for kind in PREDICTION_KINDS for m in ("aga", "wga")),
-    "dfr_warning", "guard_warning", TEST_VERDICT,
+    "dfr_warning", "guard_warning", "dfr_cell_warning", "guard_cell_warning", TEST_VERDICT,
 )
 # A test set's own warnings (e.g. predictions at chance, far more images flagged than in validation).
 TEST_WARNINGS = "test_warnings"
@@ -305,9 +307,11 @@ class DetectionResult:
                 metrics[TEST_VERDICT] = confirm_on_test(self.metrics[VERDICT], change_verdict(step, tables), artefact,
                                                         list(self.class_names))
         metrics["guard_warning"] = guard_loss_warning(tables, intervals, by_flag, one_group)
+        metrics["guard_cell_warning"] = guard_cell_warning(tables, intervals)
         if "dfr" in tables:
             metrics["dfr_warning"] = dfr_loss_warning(tables, intervals, by_flag)
-        for key in ("guard_warning", "dfr_warning"):
+            metrics["dfr_cell_warning"] = dfr_cell_warning(tables, intervals)
+        for key in ("guard_warning", "guard_cell_warning", "dfr_warning", "dfr_cell_warning"):
             if metrics[key]:
                 logger.warning("%s", metrics[key])
         if print_table:

@@ -264,8 +264,7 @@ _TEST_OUTCOMES = {
 
 # Why the worst group did not settle it, where the images carrying the artefact against their class do.
 _WORST_GROUP_SILENT = {
-    "noise": "worst-group accuracy moves only within test-set noise, its worst cell perhaps one masking does not "
-             "touch",
+    "noise": "worst-group accuracy moves only within test-set noise",
     "too few": "the smallest (class, artefact) cell holds too few images for worst-group accuracy to tell",
 }
 
@@ -279,11 +278,15 @@ def artefact_fixes(original: np.ndarray, ablated: np.ndarray, labels: np.ndarray
     classes = np.unique(labels)
     rise = [(original[carried] == c).mean() - (original[~carried] == c).mean() for c in classes]
     tied = int(classes[int(np.argmax(rise))])
-    against = carried & (labels != tied)
-    fixed = int((against & (original != labels) & (ablated == labels)).sum())
-    broken = int((against & (original == labels) & (ablated != labels)).sum())
+    def changed(images: np.ndarray) -> tuple[int, int]:
+        return (int((images & (original != labels) & (ablated == labels)).sum()),
+                int((images & (original == labels) & (ablated != labels)).sum()))
+
+    against, along = carried & (labels != tied), carried & (labels == tied)
+    (fixed, broken), (along_fixed, along_broken) = changed(against), changed(along)
     return {"class": tied, "images": int(against.sum()), "fixed": fixed, "broken": broken,
-            "p_helps": sign_test(fixed, broken)}
+            "p_helps": sign_test(fixed, broken), "along_images": int(along.sum()), "along_fixed": along_fixed,
+            "along_broken": along_broken}
 
 
 def confirm_on_test(fit: dict, worst_group_change: str, artefact: dict | None = None,
@@ -300,7 +303,12 @@ def confirm_on_test(fit: dict, worst_group_change: str, artefact: dict | None = 
         verdict, title = FOUND, "Shortcut found, confirmed on the test set"
         said = (f"masking fixed {artefact['fixed']} of the {artefact['images']} test images that carry the artefact "
                 f"against their class (the model ties it to {tied}) and broke {artefact['broken']} (sign test p = "
-                f"{artefact['p_helps']:.2g}); {_WORST_GROUP_SILENT[worst_group_change]}")
+                f"{artefact['p_helps']:.2g})")
+        if artefact.get("along_broken", 0) > artefact.get("along_fixed", 0):
+            said += (f"; of the {artefact['along_images']} {tied} images carrying it, it broke "
+                     f"{artefact['along_broken']} and fixed {artefact['along_fixed']}: the model has little else for "
+                     f"{tied} there")
+        said += f"; {_WORST_GROUP_SILENT[worst_group_change]}"
     settled = verdict is not None and verdict != fit["verdict"]
     if settled:
         summary = _summary(title, f"{said}. On validation: {fit['finding']}")

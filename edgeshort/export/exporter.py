@@ -412,7 +412,6 @@ def _dfr_fit_warnings(metrics: dict) -> list[str]:
 def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_files, dfr_omitted) -> dict:
     cfg = result.config
     verdict = current_verdict(result.metrics)
-    dfr_warning = result.metrics.get("dfr_warning")
     ov_version = _versions()["openvino"]
     return {
         "edgeshort_version": __version__,
@@ -431,8 +430,12 @@ def _manifest(result, graphs, options, parity, knn_check, int8, seconds, extra_f
             "warnings": ([verdict["summary"]] if verdict and verdict["verdict"] != FOUND else [])
             + [w for w in result.metrics.get("warnings") or []
                if result.dfr_head is not None or w not in _dfr_fit_warnings(result.metrics)]
-            + ([dfr_warning] if dfr_warning and result.dfr_head is not None else [])
-            + ([result.metrics["guard_warning"]] if result.metrics.get("guard_warning") else []),
+            + [result.metrics[key] for key in ("dfr_warning", "dfr_cell_warning")
+               if result.metrics.get(key) and result.dfr_head is not None]
+            + ([result.metrics["guard_warning"]] if result.metrics.get("guard_warning") else [])
+            # A cell masking collapses is the final label's only without the DFR head that repairs it.
+            + ([result.metrics["guard_cell_warning"]]
+               if result.metrics.get("guard_cell_warning") and result.dfr_head is None else []),
             "verdict": verdict,
         },
         "onnx": {"opset": OPSET, "ir_version": IR_VERSION},

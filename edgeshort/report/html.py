@@ -573,7 +573,8 @@ def _verdict(run: RunData, assets: Assets, figures: Path) -> str:
                           + ("" if verdict is None else f" Masking fixed {verdict['fixed']:,} validation predictions "
                              f"and broke {verdict['broken']:,}."))
         for warning in [*(m.get("warnings") or []), *(m.get("test_warnings") or []),
-                        *(m[key] for key in ("guard_warning", "dfr_warning") if m.get(key))]:
+                        *(m[key] for key in ("guard_warning", "guard_cell_warning", "dfr_warning",
+                                             "dfr_cell_warning") if m.get(key))]:
             points.append(f'<span class="no">{_e(warning[0].upper() + warning[1:])}.</span>')
         if run.changed_test_images:
             points.append(f'<span class="no">{len(run.changed_test_images)} of the test images drawn under Flags '
