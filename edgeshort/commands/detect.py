@@ -168,7 +168,7 @@ def _eval_images(args, class_names: list[str], class_map, columns):
     try:
         return load_images(args.eval_data, class_names, class_map, args.image_root, columns)
     except InputError as error:
-        raise InputError(f"--eval {args.eval_data}: {error}. For the --eval listing alone: --eval-class-map "
+        raise InputError(f"--eval: {error}. For the --eval listing alone: --eval-class-map "
                          "LABEL=CLASS,... (classes it names as the validation data does need no entry)") from None
 
 

@@ -461,8 +461,9 @@ def in_class_order(dataset: ImageDataset, class_names: Sequence[str]) -> ImageDa
         raise InputError(
             f"expected the classes {list(class_names)} (the model's), got {list(dataset.class_names)} with "
             f"{unknown} not among them{rename_hint(dataset.class_names, class_names)}; map them to the model's "
-            "classes (--class-map NAME=CLASS,...; Python: load_images(..., class_map={...})), or pass class names in "
-            "the model's output order"
+            "classes (--class-map NAME=CLASS,...; Python: load_images(path, class_names, class_map={...}), where "
+            "classes already named as one of class_names need no entry), or pass class names in the model's output "
+            "order"
         )
     order = np.array([class_names.index(c) for c in dataset.class_names], dtype=np.int64)
     relabelled.labels, relabelled.class_names = order[dataset.labels], class_names

@@ -143,8 +143,9 @@ def _labels(header, rows, label_col, used, class_names, csv_path):
         if unknown:
             raise InputError(
                 f"{csv_path}: labels {unknown} are not among the classes {order}{rename_hint(sorted(set(names)), order)}"
-                "; map them to those classes (--class-map LABEL=CLASS,...; Python: load_images(..., class_map={...})), "
-                "or pass class names that include them, in the model's output order"
+                "; map them to those classes (--class-map LABEL=CLASS,...; Python: load_images(path, class_names, "
+                "class_map={...}), where classes already named as one of class_names need no entry), or leave those "
+                "images out of the listing, or pass class names that include them, in the model's output order"
             )
         return [order.index(n) for n in names], order
     onehot = [h for h in header if h not in used and _is_binary([row[h] for row in rows])]
