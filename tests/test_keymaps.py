@@ -147,8 +147,11 @@ def test_positives_are_described_as_drawn():
         "The KNN's positives are spread over the 5,293 shortcut-cluster tokens hotter than 99.9% of held-out clean "
         "tokens (heat 0.241).")
     # Too few tokens pass: the sentence must not claim the positives were spread over them.
-    short = describe_positives(0, 163, 0.999, 0.5)
-    assert short.startswith("Only 0 shortcut-cluster tokens are hotter") and "the hottest tokens" in short
+    short = describe_positives(12, 163, 0.999, 0.5)
+    assert short.startswith("Only 12 shortcut-cluster tokens are hotter") and "the hottest tokens" in short
+    assert describe_positives(0, 163, 0.999, 0.5) == (
+        "No shortcut-cluster token is hotter than 99.9% of held-out clean tokens (heat 0.500): the 163 KNN positives "
+        "are the hottest tokens of the shortcut cluster's images.")
 
 
 def test_the_guards_tint_builds_its_clean_key_search_once(monkeypatch):

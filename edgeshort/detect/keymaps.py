@@ -287,5 +287,8 @@ def describe_positives(candidates: int, positives: int | None, quantile: float, 
     hotter = f"hotter than {quantile:.1%} of held-out clean tokens (heat {threshold:.3f})"
     if positives is None or candidates >= positives:
         return f"The KNN's positives are spread over the {candidates:,} shortcut-cluster tokens {hotter}."
+    if candidates == 0:
+        return (f"No shortcut-cluster token is {hotter}: the {positives:,} KNN positives are the hottest tokens of the "
+                "shortcut cluster's images.")
     return (f"Only {candidates:,} shortcut-cluster tokens are {hotter}, fewer than the {positives:,} KNN positives; "
             "the hottest tokens of the shortcut cluster's images fill the rest.")
