@@ -270,7 +270,8 @@ def guard_cell_warning(tables: dict[str, dict], intervals: dict) -> str | None:
     cells = cell_losses(tables, intervals, "original", "ablated")
     if not cells:
         return None
-    warning = f"masking lowers {_cells_said(cells)}: the model leans on the artefact there and has little else"
+    warning = (f"masking lowers {_cells_said(cells)}: the flags there mask what the model needs, an artefact it "
+               "leans on for want of anything else, or part of the object (see the flag pictures)")
     if "dfr" in tables:
         index = {(c["class"], c["group"]): c["accuracy"] for c in tables["dfr"]["cells"]}
         repaired = ", ".join(f"{index[(c['class'], c['group'])]:.3f}" for c in cells)

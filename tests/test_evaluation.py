@@ -267,8 +267,9 @@ def test_a_cell_a_step_collapses_is_named_where_worst_and_average_let_it_pass():
     tables = {k: group_accuracy(v, labels, groups, names) for k, v in kinds.items()}
     intervals = bootstrap_intervals(kinds, labels, groups, 3)
     assert guard_cell_warning(tables, intervals) == (
-        "masking lowers nevus / artefact from 1.000 to 0.200 (60 broken, 0 fixed): the model leans on the artefact "
-        "there and has little else; the DFR head, the bundle's default final label, gives 0.813 there (`edgeshort "
+        "masking lowers nevus / artefact from 1.000 to 0.200 (60 broken, 0 fixed): the flags there mask what the "
+        "model needs, an artefact it leans on for want of anything else, or part of the object (see the flag "
+        "pictures); the DFR head, the bundle's default final label, gives 0.813 there (`edgeshort "
         "export --no-dfr` would ship the masked prediction)")
     assert dfr_cell_warning(tables, intervals).startswith(
         "the DFR head lowers melanoma / no artefact from 1.000 to 0.880 (9 broken, 0 fixed): weigh that against its "
