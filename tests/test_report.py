@@ -167,6 +167,8 @@ def test_demo_report_has_every_section_with_data(demo_report, demo_result):
     assert f"Cluster {demo_result.shortcut_cluster} — shortcut cluster" in clusters and "The verdict is" not in page
     written = len(list((demo_result.run_dir / "heatmaps" / "cluster_0").glob("sample_*_image.png")))
     assert clusters.count("cluster 0 sample") == 3 * written
+    # The heatmaps' colours come with their scale, as the flag tint's and SpRAy's do.
+    assert clusters.count('class="colour-key"') == 2 and "one scale for all" in clusters
     flags = section(page, "flags")
     assert "precision" in flags and flags.count("<figure>") >= 4
     # A caption says what was masked: nothing for an image whose flags stayed under min_patches.

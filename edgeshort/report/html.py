@@ -720,6 +720,9 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
         if maps is not None and len(maps) and run.grid[0] > 0:
             means[c] = maps.reshape(len(maps), -1).mean(0).reshape(run.grid)
     top = max((float(m.max()) for m in means.values()), default=1.0) or 1.0
+    parts.append(_colour_key(HOT, "0", "1", "key heatmap, blended at 50% over the image: key distance over the "
+                             "largest among every cluster's samples (one scale for all)")
+                 + _colour_key(HOT, "0", _num(top), "mean key heatmap, on that scale"))
     for c in range(k):
         s = scores.get(c, {})
         title = f"Cluster {c}" + ((" — the guard's cluster" if caveat else " — shortcut cluster") if c == shortcut else "")
