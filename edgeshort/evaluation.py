@@ -96,14 +96,15 @@ def bootstrap_intervals(
             {"from": a, "to": b, **{f"{name}_interval": interval(s[:, i + 1] - s[:, i]) for name, s in stats.items()},
              # Whether the changed images bear the interval out (change_verdict) is judged at its level.
              "confidence": confidence,
-             "changed_per_cell": _changed_per_cell(correct[:, i], correct[:, i + 1], cells)}
+             "changed_per_cell": changed_per_cell(correct[:, i], correct[:, i + 1], cells)}
             for i, (a, b) in enumerate(zip(kinds, kinds[1:]))
         ],
     }
 
 
-def _changed_per_cell(before: np.ndarray, after: np.ndarray, cells: list[np.ndarray]) -> list[list[int]]:
-    """[fixed, broken] per (class, group) cell (`_cell_indices`): the images a step changed."""
+def changed_per_cell(before: np.ndarray, after: np.ndarray, cells: list[np.ndarray]) -> list[list[int]]:
+    """[fixed, broken] per cell (index arrays, e.g. `_cell_indices`) from whether each image was right `before`
+    and `after` a step: the images the step changed."""
     return [[int((~before[idx] & after[idx]).sum()), int((before[idx] & ~after[idx]).sum())] for idx in cells]
 
 
@@ -211,14 +212,20 @@ def _step_loss(tables: dict[str, dict], intervals: dict, before: str, after: str
     test set cannot resolve would be chosen by noise. An average loss beside a real worst-group gain is the
     trade removing a shortcut makes (the cells it carried lose it), not a fault.
     """
-    for change in intervals["changes"]:
-        if change["from"] == before and change["to"] == after:
-            worst = change_verdict(change, tables, "worst")
-            for stat in ("worst",) if worst == "gain" else ("worst", "average"):
-                if change_verdict(change, tables, stat) == "loss":
-                    name = "worst-group" if stat == "worst" else "average group"
-                    return name, describe_change(change, tables, intervals["confidence"], stat=stat)
+    change = step_change(intervals, before, after)
+    if change is None:
+        return None
+    worst = change_verdict(change, tables, "worst")
+    for stat in ("worst",) if worst == "gain" else ("worst", "average"):
+        if change_verdict(change, tables, stat) == "loss":
+            name = "worst-group" if stat == "worst" else "average group"
+            return name, describe_change(change, tables, intervals["confidence"], stat=stat)
     return None
+
+
+def step_change(intervals: dict, before: str, after: str) -> dict | None:
+    """The step before -> after among `bootstrap_intervals`' changes, or None."""
+    return next((c for c in intervals.get("changes", []) if (c["from"], c["to"]) == (before, after)), None)
 
 
 # Said of a loss measured on the guard's own flag groups, where the test set has no artefact labels.
@@ -243,7 +250,7 @@ CELL_LOSS_P_VALUE = 0.01
 def cell_losses(tables: dict[str, dict], intervals: dict, before: str, after: str) -> list[dict]:
     """The cells the step before -> after lowers by CELL_LOSS_DROP or more, where its changed images break
     more than they fix beyond chance (exact sign test): class, group, accuracy before and after, broken, fixed."""
-    change = next((c for c in intervals.get("changes", []) if (c["from"], c["to"]) == (before, after)), None)
+    change = step_change(intervals, before, after)
     if change is None or "changed_per_cell" not in change:
         return []
     lost = []

@@ -63,6 +63,7 @@ from edgeshort.evaluation import (
     guard_cell_warning,
     guard_loss_warning,
     one_group_note,
+    step_change,
 )
 from edgeshort.models import ViTAdapter, load_adapter
 from edgeshort.runtime.guard import MOST_PATCHES
@@ -301,7 +302,7 @@ class DetectionResult:
                 one_group = bool(test.groups[0])
                 metrics[TEST_WARNINGS].append(one_group_note(one_group))
             elif self.metrics.get(VERDICT):
-                step = next(c for c in intervals["changes"] if (c["from"], c["to"]) == ("original", "ablated"))
+                step = step_change(intervals, "original", "ablated")
                 artefact = artefact_fixes(labels_by_kind["original"], labels_by_kind["ablated"], test.labels,
                                           test.groups)
                 metrics[TEST_VERDICT] = confirm_on_test(self.metrics[VERDICT], change_verdict(step, tables), artefact,
@@ -855,6 +856,11 @@ def _assumed_preprocessing_check(adapter) -> list[str]:
     return [warning]
 
 
+def _chance_agreement(predictions: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Cohen's chance agreement: the sum over the `k` classes of (share predicted) x (share labelled)."""
+    return float((np.bincount(predictions, minlength=k) * np.bincount(labels, minlength=k)).sum() / len(labels) ** 2)
+
+
 def _fitting_class_order(predictions: np.ndarray, labels: np.ndarray, k: int) -> tuple[list[int], int] | None:
     """The data class each model output means, if another order than the given one makes the predictions
     agree with the labels far beyond chance (CLASS_ORDER_P_VALUE): the one-to-one assignment of outputs to
@@ -872,7 +878,7 @@ def _fitting_class_order(predictions: np.ndarray, labels: np.ndarray, k: int) ->
         return None
     relabelled, n = order[predictions], len(labels)
     right = int((relabelled == labels).sum())
-    chance = float((np.bincount(relabelled, minlength=k) * np.bincount(labels, minlength=k)).sum() / n**2)
+    chance = _chance_agreement(relabelled, labels, k)
     if binomtest(right, n, chance, alternative="greater").pvalue >= CLASS_ORDER_P_VALUE:
         return None
     return [int(c) for c in order], right
@@ -894,7 +900,7 @@ def _chance_check(logits: np.ndarray, labels: np.ndarray, class_names, split: st
     k = len(class_names)
     if len(np.unique(labels)) < 2:  # one class: chance agreement is the accuracy itself
         return []
-    chance = float((np.bincount(predictions, minlength=k) * np.bincount(labels, minlength=k)).sum() / n**2)
+    chance = _chance_agreement(predictions, labels, k)
     right = int((predictions == labels).sum())
     if chance >= 1.0 or binomtest(right, n, chance, alternative="greater").pvalue <= CHANCE_P_VALUE:
         return []

@@ -35,7 +35,7 @@ import math
 
 import numpy as np
 
-from edgeshort.evaluation import sign_test
+from edgeshort.evaluation import changed_per_cell, sign_test
 
 # The verdicts.
 FOUND = "found"
@@ -101,8 +101,7 @@ def fit_verdict(cluster: int, candidates: int | None, tokens: int, positives: in
     takes; `original`, `ablated`: validation predictions (class indices) before and after masking, against
     `labels`; `passed_over`: clusters the score ranked higher whose tokens did not stand apart; `groups`: the
     validation images' artefact labels, where known, which only say how many images masking could fix."""
-    fixed = int(((original != labels) & (ablated == labels)).sum())
-    broken = int(((original == labels) & (ablated != labels)).sum())
+    ((fixed, broken),) = changed_per_cell(original == labels, ablated == labels, [np.arange(len(labels))])
     p_helps, p_harms = sign_test(fixed, broken), sign_test(broken, fixed)
     times_chance = None if candidates is None else over_chance(candidates, tokens, quantile)
     distinct = stands_apart(candidates, tokens, quantile, null_tokens)
@@ -278,12 +277,9 @@ def artefact_fixes(original: np.ndarray, ablated: np.ndarray, labels: np.ndarray
     classes = np.unique(labels)
     rise = [(original[carried] == c).mean() - (original[~carried] == c).mean() for c in classes]
     tied = int(classes[int(np.argmax(rise))])
-    def changed(images: np.ndarray) -> tuple[int, int]:
-        return (int((images & (original != labels) & (ablated == labels)).sum()),
-                int((images & (original == labels) & (ablated != labels)).sum()))
-
     against, along = carried & (labels != tied), carried & (labels == tied)
-    (fixed, broken), (along_fixed, along_broken) = changed(against), changed(along)
+    (fixed, broken), (along_fixed, along_broken) = changed_per_cell(
+        original == labels, ablated == labels, [np.flatnonzero(against), np.flatnonzero(along)])
     return {"class": tied, "images": int(against.sum()), "fixed": fixed, "broken": broken,
             "p_helps": sign_test(fixed, broken), "along_images": int(along.sum()), "along_fixed": along_fixed,
             "along_broken": along_broken}
