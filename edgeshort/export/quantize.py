@@ -149,19 +149,19 @@ def int8_warning(report: dict) -> str | None:
     checked = report["check_size"]
     seen = f"{checked} {'held-out ' if report['check_held_out'] else ''}image{'s' if checked != 1 else ''}"
     problems = []
+
+    def changes(agreement: float, what: str) -> str:
+        return f"INT8 changes {what} {round((1 - agreement) * checked)} of {seen} ({1 - agreement:.1%}) against f32"
+
     if report["final_label_agreement"] < INT8_MIN_AGREEMENT:
-        differ = round((1 - report["final_label_agreement"]) * checked)
-        problems.append(f"INT8 changes the final label of {differ} of {seen} "
-                        f"({1 - report['final_label_agreement']:.1%}) against f32")
+        problems.append(changes(report["final_label_agreement"], "the final label of"))
     if report["present_agreement"] < INT8_MIN_AGREEMENT:
         # The final label can hide it: a DFR head scores every image, flagged or not, and held-out images
         # where the artefact disagrees with the label may be few. The guard stays f32 (guard_operations), so
         # this now catches only backend differences; an INT8 guard once flagged 8 of 83 sticker images where
         # f32 flagged 74, at 97.5% final-label agreement.
-        differ = round((1 - report["present_agreement"]) * checked)
-        problems.append(f"INT8 changes whether a shortcut is found on {differ} of {seen} "
-                        f"({1 - report['present_agreement']:.1%}) against f32, so its guard masks other images than "
-                        "the f32 guard")
+        problems.append(changes(report["present_agreement"], "whether a shortcut is found on")
+                        + ", so its guard masks other images than the f32 guard")
     if checked < INT8_MIN_CHECK:
         problems.append(f"INT8 was checked on only {seen}, too few to trust its agreement figures")
     if not problems:

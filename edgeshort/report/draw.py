@@ -74,7 +74,11 @@ def _check_grid(grid: np.ndarray, image: np.ndarray, name: str) -> np.ndarray:
     return grid
 
 
-def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+# How strongly a key heatmap covers its image (the report's colour key says so).
+HEAT_ALPHA = 0.5
+
+
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = HEAT_ALPHA) -> np.ndarray:
     """An RGB image with a (gh, gw) heat grid (values in [0, 1]) blended over it."""
     image = _check_image(image)
     heat = _check_grid(heat, image, "heat")

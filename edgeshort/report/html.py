@@ -39,6 +39,7 @@ from edgeshort.detect.verdict import DO_NOT_GUARD, FOUND, current_verdict
 from edgeshort.errors import InputError
 from edgeshort.evaluation import ARTEFACT_GROUP_NAMES, KIND_TITLES, change_verdict, describe_change
 from edgeshort.report.draw import (
+    HEAT_ALPHA,
     HOT,
     TINT_ALPHA,
     colourise,
@@ -720,7 +721,7 @@ def _clusters(run: RunData, assets: Assets, dataset_loader: Callable[[], object 
         if maps is not None and len(maps) and run.grid[0] > 0:
             means[c] = maps.reshape(len(maps), -1).mean(0).reshape(run.grid)
     top = max((float(m.max()) for m in means.values()), default=1.0) or 1.0
-    parts.append(_colour_key(HOT, "0", "1", "key heatmap, blended at 50% over the image: key distance over the "
+    parts.append(_colour_key(HOT, "0", "1", f"key heatmap, blended at {HEAT_ALPHA:.0%} over the image: key distance over the "
                              "largest among every cluster's samples (one scale for all)")
                  + _colour_key(HOT, "0", _num(top), "mean key heatmap, on that scale"))
     for c in range(k):
